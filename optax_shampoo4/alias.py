@@ -1,0 +1,122 @@
+"""Ready-made optimizers: 4-bit Shampoo in front of a first-order method.
+
+Each alias chains :func:`~optax_shampoo4.scale_by_shampoo4` (the grafted,
+preconditioned gradient :math:`\\tilde G`) with the base optimizer of the
+paper's recipes (reference code ``ShampooAdamW`` / ``ShampooSGD``). Extra
+keyword arguments go to :func:`~optax_shampoo4.scale_by_shampoo4`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+from optax_shampoo4.transform import scale_by_shampoo4
+
+
+def adamw_shampoo4(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 1e-4,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    **shampoo_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
+
+  .. math::
+
+    m \\leftarrow \\beta_1 m + (1-\\beta_1)\\tilde G, \\quad
+    v \\leftarrow \\beta_2 v + (1-\\beta_2)\\tilde G^2, \\quad
+    W \\leftarrow W - \\eta\\Big(\\frac{\\hat m}{\\sqrt{\\hat v} + \\varepsilon}
+      + \\lambda W\\Big)
+
+  where :math:`\\tilde G` is the output of :func:`scale_by_shampoo4` and
+  :math:`\\hat m, \\hat v` are bias-corrected (the paper's AdamW + Shampoo).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, eps: Adam's moment decays and denominator epsilon.
+    weight_decay: decoupled weight decay :math:`\\lambda`.
+    mask: which parameters get weight decay (tree of bools or a callable), as
+      in :func:`optax.adamw`.
+    **shampoo_kwargs: passed to :func:`scale_by_shampoo4`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_shampoo4 as s4
+    >>> opt = s4.adamw_shampoo4(1e-3, weight_decay=1e-2, stats_every=10, root_every=10)
+    >>> state = opt.init({"w": jnp.zeros((8, 8))})
+  """
+  return optax.chain(
+      scale_by_shampoo4(**shampoo_kwargs),
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def sgdm_shampoo4(
+    learning_rate: optax.ScalarOrSchedule = 0.1,
+    momentum: jax.typing.ArrayLike = 0.9,
+    nesterov: bool = False,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    **shampoo_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
+
+  .. math::
+
+    d = \\tilde G + \\lambda W, \\quad b \\leftarrow \\mu b + d, \\quad
+    W \\leftarrow W - \\eta\\,(d + \\mu b \\text{ if nesterov else } b)
+
+  The decay term is added after preconditioning, so it is not preconditioned
+  (reference code ``ShampooSGD``).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    momentum: :math:`\\mu`.
+    nesterov: use Nesterov momentum.
+    weight_decay: coupled L2 coefficient :math:`\\lambda`.
+    mask: which parameters get weight decay.
+    **shampoo_kwargs: passed to :func:`scale_by_shampoo4`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+  """
+  return optax.chain(
+      scale_by_shampoo4(**shampoo_kwargs),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def adagrad_shampoo4(
+    learning_rate: optax.ScalarOrSchedule = 1e-2,
+    initial_accumulator_value: jax.typing.ArrayLike = 0.0,
+    eps: jax.typing.ArrayLike = 1e-10,
+    **shampoo_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    initial_accumulator_value: initial sum of squares.
+    eps: added inside the square root.
+    **shampoo_kwargs: passed to :func:`scale_by_shampoo4`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+  """
+  return optax.chain(
+      scale_by_shampoo4(**shampoo_kwargs),
+      optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,157 @@
+"""The static preconditioning plan: a pure function of the gradient shapes.
+
+For every parameter leaf the plan says how Shampoo sees it:
+
+* size-1 dimensions are dropped; a leaf of rank <= 1 after that (biases, norm
+  scales, ``(1, 1, D)`` tokens, scalars) or with a zero-size dimension is
+  passed through unpreconditioned;
+* otherwise the leaf is viewed as a matrix ``(d0, prod(rest))`` (a conv kernel
+  ``(out, in, kh, kw)`` becomes ``(out, in*kh*kw)``);
+* each matrix dimension above ``max_order`` is cut into chunks of
+  ``max_order`` plus a remainder, and every block gets its own left factor
+  (order = block rows) and right factor (order = block columns).
+
+Factors are grouped into **buckets** by ``(order, quantized)``; a bucket's
+factors are stacked along a leading axis so that every refresh is one batched
+operation. The plan holds only Python values and is recomputed at trace time,
+so nothing static needs to live in the optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class BucketKey:
+  """Identifies a bucket: factors of one order and one storage kind."""
+
+  order: int
+  quantized: bool
+
+  @property
+  def name(self) -> str:
+    """The bucket's key in the optimizer state, e.g. ``"order768_q"``."""
+    return f"order{self.order}_{'q' if self.quantized else 'f32'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorSlot:
+  """Where one factor lives: its bucket and its index along the bucket axis."""
+
+  bucket: BucketKey
+  index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+  """One preconditioned block ``matrix[rows[0]:rows[1], cols[0]:cols[1]]``."""
+
+  rows: tuple[int, int]
+  cols: tuple[int, int]
+  left: FactorSlot
+  right: FactorSlot
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """How one leaf is preconditioned; ``matrix_shape is None`` = passthrough."""
+
+  shape: tuple[int, ...]
+  matrix_shape: tuple[int, int] | None
+  blocks: tuple[BlockPlan, ...]
+
+  @property
+  def preconditioned(self) -> bool:
+    return self.matrix_shape is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The plan of a whole tree: one :class:`LeafPlan` per leaf, and the buckets.
+
+  Attributes:
+    leaves: per-leaf plans, in ``jax.tree.leaves`` order.
+    bucket_sizes: number of factors in each bucket, sorted by key.
+  """
+
+  leaves: tuple[LeafPlan, ...]
+  bucket_sizes: tuple[tuple[BucketKey, int], ...]
+
+  @property
+  def buckets(self) -> tuple[BucketKey, ...]:
+    return tuple(key for key, _ in self.bucket_sizes)
+
+  def factor_slots(self) -> dict[BucketKey, list[tuple[int, int, str]]]:
+    """For each bucket, its factors in index order as ``(leaf, block, side)``."""
+    slots: dict[BucketKey, list[tuple[int, int, str]]] = {k: [] for k in self.buckets}
+    for leaf_index, leaf in enumerate(self.leaves):
+      for block_index, block in enumerate(leaf.blocks):
+        for side, slot in (("left", block.left), ("right", block.right)):
+          slots[slot.bucket].append((leaf_index, block_index, side))
+    return slots
+
+
+def split_dim(size: int, max_order: int) -> tuple[tuple[int, int], ...]:
+  """``[0, size)`` cut into chunks of ``max_order`` and a final remainder."""
+  return tuple(
+      (start, min(start + max_order, size)) for start in range(0, size, max_order)
+  )
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int] | None:
+  """The 2-D view Shampoo preconditions, or None for a passthrough leaf."""
+  if any(d == 0 for d in shape):
+    return None
+  squeezed = [d for d in shape if d != 1]
+  if len(squeezed) <= 1:
+    return None
+  return squeezed[0], math.prod(squeezed[1:])
+
+
+def make_plan(
+    shapes: Sequence[Sequence[int]],
+    max_order: int,
+    min_quant_order: int,
+    quantize: bool,
+) -> Plan:
+  """Builds the plan for leaves of the given shapes.
+
+  Args:
+    shapes: one shape per leaf, in ``jax.tree.leaves`` order.
+    max_order: largest factor order; bigger dimensions are split.
+    min_quant_order: factors of smaller order are stored in float32.
+    quantize: whether the state format quantizes factors at all.
+
+  Returns:
+    A :class:`Plan`.
+
+  Example:
+    >>> from optax_shampoo4 import partition
+    >>> plan = partition.make_plan([(3000, 10), (5,)], 1024, 64, True)
+    >>> [b.name for b in plan.buckets]
+    ['order10_f32', 'order952_q', 'order1024_q']
+  """
+  counts: dict[BucketKey, int] = {}
+
+  def assign(order: int) -> FactorSlot:
+    key = BucketKey(order, quantize and order >= min_quant_order)
+    index = counts.get(key, 0)
+    counts[key] = index + 1
+    return FactorSlot(key, index)
+
+  leaves = []
+  for shape in shapes:
+    shape = tuple(int(d) for d in shape)
+    mshape = matrix_shape(shape)
+    blocks = []
+    if mshape is not None:
+      for rows in split_dim(mshape[0], max_order):
+        for cols in split_dim(mshape[1], max_order):
+          left = assign(rows[1] - rows[0])
+          right = assign(cols[1] - cols[0])
+          blocks.append(BlockPlan(rows, cols, left, right))
+    leaves.append(LeafPlan(shape, mshape, tuple(blocks)))
+  return Plan(tuple(leaves), tuple(sorted(counts.items())))

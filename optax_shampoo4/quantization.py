@@ -1,0 +1,250 @@
+"""Block-wise absmax quantization with 4- and 8-bit codebooks.
+
+A vector ``x`` of length ``n`` is cut into blocks of ``block`` consecutive
+elements along its last axis (the last block is zero-padded). Each block keeps
+one float32 scale :math:`s = \\max_i |x_i|` and one code per element,
+
+.. math::
+
+  q_i = \\operatorname{argmin}_j \\left| x_i / s - R(j) \\right|, \\qquad
+  \\hat x_i = R(q_i) \\, s,
+
+where :math:`R` is a sorted codebook of :math:`2^b` values in :math:`[-1, 1]`
+that contains 0 (so padding and all-zero blocks are exact). 4-bit codes are
+packed two per ``uint8``, the even element in the low nibble. Packing is done
+per row, and each row is padded to an even length, so a byte never holds codes
+of two rows (the official CUDA kernels race on odd orders; this layout cannot).
+
+References:
+  Wang et al., `4-bit Shampoo for Memory-Efficient Network Training
+  <https://arxiv.org/abs/2405.18144>`_, NeurIPS 2024 (§3.3, App. C).
+  Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+  <https://arxiv.org/abs/2110.02861>`_, ICLR 2022 (dynamic tree codebook).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAPPINGS = ("linear2", "dynamic_tree", "linear")
+BITS = (4, 8)
+
+
+def _linear_power_codebook(bits: int, power: int) -> np.ndarray:
+  """sign(v)|v|^power with v = linspace(-1, 1, 2**bits) and v[2**(b-1)-1] = 0."""
+  values = np.linspace(-1.0, 1.0, 2**bits)
+  values[2 ** (bits - 1) - 1] = 0.0
+  return np.sign(values) * np.abs(values) ** power
+
+
+def _dynamic_tree_codebook(bits: int) -> np.ndarray:
+  """Signed dynamic tree map (bitsandbytes construction, exponent bits b-1)."""
+  exponent_bits = bits - 1
+  values = [0.0, 1.0]
+  for i in range(exponent_bits):
+    boundaries = np.linspace(0.1, 1.0, 2**i + 1)
+    means = (boundaries[:-1] + boundaries[1:]) / 2.0
+    magnitude = 10.0 ** (-(exponent_bits - 1) + i) * means
+    values.extend(magnitude.tolist())
+    values.extend((-magnitude).tolist())
+  return np.asarray(values)
+
+
+def validate_mapping_bits(mapping: str, bits: int) -> None:
+  """Raises ValueError unless ``mapping`` and ``bits`` name a codebook."""
+  if mapping not in MAPPINGS:
+    raise ValueError(f"mapping must be one of {MAPPINGS}, got mapping={mapping!r}")
+  if isinstance(bits, bool) or bits not in BITS:
+    raise ValueError(f"bits must be one of {BITS}, got bits={bits!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _codebook_numpy(mapping: str, bits: int) -> np.ndarray:
+  if mapping == "linear2":
+    values = _linear_power_codebook(bits, 2)
+  elif mapping == "linear":
+    values = _linear_power_codebook(bits, 1)
+  else:
+    values = _dynamic_tree_codebook(bits)
+  values = np.sort(values.astype(np.float32))
+  assert values.shape == (2**bits,) and np.unique(values).size == 2**bits
+  values.setflags(write=False)
+  return values
+
+
+def codebook(mapping: str = "linear2", bits: int = 4) -> jax.Array:
+  """The sorted codebook :math:`R` of ``2**bits`` float32 values.
+
+  Args:
+    mapping: ``"linear2"`` (:math:`\\mathrm{sign}(v) v^2`, the paper's
+      default), ``"dynamic_tree"`` (bitsandbytes' dynamic tree) or ``"linear"``
+      (:math:`v`), with :math:`v` = ``linspace(-1, 1, 2**bits)`` and the entry
+      at index ``2**(bits-1) - 1`` set to 0.
+    bits: 4 or 8.
+
+  Returns:
+    ``f32[2**bits]``, sorted ascending, containing 0.
+
+  Example:
+    >>> import optax_shampoo4 as s4
+    >>> [round(float(v), 4) for v in s4.quantization.codebook("linear2", 4)[6:9]]
+    [-0.04, 0.0, 0.0044]
+  """
+  validate_mapping_bits(mapping, bits)
+  return jnp.asarray(_codebook_numpy(mapping, bits))
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scales"],
+    meta_fields=["length", "mapping", "bits", "block"],
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+  """A block-quantized array: a pytree of ``codes`` and ``scales``.
+
+  Attributes:
+    codes: ``uint8[..., ceil(length / 2)]`` for 4 bits (two codes a byte, low
+      nibble first) or ``uint8[..., length]`` for 8 bits.
+    scales: ``f32[..., ceil(length / block)]``, the absmax of each block.
+    length: the size of the last axis of the original array (static).
+    mapping: the codebook name (static).
+    bits: 4 or 8 (static).
+    block: elements per scale (static).
+  """
+
+  codes: jax.Array
+  scales: jax.Array
+  length: int
+  mapping: str
+  bits: int
+  block: int
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Shape of the dequantized array."""
+    return tuple(self.scales.shape[:-1]) + (self.length,)
+
+
+def _validate_block(block: int, bits: int) -> None:
+  if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 2:
+    raise ValueError(f"block must be an integer >= 2, got block={block!r}")
+  if bits == 4 and block % 2:
+    raise ValueError(f"block must be even for 4-bit codes, got block={block!r}")
+
+
+def _num_blocks(length: int, block: int) -> int:
+  return -(-length // block)
+
+
+def _pack_nibbles(codes: jax.Array) -> jax.Array:
+  """uint8[..., 2k] codes < 16 -> uint8[..., k]; element 2i in the low nibble."""
+  pairs = codes.reshape(codes.shape[:-1] + (codes.shape[-1] // 2, 2))
+  return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def _unpack_nibbles(packed: jax.Array) -> jax.Array:
+  """Inverse of :func:`_pack_nibbles`."""
+  pairs = jnp.stack([packed & 0x0F, packed >> 4], axis=-1)
+  return pairs.reshape(packed.shape[:-1] + (2 * packed.shape[-1],))
+
+
+def quantize(
+    x: jax.Array, mapping: str = "linear2", bits: int = 4, block: int = 64
+) -> QuantizedArray:
+  """Quantizes ``x`` block-wise along its last axis.
+
+  Args:
+    x: a float array ``[..., n]`` with ``n >= 1``; computed in float32.
+    mapping: codebook name, see :func:`codebook`.
+    bits: 4 or 8.
+    block: elements per absmax scale (even for 4 bits).
+
+  Returns:
+    A :class:`QuantizedArray`; :func:`dequantize` gives back ``[..., n]``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_shampoo4 as s4
+    >>> q = s4.quantization.quantize(jnp.eye(3), block=2)
+    >>> q.codes.dtype, q.codes.shape, q.scales.shape
+    (dtype('uint8'), (3, 2), (3, 2))
+    >>> s4.quantization.dequantize(q).tolist()
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+  """
+  validate_mapping_bits(mapping, bits)
+  _validate_block(block, bits)
+  x = jnp.asarray(x)
+  if x.ndim < 1 or x.shape[-1] < 1:
+    raise ValueError(f"x must have a non-empty last axis, got shape {x.shape}")
+  length = x.shape[-1]
+  n_blocks = _num_blocks(length, block)
+  x = x.astype(jnp.float32)
+  padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_blocks * block - length)])
+  blocks = padded.reshape(x.shape[:-1] + (n_blocks, block))
+  scales = jnp.max(jnp.abs(blocks), axis=-1)
+  safe = jnp.where(scales > 0, scales, 1.0)
+  normalized = blocks / safe[..., None]
+  table = _codebook_numpy(mapping, bits)
+  midpoints = jnp.asarray((table[1:] + table[:-1]) / 2.0)
+  method = "compare_all" if bits <= 4 else "scan"
+  codes = jnp.searchsorted(midpoints, normalized, method=method).astype(jnp.uint8)
+  codes = codes.reshape(x.shape[:-1] + (n_blocks * block,))
+  if bits == 4:
+    codes = _pack_nibbles(codes)[..., : -(-length // 2)]
+  else:
+    codes = codes[..., :length]
+  return QuantizedArray(codes, scales, length, mapping, bits, block)
+
+
+def dequantize(q: QuantizedArray) -> jax.Array:
+  """Float32 values of a :class:`QuantizedArray`, shape ``[..., length]``."""
+  n_blocks = q.scales.shape[-1]
+  padded_len = n_blocks * q.block
+  if q.bits == 4:
+    codes = _unpack_nibbles(q.codes)
+  else:
+    codes = q.codes
+  codes = jnp.pad(
+      codes, [(0, 0)] * (codes.ndim - 1) + [(0, padded_len - codes.shape[-1])]
+  )
+  values = jnp.take(codebook(q.mapping, q.bits), codes.astype(jnp.int32))
+  values = values.reshape(q.scales.shape + (q.block,)) * q.scales[..., None]
+  return values.reshape(q.scales.shape[:-1] + (padded_len,))[..., : q.length]
+
+
+class OffDiagQuantized(NamedTuple):
+  """A square matrix stored as an fp32 diagonal plus a quantized off-diagonal.
+
+  The diagonal is set to zero before the block absmax is taken, so large
+  diagonal entries do not swamp the off-diagonal scales (the paper's
+  ``(a, Q(A - Diag(a)))``).
+  """
+
+  diag: jax.Array  # f32[..., n]
+  offdiag: QuantizedArray  # rows of the matrix with a zero diagonal
+
+
+def quantize_offdiag(
+    m: jax.Array, mapping: str = "linear2", bits: int = 4, block: int = 64
+) -> OffDiagQuantized:
+  """Stores square ``m`` ``[..., n, n]`` as fp32 diag + quantized off-diagonal."""
+  m = jnp.asarray(m, jnp.float32)
+  if m.ndim < 2 or m.shape[-1] != m.shape[-2]:
+    raise ValueError(f"m must be square in its last two axes, got shape {m.shape}")
+  diag = jnp.diagonal(m, axis1=-2, axis2=-1)
+  eye = jnp.eye(m.shape[-1], dtype=bool)
+  offdiag = quantize(jnp.where(eye, 0.0, m), mapping, bits, block)
+  return OffDiagQuantized(diag, offdiag)
+
+
+def dequantize_offdiag(stored: OffDiagQuantized) -> jax.Array:
+  """The float32 matrix of an :class:`OffDiagQuantized`."""
+  offdiag = dequantize(stored.offdiag)
+  n = offdiag.shape[-1]
+  return jnp.where(jnp.eye(n, dtype=bool), stored.diag[..., None, :], offdiag)

@@ -1,0 +1,285 @@
+"""``scale_by_shampoo4``: the 4-bit Shampoo gradient transformation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from optax_shampoo4 import factors as fct
+from optax_shampoo4 import linalg
+from optax_shampoo4 import partition
+from optax_shampoo4 import quantization as qz
+
+# Added to the preconditioned norm in the grafting ratio (as the reference code).
+_GRAFT_TINY = 1e-12
+
+
+class ScaleByShampoo4State(NamedTuple):
+  """State of :func:`scale_by_shampoo4`.
+
+  Attributes:
+    count: ``int32[]``, number of ``update`` calls so far.
+    factors: ``{bucket name: EigenFactors | MatrixFactors}``; every factor of
+      one order and storage kind, stacked along a leading axis (see
+      :mod:`optax_shampoo4.partition`).
+    skipped_stats: ``int32[]``, statistics updates skipped because the
+      gradient held a NaN or Inf.
+    failed_refreshes: ``int32[]``, factor refreshes (statistics or roots)
+      rejected because their result was not finite; each such factor kept its
+      previous value.
+  """
+
+  count: jax.Array
+  factors: dict[str, fct.Bucket]
+  skipped_stats: jax.Array
+  failed_refreshes: jax.Array
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
+
+
+def _concrete_float(value: Any) -> float | None:
+  """``float(value)`` if it is a concrete number, None if it is traced."""
+  try:
+    return float(value)
+  except jax.errors.ConcretizationTypeError:
+    return None
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"expected a real scalar, got {value!r}") from e
+
+
+def _validate(max_order, beta, epsilon, stats_every, root_every, state_format, bits,
+              mapping, quant_block, min_quant_order, bjorck_steps, root_method) -> str:
+  """Checks every argument; returns the resolved root method."""
+  _check_int("max_order", max_order, 1)
+  _check_int("stats_every", stats_every, 1)
+  _check_int("root_every", root_every, 1)
+  _check_int("min_quant_order", min_quant_order, 1)
+  _check_int("quant_block", quant_block, 2)
+  if state_format not in fct.FORMATS:
+    raise ValueError(f"state_format must be one of {fct.FORMATS}, got state_format={state_format!r}")
+  qz.validate_mapping_bits(mapping, bits)
+  if bits == 4 and quant_block % 2:
+    raise ValueError(f"quant_block must be even for 4-bit codes, got quant_block={quant_block!r}")
+  if (not isinstance(bjorck_steps, (tuple, list)) or len(bjorck_steps) != 2
+      or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0
+             for s in bjorck_steps)):
+    raise ValueError(f"bjorck_steps must be a pair of ints >= 0, got bjorck_steps={bjorck_steps!r}")
+  beta_value = _concrete_float(beta)
+  if beta_value is not None and not 0.0 <= beta_value < 1.0:
+    raise ValueError(f"beta must be in [0, 1), got beta={beta!r}")
+  eps_value = _concrete_float(epsilon)
+  if eps_value is not None and not (eps_value >= 0.0 and math.isfinite(eps_value)):
+    raise ValueError(f"epsilon must be finite and >= 0, got epsilon={epsilon!r}")
+  if root_method is None:
+    return "eigen" if state_format == "eigen" else "newton"
+  if root_method not in fct.ROOT_METHODS:
+    raise ValueError(f"root_method must be one of {fct.ROOT_METHODS} or None, got root_method={root_method!r}")
+  if root_method == "eigen" and state_format != "eigen":
+    raise ValueError(
+        f"root_method='eigen' needs state_format='eigen' (the {state_format!r} format keeps no "
+        f"eigenvectors; it uses 'newton'), got root_method={root_method!r}")
+  return root_method
+
+
+def _check_leaf_dtypes(tree: Any) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"scale_by_shampoo4 supports real floating-point parameters only; the leaf at "
+          f"{jax.tree_util.keystr(path)} has dtype {dtype}. Route it to another optimizer "
+          f"with optax.partition or optax.masked.")
+
+
+def scale_by_shampoo4(
+    max_order: int = 1024,
+    beta: jax.typing.ArrayLike = 0.95,
+    epsilon: jax.typing.ArrayLike = 1e-6,
+    stats_every: int = 100,
+    root_every: int = 500,
+    state_format: str = "eigen",
+    bits: int = 4,
+    mapping: str = "linear2",
+    quant_block: int = 64,
+    min_quant_order: int = 64,
+    bjorck_steps: tuple[int, int] = (1, 4),
+    root_method: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Preconditions gradients with 4-bit Shampoo, grafted to the gradient norm.
+
+  Each parameter is viewed as a matrix :math:`G \\in \\mathbb{R}^{m\\times n}`
+  (see :mod:`optax_shampoo4.partition`), cut into blocks of at most
+  ``max_order``; every block has Kronecker factors :math:`L` (m×m) and
+  :math:`R` (n×n). At step :math:`t` (from 1):
+
+  .. math::
+
+    t \\equiv 0 \\ (T_1):&\\quad L \\leftarrow \\beta L + (1-\\beta) G G^\\top,
+      \\quad R \\leftarrow \\beta R + (1-\\beta) G^\\top G \\\\
+    t \\equiv 0 \\ (T_2):&\\quad \\hat L = (L + \\epsilon\\lambda_{\\max}(L) I)^{-1/4},
+      \\quad \\hat R = (R + \\epsilon\\lambda_{\\max}(R) I)^{-1/4} \\\\
+    \\text{every step}:&\\quad \\hat G = \\hat L G \\hat R, \\qquad
+      \\tilde G = \\hat G \\, \\|G\\|_F / (\\|\\hat G\\|_F + 10^{-12})
+
+  with both norms over the whole parameter. In the ``"eigen"`` format (the
+  paper's method) :math:`L` is kept as float32 eigenvalues plus 4-bit
+  eigenvectors, refreshed by one warm-started QR step after Björck
+  rectification, and :math:`\\hat L` as a float32 diagonal plus a 4-bit
+  off-diagonal. Until the first root update (step ``root_every``) the roots
+  are the identity, so the output equals the gradient. Statistics, roots and
+  the preconditioning run in float32; the output has the gradient's dtype.
+
+  Args:
+    max_order: largest factor order; larger dimensions are split into blocks.
+    beta: EMA decay of the statistics, in [0, 1) (may be injected).
+    epsilon: relative damping ε ≥ 0; roots use :math:`\\epsilon\\lambda_{\\max}`
+      (may be injected). Also the initial statistic :math:`\\epsilon I`.
+    stats_every: :math:`T_1`, steps between statistics updates (static).
+    root_every: :math:`T_2`, steps between inverse-root updates (static).
+    state_format: ``"eigen"`` (quantized eigenvectors, the paper's method),
+      ``"naive"`` (quantized statistic and root, off-diagonals only) or
+      ``"fp32"`` (dense float32, the paper's 32-bit baseline).
+    bits: 4 or 8, bits per quantized element.
+    mapping: codebook, ``"linear2"``, ``"dynamic_tree"`` or ``"linear"``.
+    quant_block: elements per absmax scale, along one matrix row.
+    min_quant_order: factors of smaller order are kept in float32.
+    bjorck_steps: ``(t1, t2)`` Björck iterations before the statistics update
+      and before the root; applied to quantized eigenvectors only.
+    root_method: ``"eigen"`` (from the stored eigenpairs, paper Alg. 2) or
+      ``"newton"`` (coupled Newton, Alg. 4). None picks ``"eigen"`` for the
+      ``"eigen"`` format and ``"newton"`` for the others (which store no
+      eigenvectors).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`; chain a first-order
+    transform (e.g. ``optax.scale_by_adam()``) and a learning rate after it.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_shampoo4 as s4
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    >>> tx = optax.chain(s4.scale_by_shampoo4(stats_every=1, root_every=1),
+    ...                  optax.scale_by_adam(), optax.scale_by_learning_rate(1e-2))
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.arange(12.0).reshape(4, 3), "b": jnp.ones(3)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> updates["w"].shape, updates["w"].dtype
+    ((4, 3), dtype('float32'))
+
+  References:
+    Wang et al., `4-bit Shampoo for Memory-Efficient Network Training
+    <https://arxiv.org/abs/2405.18144>`_, NeurIPS 2024.
+    Gupta et al., `Shampoo: Preconditioned Stochastic Tensor Optimization
+    <https://arxiv.org/abs/1802.09568>`_, ICML 2018.
+  """
+  root_method = _validate(max_order, beta, epsilon, stats_every, root_every, state_format,
+                          bits, mapping, quant_block, min_quant_order, bjorck_steps,
+                          root_method)
+  config = fct.FactorConfig(state_format, bits, mapping, quant_block,
+                            tuple(int(s) for s in bjorck_steps), root_method)
+
+  def plan_for(tree: Any) -> partition.Plan:
+    shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(tree)]
+    return partition.make_plan(shapes, max_order, min_quant_order, state_format != "fp32")
+
+  def init_fn(params):
+    _check_leaf_dtypes(params)
+    plan = plan_for(params)
+    buckets = {
+        key.name: fct.init_bucket(config, key.order, size, key.quantized, epsilon)
+        for key, size in plan.bucket_sizes
+    }
+    zero = jnp.zeros([], jnp.int32)
+    return ScaleByShampoo4State(zero, buckets, zero, zero)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    leaves, treedef = jax.tree.flatten(updates)
+    plan = plan_for(updates)
+    count = optax.safe_increment(state.count)
+    matrices = [
+        leaf.astype(jnp.float32).reshape(lp.matrix_shape) if lp.preconditioned else None
+        for leaf, lp in zip(leaves, plan.leaves)
+    ]
+    grads_finite = jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(m)) for m in matrices if m is not None] or [True]))
+    stats_due = count % stats_every == 0
+
+    def refresh_stats(buckets):
+      grams = _gram_matrices(plan, matrices)
+      new, failures = {}, jnp.zeros([], jnp.int32)
+      for key in plan.buckets:
+        new[key.name], failed = fct.update_stats(config, buckets[key.name], grams[key], beta)
+        failures += failed
+      return new, failures
+
+    def refresh_roots(buckets):
+      new, failures = {}, jnp.zeros([], jnp.int32)
+      for name, bucket in buckets.items():
+        new[name], failed = fct.update_root(config, bucket, epsilon)
+        failures += failed
+      return new, failures
+
+    def keep(buckets):
+      return buckets, jnp.zeros([], jnp.int32)
+
+    buckets, stats_failures = lax.cond(
+        stats_due & grads_finite, refresh_stats, keep, state.factors)
+    buckets, root_failures = lax.cond(
+        count % root_every == 0, refresh_roots, keep, buckets)
+
+    roots = {name: fct.root_matrices(bucket) for name, bucket in buckets.items()}
+    outputs = [
+        _precondition(leaf, matrix, lp, roots) if lp.preconditioned else leaf
+        for leaf, matrix, lp in zip(leaves, matrices, plan.leaves)
+    ]
+    new_state = ScaleByShampoo4State(
+        count=count,
+        factors=buckets,
+        skipped_stats=state.skipped_stats + (stats_due & ~grads_finite).astype(jnp.int32),
+        failed_refreshes=state.failed_refreshes + stats_failures + root_failures,
+    )
+    return jax.tree.unflatten(treedef, outputs), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _gram_matrices(plan: partition.Plan, matrices) -> dict[partition.BucketKey, jax.Array]:
+  """Per bucket, the stacked ``G Gᵀ`` (left) / ``Gᵀ G`` (right) of its blocks."""
+  grams = {}
+  for key, slots in plan.factor_slots().items():
+    parts = []
+    for leaf_index, block_index, side in slots:
+      block = plan.leaves[leaf_index].blocks[block_index]
+      g = matrices[leaf_index][block.rows[0]:block.rows[1], block.cols[0]:block.cols[1]]
+      gt = linalg.transpose(g)
+      parts.append(linalg.matmul(g, gt) if side == "left" else linalg.matmul(gt, g))
+    grams[key] = jnp.stack(parts)
+  return grams
+
+
+def _precondition(leaf, matrix, leaf_plan: partition.LeafPlan, roots) -> jax.Array:
+  """``L̂ G R̂`` per block, grafted to ``‖G‖_F``, in the leaf's shape and dtype."""
+  row_starts = sorted({b.rows[0] for b in leaf_plan.blocks})
+  out_rows = []
+  for start in row_starts:
+    row_blocks = [b for b in leaf_plan.blocks if b.rows[0] == start]
+    out_rows.append([
+        linalg.matmul(
+            linalg.matmul(roots[b.left.bucket.name][b.left.index],
+                          matrix[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]]),
+            roots[b.right.bucket.name][b.right.index])
+        for b in row_blocks
+    ])
+  preconditioned = jnp.block(out_rows)
+  grad_norm = jnp.linalg.norm(matrix)
+  scale = grad_norm / (jnp.linalg.norm(preconditioned) + _GRAFT_TINY)
+  return (preconditioned * scale).reshape(leaf.shape).astype(leaf.dtype)
