@@ -1,0 +1,232 @@
+"""Tests for scale_by_shampoo4: algorithm fidelity, state stability, dtypes."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import reference_shampoo as ref
+
+import optax_shampoo4 as s4
+
+
+def _random_grads(shape, steps, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.standard_normal(shape).astype(np.float32) for _ in range(steps)]
+
+
+def _mixed_tree():
+  """Matrices, vectors, scalars, a conv kernel, a (1, 1, D) token, a split dim."""
+  return {
+      "dense": jnp.ones((24, 70)),  # 70 > max_order=32: blocks 32, 32, 6
+      "bias": jnp.zeros((70,)),
+      "scale": jnp.ones(()),
+      "conv": jnp.ones((16, 3, 3, 3)),
+      "token": jnp.ones((1, 1, 12)),
+      "tall": jnp.ones((66, 5)),  # 66 = 32 + 32 + 2: remainder block of order 2
+      "odd": jnp.ones((33, 17)),  # remainder of order 1
+  }
+
+
+def _signature(tree):
+  return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
+
+
+@pytest.mark.parametrize("shape, stats_every, root_every", [((6, 5), 1, 2), ((9, 4), 2, 4)])
+def test_fp32_format_matches_algorithm_4(shape, stats_every, root_every):
+  beta, epsilon = 0.9, 1e-3
+  grads = _random_grads(shape, 8)
+  expected = ref.shampoo_alg4(grads, beta, epsilon, stats_every, root_every)
+  tx = s4.scale_by_shampoo4(beta=beta, epsilon=epsilon, stats_every=stats_every,
+                            root_every=root_every, state_format="fp32")
+  state = tx.init(jnp.zeros(shape))
+  update = jax.jit(tx.update)
+  for g, want in zip(grads, expected):
+    got, state = update(jnp.asarray(g), state)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (12, 7)])
+def test_unquantized_eigen_format_matches_algorithm_3(shape):
+  beta, epsilon = 0.9, 1e-3
+  grads = _random_grads(shape, 9, seed=1)
+  expected = ref.shampoo_alg3_unquantized(grads, beta, epsilon, 1, 3)
+  tx = s4.scale_by_shampoo4(beta=beta, epsilon=epsilon, stats_every=1, root_every=3,
+                            min_quant_order=10**6)
+  state = tx.init(jnp.zeros(shape))
+  assert not any(isinstance(leaf, s4.QuantizedArray) for leaf in
+                 jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, s4.QuantizedArray)))
+  update = jax.jit(tx.update)
+  for g, want in zip(grads, expected):
+    got, state = update(jnp.asarray(g), state)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("state_format", ["eigen", "naive", "fp32"])
+def test_jit_on_mixed_tree_keeps_state_types(state_format):
+  params = _mixed_tree()
+  tx = s4.scale_by_shampoo4(max_order=32, stats_every=2, root_every=3, state_format=state_format,
+                            min_quant_order=16, quant_block=8)
+  state = tx.init(params)
+  signature = _signature(state)
+  update = jax.jit(tx.update)
+  key = jax.random.key(0)
+  for step in range(7):  # crosses T1 (2, 4, 6) and T2 (3, 6) steps
+    key, sub = jax.random.split(key)
+    grads = jax.tree.map(lambda p, k=sub: jax.random.normal(k, p.shape), params)
+    out, state = update(grads, state)
+    assert _signature(state) == signature, f"state changed at step {step + 1}"
+    chex.assert_tree_all_finite((out, state))
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, grads)
+    for name in ("bias", "scale", "token"):  # passthrough leaves
+      np.testing.assert_array_equal(out[name], grads[name])
+    for name in ("dense", "conv", "tall", "odd"):  # grafted to the gradient norm
+      np.testing.assert_allclose(jnp.linalg.norm(out[name]), jnp.linalg.norm(grads[name]), rtol=1e-5)
+  assert int(state.count) == 7
+  assert int(state.failed_refreshes) == 0
+
+
+def test_quantized_state_is_uint8_codes_and_f32_scales():
+  tx = s4.scale_by_shampoo4()
+  state = tx.init({"w": jnp.zeros((128, 96)), "v": jnp.zeros((8, 8))})
+  quantized = [x for x in jax.tree.leaves(state.factors, is_leaf=lambda x: isinstance(x, s4.QuantizedArray))
+               if isinstance(x, s4.QuantizedArray)]
+  assert len(quantized) == 4  # eigvecs + root for the order-128 and order-96 buckets
+  for q in quantized:
+    assert q.codes.dtype == jnp.uint8 and q.scales.dtype == jnp.float32
+    n = q.length
+    assert q.codes.shape[-2:] == (n, (n + 1) // 2)
+    assert q.scales.shape[-2:] == (n, -(-n // 64))
+  small = state.factors["order8_f32"]
+  assert small.eigvecs.dtype == jnp.float32 and small.eigvecs.shape == (2, 8, 8)
+
+
+def test_identity_until_first_root_update():
+  tx = s4.scale_by_shampoo4(stats_every=1, root_every=3)
+  state = tx.init(jnp.zeros((80, 70)))
+  update = jax.jit(tx.update)
+  for step, g in enumerate(_random_grads((80, 70), 3), start=1):
+    out, state = update(jnp.asarray(g), state)
+    if step < 3:
+      np.testing.assert_allclose(out, g, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(out, g, atol=1e-3)  # step 3 is preconditioned
+
+
+def test_refresh_schedule():
+  tx = s4.scale_by_shampoo4(stats_every=3, root_every=6, min_quant_order=4)
+  state = tx.init(jnp.zeros((8, 4)))
+  update = jax.jit(tx.update)
+  bucket = lambda st: st.factors["order8_q"]  # noqa: E731
+  for step, g in enumerate(_random_grads((8, 4), 7), start=1):
+    before = bucket(state)
+    _, state = update(jnp.asarray(g), state)
+    after = bucket(state)
+    stats_changed = not np.array_equal(before.eigvals, after.eigvals)
+    root_changed = not np.array_equal(before.root.diag, after.root.diag)
+    assert stats_changed == (step % 3 == 0), step
+    assert root_changed == (step % 6 == 0), step
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_in_low_precision_out(dtype):
+  params = {"w": jnp.ones((70, 65), dtype), "b": jnp.ones((65,), dtype)}
+  tx = s4.scale_by_shampoo4(stats_every=1, root_every=1)
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(3), p.shape, dtype), params)
+  out, new_state = jax.jit(tx.update)(grads, state)
+  chex.assert_trees_all_equal_dtypes(out, grads)
+  assert _signature(new_state) == _signature(state)
+  assert new_state.factors["order70_q"].eigvals.dtype == jnp.float32
+  chex.assert_tree_all_finite(out)
+
+
+def test_block_split_preconditions_each_block_independently():
+  """A split matrix equals its blocks preconditioned alone, up to the joint graft."""
+  g = jnp.asarray(_random_grads((40, 12), 1, seed=5)[0])
+  kwargs = dict(stats_every=1, root_every=1, state_format="fp32")
+  tx_split = s4.scale_by_shampoo4(max_order=20, **kwargs)
+  out_split, _ = jax.jit(tx_split.update)(g, tx_split.init(g))
+  tx_whole = s4.scale_by_shampoo4(max_order=64, **kwargs)
+  parts = []
+  for rows in (slice(0, 20), slice(20, 40)):
+    block = g[rows]
+    out, _ = jax.jit(tx_whole.update)(block, tx_whole.init(block))
+    parts.append(out / jnp.linalg.norm(block))  # undo the per-block graft
+  # Per-block directions agree; only the overall scale differs.
+  for rows, part in zip((slice(0, 20), slice(20, 40)), parts):
+    got = out_split[rows]
+    cos = jnp.vdot(got, part) / (jnp.linalg.norm(got) * jnp.linalg.norm(part))
+    assert float(cos) > 0.999
+
+
+def test_non_finite_gradient_leaves_statistics_untouched():
+  tx = s4.scale_by_shampoo4(stats_every=1, root_every=2)
+  state = tx.init(jnp.zeros((70, 66)))
+  update = jax.jit(tx.update)
+  good = jnp.asarray(_random_grads((70, 66), 1)[0])
+  _, state = update(good, state)
+  bad = good.at[3, 4].set(jnp.nan)
+  _, new_state = update(bad, state)  # step 2 is a statistics and a root step
+  for name, bucket in state.factors.items():
+    chex.assert_trees_all_equal(new_state.factors[name].eigvecs, bucket.eigvecs)
+    chex.assert_trees_all_equal(new_state.factors[name].eigvals, bucket.eigvals)
+  chex.assert_tree_all_finite(new_state)
+  assert int(new_state.skipped_stats) == 1 and int(new_state.failed_refreshes) == 0
+
+
+def test_init_on_shape_dtype_structs():
+  tx = s4.scale_by_shampoo4()
+  abstract = {"w": jax.ShapeDtypeStruct((300, 200), jnp.float32)}
+  shapes = jax.eval_shape(tx.init, abstract)
+  concrete = tx.init({"w": jnp.zeros((300, 200))})
+  assert _signature(shapes) == _signature(concrete)
+
+
+def test_extra_args_accepted_and_no_recompile():
+  tx = optax.chain(s4.scale_by_shampoo4(stats_every=1, root_every=2), optax.scale_by_adam())
+  params = {"w": jnp.zeros((20, 10))}
+  state = tx.init(params)
+  traces = []
+
+  @jax.jit
+  def step(grads, state):
+    traces.append(1)
+    return tx.update(grads, state, params, loss=jnp.float32(1.0), unknown_arg="x")
+
+  for g in _random_grads((20, 10), 3):
+    _, state = step({"w": jnp.asarray(g)}, state)
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(max_order=0), "max_order"),
+        (dict(beta=1.0), "beta"),
+        (dict(beta=-0.1), "beta"),
+        (dict(epsilon=-1e-6), "epsilon"),
+        (dict(epsilon=float("nan")), "epsilon"),
+        (dict(stats_every=0), "stats_every"),
+        (dict(root_every=2.5), "root_every"),
+        (dict(state_format="int4"), "state_format"),
+        (dict(bits=3), "bits"),
+        (dict(mapping="log"), "mapping"),
+        (dict(quant_block=63), "quant_block"),
+        (dict(quant_block=0), "quant_block"),
+        (dict(min_quant_order=0), "min_quant_order"),
+        (dict(bjorck_steps=(1,)), "bjorck_steps"),
+        (dict(bjorck_steps=(-1, 4)), "bjorck_steps"),
+        (dict(root_method="cholesky"), "root_method"),
+        (dict(state_format="naive", root_method="eigen"), "root_method"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    s4.scale_by_shampoo4(**kwargs)
+
+
+def test_integer_parameters_rejected_at_init():
+  tx = s4.scale_by_shampoo4()
+  with pytest.raises(TypeError, match=r"\['steps'\].*int32"):
+    tx.init({"w": jnp.zeros((4, 4)), "steps": jnp.zeros((3,), jnp.int32)})
