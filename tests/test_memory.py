@@ -6,26 +6,11 @@ import optax
 import pytest
 
 import optax_shampoo4 as s4
-
-
-def gpt2_124m_shapes():
-  """Parameter shapes of GPT-2 124M (tied embeddings), as ShapeDtypeStructs."""
-  d, vocab, ctx, layers = 768, 50257, 1024, 12
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
-  block = {
-      "ln_1": {"scale": f32(d), "bias": f32(d)},
-      "attn": {"c_attn": {"kernel": f32(d, 3 * d), "bias": f32(3 * d)},
-               "c_proj": {"kernel": f32(d, d), "bias": f32(d)}},
-      "ln_2": {"scale": f32(d), "bias": f32(d)},
-      "mlp": {"c_fc": {"kernel": f32(d, 4 * d), "bias": f32(4 * d)},
-              "c_proj": {"kernel": f32(4 * d, d), "bias": f32(d)}},
-  }
-  return {"wte": f32(vocab, d), "wpe": f32(ctx, d), "h": [block] * layers,
-          "ln_f": {"scale": f32(d), "bias": f32(d)}}
+from benchmarks.model_shapes import gpt2_124m
 
 
 def test_gpt2_eigen_state_is_over_6_5x_smaller_than_fp32():
-  params = gpt2_124m_shapes()
+  params = gpt2_124m()
   n_params = sum(x.size for x in jax.tree.leaves(params))
   assert 124e6 < n_params < 125e6
   sizes = {fmt: s4.state_nbytes(jax.eval_shape(s4.scale_by_shampoo4(state_format=fmt).init, params))
