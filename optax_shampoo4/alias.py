@@ -13,6 +13,7 @@ from typing import Any, Callable
 import jax
 import optax
 
+from optax_shampoo4 import validation
 from optax_shampoo4.transform import scale_by_shampoo4
 
 
@@ -53,6 +54,11 @@ def adamw_shampoo4(
     >>> opt = s4.adamw_shampoo4(1e-3, weight_decay=1e-2, stats_every=10, root_every=10)
     >>> state = opt.init({"w": jnp.zeros((8, 8))})
   """
+  validation.check_learning_rate(learning_rate)
+  validation.check_range("b1", b1, 0.0, 1.0)
+  validation.check_range("b2", b2, 0.0, 1.0)
+  validation.check_range("eps", eps, 0.0, float("inf"))
+  validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
   return optax.chain(
       scale_by_shampoo4(**shampoo_kwargs),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
@@ -90,6 +96,11 @@ def sgdm_shampoo4(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
+  validation.check_learning_rate(learning_rate)
+  validation.check_range("momentum", momentum, 0.0, 1.0)
+  validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
+  if not isinstance(nesterov, bool):
+    raise TypeError(f"nesterov must be a bool, got nesterov={nesterov!r}")
   return optax.chain(
       scale_by_shampoo4(**shampoo_kwargs),
       optax.add_decayed_weights(weight_decay, mask),
@@ -115,6 +126,9 @@ def adagrad_shampoo4(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
+  validation.check_learning_rate(learning_rate)
+  validation.check_range("initial_accumulator_value", initial_accumulator_value, 0.0, float("inf"))
+  validation.check_range("eps", eps, 0.0, float("inf"))
   return optax.chain(
       scale_by_shampoo4(**shampoo_kwargs),
       optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),

@@ -12,8 +12,7 @@ import optax
 from jax import lax
 
 from optax_shampoo4 import factors as fct
-from optax_shampoo4 import linalg
-from optax_shampoo4 import partition
+from optax_shampoo4 import linalg, partition, validation
 from optax_shampoo4 import quantization as qz
 
 # Added to the preconditioned norm in the grafting ratio (as the reference code).
@@ -28,8 +27,11 @@ class ScaleByShampoo4State(NamedTuple):
     factors: ``{bucket name: EigenFactors | MatrixFactors}``; every factor of
       one order and storage kind, stacked along a leading axis (see
       :mod:`optax_shampoo4.partition`).
-    skipped_stats: ``int32[]``, statistics updates skipped because the
-      gradient held a NaN or Inf.
+    nonfinite_steps: ``int32[]``, steps whose gradient held a NaN or Inf in
+      any leaf; such a step returns an all-zero update and leaves the
+      statistics untouched.
+    skipped_stats: ``int32[]``, statistics updates skipped (the subset of
+      those steps that fell on a statistics step).
     failed_refreshes: ``int32[]``, factor refreshes (statistics or roots)
       rejected because their result was not finite; each such factor kept its
       previous value.
@@ -37,33 +39,19 @@ class ScaleByShampoo4State(NamedTuple):
 
   count: jax.Array
   factors: dict[str, fct.Bucket]
+  nonfinite_steps: jax.Array
   skipped_stats: jax.Array
   failed_refreshes: jax.Array
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
-
-
-def _concrete_float(value: Any) -> float | None:
-  """``float(value)`` if it is a concrete number, None if it is traced."""
-  try:
-    return float(value)
-  except jax.errors.ConcretizationTypeError:
-    return None
-  except (TypeError, ValueError) as e:
-    raise TypeError(f"expected a real scalar, got {value!r}") from e
 
 
 def _validate(max_order, beta, epsilon, stats_every, root_every, state_format, bits,
               mapping, quant_block, min_quant_order, bjorck_steps, root_method) -> str:
   """Checks every argument; returns the resolved root method."""
-  _check_int("max_order", max_order, 1)
-  _check_int("stats_every", stats_every, 1)
-  _check_int("root_every", root_every, 1)
-  _check_int("min_quant_order", min_quant_order, 1)
-  _check_int("quant_block", quant_block, 2)
+  validation.check_int("max_order", max_order, 1)
+  validation.check_int("stats_every", stats_every, 1)
+  validation.check_int("root_every", root_every, 1)
+  validation.check_int("min_quant_order", min_quant_order, 1)
+  validation.check_int("quant_block", quant_block, 2)
   if state_format not in fct.FORMATS:
     raise ValueError(f"state_format must be one of {fct.FORMATS}, got state_format={state_format!r}")
   qz.validate_mapping_bits(mapping, bits)
@@ -73,12 +61,8 @@ def _validate(max_order, beta, epsilon, stats_every, root_every, state_format, b
       or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0
              for s in bjorck_steps)):
     raise ValueError(f"bjorck_steps must be a pair of ints >= 0, got bjorck_steps={bjorck_steps!r}")
-  beta_value = _concrete_float(beta)
-  if beta_value is not None and not 0.0 <= beta_value < 1.0:
-    raise ValueError(f"beta must be in [0, 1), got beta={beta!r}")
-  eps_value = _concrete_float(epsilon)
-  if eps_value is not None and not (eps_value >= 0.0 and math.isfinite(eps_value)):
-    raise ValueError(f"epsilon must be finite and >= 0, got epsilon={epsilon!r}")
+  validation.check_range("beta", beta, 0.0, 1.0)
+  validation.check_range("epsilon", epsilon, 0.0, math.inf)
   if root_method is None:
     return "eigen" if state_format == "eigen" else "newton"
   if root_method not in fct.ROOT_METHODS:
@@ -137,6 +121,12 @@ def scale_by_shampoo4(
   off-diagonal. Until the first root update (step ``root_every``) the roots
   are the identity, so the output equals the gradient. Statistics, roots and
   the preconditioning run in float32; the output has the gradient's dtype.
+
+  Failure policy (no Python exceptions under ``jit``): a step whose gradient
+  holds a NaN or Inf in any leaf returns an all-zero update and does not touch
+  the statistics (counted in ``nonfinite_steps`` / ``skipped_stats``); a
+  factor whose refreshed statistic or root is not finite keeps its previous
+  value (counted in ``failed_refreshes``).
 
   Args:
     max_order: largest factor order; larger dimensions are split into blocks.
@@ -198,7 +188,7 @@ def scale_by_shampoo4(
         for key, size in plan.bucket_sizes
     }
     zero = jnp.zeros([], jnp.int32)
-    return ScaleByShampoo4State(zero, buckets, zero, zero)
+    return ScaleByShampoo4State(zero, buckets, zero, zero, zero)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -209,8 +199,7 @@ def scale_by_shampoo4(
         leaf.astype(jnp.float32).reshape(lp.matrix_shape) if lp.preconditioned else None
         for leaf, lp in zip(leaves, plan.leaves)
     ]
-    grads_finite = jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(m)) for m in matrices if m is not None] or [True]))
+    grads_finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [True]))
     stats_due = count % stats_every == 0
 
     def refresh_stats(buckets):
@@ -238,12 +227,14 @@ def scale_by_shampoo4(
 
     roots = {name: fct.root_matrices(bucket) for name, bucket in buckets.items()}
     outputs = [
-        _precondition(leaf, matrix, lp, roots) if lp.preconditioned else leaf
+        jnp.where(grads_finite, _precondition(leaf, matrix, lp, roots) if lp.preconditioned else leaf,
+                  jnp.zeros_like(leaf))
         for leaf, matrix, lp in zip(leaves, matrices, plan.leaves)
     ]
     new_state = ScaleByShampoo4State(
         count=count,
         factors=buckets,
+        nonfinite_steps=state.nonfinite_steps + (~grads_finite).astype(jnp.int32),
         skipped_stats=state.skipped_stats + (stats_due & ~grads_finite).astype(jnp.int32),
         failed_refreshes=state.failed_refreshes + stats_failures + root_failures,
     )

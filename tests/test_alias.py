@@ -81,3 +81,28 @@ def test_alias_forwards_shampoo_arguments():
 def test_alias_rejects_bad_shampoo_argument():
   with pytest.raises(ValueError, match="bits"):
     s4.sgdm_shampoo4(0.1, bits=2)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: s4.adamw_shampoo4(-1.0), "learning_rate"),
+        (lambda: s4.adamw_shampoo4(1e-3, b1=1.0), "b1"),
+        (lambda: s4.adamw_shampoo4(1e-3, b2=-0.5), "b2"),
+        (lambda: s4.adamw_shampoo4(1e-3, eps=float("nan")), "eps"),
+        (lambda: s4.adamw_shampoo4(1e-3, weight_decay=-1e-2), "weight_decay"),
+        (lambda: s4.sgdm_shampoo4(0.1, momentum=1.5), "momentum"),
+        (lambda: s4.sgdm_shampoo4(float("inf")), "learning_rate"),
+        (lambda: s4.adagrad_shampoo4(1e-2, initial_accumulator_value=-1.0), "initial_accumulator_value"),
+    ],
+)
+def test_alias_validates_its_own_arguments(make, name):
+  with pytest.raises(ValueError, match=name):
+    make()
+
+
+def test_alias_type_errors_name_the_argument():
+  with pytest.raises(TypeError, match="learning_rate"):
+    s4.adamw_shampoo4("fast")
+  with pytest.raises(TypeError, match="nesterov"):
+    s4.sgdm_shampoo4(0.1, nesterov="yes")

@@ -30,7 +30,7 @@ def test_exact_bytes_of_one_eigen_matrix():
   assert parts["eigenvalues"] == factors * n * 4
   assert parts["diagonals"] == factors * n * 4
   assert parts["dense_factors"] == 0
-  assert parts["other"] == 3 * 4  # count, skipped_stats, failed_refreshes
+  assert parts["other"] == 4 * 4  # count and three failure counters
   assert parts["total"] == sum(v for k, v in parts.items() if k not in ("total", "preconditioner"))
 
 

@@ -1,0 +1,42 @@
+"""Argument checks shared by the factories: clear errors at construction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+  """Raises ValueError unless ``value`` is a Python/numpy int >= ``minimum``."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
+
+
+def concrete_float(name: str, value: Any) -> float | None:
+  """``float(value)`` for a concrete real scalar; None when it is traced."""
+  try:
+    return float(value)
+  except jax.errors.ConcretizationTypeError:
+    return None
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{name} must be a real scalar, got {name}={value!r}") from e
+
+
+def check_range(name: str, value: Any, low: float, high: float, high_inclusive: bool = False) -> None:
+  """Checks ``low <= value < high`` (or ``<= high``) when ``value`` is concrete."""
+  number = concrete_float(name, value)
+  if number is None:
+    return
+  below_high = number <= high if high_inclusive else number < high
+  if not (low <= number and below_high):  # also rejects NaN, and Inf when high is Inf
+    closing = "]" if high_inclusive else ")"
+    raise ValueError(f"{name} must be in [{low}, {high}{closing}, got {name}={value!r}")
+
+
+def check_learning_rate(value: Any) -> None:
+  """A learning rate is a schedule (callable) or a finite scalar >= 0."""
+  if callable(value):
+    return
+  check_range("learning_rate", value, 0.0, float("inf"))
