@@ -1,0 +1,372 @@
+"""Tests for the float32 matrix functions (``optax_shampoo4.linalg``).
+
+References are computed in float64 NumPy (``np.linalg.eigh``, ``svd``) from the
+exact float32 inputs that the library sees.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optax_shampoo4 import linalg as la
+from optax_shampoo4 import quantization as qz
+
+# Compiled once per shape and static arguments (cheaper than op-by-op dispatch).
+_bjorck = jax.jit(la.bjorck, static_argnames="steps")
+_qr_refresh = jax.jit(la.qr_refresh)
+_from_eig = jax.jit(la.inverse_root_from_eig, static_argnames="p")
+_newton = jax.jit(la.inverse_root_newton, static_argnames=("p", "max_iters"))
+_power = jax.jit(la.power_iteration, static_argnames="num_iters")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_threaded_blas():
+  """OpenBLAS threads fight XLA's for a small machine's cores (float64 SVD/eigh
+  at n = 256 get ~30x slower under load); the references are small anyway."""
+  try:
+    from threadpoolctl import threadpool_limits
+  except ImportError:  # optional: only a speed-up
+    yield
+    return
+  with threadpool_limits(limits=1, user_api="blas"):
+    yield
+
+
+def _haar(n, rng):
+  q, r = np.linalg.qr(rng.standard_normal((n, n)))
+  return q * np.sign(np.diag(r))
+
+
+def _spd(eigvals, rng):
+  """float32 U diag(eigvals) U^T for a Haar-random U, and its float64 copy."""
+  u = _haar(len(eigvals), rng)
+  a32 = ((u * eigvals) @ u.T).astype(np.float32)
+  a32 = (a32 + a32.T) / 2
+  return a32, a32.astype(np.float64)
+
+
+def _inverse_root64(a, epsilon, p, lam_max=None):
+  """(A + ε λmax I)^(-1/p) in float64, negative eigenvalues clipped to 0."""
+  w, u = np.linalg.eigh(np.asarray(a, np.float64))
+  w = np.maximum(w, 0.0)
+  lam_max = w.max() if lam_max is None else lam_max
+  return (u * (w + epsilon * lam_max) ** (-1.0 / p)) @ u.T
+
+
+def _rel(x, ref):
+  x = np.asarray(x, np.float64)
+  return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+
+
+def _orth_error(v):
+  """‖V Vᵀ − I‖_F in float64."""
+  v = np.asarray(v, np.float64)
+  return np.linalg.norm(v @ v.T - np.eye(v.shape[-1]))
+
+
+def _polar64(v):
+  """The nearest orthogonal matrix to v (Frobenius), U_s V_sᵀ of its SVD."""
+  u, _, vt = np.linalg.svd(np.asarray(v, np.float64))
+  return u @ vt
+
+
+# ----------------------------------------------------------------------------
+# Björck orthonormalization.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mapping", ["linear2", "dynamic_tree"])
+def test_bjorck_converges_from_4bit_haar(mapping):
+  n = 256
+  u = _haar(n, np.random.default_rng(0))
+  v = qz.dequantize(qz.quantize(jnp.asarray(u, jnp.float32), mapping, 4, 64))
+  polar = _polar64(v)
+  iterates = [v]
+  for _ in range(4):
+    iterates.append(_bjorck(iterates[-1], steps=1))
+  errors = [_orth_error(w) for w in iterates]
+  # 4-bit storage destroys orthogonality (reference §3.5: 0.15 / 0.20 per √n).
+  assert errors[0] / np.sqrt(n) > 0.1, errors
+  for k in range(3):
+    assert errors[k + 1] < 0.25 * errors[k], errors  # a large factor per step
+    assert errors[k + 1] < errors[k] ** 2, errors  # quadratic convergence
+  assert errors[4] / np.sqrt(n) < 1e-5, errors
+  # steps=4 is four single steps, and it converges to the polar factor (the
+  # nearest orthogonal matrix), not just to some orthogonal matrix.
+  w4 = _bjorck(v, steps=4)
+  chex.assert_shape(w4, (n, n))
+  chex.assert_type(w4, jnp.float32)
+  chex.assert_trees_all_close(w4, iterates[4], atol=1e-6)
+  assert np.linalg.norm(np.asarray(w4, np.float64) - polar) / np.sqrt(n) < 1e-5
+
+
+def test_bjorck_small_example_matches_polar_factor():
+  v = np.array([[1.0, 0.1], [0.0, 1.0]], np.float32)
+  w = la.bjorck(jnp.asarray(v), steps=4)
+  chex.assert_trees_all_close(np.asarray(w, np.float64), _polar64(v), atol=1e-6)
+
+
+def test_bjorck_zero_steps_is_identity():
+  v = jnp.asarray(np.random.default_rng(1).standard_normal((3, 5, 5)), jnp.float32)
+  np.testing.assert_array_equal(la.bjorck(v, steps=0), v)
+  np.testing.assert_array_equal(la.bjorck(v[0], 0), v[0])
+
+
+def test_bjorck_batched_and_transpose():
+  rng = np.random.default_rng(2)
+  # Singular values in (0.7, 1.3), inside the (0, √3) basin.
+  v = np.stack([(_haar(32, rng) * rng.uniform(0.7, 1.3, 32)) @ _haar(32, rng) for _ in range(3)])
+  v = jnp.asarray(v, jnp.float32)
+  batched = _bjorck(v, steps=6)
+  chex.assert_shape(batched, (3, 32, 32))
+  for i in range(3):
+    single = _bjorck(v[i], steps=6)
+    chex.assert_trees_all_close(batched[i], single, atol=1e-6)
+    chex.assert_trees_all_close(np.asarray(batched[i], np.float64), _polar64(v[i]), atol=1e-5)
+  # Rectifying Vᵀ gives the transpose of rectifying V.
+  transposed = _bjorck(jnp.swapaxes(v, -1, -2), steps=6)
+  chex.assert_trees_all_close(transposed, jnp.swapaxes(batched, -1, -2), atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [-1, 1.5, True, "2", None])
+def test_bjorck_bad_steps(steps):
+  with pytest.raises(ValueError, match="steps"):
+    la.bjorck(jnp.eye(3), steps=steps)
+
+
+# ----------------------------------------------------------------------------
+# QR refresh (warm-started orthogonal iteration).
+# ----------------------------------------------------------------------------
+
+
+@jax.jit
+def _iterate_qr_refresh(a, v):
+  def body(_, carry):
+    return la.qr_refresh(a, carry[0])
+
+  return jax.lax.fori_loop(0, 200, body, (v, jnp.zeros(a.shape[:-1], a.dtype)))
+
+
+@pytest.mark.parametrize("start", ["identity", "random"])
+def test_qr_refresh_iterated_converges_to_eigh(start):
+  n = 32
+  rng = np.random.default_rng(3)
+  eigvals = 2.0 * 0.85 ** np.arange(n)  # well separated: ratio 0.85
+  a32, a64 = _spd(rng.permutation(eigvals), rng)
+  v0 = np.eye(n) if start == "identity" else _haar(n, rng)
+  p, lam = _iterate_qr_refresh(jnp.asarray(a32), jnp.asarray(v0, jnp.float32))
+  chex.assert_shape(p, (n, n))
+  chex.assert_shape(lam, (n,))
+  chex.assert_tree_all_finite((p, lam))
+  w_ref, u_ref = np.linalg.eigh(a64)
+  p64, lam64 = np.asarray(p, np.float64), np.asarray(lam, np.float64)
+  # Eigenvalues (sorted) match eigh.
+  order = np.argsort(lam64)
+  np.testing.assert_allclose(lam64[order], w_ref, rtol=1e-5, atol=1e-6 * w_ref.max())
+  # Eigenvectors match up to sign: |<p_i, u_i>| ≈ 1 for matched eigenvalues.
+  overlaps = np.abs(np.sum(p64[:, order] * u_ref, axis=0))
+  np.testing.assert_array_less(1.0 - overlaps, 1e-4)
+  # P is orthogonal and λ = diag(PᵀAP).
+  assert _orth_error(p64.T) < 1e-5
+  np.testing.assert_allclose(lam64, np.diag(p64.T @ a64 @ p64), atol=1e-6 * w_ref.max())
+
+
+def test_qr_refresh_single_step():
+  n = 48
+  rng = np.random.default_rng(4)
+  a32, a64 = _spd(rng.uniform(0.01, 3.0, n), rng)
+  v = _haar(n, rng).astype(np.float32)
+  p, lam = _qr_refresh(jnp.asarray(a32), jnp.asarray(v))
+  chex.assert_type((p, lam), jnp.float32)
+  p64 = np.asarray(p, np.float64)
+  assert _orth_error(p64.T) < 1e-5
+  # P is the Q factor of A V: Pᵀ (A V) is upper triangular.
+  r = p64.T @ (a64 @ v.astype(np.float64))
+  assert np.abs(np.tril(r, -1)).max() < 1e-5 * np.abs(r).max()
+  # λ are the Rayleigh quotients diag(PᵀAP), computed in float64.
+  np.testing.assert_allclose(np.asarray(lam, np.float64), np.diag(p64.T @ a64 @ p64), rtol=1e-5, atol=1e-6)
+
+
+def test_qr_refresh_fixed_point_at_eigenvectors():
+  n = 48
+  rng = np.random.default_rng(5)
+  eigvals = np.linspace(3.0, 0.1, n)
+  a32, a64 = _spd(eigvals, rng)
+  w_ref, u_ref = np.linalg.eigh(a64)
+  u_desc = u_ref[:, ::-1].astype(np.float32)  # columns by decreasing eigenvalue
+  p, lam = _qr_refresh(jnp.asarray(a32), jnp.asarray(u_desc))
+  p64 = np.asarray(p, np.float64)
+  signs = np.sign(np.sum(p64 * u_desc, axis=0))
+  np.testing.assert_allclose(p64 * signs, u_desc, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(lam, np.float64), w_ref[::-1], rtol=1e-5)
+
+
+def test_qr_refresh_batched():
+  rng = np.random.default_rng(6)
+  a = np.stack([_spd(rng.uniform(0.1, 2.0, 16), rng)[0] for _ in range(3)])
+  v = np.stack([_haar(16, rng) for _ in range(3)]).astype(np.float32)
+  p, lam = _qr_refresh(jnp.asarray(a), jnp.asarray(v))
+  chex.assert_shape(p, (3, 16, 16))
+  chex.assert_shape(lam, (3, 16))
+  for i in range(3):
+    p_i, lam_i = _qr_refresh(jnp.asarray(a[i]), jnp.asarray(v[i]))
+    chex.assert_trees_all_close((p[i], lam[i]), (p_i, lam_i), atol=1e-5)
+    p64 = np.asarray(p[i], np.float64)
+    np.testing.assert_allclose(np.asarray(lam[i]), np.diag(p64.T @ a[i] @ p64), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Inverse root from eigenpairs (4-bit Shampoo's default, Alg. 2 line 3).
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 1e-6])
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("cond", [1e0, 1e2, 1e4, 1e6])
+def test_inverse_root_from_eig_vs_float64(cond, p, epsilon):
+  n = 64
+  rng = np.random.default_rng(7)
+  u = _haar(n, rng).astype(np.float32)
+  eigvals = rng.permutation(np.logspace(0, -np.log10(cond), n)).astype(np.float32)
+  out = _from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(epsilon), p=p)
+  chex.assert_shape(out, (n, n))
+  chex.assert_type(out, jnp.float32)
+  u64, w64 = u.astype(np.float64), eigvals.astype(np.float64)
+  ref = (u64 * (w64 + epsilon * w64.max()) ** (-1.0 / p)) @ u64.T
+  assert _rel(out, ref) < 1e-5
+
+
+def test_inverse_root_from_eig_negative_and_zero_eigenvalues():
+  n = 64
+  rng = np.random.default_rng(8)
+  u = _haar(n, rng).astype(np.float32)
+  eigvals = rng.uniform(0.1, 2.0, n).astype(np.float32)
+  eigvals[[3, 7]] = [-1e-3, 0.0]  # rounding noise of a PSD matrix
+  out = _from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(1e-2), p=4)
+  u64, w64 = u.astype(np.float64), np.maximum(eigvals.astype(np.float64), 0.0)
+  ref = (u64 * (w64 + 1e-2 * w64.max()) ** -0.25) @ u64.T
+  assert _rel(out, ref) < 1e-5
+  # Zero (and negative) eigenvalues without damping, or all-zero eigenvalues:
+  # finite, no NaN/inf.
+  chex.assert_tree_all_finite(_from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(0.0), p=4))
+  chex.assert_tree_all_finite(_from_eig(jnp.asarray(u), jnp.zeros(n), jnp.float32(1e-6), p=4))
+  chex.assert_tree_all_finite(_from_eig(jnp.asarray(u), jnp.zeros(n), jnp.float32(0.0), p=4))
+
+
+def test_inverse_root_from_eig_batched_uses_per_matrix_max():
+  n = 16
+  rng = np.random.default_rng(9)
+  u = np.stack([_haar(n, rng) for _ in range(3)]).astype(np.float32)
+  scales = np.array([1.0, 1e3, 1e-3])
+  eigvals = (rng.uniform(1e-3, 1.0, (3, n)) * scales[:, None]).astype(np.float32)
+  epsilon = 1e-2
+  out = _from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(epsilon), p=4)
+  chex.assert_shape(out, (3, n, n))
+  for i in range(3):
+    u64, w64 = u[i].astype(np.float64), eigvals[i].astype(np.float64)
+    ref = (u64 * (w64 + epsilon * w64.max()) ** -0.25) @ u64.T
+    assert _rel(out[i], ref) < 1e-5, i
+
+
+# ----------------------------------------------------------------------------
+# Coupled Newton inverse root.
+# ----------------------------------------------------------------------------
+
+# float32 Newton is limited by rounding at high condition numbers. Measured
+# worst cases over 5 seeds at n = 64 (p = 2 / 4): 1.2e-7, 1.2e-6 / 6.4e-7,
+# 4.3e-5 / 1.6e-5 and 3.0e-3 / 1.1e-3 for cond 1, 1e2, 1e4, 1e6.
+NEWTON_TOL = {1e0: 1e-5, 1e2: 1e-5, 1e4: 2e-4, 1e6: 2e-2}
+
+
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("cond", [1e0, 1e2, 1e4, 1e6])
+def test_inverse_root_newton_vs_float64(cond, p):
+  n = 64
+  rng = np.random.default_rng(10)
+  a32, a64 = _spd(np.logspace(0, -np.log10(cond), n), rng)
+  out = _newton(jnp.asarray(a32), jnp.float32(0.0), p=p)
+  chex.assert_shape(out, (n, n))
+  chex.assert_type(out, jnp.float32)
+  chex.assert_tree_all_finite(out)
+  assert _rel(out, _inverse_root64(a64, 0.0, p)) < NEWTON_TOL[cond]
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_inverse_root_newton_damping(p):
+  n = 64
+  rng = np.random.default_rng(11)
+  # A dominant top eigenvalue, so power iteration's λmax is exact.
+  eigvals = np.concatenate([[1.0], np.logspace(-1, -6, n - 1)])
+  a32, a64 = _spd(eigvals, rng)
+  epsilon = 1e-3
+  out = _newton(jnp.asarray(a32), jnp.float32(epsilon), p=p)
+  ref = _inverse_root64(a64, epsilon, p, lam_max=np.linalg.eigvalsh(a64).max())
+  assert _rel(out, ref) < 1e-4
+  # The damping matters here: without it the answer is far off.
+  assert _rel(ref, _inverse_root64(a64, 0.0, p)) > 0.5
+
+
+def test_inverse_root_newton_1x1_returns_one():
+  np.testing.assert_array_equal(la.inverse_root_newton(jnp.array([[5.0]]), 1e-6), [[1.0]])
+  np.testing.assert_array_equal(la.inverse_root_newton(jnp.array([[0.0]]), 0.0, p=2), [[1.0]])
+  batched = la.inverse_root_newton(jnp.arange(1.0, 4.0).reshape(3, 1, 1), 1e-6)
+  chex.assert_shape(batched, (3, 1, 1))
+  np.testing.assert_array_equal(batched, np.ones((3, 1, 1)))
+
+
+def test_inverse_root_newton_batched_different_convergence():
+  n = 64
+  rng = np.random.default_rng(12)
+  easy = 4.0 * np.eye(n, dtype=np.float32)  # converges in a few steps
+  hard, hard64 = _spd(np.logspace(0, -4, n), rng)  # needs many more
+  a = jnp.asarray(np.stack([easy, hard]))
+  out = _newton(a, jnp.float32(0.0), p=4)
+  chex.assert_shape(out, (2, n, n))
+  np.testing.assert_allclose(np.asarray(out[0]), 4.0**-0.25 * np.eye(n), atol=1e-6)
+  assert _rel(out[1], _inverse_root64(hard64, 0.0, 4)) < NEWTON_TOL[1e4]
+  # Same as one matrix at a time, and as vmap.
+  for i in range(2):
+    chex.assert_trees_all_close(out[i], _newton(a[i], jnp.float32(0.0), p=4), rtol=1e-5, atol=1e-6)
+  vmapped = jax.jit(jax.vmap(lambda m: la.inverse_root_newton(m, 0.0, p=4)))(a)
+  chex.assert_trees_all_close(vmapped, out, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Power iteration.
+# ----------------------------------------------------------------------------
+
+
+def test_power_iteration_random_spd():
+  n, batch = 64, 6
+  rng = np.random.default_rng(13)
+  g = rng.standard_normal((batch, n, n))
+  a = (g @ np.swapaxes(g, -1, -2) / n).astype(np.float32)
+  lam_max = np.linalg.eigvalsh(a.astype(np.float64))[..., -1]
+  est = _power(jnp.asarray(a))
+  chex.assert_shape(est, (batch,))
+  est = np.asarray(est, np.float64)
+  np.testing.assert_array_less(0.85 * lam_max, est)
+  np.testing.assert_array_less(est, lam_max * (1 + 1e-5))
+  for i in range(2):
+    single = float(_power(jnp.asarray(a[i])))
+    assert 0.85 * lam_max[i] < single <= lam_max[i] * (1 + 1e-5)
+
+
+def test_power_iteration_exact_with_dominant_eigenvalue():
+  n = 64
+  rng = np.random.default_rng(14)
+  diag = rng.uniform(0.0, 1.0, n)
+  diag[17] = 10.0
+  est = _power(jnp.asarray(np.diag(diag), jnp.float32))
+  np.testing.assert_allclose(float(est), 10.0, rtol=1e-5)
+  # The same in a rotated basis.
+  a32, a64 = _spd(np.concatenate([[5.0], rng.uniform(0.0, 0.5, n - 1)]), rng)
+  np.testing.assert_allclose(float(_power(jnp.asarray(a32))), np.linalg.eigvalsh(a64).max(), rtol=1e-5)
+
+
+def test_power_iteration_zero_matrix():
+  est = _power(jnp.zeros((6, 64, 64)))
+  chex.assert_shape(est, (6,))
+  np.testing.assert_array_equal(est, 0.0)
