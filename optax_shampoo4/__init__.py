@@ -4,11 +4,12 @@ A composable :class:`optax.GradientTransformation` whose preconditioner state
 is stored as 4-bit quantized eigenvector matrices (Wang et al., NeurIPS 2024).
 """
 
-from optax_shampoo4 import factors, linalg, partition, quantization
+from optax_shampoo4 import factors, linalg, partition, quantization, sharding
 from optax_shampoo4.alias import adagrad_shampoo4, adamw_shampoo4, sgdm_shampoo4
 from optax_shampoo4.factors import EigenFactors, MatrixFactors
 from optax_shampoo4.memory import state_nbytes
 from optax_shampoo4.quantization import OffDiagQuantized, QuantizedArray
+from optax_shampoo4.sharding import state_sharding
 from optax_shampoo4.transform import ScaleByShampoo4State, scale_by_shampoo4
 
 __version__ = "0.1.0"
@@ -26,6 +27,8 @@ __all__ = [
     "partition",
     "quantization",
     "scale_by_shampoo4",
+    "sharding",
     "sgdm_shampoo4",
+    "state_sharding",
     "state_nbytes",
 ]

@@ -18,8 +18,8 @@ dense float32 arrays in place of quantized ones (and no Björck rectification,
 as in the reference code).
 
 Refreshes never let a non-finite value into the state: each factor whose new
-value is not finite keeps its previous value, and the number of such factors
-is returned so the transform can count them.
+value is not finite keeps its previous value, and a per-factor mask of
+accepted refreshes is returned so the transform can count failures.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def _select(ok: jax.Array, new, old):
 
 
 def _guarded(ok: jax.Array, new: Bucket, old: Bucket) -> tuple[Bucket, jax.Array]:
-  return _select(ok, new, old), jnp.sum(~ok).astype(jnp.int32)
+  return _select(ok, new, old), ok
 
 
 def init_bucket(
@@ -157,8 +157,8 @@ def update_stats(
   stores :math:`Q(P^\\top)`. Other formats: :math:`L = \\beta L + (1-\\beta)M`.
 
   Returns:
-    The new bucket and the number of factors whose update was rejected as
-    non-finite (they keep their previous value).
+    The new bucket and ``bool[k]``: False where a factor's update was
+    rejected as non-finite (that factor keeps its previous value).
   """
   beta = jnp.asarray(beta, jnp.float32)
   if isinstance(bucket, EigenFactors):
@@ -189,7 +189,8 @@ def update_root(
   (re-assembled) statistic comes from coupled Newton iteration.
 
   Returns:
-    The new bucket and the number of rejected (non-finite) roots.
+    The new bucket and ``bool[k]``: False where a root was rejected as
+    non-finite (that factor keeps its previous root).
   """
   epsilon = jnp.asarray(epsilon, jnp.float32)
   if isinstance(bucket, EigenFactors):

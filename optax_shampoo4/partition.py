@@ -74,7 +74,9 @@ class Plan:
 
   Attributes:
     leaves: per-leaf plans, in ``jax.tree.leaves`` order.
-    bucket_sizes: number of factors in each bucket, sorted by key.
+    bucket_sizes: length of each bucket's factor axis, sorted by key; this
+      includes padding factors (see ``bucket_multiple`` in :func:`make_plan`),
+      which follow the real ones and are never used to precondition.
   """
 
   leaves: tuple[LeafPlan, ...]
@@ -116,6 +118,7 @@ def make_plan(
     max_order: int,
     min_quant_order: int,
     quantize: bool,
+    bucket_multiple: int = 1,
 ) -> Plan:
   """Builds the plan for leaves of the given shapes.
 
@@ -124,6 +127,8 @@ def make_plan(
     max_order: largest factor order; bigger dimensions are split.
     min_quant_order: factors of smaller order are stored in float32.
     quantize: whether the state format quantizes factors at all.
+    bucket_multiple: pad every bucket's factor axis to a multiple of this
+      (the number of devices that share the factors), with unused factors.
 
   Returns:
     A :class:`Plan`.
@@ -154,4 +159,5 @@ def make_plan(
           right = assign(cols[1] - cols[0])
           blocks.append(BlockPlan(rows, cols, left, right))
     leaves.append(LeafPlan(shape, mshape, tuple(blocks)))
-  return Plan(tuple(leaves), tuple(sorted(counts.items())))
+  padded = {key: -(-n // bucket_multiple) * bucket_multiple for key, n in counts.items()}
+  return Plan(tuple(leaves), tuple(sorted(padded.items())))

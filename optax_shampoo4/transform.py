@@ -12,7 +12,7 @@ import optax
 from jax import lax
 
 from optax_shampoo4 import factors as fct
-from optax_shampoo4 import linalg, partition, validation
+from optax_shampoo4 import linalg, partition, sharding, validation
 from optax_shampoo4 import quantization as qz
 
 # Added to the preconditioned norm in the grafting ratio (as the reference code).
@@ -97,6 +97,8 @@ def scale_by_shampoo4(
     min_quant_order: int = 64,
     bjorck_steps: tuple[int, int] = (1, 4),
     root_method: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    mesh_axis: str = "data",
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with 4-bit Shampoo, grafted to the gradient norm.
 
@@ -148,6 +150,12 @@ def scale_by_shampoo4(
       ``"newton"`` (coupled Newton, Alg. 4). None picks ``"eigen"`` for the
       ``"eigen"`` format and ``"newton"`` for the others (which store no
       eigenvectors).
+    mesh: optional device mesh. Each bucket's factor axis is then padded to a
+      multiple of ``mesh.shape[mesh_axis]`` and the refreshes run under
+      ``jax.shard_map``, each device on its share of the factors; place the
+      state with :func:`~optax_shampoo4.state_sharding`. Results do not
+      depend on the mesh.
+    mesh_axis: the mesh axis the factors are split over.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; chain a first-order
@@ -173,12 +181,23 @@ def scale_by_shampoo4(
   root_method = _validate(max_order, beta, epsilon, stats_every, root_every, state_format,
                           bits, mapping, quant_block, min_quant_order, bjorck_steps,
                           root_method)
+  num_shards = sharding.validate_mesh(mesh, mesh_axis)
   config = fct.FactorConfig(state_format, bits, mapping, quant_block,
                             tuple(int(s) for s in bjorck_steps), root_method)
 
   def plan_for(tree: Any) -> partition.Plan:
     shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(tree)]
-    return partition.make_plan(shapes, max_order, min_quant_order, state_format != "fp32")
+    return partition.make_plan(shapes, max_order, min_quant_order, state_format != "fp32",
+                               bucket_multiple=num_shards)
+
+  def stats_one_bucket(bucket, grams, beta):
+    return fct.update_stats(config, bucket, grams, beta)
+
+  def root_one_bucket(bucket, epsilon):
+    return fct.update_root(config, bucket, epsilon)
+
+  update_stats = sharding.shard_over_factors(stats_one_bucket, mesh, mesh_axis, 2, 1)
+  update_root = sharding.shard_over_factors(root_one_bucket, mesh, mesh_axis, 1, 1)
 
   def init_fn(params):
     _check_leaf_dtypes(params)
@@ -202,19 +221,22 @@ def scale_by_shampoo4(
     grads_finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [True]))
     stats_due = count % stats_every == 0
 
+    beta32, epsilon32 = jnp.asarray(beta, jnp.float32), jnp.asarray(epsilon, jnp.float32)
+
     def refresh_stats(buckets):
-      grams = _gram_matrices(plan, matrices)
+      # Replicated grams: each device then slices its own factors, no resharding.
+      grams = sharding.replicate(_gram_matrices(plan, matrices), mesh)
       new, failures = {}, jnp.zeros([], jnp.int32)
       for key in plan.buckets:
-        new[key.name], failed = fct.update_stats(config, buckets[key.name], grams[key], beta)
-        failures += failed
+        new[key.name], accepted = update_stats(buckets[key.name], grams[key], beta32)
+        failures += jnp.sum(~accepted, dtype=jnp.int32)
       return new, failures
 
     def refresh_roots(buckets):
       new, failures = {}, jnp.zeros([], jnp.int32)
       for name, bucket in buckets.items():
-        new[name], failed = fct.update_root(config, bucket, epsilon)
-        failures += failed
+        new[name], accepted = update_root(bucket, epsilon32)
+        failures += jnp.sum(~accepted, dtype=jnp.int32)
       return new, failures
 
     def keep(buckets):
@@ -225,7 +247,9 @@ def scale_by_shampoo4(
     buckets, root_failures = lax.cond(
         count % root_every == 0, refresh_roots, keep, buckets)
 
-    roots = {name: fct.root_matrices(bucket) for name, bucket in buckets.items()}
+    # Gather the roots still quantized (a quarter of the fp32 bytes at 8 bits, an eighth at 4).
+    roots = {name: fct.load(sharding.replicate(bucket.root, mesh))
+             for name, bucket in buckets.items()}
     outputs = [
         jnp.where(grads_finite, _precondition(leaf, matrix, lp, roots) if lp.preconditioned else leaf,
                   jnp.zeros_like(leaf))
@@ -244,8 +268,12 @@ def scale_by_shampoo4(
 
 
 def _gram_matrices(plan: partition.Plan, matrices) -> dict[partition.BucketKey, jax.Array]:
-  """Per bucket, the stacked ``G Gᵀ`` (left) / ``Gᵀ G`` (right) of its blocks."""
+  """Per bucket, the stacked ``G Gᵀ`` (left) / ``Gᵀ G`` (right) of its blocks.
+
+  Padding factors (past the real ones) get zero matrices.
+  """
   grams = {}
+  sizes = dict(plan.bucket_sizes)
   for key, slots in plan.factor_slots().items():
     parts = []
     for leaf_index, block_index, side in slots:
@@ -253,7 +281,8 @@ def _gram_matrices(plan: partition.Plan, matrices) -> dict[partition.BucketKey, 
       g = matrices[leaf_index][block.rows[0]:block.rows[1], block.cols[0]:block.cols[1]]
       gt = linalg.transpose(g)
       parts.append(linalg.matmul(g, gt) if side == "left" else linalg.matmul(gt, g))
-    grams[key] = jnp.stack(parts)
+    stacked = jnp.stack(parts)
+    grams[key] = jnp.pad(stacked, [(0, sizes[key] - len(parts)), (0, 0), (0, 0)])
   return grams
 
 
