@@ -5,8 +5,14 @@ For every parameter leaf the plan says how Shampoo sees it:
 * size-1 dimensions are dropped; a leaf of rank <= 1 after that (biases, norm
   scales, ``(1, 1, D)`` tokens, scalars) or with a zero-size dimension is
   passed through unpreconditioned;
-* otherwise the leaf is viewed as a matrix ``(d0, prod(rest))`` (a conv kernel
-  ``(out, in, kh, kw)`` becomes ``(out, in*kh*kw)``);
+* otherwise the leaf is viewed as a matrix ``(prod(dims[:k]), prod(dims[k:]))``
+  with the split ``k`` that makes it closest to square (the smallest larger
+  side; the first such ``k`` on ties). For PyTorch layouts this is the paper's
+  ``(d0, prod(rest))`` rule (a conv kernel ``(out, in, kh, kw)`` becomes
+  ``(out, in*kh*kw)``), and it also does the right thing for JAX layouts,
+  where the output dimension is last: a Flax conv kernel ``(kh, kw, in, out)``
+  becomes ``(kh*kw*in, out)`` and an attention kernel ``(d, heads, head_dim)``
+  becomes ``(d, heads*head_dim)``, instead of a thin ``(kh, kw*in*out)``;
 * each matrix dimension above ``max_order`` is cut into chunks of
   ``max_order`` plus a remainder, and every block gets its own left factor
   (order = block rows) and right factor (order = block columns).
@@ -104,13 +110,23 @@ def split_dim(size: int, max_order: int) -> tuple[tuple[int, int], ...]:
 
 
 def matrix_shape(shape: Sequence[int]) -> tuple[int, int] | None:
-  """The 2-D view Shampoo preconditions, or None for a passthrough leaf."""
+  """The 2-D view Shampoo preconditions, or None for a passthrough leaf.
+
+  Size-1 dimensions are dropped; the remaining ones are split into leading
+  and trailing groups where the larger side is smallest.
+
+  Example:
+    >>> from optax_shampoo4.partition import matrix_shape
+    >>> matrix_shape((64, 32, 3, 3)), matrix_shape((3, 3, 32, 64)), matrix_shape((1, 7))
+    ((64, 288), (288, 64), None)
+  """
   if any(d == 0 for d in shape):
     return None
   squeezed = [d for d in shape if d != 1]
   if len(squeezed) <= 1:
     return None
-  return squeezed[0], math.prod(squeezed[1:])
+  splits = [(math.prod(squeezed[:k]), math.prod(squeezed[k:])) for k in range(1, len(squeezed))]
+  return min(splits, key=max)
 
 
 def make_plan(

@@ -23,7 +23,10 @@ def _orders(plan, leaf_index):
         ((3, 4), (3, 4)),
         ((1, 3, 1, 4), (3, 4)),
         ((64, 3, 3, 3), (64, 27)),  # conv kernel (out, in, kh, kw)
-        ((3, 3, 16, 32), (3, 1536)),  # flax conv kernel (kh, kw, in, out)
+        ((3, 3, 16, 32), (144, 32)),  # flax conv kernel (kh, kw, in, out)
+        ((768, 12, 64), (768, 768)),  # flax attention query kernel (d, heads, head_dim)
+        ((12, 64, 768), (768, 768)),  # flax attention output kernel (heads, head_dim, d)
+        ((4, 4, 4), (4, 16)),  # ties: first split
         ((50257, 768), (50257, 768)),
     ],
 )
