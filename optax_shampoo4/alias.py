@@ -2,12 +2,15 @@
 
 Each alias chains :func:`~optax_shampoo4.scale_by_shampoo4` (the grafted,
 preconditioned gradient :math:`\\tilde G`) with the base optimizer of the
-paper's recipes (reference code ``ShampooAdamW`` / ``ShampooSGD``). Extra
-keyword arguments go to :func:`~optax_shampoo4.scale_by_shampoo4`.
+paper's recipes (reference code ``ShampooAdamW`` / ``ShampooSGD``). The
+Shampoo options are explicit keyword-only arguments (not ``**kwargs``) so that
+``optax.inject_hyperparams`` can inject ``beta``/``epsilon`` and accept the
+shape-fixing ones in ``static_args``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -15,6 +18,13 @@ import optax
 
 from optax_shampoo4 import validation
 from optax_shampoo4.transform import scale_by_shampoo4
+
+_SHAMPOO_ARGS = tuple(inspect.signature(scale_by_shampoo4).parameters)
+
+
+def _shampoo_from(arguments: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
+  """``scale_by_shampoo4`` built from an alias's own (same-named) arguments."""
+  return scale_by_shampoo4(**{name: arguments[name] for name in _SHAMPOO_ARGS})
 
 
 def adamw_shampoo4(
@@ -24,7 +34,21 @@ def adamw_shampoo4(
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: jax.typing.ArrayLike = 1e-4,
     mask: Any | Callable[[optax.Params], Any] | None = None,
-    **shampoo_kwargs: Any,
+    *,
+    max_order: int = 1024,
+    beta: jax.typing.ArrayLike = 0.95,
+    epsilon: jax.typing.ArrayLike = 1e-6,
+    stats_every: int = 100,
+    root_every: int = 500,
+    state_format: str = "eigen",
+    bits: int = 4,
+    mapping: str = "linear2",
+    quant_block: int = 64,
+    min_quant_order: int = 64,
+    bjorck_steps: tuple[int, int] = (1, 4),
+    root_method: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    mesh_axis: str = "data",
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
 
@@ -44,7 +68,10 @@ def adamw_shampoo4(
     weight_decay: decoupled weight decay :math:`\\lambda`.
     mask: which parameters get weight decay (tree of bools or a callable), as
       in :func:`optax.adamw`.
-    **shampoo_kwargs: passed to :func:`scale_by_shampoo4`.
+    max_order, beta, epsilon, stats_every, root_every, state_format, bits,
+      mapping, quant_block, min_quant_order, bjorck_steps, root_method, mesh,
+      mesh_axis: keyword-only, passed to :func:`scale_by_shampoo4` (same
+      defaults).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -54,13 +81,14 @@ def adamw_shampoo4(
     >>> opt = s4.adamw_shampoo4(1e-3, weight_decay=1e-2, stats_every=10, root_every=10)
     >>> state = opt.init({"w": jnp.zeros((8, 8))})
   """
+  shampoo = _shampoo_from(locals())
   validation.check_learning_rate(learning_rate)
   validation.check_range("b1", b1, 0.0, 1.0)
   validation.check_range("b2", b2, 0.0, 1.0)
   validation.check_range("eps", eps, 0.0, float("inf"))
   validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
   return optax.chain(
-      scale_by_shampoo4(**shampoo_kwargs),
+      shampoo,
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -73,7 +101,21 @@ def sgdm_shampoo4(
     nesterov: bool = False,
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any | Callable[[optax.Params], Any] | None = None,
-    **shampoo_kwargs: Any,
+    *,
+    max_order: int = 1024,
+    beta: jax.typing.ArrayLike = 0.95,
+    epsilon: jax.typing.ArrayLike = 1e-6,
+    stats_every: int = 100,
+    root_every: int = 500,
+    state_format: str = "eigen",
+    bits: int = 4,
+    mapping: str = "linear2",
+    quant_block: int = 64,
+    min_quant_order: int = 64,
+    bjorck_steps: tuple[int, int] = (1, 4),
+    root_method: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    mesh_axis: str = "data",
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
 
@@ -91,18 +133,22 @@ def sgdm_shampoo4(
     nesterov: use Nesterov momentum.
     weight_decay: coupled L2 coefficient :math:`\\lambda`.
     mask: which parameters get weight decay.
-    **shampoo_kwargs: passed to :func:`scale_by_shampoo4`.
+    max_order, beta, epsilon, stats_every, root_every, state_format, bits,
+      mapping, quant_block, min_quant_order, bjorck_steps, root_method, mesh,
+      mesh_axis: keyword-only, passed to :func:`scale_by_shampoo4` (same
+      defaults).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
+  shampoo = _shampoo_from(locals())
   validation.check_learning_rate(learning_rate)
   validation.check_range("momentum", momentum, 0.0, 1.0)
   validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
   if not isinstance(nesterov, bool):
     raise TypeError(f"nesterov must be a bool, got nesterov={nesterov!r}")
   return optax.chain(
-      scale_by_shampoo4(**shampoo_kwargs),
+      shampoo,
       optax.add_decayed_weights(weight_decay, mask),
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),
@@ -113,7 +159,21 @@ def adagrad_shampoo4(
     learning_rate: optax.ScalarOrSchedule = 1e-2,
     initial_accumulator_value: jax.typing.ArrayLike = 0.0,
     eps: jax.typing.ArrayLike = 1e-10,
-    **shampoo_kwargs: Any,
+    *,
+    max_order: int = 1024,
+    beta: jax.typing.ArrayLike = 0.95,
+    epsilon: jax.typing.ArrayLike = 1e-6,
+    stats_every: int = 100,
+    root_every: int = 500,
+    state_format: str = "eigen",
+    bits: int = 4,
+    mapping: str = "linear2",
+    quant_block: int = 64,
+    min_quant_order: int = 64,
+    bjorck_steps: tuple[int, int] = (1, 4),
+    root_method: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    mesh_axis: str = "data",
 ) -> optax.GradientTransformationExtraArgs:
   """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
 
@@ -121,16 +181,20 @@ def adagrad_shampoo4(
     learning_rate: a float or an optax schedule.
     initial_accumulator_value: initial sum of squares.
     eps: added inside the square root.
-    **shampoo_kwargs: passed to :func:`scale_by_shampoo4`.
+    max_order, beta, epsilon, stats_every, root_every, state_format, bits,
+      mapping, quant_block, min_quant_order, bjorck_steps, root_method, mesh,
+      mesh_axis: keyword-only, passed to :func:`scale_by_shampoo4` (same
+      defaults).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
+  shampoo = _shampoo_from(locals())
   validation.check_learning_rate(learning_rate)
   validation.check_range("initial_accumulator_value", initial_accumulator_value, 0.0, float("inf"))
   validation.check_range("eps", eps, 0.0, float("inf"))
   return optax.chain(
-      scale_by_shampoo4(**shampoo_kwargs),
+      shampoo,
       optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
       optax.scale_by_learning_rate(learning_rate),
   )

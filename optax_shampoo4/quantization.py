@@ -60,7 +60,7 @@ def validate_mapping_bits(mapping: str, bits: int) -> None:
   """Raises ValueError unless ``mapping`` and ``bits`` name a codebook."""
   if mapping not in MAPPINGS:
     raise ValueError(f"mapping must be one of {MAPPINGS}, got mapping={mapping!r}")
-  if isinstance(bits, bool) or bits not in BITS:
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in BITS:
     raise ValueError(f"bits must be one of {BITS}, got bits={bits!r}")
 
 
@@ -180,6 +180,8 @@ def quantize(
   validate_mapping_bits(mapping, bits)
   _validate_block(block, bits)
   x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x must be a real floating-point array, got dtype {x.dtype}")
   if x.ndim < 1 or x.shape[-1] < 1:
     raise ValueError(f"x must have a non-empty last axis, got shape {x.shape}")
   length = x.shape[-1]
@@ -204,6 +206,8 @@ def quantize(
 
 def dequantize(q: QuantizedArray) -> jax.Array:
   """Float32 values of a :class:`QuantizedArray`, shape ``[..., length]``."""
+  if not isinstance(q, QuantizedArray):
+    raise TypeError(f"q must be a QuantizedArray (from quantize), got {type(q).__name__}")
   n_blocks = q.scales.shape[-1]
   padded_len = n_blocks * q.block
   if q.bits == 4:

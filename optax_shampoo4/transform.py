@@ -75,7 +75,18 @@ def _validate(max_order, beta, epsilon, stats_every, root_every, state_format, b
 
 
 def _check_leaf_dtypes(tree: Any) -> None:
+  # optax.tree.map_params calls init on a leafless placeholder object (an optax-internal class),
+  # which would silently give a state without factor buckets.
+  if type(tree).__name__ == "_ParamsPlaceholder":
+    raise TypeError(
+        "optax.tree.map_params is not supported by scale_by_shampoo4: its factor buckets are sized "
+        "from the parameter shapes, which map_params hides. Map over "
+        "jax.eval_shape(tx.init, params) instead (e.g. with s4.state_sharding).")
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float, np.generic)):
+      raise TypeError(
+          f"scale_by_shampoo4.init needs parameter arrays (or jax.ShapeDtypeStruct); got "
+          f"{type(leaf).__name__} at {jax.tree_util.keystr(path) or 'the root'}")
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
@@ -300,6 +311,12 @@ def _precondition(leaf, matrix, leaf_plan: partition.LeafPlan, roots) -> jax.Arr
         for b in row_blocks
     ])
   preconditioned = jnp.block(out_rows)
-  grad_norm = jnp.linalg.norm(matrix)
-  scale = grad_norm / (jnp.linalg.norm(preconditioned) + _GRAFT_TINY)
+  scale = _overflow_safe_norm(matrix) / (_overflow_safe_norm(preconditioned) + _GRAFT_TINY)
   return (preconditioned * scale).reshape(leaf.shape).astype(leaf.dtype)
+
+
+def _overflow_safe_norm(x: jax.Array) -> jax.Array:
+  """Frobenius norm that does not overflow in float32 for ``‖x‖ > ~1.8e19``."""
+  peak = jnp.max(jnp.abs(x))
+  safe_peak = jnp.where(peak > 0, peak, 1.0)
+  return safe_peak * jnp.linalg.norm(x / safe_peak)

@@ -10,6 +10,10 @@ import numpy as np
 
 def check_int(name: str, value: Any, minimum: int) -> None:
   """Raises ValueError unless ``value`` is a Python/numpy int >= ``minimum``."""
+  if isinstance(value, jax.Array):
+    raise ValueError(
+        f"{name} must be a static Python int, got {name}={value!r}; with optax.inject_hyperparams, "
+        f"list it in static_args")
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
 

@@ -168,11 +168,6 @@ def test_overflowing_statistics_are_rejected_and_counted(state_format):
   assert not _trees_equal(_statistics(_bucket(final)), _statistics(_bucket(after)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: the grafting norm ||G||_F is computed as sqrt(sum(G**2)) in float32, which "
-           "overflows to inf when ||G||_F > ~1.8e19, so the update of that leaf is inf/inf = NaN "
-           "although the gradient is finite")
 def test_finite_gradient_too_large_for_the_statistics_gives_finite_update():
   history = _run("fp32", _huge_at_step_2)
   chex.assert_tree_all_finite(history[1][1])
@@ -341,11 +336,6 @@ def test_bad_arguments_name_the_argument(make, error, name):
     make()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: validate_mapping_bits tests `bits in (4, 8)`, which a float 4.0/8.0 passes; "
-           "codebook/quantize then fail in numpy with an unrelated TypeError (or silently work when "
-           "the integer codebook is already in the lru_cache), and scale_by_shampoo4 accepts it")
 @pytest.mark.parametrize(
     "make",
     [lambda: qz.codebook("linear2", 8.0), lambda: qz.quantize(jnp.ones((2, 8)), bits=8.0),
