@@ -21,19 +21,6 @@ _newton = jax.jit(la.inverse_root_newton, static_argnames=("p", "max_iters"))
 _power = jax.jit(la.power_iteration, static_argnames="num_iters")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_threaded_blas():
-  """OpenBLAS threads fight XLA's for a small machine's cores (float64 SVD/eigh
-  at n = 256 get ~30x slower under load); the references are small anyway."""
-  try:
-    from threadpoolctl import threadpool_limits
-  except ImportError:  # optional: only a speed-up
-    yield
-    return
-  with threadpool_limits(limits=1, user_api="blas"):
-    yield
-
-
 def _haar(n, rng):
   q, r = np.linalg.qr(rng.standard_normal((n, n)))
   return q * np.sign(np.diag(r))

@@ -26,19 +26,6 @@ _quantize = jax.jit(qz.quantize, static_argnames=("mapping", "bits", "block"))
 _dequantize = jax.jit(qz.dequantize)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_threaded_blas():
-  """OpenBLAS threads fight XLA's for a small machine's cores (float64 SVD/eigh
-  at n = 256 get ~30x slower under load); the references are small anyway."""
-  try:
-    from threadpoolctl import threadpool_limits
-  except ImportError:  # optional: only a speed-up
-    yield
-    return
-  with threadpool_limits(limits=1, user_api="blas"):
-    yield
-
-
 # ----------------------------------------------------------------------------
 # Independent references.
 # ----------------------------------------------------------------------------
