@@ -306,12 +306,23 @@ def print_table(results: dict[str, dict], eval_metrics: Sequence[tuple[str, str,
       print(f"{name} factors: {r['shampoo_factors']}" + (f"  FAILURES: {bad}" if bad else ""))
 
 
+def json_safe(tree: Any) -> Any:
+  """``tree`` with NaN / Inf floats (a diverged run) as ``None``, so the JSON is standard."""
+  if isinstance(tree, dict):
+    return {key: json_safe(value) for key, value in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [json_safe(value) for value in tree]
+  if isinstance(tree, float) and not np.isfinite(tree):
+    return None
+  return tree
+
+
 def write_json(path: pathlib.Path, args: argparse.Namespace, results: dict[str, dict], **info: Any) -> None:
-  """Writes ``{"config": flags + info, "results": results}``."""
+  """Writes ``{"config": flags + info, "results": results}`` (non-finite numbers as null)."""
   config = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
   config.update(info)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"config": config, "results": results}, indent=1))
+  path.write_text(json.dumps(json_safe({"config": config, "results": results}), indent=1))
 
 
 def smooth(values: Sequence[float], window: int) -> np.ndarray:
@@ -343,10 +354,14 @@ def plot_curves(path: pathlib.Path, results: dict[str, dict], title: str, eval_m
     ax_eval.plot(r["eval_steps"], r["eval"][eval_metric], marker="o", markersize=3, label=name)
     top = max(top, curve[len(curve) // 10])
   ax_train.set(xlabel="step", ylabel=f"training loss (moving average of {window})", title="train", yscale="log")
-  ax_train.set_ylim(top=top * 1.05)  # the first 10% of steps (the initial drop) off the top
+  if np.isfinite(top) and top > 0:
+    ax_train.set_ylim(top=top * 1.05)  # the first 10% of steps (the initial drop) off the top
   ax_ratio.set(xlabel="step", ylabel=f"training loss / {reference_name}'s", title=f"train, relative to {reference_name}")
-  lo, hi = float(np.min(np.concatenate(ratios))), float(np.max(np.concatenate(ratios)))
-  ax_ratio.set_ylim(lo - 0.1 * (hi - lo) - 1e-3, hi + 0.1 * (hi - lo) + 1e-3)
+  finite = np.concatenate(ratios)
+  finite = finite[np.isfinite(finite)]  # a diverged run (NaN losses) is left out of the limits
+  if finite.size:
+    lo, hi = float(finite.min()), float(finite.max())
+    ax_ratio.set_ylim(lo - 0.1 * (hi - lo) - 1e-3, hi + 0.1 * (hi - lo) + 1e-3)
   ax_eval.set(xlabel="step", ylabel=eval_label, title="held-out")
   if eval_metric == "loss":
     ax_eval.set_yscale("log")
