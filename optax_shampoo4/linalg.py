@@ -66,6 +66,37 @@ def bjorck(v: jax.Array, steps: int = 1) -> jax.Array:
   return v
 
 
+def _q_one_at_a_time(m: jax.Array) -> jax.Array:
+  flat = m.reshape((-1,) + m.shape[-2:])
+  q = lax.map(lambda one: jnp.linalg.qr(one)[0], flat)
+  return q.reshape(m.shape)
+
+
+def _q_batched(m: jax.Array) -> jax.Array:
+  return jnp.linalg.qr(m)[0]
+
+
+def orthonormal_basis(m: jax.Array) -> jax.Array:
+  """The ``Q`` factor of the QR decomposition of each ``[..., n, n]`` matrix.
+
+  On CPU the matrices are factored one after another (``lax.map``) instead of
+  in one batched LAPACK call: jaxlib's batched CPU QR splits its batch over
+  XLA's intra-op thread pool and blocks a pool thread until the pieces are
+  done, so a step with as many independent batched QRs as the pool has
+  threads (one per factor bucket in a statistics refresh, on a 2-core
+  machine) deadlocks. GPUs and TPUs keep the batched call.
+
+  Args:
+    m: ``[..., n, n]``.
+
+  Returns:
+    ``Q`` with orthonormal columns, same shape.
+  """
+  if m.ndim == 2:
+    return _q_batched(m)
+  return lax.platform_dependent(m, cpu=_q_one_at_a_time, default=_q_batched)
+
+
 def qr_refresh(a: jax.Array, eigvecs: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One warm-started step of orthogonal (subspace) iteration.
 
@@ -83,7 +114,7 @@ def qr_refresh(a: jax.Array, eigvecs: jax.Array) -> tuple[jax.Array, jax.Array]:
     ``(P, λ)``: new eigenvectors as columns ``[..., n, n]`` and the Rayleigh
     quotients ``[..., n]`` (unsorted, in the column order of ``P``).
   """
-  p, _ = jnp.linalg.qr(matmul(a, eigvecs))
+  p = orthonormal_basis(matmul(a, eigvecs))
   eigvals = jnp.sum(p * matmul(a, p), axis=-2)
   return p, eigvals
 

@@ -62,6 +62,17 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
   return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec()))
 
 
+def split_factors(tree: Any, mesh: Mesh | None, mesh_axis: str) -> Any:
+  """Asks XLA to keep ``tree``'s leaves split along their leading (factor) axis.
+
+  Without it the returned roots would inherit the replicated layout of their
+  all-gathered copies used for the preconditioning (identity if no mesh).
+  """
+  if mesh is None:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec(mesh_axis)))
+
+
 def _is_bucket(node: Any) -> bool:
   return isinstance(node, (fct.EigenFactors, fct.MatrixFactors))
 

@@ -257,6 +257,8 @@ def scale_by_shampoo4(
         stats_due & grads_finite, refresh_stats, keep, state.factors)
     buckets, root_failures = lax.cond(
         count % root_every == 0, refresh_roots, keep, buckets)
+    # The state keeps its split layout; only the copies below are gathered.
+    buckets = sharding.split_factors(buckets, mesh, mesh_axis)
 
     # Gather the roots still quantized (a quarter of the fp32 bytes at 8 bits, an eighth at 4).
     roots = {name: fct.load(sharding.replicate(bucket.root, mesh))

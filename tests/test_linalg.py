@@ -357,3 +357,56 @@ def test_power_iteration_zero_matrix():
   est = _power(jnp.zeros((6, 64, 64)))
   chex.assert_shape(est, (6,))
   np.testing.assert_array_equal(est, 0.0)
+
+
+def test_orthonormal_basis_matches_numpy_qr():
+  rng = np.random.default_rng(7)
+  m = rng.standard_normal((2, 3, 20, 20)).astype(np.float32)
+  q = np.asarray(jax.jit(la.orthonormal_basis)(jnp.asarray(m)), np.float64)
+  chex.assert_shape(q, m.shape)
+  for idx in np.ndindex(2, 3):
+    q_ref, r_ref = np.linalg.qr(m[idx].astype(np.float64))
+    # Q is unique up to the sign of each column.
+    signs = np.sign(np.sum(q[idx] * q_ref, axis=0))
+    np.testing.assert_allclose(q[idx] * signs, q_ref, atol=2e-5)
+
+
+_CONCURRENT_REFRESH_SCRIPT = """
+import jax, jax.numpy as jnp, optax_shampoo4 as s4
+params = {"a": jnp.zeros((512, 512)), "b": jnp.zeros((384, 384)), "c": jnp.zeros((320, 320))}
+tx = s4.scale_by_shampoo4(stats_every=1, root_every=1)
+state = tx.init(params)
+step = jax.jit(tx.update)
+for i in range(6):
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
+  updates, state = step(grads, state, params)
+  jax.block_until_ready(updates)
+print("done", int(state.count))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="needs CPU affinity")
+def test_concurrent_bucket_refreshes_do_not_deadlock_on_cpu(tmp_path):
+  """Three factor buckets refresh their eigenvectors in one step, on 2 cores.
+
+  A batched CPU QR per bucket deadlocks XLA's 2-thread pool (each QR waits
+  on pool threads held by the others); this runs in a subprocess with a
+  timeout so a regression fails instead of hanging the suite.
+  """
+  import os
+  import subprocess
+  import sys
+
+  cpus = sorted(os.sched_getaffinity(0))
+  if len(cpus) < 2:
+    pytest.skip("needs 2 CPUs")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run(
+      [sys.executable, "-c", _CONCURRENT_REFRESH_SCRIPT],
+      env=env, capture_output=True, text=True, timeout=300,
+      preexec_fn=lambda: os.sched_setaffinity(0, cpus[:2]),
+      cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "done 6" in result.stdout

@@ -311,10 +311,6 @@ def _signature(state):
           for p, x in jax.tree_util.tree_flatten_with_path(state)[0]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library issue: the update hands the inverse roots back replicated (P()) - they are "
-    "all-gathered for the preconditioning and XLA propagates that sharding to the returned "
-    "state; fix: constrain the returned factors to P(mesh_axis) in update_fn"))
 def test_update_keeps_state_shardings(run):
   """``jax.typeof`` and sharding of every state leaf survive refresh and plain steps."""
   want = _signature(run.states[0])
