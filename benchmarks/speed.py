@@ -95,13 +95,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax import lax  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import optax_shampoo4 as s4  # noqa: E402
 from optax_shampoo4 import factors as fct  # noqa: E402
-from optax_shampoo4 import linalg as s4_linalg  # noqa: E402
 from optax_shampoo4 import partition  # noqa: E402
 from optax_shampoo4 import transform as s4_transform  # noqa: E402
 
