@@ -1,0 +1,274 @@
+"""Per-device optimizer-state bytes and refresh time vs. device count (1, 2, 4, 8).
+
+Run:  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/distributed.py
+      python benchmarks/distributed.py --devices 1 2 4 8 --bytes-model gpt2_124m [--out ...json]
+
+(The script asks for 8 virtual CPU devices itself when ``XLA_FLAGS`` does not say otherwise.)
+
+Two tables:
+
+1. **Bytes per device** (exact, no allocation): the 4-bit ``adamw_shampoo4`` state of a
+   parameter tree from ``benchmarks/model_shapes.py`` (default GPT-2 124M), built with
+   ``mesh=`` a 1-D mesh of N devices and placed with ``s4.state_sharding``; for each leaf the
+   shape of the shard on one device (``NamedSharding.shard_shape``) times its item size, split
+   into Shampoo factors (codes, scales, eigenvalues, diagonals) and the rest (AdamW moments,
+   replicated in data parallelism). The factor bytes fall as ``ceil(k / N) / k`` per bucket of
+   ``k`` factors (padding to a multiple of N is counted).
+2. **Refresh time** (measured, ``--time-model``, default the 4-layer d_model 256 decoder of
+   ``benchmarks/speed.py``, 3.7M parameters): each device count runs in its own subprocess
+   (one mesh size per process; XLA's in-process CPU collectives must not mix programs of
+   several meshes), allocates the sharded state, warms it up with 3 refresh-every-step
+   updates and times, interleaved, the jitted update with T1 = T2 = 1 (statistics QR + roots
+   every step: the refresh step) and with T1/T2 = 100/500 at a non-refresh step (the plain
+   step), with ``out_shardings`` = the state shardings. The allocated per-device bytes of that
+   state are checked against the exact count. On virtual CPU devices all "devices" share the
+   same cores, so the times show that the work is split (each device refreshes 1/N of the
+   factors: the refresh time should not grow with N) but not a speed-up; on a multi-GPU host
+   the same script measures the real one.
+
+Writes ``benchmarks/results/distributed.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see benchmarks/speed.py
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import optax_shampoo4 as s4  # noqa: E402
+from benchmarks.model_shapes import MODELS  # noqa: E402
+
+MIB = 2.0**20
+LR = 1e-3
+
+
+def _mesh(n: int) -> jax.sharding.Mesh:
+  return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:n])
+
+
+def _tx(mesh, t1: int = 100, t2: int = 500):
+  return s4.adamw_shampoo4(LR, mesh=mesh, stats_every=t1, root_every=t2)
+
+
+def _is_state(node) -> bool:
+  return isinstance(node, s4.ScaleByShampoo4State)
+
+
+def _split_bytes(abstract_state, shardings) -> dict:
+  """Per-device bytes (from each leaf's shard shape) of the Shampoo factors and of the rest."""
+  out = {"factors_per_device": 0, "factors_total": 0, "rest_per_device": 0, "rest_total": 0}
+  states = [n for n in jax.tree.leaves(abstract_state, is_leaf=_is_state) if _is_state(n)]
+  factor_ids = {id(leaf) for st in states for leaf in jax.tree.leaves(st.factors)}
+  for leaf, sharding in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)):
+    per_device = int(np.prod(sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+    total = int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+    kind = "factors" if id(leaf) in factor_ids else "rest"
+    out[f"{kind}_per_device"] += per_device
+    out[f"{kind}_total"] += total
+  return out
+
+
+def bytes_table(model: str, device_counts: list[int]) -> dict:
+  params = MODELS[model]()
+  rows = {}
+  for n in device_counts:
+    mesh = _mesh(n)
+    abstract = jax.eval_shape(_tx(mesh).init, params)
+    shardings = s4.state_sharding(abstract, mesh)
+    rows[n] = _split_bytes(abstract, shardings)
+  one = rows[device_counts[0]]["factors_per_device"]
+  for n, r in rows.items():
+    r["factors_fraction_of_1_device"] = r["factors_per_device"] / one
+    r["ideal_fraction"] = device_counts[0] / n
+  return {"model": model, "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+          "rows": rows}
+
+
+# ----------------------------------------------------------------------------- timing (child)
+
+
+def _decoder_params():
+  from benchmarks.speed import MODEL_SIZES, decoder_params
+
+  return decoder_params(jax.random.key(0), **MODEL_SIZES["small"])
+
+
+def time_one_device_count(n: int, steps: int, repeats: int) -> dict:
+  """Runs in a child process: allocates the sharded state on ``n`` devices and times updates."""
+  mesh = _mesh(n)
+  params = jax.device_put(_decoder_params(), NamedSharding(mesh, P()))
+  keys = jax.random.split(jax.random.key(1), 4)
+  grads = [jax.tree.map(lambda p, k=k: 1e-2 * jax.random.normal(k, p.shape), params) for k in keys]
+  grads = jax.device_put(grads, NamedSharding(mesh, P()))
+  txs = {"refresh": _tx(mesh, 1, 1), "plain": _tx(mesh, 100, 500)}
+  abstract = jax.eval_shape(txs["refresh"].init, params)
+  shardings = s4.state_sharding(abstract, mesh)
+  state = jax.block_until_ready(jax.jit(txs["refresh"].init, out_shardings=shardings)(params))
+  replicated = NamedSharding(mesh, P())
+  programs, compile_s = {}, {}
+  for name, tx in txs.items():
+    t0 = time.perf_counter()
+    programs[name] = jax.jit(tx.update, out_shardings=(replicated, shardings)).lower(
+        grads[0], state, params).compile()
+    compile_s[name] = time.perf_counter() - t0
+  for i in range(3):  # warm-up: full-rank statistics, non-trivial roots (counter 3)
+    _, state = jax.block_until_ready(programs["refresh"](grads[i % 4], state, params))
+  samples = {name: [] for name in programs}
+  for r in range(repeats):
+    for name in (list(programs) if r % 2 == 0 else list(programs)[::-1]):
+      for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(programs[name](grads[3], state, params))
+        samples[name].append(time.perf_counter() - t0)
+  device0 = jax.devices()[0]
+  allocated = {"factors": 0, "rest": 0}
+  factor_ids = {id(x) for st in jax.tree.leaves(state, is_leaf=_is_state) if _is_state(st)
+                for x in jax.tree.leaves(st.factors)}
+  for leaf in jax.tree.leaves(state):
+    on_device0 = sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device0)
+    allocated["factors" if id(leaf) in factor_ids else "rest"] += on_device0
+  exact = _split_bytes(abstract, shardings)
+  return {
+      "devices": n,
+      "refresh_ms": float(np.median(samples["refresh"]) * 1e3),
+      "plain_ms": float(np.median(samples["plain"]) * 1e3),
+      "samples": {k: len(v) for k, v in samples.items()},
+      "compile_s": compile_s,
+      "allocated_factor_bytes_device0": allocated["factors"],
+      "exact_factor_bytes_per_device": exact["factors_per_device"],
+      "allocated_rest_bytes_device0": allocated["rest"],
+  }
+
+
+def time_table(device_counts: list[int], steps: int, repeats: int) -> dict:
+  rows = {}
+  for n in device_counts:
+    print(f"  timing on {n} device(s) (subprocess)", file=sys.stderr, flush=True)
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", str(n), "--steps", str(steps), "--repeats", str(repeats)],
+        capture_output=True, text=True, timeout=1800, env=dict(os.environ))
+    if result.returncode != 0:
+      raise RuntimeError(f"child for {n} devices failed:\n{result.stderr[-3000:]}")
+    rows[n] = json.loads(result.stdout.strip().splitlines()[-1])
+  base = rows[device_counts[0]]
+  for r in rows.values():
+    r["refresh_vs_1_device"] = r["refresh_ms"] / base["refresh_ms"]
+    r["plain_vs_1_device"] = r["plain_ms"] / base["plain_ms"]
+  return {"model": "decoder 4 x 256 (benchmarks/speed.py 'small')", "rows": rows}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def print_tables(memory: dict, timing: dict | None) -> None:
+  print(f"\nPer-device optimizer state, adamw_shampoo4 (4-bit), {memory['model']} "
+        f"({memory['params'] / 1e6:.0f}M params), factors split over N devices")
+  print(f"{'N':>3s} {'factors/device MiB':>18s} {'of 1 device':>11s} {'ideal 1/N':>9s} "
+        f"{'AdamW moments etc. MiB':>22s} {'total/device MiB':>16s}")
+  for n, r in memory["rows"].items():
+    print(f"{n:3d} {r['factors_per_device'] / MIB:18.2f} {r['factors_fraction_of_1_device']:11.3f} "
+          f"{r['ideal_fraction']:9.3f} {r['rest_per_device'] / MIB:22.2f} "
+          f"{(r['factors_per_device'] + r['rest_per_device']) / MIB:16.2f}")
+  if timing is None:
+    return
+  print(f"\nUpdate time vs N, {timing['model']}, state sharded (median ms)")
+  print(f"{'N':>3s} {'refresh step ms':>15s} {'vs N=1':>7s} {'plain step ms':>13s} {'vs N=1':>7s} "
+        f"{'factor bytes dev0 (alloc = exact)':>34s}")
+  for n, r in timing["rows"].items():
+    same = "yes" if r["allocated_factor_bytes_device0"] == r["exact_factor_bytes_per_device"] else "NO"
+    print(f"{n:3d} {r['refresh_ms']:15.1f} {r['refresh_vs_1_device']:6.2f}x {r['plain_ms']:13.2f} "
+          f"{r['plain_vs_1_device']:6.2f}x {r['allocated_factor_bytes_device0'] / MIB:24.2f} MiB ({same})")
+
+
+def plot(memory: dict, timing: dict | None, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2 if timing else 1, figsize=(11 if timing else 5.5, 4))
+  axes = np.atleast_1d(axes)
+  ns = list(memory["rows"])
+  ax = axes[0]
+  ax.plot(ns, [memory["rows"][n]["factors_per_device"] / MIB for n in ns], "o-", label="Shampoo factors")
+  ax.plot(ns, [memory["rows"][ns[0]]["factors_per_device"] / MIB / (n / ns[0]) for n in ns], "k--",
+          lw=0.8, label="ideal 1/N")
+  ax.plot(ns, [memory["rows"][n]["rest_per_device"] / MIB for n in ns], "s-", label="rest (AdamW, replicated)")
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(ns, [str(n) for n in ns])
+  ax.set_xlabel("devices N")
+  ax.set_ylabel("MiB per device")
+  ax.set_title(f"4-bit state per device, {memory['model']}", fontsize=9)
+  ax.legend(fontsize=8)
+  if timing:
+    ax = axes[1]
+    tn = list(timing["rows"])
+    ax.plot(tn, [timing["rows"][n]["refresh_ms"] for n in tn], "o-", label="refresh step (T1=T2=1)")
+    ax.plot(tn, [timing["rows"][n]["plain_ms"] for n in tn], "s-", label="plain step")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(tn, [str(n) for n in tn])
+    ax.set_xlabel("devices N")
+    ax.set_ylabel("ms per update (median)")
+    ax.set_title(f"{timing['model']}, {jax.devices()[0].platform}", fontsize=9)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> dict | None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+  parser.add_argument("--bytes-model", default="gpt2_124m", choices=list(MODELS))
+  parser.add_argument("--steps", type=int, default=3, help="timed calls per program per round")
+  parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+  parser.add_argument("--skip-timing", action="store_true")
+  parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed.json"))
+  args = parser.parse_args(argv)
+  if args.child is not None:
+    print(json.dumps(time_one_device_count(args.child, args.steps, args.repeats)))
+    return None
+  if max(args.devices) > jax.device_count():
+    parser.error(f"--devices {args.devices}: only {jax.device_count()} devices visible")
+
+  memory = bytes_table(args.bytes_model, args.devices)
+  timing = None if args.skip_timing else time_table(args.devices, args.steps, args.repeats)
+  print_tables(memory, timing)
+  result = {
+      "memory": memory, "timing": timing,
+      "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
+                      "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+                      "cpu_count": os.cpu_count(), "machine": platform.machine(),
+                      "loadavg": os.getloadavg()},
+  }
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2))
+  plot(memory, timing, out.with_suffix(".png"))
+  print(f"\nwrote {out} and {out.with_suffix('.png')}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
