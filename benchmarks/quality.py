@@ -1,0 +1,297 @@
+"""Training quality: the three examples, every optimizer, several seeds.
+
+Runs ``examples/cnn_digits.py`` (SGDM family), ``examples/transformer_lm.py``
+and ``examples/autoencoder_mnist.py`` (AdamW family) through their ``main``
+functions for each seed, then prints one table (example x optimizer: final
+training loss mean ± spread over seeds, held-out metric) and checks three
+targets on the final training loss (the quantity every optimizer minimizes;
+held-out numbers are reported alongside):
+
+* **4-bit ≈ 32-bit**: 4-bit Shampoo's final loss at most 1% above 32-bit Shampoo's;
+* **4-bit vs first-order**: 4-bit Shampoo below the first-order baseline at equal steps;
+* **ours vs naive**: 4-bit Shampoo (quantized eigenvectors) below naive 4-bit
+  (quantized statistic and root).
+
+Writes ``benchmarks/results/quality.json`` (settings, per-run numbers, the
+summary and the targets) and ``benchmarks/results/quality.png`` (training loss
+relative to the first-order baseline, and held-out loss, over the run). The per-run JSON/PNG files of the examples go to
+``examples/outputs/quality/`` (git-ignored). With the examples' default
+steps this takes roughly 3 x 3 minutes per seed on two idle CPU cores:
+
+  python benchmarks/quality.py                       # seeds 0 1, default steps
+  python benchmarks/quality.py --seeds 0 1 2 --steps 600
+  python benchmarks/quality.py --examples cnn_digits --seeds 0
+  python benchmarks/quality.py --from-runs           # re-summarize the last runs, no training
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = ROOT / "examples" / "outputs" / "quality"
+
+# example -> (held-out metric key, its label, higher is better)
+EXAMPLES = {
+    "cnn_digits": [("loss", "test loss", False), ("accuracy", "test acc", True)],
+    "transformer_lm": [("loss", "valid loss", False)],
+    "autoencoder_mnist": [("loss", "test BCE", False), ("mse", "test sq. err", False)],
+}
+RELATIVE_TOLERANCE = 0.01  # "4-bit within 1% of 32-bit"
+
+
+def json_safe(tree):
+  """NaN / Inf (a diverged run) as null, so the JSON is standard."""
+  if isinstance(tree, dict):
+    return {str(key): json_safe(value) for key, value in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [json_safe(value) for value in tree]
+  if isinstance(tree, (float, np.floating)):
+    return float(tree) if np.isfinite(tree) else None
+  if isinstance(tree, np.integer):
+    return int(tree)
+  return tree
+
+
+def null_to_nan(tree):
+  """Inverse of :func:`json_safe` for the per-run results (their only nulls are diverged losses)."""
+  if isinstance(tree, dict):
+    return {key: null_to_nan(value) for key, value in tree.items()}
+  if isinstance(tree, list):
+    return [null_to_nan(value) for value in tree]
+  return float("nan") if tree is None else tree
+
+
+def load_example(name: str):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def roles(optimizers: list[str]) -> dict[str, str]:
+  """``{"base": "sgdm", "fp32": "sgdm+shampoo32", "naive": ..., "eigen": ...}``."""
+  base = next(name for name in optimizers if "+" not in name)
+  return {"base": base, "fp32": f"{base}+shampoo32", "naive": f"{base}+naive4", "eigen": f"{base}+shampoo4"}
+
+
+def summarize(runs: dict[int, dict[str, dict]], metrics) -> dict[str, dict]:
+  """Per optimizer: mean / min / max over seeds of the final train loss and each held-out metric."""
+  summary = {}
+  for name in next(iter(runs.values())):
+    finals = np.array([runs[seed][name]["final_train_loss"] for seed in runs])
+    entry = {"final_train_loss": {"mean": finals.mean(), "min": finals.min(), "max": finals.max(),
+                                  "per_seed": finals.tolist()}}
+    for key, _, _ in metrics:
+      values = np.array([runs[seed][name]["final_eval"][key] for seed in runs])
+      entry[key] = {"mean": values.mean(), "min": values.min(), "max": values.max(), "per_seed": values.tolist()}
+    entry["state_bytes"] = runs[next(iter(runs))][name]["state_bytes"]["total"]
+    entry["preconditioner_bytes"] = runs[next(iter(runs))][name]["state_bytes"]["preconditioner"]
+    entry["train_time_s"] = float(np.mean([runs[seed][name]["train_time_s"] for seed in runs]))
+    entry["train_cpu_s"] = float(np.mean([runs[seed][name]["train_cpu_s"] for seed in runs]))
+    entry["failures"] = sum(sum(runs[seed][name]["shampoo_counters"].values()) for seed in runs)
+    entry["diverged_seeds"] = int(np.sum(~np.isfinite(finals)))  # NaN training loss at the end
+    summary[name] = {k: ({kk: float(vv) if not isinstance(vv, list) else vv for kk, vv in v.items()}
+                         if isinstance(v, dict) else v) for k, v in entry.items()}
+  return summary
+
+
+def _gap(a: float, b: float) -> float:
+  """``(a - b) / b``; NaN where either side diverged."""
+  return (a - b) / b if np.isfinite(a) and np.isfinite(b) else float("nan")
+
+
+def targets(runs: dict[int, dict[str, dict]], summary: dict[str, dict], metrics) -> dict[str, dict]:
+  """The three targets on the final training loss (means over seeds, and per seed).
+
+  A diverged run (NaN final loss) counts as an infinitely high loss: it is
+  behind anything finite.
+  """
+  role = roles(list(summary))
+  per_seed = {r: np.nan_to_num(np.array(summary[name]["final_train_loss"]["per_seed"]), nan=np.inf)
+              for r, name in role.items()}
+  loss = {r: float(np.mean(values)) for r, values in per_seed.items()}
+  key = metrics[0][0]  # the held-out loss, reported next to each target
+  held = {r: summary[name][key]["mean"] for r, name in role.items()}
+  gap = _gap(loss["eigen"], loss["fp32"])
+  return {
+      "4bit_within_1pct_of_32bit": {
+          "met": bool(loss["eigen"] <= (1 + RELATIVE_TOLERANCE) * loss["fp32"]),
+          "relative_gap": gap,  # (4-bit - 32-bit) / 32-bit; negative: 4-bit lower
+          "per_seed_relative_gap": [_gap(a, b) for a, b in zip(per_seed["eigen"], per_seed["fp32"])],
+          "held_out_metric": key, "held_out_4bit": held["eigen"], "held_out_32bit": held["fp32"],
+      },
+      "4bit_ahead_of_first_order": {
+          "met": bool(loss["eigen"] < loss["base"]),
+          "relative_gap": _gap(loss["eigen"], loss["base"]),
+          "seeds_ahead": int(np.sum(per_seed["eigen"] < per_seed["base"])), "seeds": len(runs),
+          "held_out_metric": key, "held_out_ahead": bool(held["eigen"] < held["base"]),
+      },
+      "eigen_ahead_of_naive4": {
+          "met": bool(loss["eigen"] < loss["naive"]),
+          "relative_gap": _gap(loss["eigen"], loss["naive"]),
+          "seeds_ahead": int(np.sum(per_seed["eigen"] < per_seed["naive"])), "seeds": len(runs),
+          "naive4_diverged_seeds": int(np.sum(~np.isfinite(per_seed["naive"]))),
+          "held_out_metric": key, "held_out_ahead": bool(held["eigen"] < held["naive"]),
+      },
+  }
+
+
+def print_tables(summaries: dict[str, dict], all_targets: dict[str, dict], num_seeds: int) -> None:
+  header = ("example", "optimizer", "final train loss", "held-out", "state bytes", "time (s)", "CPU (s)")
+  rows = [header]
+  for example, summary in summaries.items():
+    for name, s in summary.items():
+      f = s["final_train_loss"]
+      held = ", ".join(
+          f"{label} {s[key]['mean']:.2%}" if key == "accuracy" else f"{label} {s[key]['mean']:.4g}"
+          for key, label, _ in EXAMPLES[example])
+      final = f"{f['mean']:.4f} ± {(f['max'] - f['min']) / 2:.4f}" if not s["diverged_seeds"] else (
+          f"diverged in {s['diverged_seeds']}/{num_seeds} seeds")
+      rows.append((example, name, final, held,
+                   f"{s['state_bytes']:,}", f"{s['train_time_s']:.1f}", f"{s['train_cpu_s']:.1f}"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+  for i, row in enumerate(rows):
+    print(" | ".join(cell.ljust(w) if j < 2 or j == 3 else cell.rjust(w)
+                     for j, (cell, w) in enumerate(zip(row, widths))))
+    if i == 0:
+      print("-+-".join("-" * w for w in widths))
+  print(f"final train loss: mean ± half the range over {num_seeds} seeds (mean minibatch loss over the last "
+        f"10% of steps); held-out: means over seeds; time / CPU: training wall / CPU seconds per run.")
+  print("\ntargets (final training loss, means over seeds; a diverged run counts as infinitely high):")
+  for example, t in all_targets.items():
+    a, b, c = t["4bit_within_1pct_of_32bit"], t["4bit_ahead_of_first_order"], t["eigen_ahead_of_naive4"]
+    def pct(gap):
+      return f"{gap:+.2%}" if np.isfinite(gap) else "n/a"
+
+    print(f"  {example}: 4-bit vs 32-bit {pct(a['relative_gap'])} ({'met' if a['met'] else 'NOT met'}); "
+          f"4-bit vs first-order {pct(b['relative_gap'])}, {b['seeds_ahead']}/{b['seeds']} seeds "
+          f"({'met' if b['met'] else 'NOT met'}); 4-bit vs naive 4-bit {pct(c['relative_gap'])}, "
+          f"{c['seeds_ahead']}/{c['seeds']} seeds ({'met' if c['met'] else 'NOT met'})"
+          + (f", naive 4-bit diverged in {c['naive4_diverged_seeds']} seed(s)" if c["naive4_diverged_seeds"] else ""))
+
+
+def plot(path: pathlib.Path, runs: dict[str, dict[int, dict]], settings: dict) -> None:
+  """Row 1: training loss relative to the first-order baseline; row 2: held-out loss. Mean over seeds, min-max band."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  examples = list(runs)
+  fig, axes = plt.subplots(2, len(examples), figsize=(5 * len(examples), 7.5), squeeze=False)
+  for col, example in enumerate(examples):
+    by_seed = runs[example]
+    names = list(next(iter(by_seed.values())))
+    base = roles(names)["base"]
+    length = len(by_seed[next(iter(by_seed))][base]["train_losses"])
+    window = max(1, length // 30)
+
+    def smooth(losses, window=window):
+      return np.convolve(losses, np.ones(window) / window, mode="valid")
+
+    steps = np.arange(window, length + 1)
+    for name in names:
+      ratio = np.array([smooth(by_seed[s][name]["train_losses"]) / smooth(by_seed[s][base]["train_losses"])
+                        for s in by_seed])
+      line, = axes[0, col].plot(steps, ratio.mean(0), label=name)
+      axes[0, col].fill_between(steps, ratio.min(0), ratio.max(0), color=line.get_color(), alpha=0.12)
+      eval_steps = by_seed[next(iter(by_seed))][name]["eval_steps"]
+      held = np.array([by_seed[s][name]["eval"]["loss"] for s in by_seed])
+      axes[1, col].plot(eval_steps, held.mean(0), marker="o", markersize=3, color=line.get_color(), label=name)
+      axes[1, col].fill_between(eval_steps, held.min(0), held.max(0), color=line.get_color(), alpha=0.12)
+    # Limits from the runs that did not diverge (a diverged run's curve leaves the plot).
+    ratio_values = np.concatenate([line.get_ydata() for line in axes[0, col].get_lines()])
+    ratio_values = ratio_values[np.isfinite(ratio_values) & (ratio_values < 2.0)]
+    if ratio_values.size:
+      lo, hi = ratio_values.min(), ratio_values.max()
+      axes[0, col].set_ylim(lo - 0.1 * (hi - lo) - 1e-3, hi + 0.1 * (hi - lo) + 1e-3)
+    held_values = np.concatenate([line.get_ydata() for line in axes[1, col].get_lines()])
+    held_values = held_values[np.isfinite(held_values)]
+    if held_values.size:
+      first = [line.get_ydata()[0] for line in axes[1, col].get_lines() if np.isfinite(line.get_ydata()[0])]
+      axes[1, col].set_ylim(held_values.min() * 0.97, float(np.median(first)) * 1.1)
+    axes[0, col].set(title=f"{example} ({settings['steps'][example]} steps)", xlabel="step",
+                     ylabel=f"training loss / {base}'s (moving avg. of {window})")
+    axes[1, col].set(xlabel="step", ylabel="held-out loss", yscale="log")
+    axes[1, col].legend(fontsize=8)
+    for ax in axes[:, col]:
+      ax.grid(alpha=0.3, which="both")
+  fig.suptitle(f"mean over seeds {settings['seeds']} (bands: min-max over seeds)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+  parser.add_argument("--steps", type=int, default=None, help="steps for every example (default: each example's own)")
+  parser.add_argument("--examples", nargs="+", choices=list(EXAMPLES), default=list(EXAMPLES))
+  parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                      help="further flags passed to every example (e.g. --extra --epsilon 1e-6)")
+  parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
+  parser.add_argument("--runs-dir", type=pathlib.Path, default=RUNS, help="where the per-run JSON/PNG files go")
+  parser.add_argument("--from-runs", action="store_true",
+                      help="no training: rebuild the table, JSON and PNG from the per-run files in --runs-dir")
+  args = parser.parse_args(argv)
+
+  import jax
+
+  start = time.perf_counter()
+  runs, summaries, all_targets, steps, configs = {}, {}, {}, {}, {}
+  for example in args.examples:
+    module = None if args.from_runs else load_example(example)
+    runs[example] = {}
+    for seed in args.seeds:
+      out = args.runs_dir / f"{example}_seed{seed}.json"
+      argv_example = ["--seed", str(seed), "--out", str(out)] + (
+          ["--steps", str(args.steps)] if args.steps else []) + args.extra
+      if args.from_runs:
+        written = json.loads(out.read_text())
+        runs[example][seed] = null_to_nan(written["results"])
+        configs[example] = written["config"]
+        continue
+      print(f"\n=== {example} seed {seed}: {' '.join(argv_example)}", flush=True)
+      runs[example][seed] = module.main(argv_example)
+      configs[example] = json.loads(out.read_text())["config"]
+    steps[example] = configs[example]["steps"]
+    summaries[example] = summarize(runs[example], EXAMPLES[example])
+    all_targets[example] = targets(runs[example], summaries[example], EXAMPLES[example])
+
+  settings = {
+      "seeds": args.seeds, "steps": steps,
+      "steps_note": "each example's default steps" if args.steps is None else f"--steps {args.steps} for all",
+      "extra_flags": args.extra,
+      "example_configs": {e: {k: v for k, v in c.items() if k not in ("seed", "out")} for e, c in configs.items()},
+      "final_train_loss": "mean minibatch loss over the last 10% of steps, same minibatches for every optimizer",
+      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, this process pinned to "
+                 f"{len(os.sched_getaffinity(0))}; jax backend {jax.default_backend()}",
+      "total_wall_time_s": None if args.from_runs else time.perf_counter() - start,
+      "sum_train_time_s": sum(r["train_time_s"] for by_seed in runs.values() for by_opt in by_seed.values()
+                              for r in by_opt.values()),
+      "rebuilt_from_runs": args.from_runs,
+  }
+  print()
+  print_tables(summaries, all_targets, len(args.seeds))
+  args.out_dir.mkdir(parents=True, exist_ok=True)
+  result = {"settings": settings, "summary": summaries, "targets": all_targets,
+            "runs": {e: {str(s): {name: {k: v for k, v in r.items()} for name, r in by_opt.items()}
+                         for s, by_opt in by_seed.items()} for e, by_seed in runs.items()}}
+  (args.out_dir / "quality.json").write_text(json.dumps(json_safe(result), indent=1))
+  plot(args.out_dir / "quality.png", runs, settings)
+  print(f"\nwrote {args.out_dir / 'quality.json'} and {args.out_dir / 'quality.png'}"
+        + ("" if args.from_runs else f" ({settings['total_wall_time_s'] / 60:.1f} min)"))
+  return result
+
+
+if __name__ == "__main__":
+  main()
