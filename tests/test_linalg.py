@@ -372,6 +372,8 @@ def test_orthonormal_basis_matches_numpy_qr():
 
 
 _CONCURRENT_REFRESH_SCRIPT = """
+import os, sys
+os.sched_setaffinity(0, [int(c) for c in sys.argv[1:]])  # 2 CPUs: XLA's pool gets 2 threads
 import jax, jax.numpy as jnp, optax_shampoo4 as s4
 params = {"a": jnp.zeros((512, 512)), "b": jnp.zeros((384, 384)), "c": jnp.zeros((320, 320))}
 tx = s4.scale_by_shampoo4(stats_every=1, root_every=1)
@@ -403,9 +405,8 @@ def test_concurrent_bucket_refreshes_do_not_deadlock_on_cpu(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   result = subprocess.run(
-      [sys.executable, "-c", _CONCURRENT_REFRESH_SCRIPT],
+      [sys.executable, "-c", _CONCURRENT_REFRESH_SCRIPT, *map(str, cpus[:2])],
       env=env, capture_output=True, text=True, timeout=300,
-      preexec_fn=lambda: os.sched_setaffinity(0, cpus[:2]),
       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
   )
   assert result.returncode == 0, result.stderr[-2000:]
