@@ -68,7 +68,7 @@ def bjorck(v: jax.Array, steps: int = 1) -> jax.Array:
 
 def _q_one_at_a_time(m: jax.Array) -> jax.Array:
   # Unrolled, not lax.map: a while loop in the (untaken) refresh branch of the
-  # step's lax.cond made every plain step ~50% slower on XLA:CPU (measured).
+  # step's lax.cond made every plain step slower on XLA:CPU (10.8 vs 7.0 ms, example-2 tree).
   flat = m.reshape((-1,) + m.shape[-2:])
   q = jnp.stack([jnp.linalg.qr(flat[i])[0] for i in range(flat.shape[0])])
   return q.reshape(m.shape)
