@@ -370,7 +370,9 @@ def train_step_section(batch_sizes, refresh_rows: dict, warmup: int, steps: int,
   """
   from flax import nnx
 
-  lm = _load_example("transformer_lm")
+  from benchmarks.quality import load_example
+
+  lm = load_example("transformer_lm")
   model = lm.TransformerLM(nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   corpus = lm.load_corpus()
@@ -428,16 +430,6 @@ def print_train_table(section: dict) -> None:
   for r in section["rows"].values():
     print(f"{r['optimizer']:16s} {r['batch']:5d} {r['plain_ms']:9.2f} {r['amortized_ms']:9.2f} "
           f"{r['plain_vs_adamw']:10.2f}x {r['amortized_vs_adamw']:11.2f}x")
-
-
-def _load_example(name: str):
-  import importlib.util
-
-  path = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 # ----------------------------------------------------------------------------- profile

@@ -4,6 +4,11 @@ References are computed in float64 NumPy (``np.linalg.eigh``, ``svd``) from the
 exact float32 inputs that the library sees.
 """
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -387,27 +392,23 @@ print("done", int(state.count))
 """
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="needs CPU affinity")
-def test_concurrent_bucket_refreshes_do_not_deadlock_on_cpu(tmp_path):
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins CPUs with os.sched_setaffinity (Linux only)")
+def test_concurrent_bucket_refreshes_do_not_deadlock_on_cpu():
   """Three factor buckets refresh their eigenvectors in one step, on 2 cores.
 
   A batched CPU QR per bucket deadlocks XLA's 2-thread pool (each QR waits
   on pool threads held by the others); this runs in a subprocess with a
   timeout so a regression fails instead of hanging the suite.
   """
-  import os
-  import subprocess
-  import sys
-
   cpus = sorted(os.sched_getaffinity(0))
   if len(cpus) < 2:
-    pytest.skip("needs 2 CPUs")
+    pytest.skip("the deadlock needs an XLA pool of 2 threads; this machine offers 1 CPU")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   result = subprocess.run(
       [sys.executable, "-c", _CONCURRENT_REFRESH_SCRIPT, *map(str, cpus[:2])],
       env=env, capture_output=True, text=True, timeout=300,
-      cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+      cwd=str(pathlib.Path(__file__).resolve().parents[1]),
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "done 6" in result.stdout
