@@ -11,8 +11,8 @@ import numpy as np
 import optax
 from jax import lax
 
+from optax_shampoo4 import engine, linalg, partition, sharding, validation
 from optax_shampoo4 import factors as fct
-from optax_shampoo4 import linalg, partition, sharding, validation
 from optax_shampoo4 import quantization as qz
 
 # Added to the preconditioned norm in the grafting ratio (as the reference code).
@@ -192,77 +192,40 @@ def scale_by_shampoo4(
   root_method = _validate(max_order, beta, epsilon, stats_every, root_every, state_format,
                           bits, mapping, quant_block, min_quant_order, bjorck_steps,
                           root_method)
-  num_shards = sharding.validate_mesh(mesh, mesh_axis)
+  sharding.validate_mesh(mesh, mesh_axis)
   config = fct.FactorConfig(state_format, bits, mapping, quant_block,
                             tuple(int(s) for s in bjorck_steps), root_method)
-
-  def plan_for(tree: Any) -> partition.Plan:
-    shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(tree)]
-    return partition.make_plan(shapes, max_order, min_quant_order, state_format != "fp32",
-                               bucket_multiple=num_shards)
-
-  def stats_one_bucket(bucket, grams, beta):
-    return fct.update_stats(config, bucket, grams, beta)
-
-  def root_one_bucket(bucket, epsilon):
-    return fct.update_root(config, bucket, epsilon)
-
-  update_stats = sharding.shard_over_factors(stats_one_bucket, mesh, mesh_axis, 2, 1)
-  update_root = sharding.shard_over_factors(root_one_bucket, mesh, mesh_axis, 1, 1)
+  factor_engine = engine.FactorEngine(config, max_order, min_quant_order, mesh, mesh_axis)
 
   def init_fn(params):
     _check_leaf_dtypes(params)
-    plan = plan_for(params)
-    buckets = {
-        key.name: fct.init_bucket(config, key.order, size, key.quantized, epsilon)
-        for key, size in plan.bucket_sizes
-    }
+    buckets = factor_engine.init_buckets(factor_engine.plan(params), epsilon)
     zero = jnp.zeros([], jnp.int32)
     return ScaleByShampoo4State(zero, buckets, zero, zero, zero)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     leaves, treedef = jax.tree.flatten(updates)
-    plan = plan_for(updates)
+    plan = factor_engine.plan(updates)
     count = optax.safe_increment(state.count)
-    matrices = [
-        leaf.astype(jnp.float32).reshape(lp.matrix_shape) if lp.preconditioned else None
-        for leaf, lp in zip(leaves, plan.leaves)
-    ]
-    grads_finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [True]))
+    matrices = engine.matrix_views(leaves, plan)
+    grads_finite = engine.all_finite(leaves)
     stats_due = count % stats_every == 0
-
     beta32, epsilon32 = jnp.asarray(beta, jnp.float32), jnp.asarray(epsilon, jnp.float32)
 
-    def refresh_stats(buckets):
-      # Replicated grams: each device then slices its own factors, no resharding.
-      grams = sharding.replicate(_gram_matrices(plan, matrices), mesh)
-      new, failures = {}, jnp.zeros([], jnp.int32)
-      for key in plan.buckets:
-        new[key.name], accepted = update_stats(buckets[key.name], grams[key], beta32)
-        failures += jnp.sum(~accepted, dtype=jnp.int32)
-      return new, failures
-
-    def refresh_roots(buckets):
-      new, failures = {}, jnp.zeros([], jnp.int32)
-      for name, bucket in buckets.items():
-        new[name], accepted = update_root(bucket, epsilon32)
-        failures += jnp.sum(~accepted, dtype=jnp.int32)
-      return new, failures
-
-    def keep(buckets):
-      return buckets, jnp.zeros([], jnp.int32)
-
     buckets, stats_failures = lax.cond(
-        stats_due & grads_finite, refresh_stats, keep, state.factors)
+        stats_due & grads_finite,
+        lambda b: factor_engine.refresh_stats(b, plan, matrices, beta32),
+        engine.no_refresh, state.factors)
     buckets, root_failures = lax.cond(
-        count % root_every == 0, refresh_roots, keep, buckets)
+        count % root_every == 0,
+        lambda b: factor_engine.refresh_roots(b, epsilon32),
+        engine.no_refresh, buckets)
     # The state keeps its split layout; only the copies below are gathered.
-    buckets = sharding.split_factors(buckets, mesh, mesh_axis)
+    buckets = factor_engine.keep_split(buckets)
 
     # Gather the roots still quantized (a quarter of the fp32 bytes at 8 bits, an eighth at 4).
-    roots = {name: fct.load(sharding.replicate(bucket.root, mesh))
-             for name, bucket in buckets.items()}
+    roots = {name: fct.load(factor_engine.gathered(bucket.root)) for name, bucket in buckets.items()}
     outputs = [
         jnp.where(grads_finite, _precondition(leaf, matrix, lp, roots) if lp.preconditioned else leaf,
                   jnp.zeros_like(leaf))
@@ -280,39 +243,14 @@ def scale_by_shampoo4(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _gram_matrices(plan: partition.Plan, matrices) -> dict[partition.BucketKey, jax.Array]:
-  """Per bucket, the stacked ``G Gᵀ`` (left) / ``Gᵀ G`` (right) of its blocks.
-
-  Padding factors (past the real ones) get zero matrices.
-  """
-  grams = {}
-  sizes = dict(plan.bucket_sizes)
-  for key, slots in plan.factor_slots().items():
-    parts = []
-    for leaf_index, block_index, side in slots:
-      block = plan.leaves[leaf_index].blocks[block_index]
-      g = matrices[leaf_index][block.rows[0]:block.rows[1], block.cols[0]:block.cols[1]]
-      gt = linalg.transpose(g)
-      parts.append(linalg.matmul(g, gt) if side == "left" else linalg.matmul(gt, g))
-    stacked = jnp.stack(parts)
-    grams[key] = jnp.pad(stacked, [(0, sizes[key] - len(parts)), (0, 0), (0, 0)])
-  return grams
-
-
 def _precondition(leaf, matrix, leaf_plan: partition.LeafPlan, roots) -> jax.Array:
   """``L̂ G R̂`` per block, grafted to ``‖G‖_F``, in the leaf's shape and dtype."""
-  row_starts = sorted({b.rows[0] for b in leaf_plan.blocks})
-  out_rows = []
-  for start in row_starts:
-    row_blocks = [b for b in leaf_plan.blocks if b.rows[0] == start]
-    out_rows.append([
-        linalg.matmul(
-            linalg.matmul(roots[b.left.bucket.name][b.left.index],
-                          matrix[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]]),
-            roots[b.right.bucket.name][b.right.index])
-        for b in row_blocks
-    ])
-  preconditioned = jnp.block(out_rows)
+
+  def left_right(block, b):
+    return linalg.matmul(linalg.matmul(roots[b.left.bucket.name][b.left.index], block),
+                         roots[b.right.bucket.name][b.right.index])
+
+  preconditioned = engine.map_blocks(matrix, leaf_plan, left_right)
   scale = _overflow_safe_norm(matrix) / (_overflow_safe_norm(preconditioned) + _GRAFT_TINY)
   return (preconditioned * scale).reshape(leaf.shape).astype(leaf.dtype)
 
