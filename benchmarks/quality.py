@@ -22,6 +22,13 @@ steps this takes roughly 3 x 3 minutes per seed on two idle CPU cores:
   python benchmarks/quality.py --seeds 0 1 2 --steps 600
   python benchmarks/quality.py --examples cnn_digits --seeds 0
   python benchmarks/quality.py --from-runs           # re-summarize the last runs, no training
+  python benchmarks/quality.py --variants shampoo32 shampoo4 shampoo3 --seeds 0 \
+      --out-dir benchmarks/results/quality_3bit --runs-dir examples/outputs/quality_3bit
+
+``--variants`` picks the Shampoo variants run next to each example's
+first-order base (e.g. ``shampoo3``, 3-bit codes in the eigen format); every
+variant beyond the paper's three is reported against ``shampoo4`` and
+``shampoo32``, and a target whose variants were not run is left out.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ EXAMPLES = {
     "autoencoder_mnist": [("loss", "test BCE", False), ("mse", "test sq. err", False)],
 }
 RELATIVE_TOLERANCE = 0.01  # "4-bit within 1% of 32-bit"
+BASE = {"cnn_digits": "sgdm", "transformer_lm": "adamw", "autoencoder_mnist": "adamw"}
 
 
 def json_safe(tree):
@@ -81,7 +89,8 @@ def load_example(name: str):
 def roles(optimizers: list[str]) -> dict[str, str]:
   """``{"base": "sgdm", "fp32": "sgdm+shampoo32", "naive": ..., "eigen": ...}``."""
   base = next(name for name in optimizers if "+" not in name)
-  return {"base": base, "fp32": f"{base}+shampoo32", "naive": f"{base}+naive4", "eigen": f"{base}+shampoo4"}
+  names = {"base": base, "fp32": f"{base}+shampoo32", "naive": f"{base}+naive4", "eigen": f"{base}+shampoo4"}
+  return {role: name for role, name in names.items() if name in optimizers}
 
 
 def summarize(runs: dict[int, dict[str, dict]], metrics) -> dict[str, dict]:
@@ -122,8 +131,24 @@ def targets(runs: dict[int, dict[str, dict]], summary: dict[str, dict], metrics)
   loss = {r: float(np.mean(values)) for r, values in per_seed.items()}
   key = metrics[0][0]  # the held-out loss, reported next to each target
   held = {r: summary[name][key]["mean"] for r, name in role.items()}
+  out = {}
+  # Variants beyond the paper's three (e.g. 3-bit): their gap to 4-bit and to 32-bit Shampoo.
+  for name in summary:
+    if name in role.values():
+      continue
+    losses = np.nan_to_num(np.array(summary[name]["final_train_loss"]["per_seed"]), nan=np.inf)
+    mean = float(np.mean(losses))
+    out[f"{name}_vs_others"] = {
+        "variant": name, "final_train_loss": mean, "held_out": summary[name][key]["mean"],
+        "held_out_metric": key,
+        **{f"relative_gap_vs_{r}": _gap(mean, loss[r]) for r in ("eigen", "fp32", "base") if r in loss},
+        **{f"per_seed_relative_gap_vs_{r}": [_gap(a, b) for a, b in zip(losses, per_seed[r])]
+           for r in ("eigen", "fp32") if r in per_seed},
+    }
+  if not {"eigen", "fp32", "naive", "base"} <= set(role):
+    return out
   gap = _gap(loss["eigen"], loss["fp32"])
-  return {
+  return out | {
       "4bit_within_1pct_of_32bit": {
           "met": bool(loss["eigen"] <= (1 + RELATIVE_TOLERANCE) * loss["fp32"]),
           "relative_gap": gap,  # (4-bit - 32-bit) / 32-bit; negative: 4-bit lower
@@ -168,11 +193,19 @@ def print_tables(summaries: dict[str, dict], all_targets: dict[str, dict], num_s
   print(f"final train loss: mean ± half the range over {num_seeds} seeds (mean minibatch loss over the last "
         f"10% of steps); held-out: means over seeds; time / CPU: training wall / CPU seconds per run.")
   print("\ntargets (final training loss, means over seeds; a diverged run counts as infinitely high):")
-  for example, t in all_targets.items():
-    a, b, c = t["4bit_within_1pct_of_32bit"], t["4bit_ahead_of_first_order"], t["eigen_ahead_of_naive4"]
-    def pct(gap):
-      return f"{gap:+.2%}" if np.isfinite(gap) else "n/a"
+  def pct(gap):
+    return f"{gap:+.2%}" if np.isfinite(gap) else "n/a"
 
+  for example, t in all_targets.items():
+    for extra in (v for k, v in t.items() if k.endswith("_vs_others")):
+      gaps = ", ".join(f"vs {r} {pct(extra[f'relative_gap_vs_{r}'])}" for r in ("eigen", "fp32", "base")
+                       if f"relative_gap_vs_{r}" in extra)
+      seeds = "; per seed vs eigen " + " ".join(pct(g) for g in extra["per_seed_relative_gap_vs_eigen"]) if (
+          "per_seed_relative_gap_vs_eigen" in extra) else ""
+      print(f"  {example}: {extra['variant']} final train loss {extra['final_train_loss']:.4f} ({gaps}){seeds}")
+    if "4bit_within_1pct_of_32bit" not in t:
+      continue
+    a, b, c = t["4bit_within_1pct_of_32bit"], t["4bit_ahead_of_first_order"], t["eigen_ahead_of_naive4"]
     print(f"  {example}: 4-bit vs 32-bit {pct(a['relative_gap'])} ({'met' if a['met'] else 'NOT met'}); "
           f"4-bit vs first-order {pct(b['relative_gap'])}, {b['seeds_ahead']}/{b['seeds']} seeds "
           f"({'met' if b['met'] else 'NOT met'}); 4-bit vs naive 4-bit {pct(c['relative_gap'])}, "
@@ -236,6 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   parser.add_argument("--steps", type=int, default=None, help="steps for every example (default: each example's own)")
   parser.add_argument("--examples", nargs="+", choices=list(EXAMPLES), default=list(EXAMPLES))
+  parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                      help="Shampoo variants run next to each example's base, e.g. shampoo32 shampoo4 shampoo3 "
+                           "(default: each example's own list)")
   parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                       help="further flags passed to every example (e.g. --extra --epsilon 1e-6)")
   parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
@@ -254,7 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:
       out = args.runs_dir / f"{example}_seed{seed}.json"
       argv_example = ["--seed", str(seed), "--out", str(out)] + (
-          ["--steps", str(args.steps)] if args.steps else []) + args.extra
+          ["--steps", str(args.steps)] if args.steps else []) + (
+          ["--optimizers", BASE[example]] + [f"{BASE[example]}+{v}" for v in args.variants]
+          if args.variants else []) + args.extra
       if args.from_runs:
         written = json.loads(out.read_text())
         runs[example][seed] = null_to_nan(written["results"])
@@ -270,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
   settings = {
       "seeds": args.seeds, "steps": steps,
       "steps_note": "each example's default steps" if args.steps is None else f"--steps {args.steps} for all",
-      "extra_flags": args.extra,
+      "extra_flags": args.extra, "variants": args.variants,
       "example_configs": {e: {k: v for k, v in c.items() if k not in ("seed", "out")} for e, c in configs.items()},
       "final_train_loss": "mean minibatch loss over the last 10% of steps, same minibatches for every optimizer",
       "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, this process pinned to "

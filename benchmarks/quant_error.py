@@ -5,7 +5,7 @@ Run:  python benchmarks/quant_error.py [--real PATH.npy] [--order 1200]
                                       [--png benchmarks/results/bjorck.png]
 
 For two matrices, every codebook (DT = ``"dynamic_tree"``, Linear-2 =
-``"linear2"``), every (bits, block) in {(4, 64), (8, 64), (8, 256)} and every
+``"linear2"``), every (bits, block) in {(3, 64), (4, 64), (8, 64), (8, 256)} and every
 quantization mode (QM) of the paper (App. D) it computes
 
   NRE = ||f(A) - f~(A)||_F / ||f(A)||_F,  AE = arccos(<f(A), f~(A)> / (||f(A)|| ||f~(A)||)) in degrees,
@@ -71,6 +71,10 @@ A2), 4-bit, block 64; ``linalg.bjorck`` runs in float32, the rest in float64;
 damped spectrum lambda + eps max lambda (the raw lambda^s of a nearly singular
 statistic would overflow).
 
+A last table puts 3, 4 and 8 bits side by side (block 64, Tables 1/5's f =
+A^(-1/4); the paper has no 3-bit numbers): how much of the quantized
+eigenvector format's advantage survives one bit less.
+
 Prints our numbers beside the paper's, checks the paper's orderings, writes
 JSON and the Björck plot. About 1.5-3 min on two (shared) CPU cores with
 ``--real``, plus 1-1.5 min to capture the real statistic without it.
@@ -97,7 +101,8 @@ from optax_shampoo4 import quantization as qz  # noqa: E402
 
 EPSILON = 1e-6
 MAPPINGS = {"DT": "dynamic_tree", "Linear-2": "linear2"}
-SETTINGS = ((4, 64), (8, 64), (8, 256))  # (bits, block)
+SETTINGS = ((3, 64), (4, 64), (8, 64), (8, 256))  # (bits, block)
+BITS_TABLE = (3, 4, 8)  # bit widths side by side at block 64
 MODES = ("A", "U", "U+OR", "B", "(A,B)", "(U,B)", "(U,B)+OR")  # the paper's rows
 EXTRA_MODES = ("U, Alg.2 t2=0", "(U,B), Alg.2 t2=0")  # what Alg. 2 does without Björck
 FLOORS = ("fp32 Newton", "fp32 eigen")
@@ -448,6 +453,26 @@ def print_table1_8bit(results, real_name):
             f"{_fmt(r256['nre'])} {_fmt(r256['ae'], True)} | {_fmt(p[off])} {_fmt(p[off + 1], True)}")
 
 
+def print_bits_table(results, real_name):
+  """NRE (AE°) of f = A^(-1/4) at 3, 4 and 8 bits, block 64, for every mapping and mode."""
+  print(f"\nTables 1/5 at {', '.join(map(str, BITS_TABLE))} bits — block 64, f(A) = A^(-1/4), "
+        "NRE (AE°); the paper reports 4 and 8 bits only")
+  cell = 17
+  header = "".join(f"{f'{b}-bit':>{cell}s}" for b in BITS_TABLE)
+  print(f"{'R':10s}{'QM':18s}| {real_name:^{cell * len(BITS_TABLE)}s} | {'A2':^{cell * len(BITS_TABLE)}s}")
+  print(f"{'':10s}{'':18s}| {header} | {header}")
+  for label in MAPPINGS:
+    for mode in MODES + EXTRA_MODES:
+      cells = []
+      for matrix in ("real", "A2"):
+        row = ""
+        for bits in BITS_TABLE:
+          r = results[matrix]["modes"][f"{label}/{bits}bit/block64"][mode]
+          row += f"{r['nre']:8.4f} ({r['ae']:6.2f})".rjust(cell)
+        cells.append(row)
+      print(f"{label:10s}{mode:18s}| {cells[0]} | {cells[1]}")
+
+
 def check_orderings(results) -> list[dict]:
   """The paper's qualitative claims, on NRE (f and off-diagonal f), per matrix/mapping/setting."""
   checks = []
@@ -482,6 +507,9 @@ def check_orderings(results) -> list[dict]:
         add(f"8-bit < 4-bit ({mode})", f"{matrix} {label} block64", "8-bit", "4-bit",
             res["modes"][f"{label}/8bit/block64"][mode]["nre"],
             res["modes"][f"{label}/4bit/block64"][mode]["nre"])
+        add(f"4-bit < 3-bit ({mode})", f"{matrix} {label} block64", "4-bit", "3-bit",
+            res["modes"][f"{label}/4bit/block64"][mode]["nre"],
+            res["modes"][f"{label}/3bit/block64"][mode]["nre"])
   return checks
 
 
@@ -570,6 +598,7 @@ def main(argv=None) -> dict:
                          results, "nre_offdiag", "ae_offdiag", PAPER_T6, real_name)
   print_table7(results, real_name)
   print_table1_8bit(results, real_name)
+  print_bits_table(results, real_name)
   print("\nFig. 3 — Björck: mean |(VΛˢVᵀ)^(-1/s)(VΛVᵀ) − I| for t2 = 0..5 (4-bit, block 64)")
   for matrix, by_mapping in fig3.items():
     for label, curves in by_mapping.items():

@@ -4,7 +4,9 @@
   ``"adamw"`` / ``"sgdm"`` (first-order baselines) and ``"<base>+shampoo32"``
   (32-bit Shampoo, ``state_format="fp32"``), ``"<base>+naive4"`` (naive 4-bit:
   quantized statistic and root, ``"naive"``) and ``"<base>+shampoo4"`` (the
-  paper's 4-bit Shampoo, quantized eigenvectors, ``"eigen"``). The Shampoo
+  paper's 4-bit Shampoo, quantized eigenvectors, ``"eigen"``); opt-in, not in
+  the examples' default lists: ``"<base>+shampoo3"`` (the same ``"eigen"``
+  format with 3-bit codes, ``bits=3``). The Shampoo
   variants are ``s4.adamw_shampoo4`` / ``s4.sgdm_shampoo4``, so each one is
   exactly its baseline fed with the grafted Shampoo direction.
 * :func:`train` runs one optimizer on one model and returns its loss curves,
@@ -40,6 +42,10 @@ except ModuleNotFoundError:  # Running from a source checkout without `pip insta
 BASES = ("adamw", "sgdm")
 # Shampoo variant suffix -> state_format of scale_by_shampoo4.
 SHAMPOO_FORMATS = {"shampoo32": "fp32", "naive4": "naive", "shampoo4": "eigen"}
+# Opt-in variants (not in the default lists): suffix -> (state_format, bits).
+EXTRA_VARIANTS = {"shampoo3": ("eigen", 3)}
+# Every variant suffix -> (state_format, bits); the fp32 format ignores bits.
+SHAMPOO_VARIANTS = {**{name: (fmt, 4) for name, fmt in SHAMPOO_FORMATS.items()}, **EXTRA_VARIANTS}
 
 
 def optimizer_names(base: str) -> tuple[str, ...]:
@@ -47,7 +53,8 @@ def optimizer_names(base: str) -> tuple[str, ...]:
   return (base,) + tuple(f"{base}+{variant}" for variant in SHAMPOO_FORMATS)
 
 
-OPTIMIZERS = optimizer_names("adamw") + optimizer_names("sgdm")
+OPTIMIZERS = (optimizer_names("adamw") + optimizer_names("sgdm")
+              + tuple(f"{base}+{variant}" for base in BASES for variant in EXTRA_VARIANTS))
 
 # Refresh intervals for these short demos (a few hundred steps): statistics
 # (and, in the 4-bit format, the eigenvector QR step) every T1 steps, inverse
@@ -99,13 +106,14 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, weight_deca
   the same base optimizer applied to the grafted Shampoo direction.
   """
   base, _, variant = name.partition("+")
-  if base not in BASES or (variant and variant not in SHAMPOO_FORMATS):
+  if base not in BASES or (variant and variant not in SHAMPOO_VARIANTS):
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
   if not variant:
     if base == "adamw":
       return optax.adamw(learning_rate, weight_decay=weight_decay)
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
-  shampoo = dict(state_format=SHAMPOO_FORMATS[variant], stats_every=stats_every, root_every=root_every,
+  state_format, bits = SHAMPOO_VARIANTS[variant]
+  shampoo = dict(state_format=state_format, bits=bits, stats_every=stats_every, root_every=root_every,
                  epsilon=epsilon, min_quant_order=min_quant_order, max_order=max_order)
   if base == "adamw":
     return s4.adamw_shampoo4(learning_rate, weight_decay=weight_decay, **shampoo)
@@ -174,7 +182,9 @@ def describe_shampoo_factors(opt_state: Any) -> str:
       for bucket_name, bucket in node.factors.items():  # e.g. "order256_q", "order10_f32"
         order, kind = bucket_name.removeprefix("order").split("_")
         count = jax.tree.leaves(bucket)[0].shape[0]  # factors are stacked along axis 0
-        buckets.append((int(order), count, "4-bit" if kind == "q" else "fp32"))
+        bits = {q.bits for q in jax.tree.leaves(bucket, is_leaf=lambda n: isinstance(n, s4.quantization.QuantizedArray))
+                if isinstance(q, s4.quantization.QuantizedArray)}
+        buckets.append((int(order), count, f"{max(bits)}-bit" if kind == "q" and bits else "fp32"))
   return ", ".join(f"{c} x order {o} ({k})" for o, c, k in sorted(buckets, reverse=True))
 
 

@@ -260,3 +260,99 @@ def inverse_root_newton(
   active = jnp.broadcast_to(err > tol, batch)
   _, x, _, _, _ = lax.while_loop(cond, body, (0, x, m, err, active))
   return x
+
+
+def jorge_root_update(
+    root: jax.Array,
+    gram: jax.Array,
+    beta: jax.Array | float | None = None,
+    max_step: jax.Array | float = 1.0,
+    symmetrize: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+  """One matmul-only update of an inverse 4th root (Jorge).
+
+  Tracks :math:`\\hat L \\approx L^{-1/4}` of the statistic
+  :math:`L \\leftarrow \\beta L + (1-\\beta) G G^\\top` without storing
+  :math:`L` or decomposing anything. Writing
+  :math:`L_{\\text{new}} = \\beta L (I + \\epsilon X)` with
+  :math:`\\epsilon = (1-\\beta)/\\beta` and
+  :math:`X = L^{-1} G G^\\top \\approx \\hat L^4 G G^\\top`, the binomial
+  series of :math:`(I + \\epsilon X)^{-1/4}` truncated after the second
+  order gives
+
+  .. math::
+
+    \\hat L \\leftarrow \\beta^{-1/4} \\, \\hat L \\,
+      \\big(I - \\tfrac{\\epsilon}{4} X + \\tfrac{5\\epsilon^2}{32} X^2\\big).
+
+  The step is exact (up to the :math:`O(\\|\\epsilon X\\|^3)` truncation)
+  only when :math:`\\hat L` and :math:`G G^\\top` commute. They do not in
+  general, and the product is then not symmetric; with ``symmetrize`` the
+  result is replaced by its symmetric part
+  :math:`\\tfrac12(\\hat L P + P^\\top \\hat L)`, whose first-order term
+  :math:`-\\tfrac{\\epsilon}{8}(\\hat L^5 G G^\\top + G G^\\top \\hat L^5)`
+  agrees with the derivative of :math:`L^{-1/4}` on the diagonal of
+  :math:`L`'s eigenbasis and averages the two one-sided errors off it.
+  Measured in ``tests/test_jorge.py`` (order 16, grams of rank 32 whose EMA
+  moves from one random SPD statistic to another, its root by ~40%; 80
+  updates from the exact initial root; relative Frobenius error against the
+  float64 root of the EMA statistic): β = 0.95: 2.0% at the end, 6% at worst
+  during the transient (7.8% / 12% without symmetrizing); adaptive step: 3.0%
+  (5.4% without); β = 0.99: 5.6% (early errors are forgotten more slowly);
+  rank-1 grams, β = 0.95: 11%; commuting (diagonal) stream: 4e-4, the series
+  truncation alone. The error does not accumulate without bound: a too large
+  :math:`\\hat L` makes :math:`X` too large and the next step shrinks it.
+
+  Step size: the series converges for :math:`\\rho(\\epsilon X) < 1`.
+  :math:`X` is similar to the PSD :math:`L^{-1/2} G G^\\top L^{-1/2}`, so its
+  eigenvalues are real, non-negative and bounded by the Frobenius norm
+  :math:`\\|X\\|_F` (matmul-only, unlike the spectral norm). The step is
+  :math:`\\epsilon = \\min\\big((1-\\beta)/\\beta,\\ s/\\|X\\|_F\\big)` with
+  ``s = max_step``; ``beta=None`` gives Jorge's adaptive
+  :math:`\\epsilon = s/\\|X\\|_F` (with ``s = 1``: :math:`\\rho(\\epsilon X) \\le 1`).
+  A fixed β alone diverges when a low-rank gram makes :math:`\\|\\epsilon X\\|`
+  large. The β actually applied, :math:`1/(1+\\epsilon)`, is returned so
+  that callers can follow the statistic being tracked. A zero gram leaves
+  :math:`X = 0`: the adaptive step is then 0 (β = 1, root unchanged).
+
+  Args:
+    root: ``[..., n, n]``, the current :math:`\\hat L` (symmetric positive
+      definite).
+    gram: ``[..., n, n]``, :math:`G G^\\top` (symmetric PSD).
+    beta: EMA decay in (0, 1] or None for the adaptive step (may be traced).
+    max_step: bound :math:`s` on :math:`\\epsilon\\|X\\|_F` (may be traced).
+    symmetrize: return the symmetric part of the update (static).
+
+  Returns:
+    ``(new_root, beta_used)``, ``[..., n, n]`` and ``[...]``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_shampoo4 as s4
+    >>> root, beta = s4.linalg.jorge_root_update(jnp.eye(2), 2.0 * jnp.eye(2), beta=0.9)
+    >>> round(float(root[0, 0]), 4), round(float(beta), 4)  # exact: (0.9 + 0.1 * 2) ** -0.25 = 0.9765
+    (0.9776, 0.9)
+
+  References:
+    Singh & Bhatele, `Jorge: Approximate Preconditioning for GPU-efficient
+    Second-order Optimization <https://arxiv.org/abs/2310.12298>`_, 2023.
+  """
+  root = jnp.asarray(root, jnp.float32)
+  gram = jnp.asarray(gram, jnp.float32)
+  root2 = matmul(root, root)
+  x = matmul(matmul(root2, root2), gram)
+  x_norm = jnp.linalg.norm(x, axis=(-2, -1))
+  safe_norm = jnp.where(x_norm > 0, x_norm, 1.0)
+  adaptive = jnp.where(x_norm > 0, max_step / safe_norm, 0.0)
+  if beta is None:
+    eps = adaptive
+  else:
+    beta = jnp.asarray(beta, jnp.float32)
+    eps = jnp.minimum((1.0 - beta) / beta, jnp.where(x_norm > 0, adaptive, jnp.inf))
+  beta_used = 1.0 / (1.0 + eps)
+  e = eps[..., None, None]
+  eye = jnp.eye(root.shape[-1], dtype=jnp.float32)
+  series = eye - (e / 4.0) * x + (5.0 * e**2 / 32.0) * matmul(x, x)
+  new = matmul(root, series)
+  if symmetrize:
+    new = 0.5 * (new + transpose(new))
+  return beta_used[..., None, None] ** -0.25 * new, beta_used

@@ -1,4 +1,4 @@
-"""Block-wise absmax quantization with 4- and 8-bit codebooks.
+"""Block-wise absmax quantization with 3-, 4- and 8-bit codebooks.
 
 A vector ``x`` of length ``n`` is cut into blocks of ``block`` consecutive
 elements along its last axis (the last block is zero-padded). Each block keeps
@@ -11,9 +11,25 @@ one float32 scale :math:`s = \\max_i |x_i|` and one code per element,
 
 where :math:`R` is a sorted codebook of :math:`2^b` values in :math:`[-1, 1]`
 that contains 0 (so padding and all-zero blocks are exact). 4-bit codes are
-packed two per ``uint8``, the even element in the low nibble. Packing is done
-per row, and each row is padded to an even length, so a byte never holds codes
-of two rows (the official CUDA kernels race on odd orders; this layout cannot).
+packed two per ``uint8``, the even element in the low nibble. 3-bit codes are
+packed eight per three bytes (a *group*): codes :math:`c_0, \\dots, c_7` form
+the 24-bit little-endian word :math:`w = \\sum_k c_k 2^{3k}` and byte
+:math:`j` of the group is :math:`\\lfloor w / 2^{8j} \\rfloor \\bmod 256`, i.e.
+
+====  =====================================================
+byte  bits 7 … 0
+====  =====================================================
+0     ``c2[1:0] c1[2:0] c0[2:0]``
+1     ``c5[0] c4[2:0] c3[2:0] c2[2]``
+2     ``c7[2:0] c6[2:0] c5[2:1]``
+====  =====================================================
+
+Packing is done per row, and each row is padded (with the code of 0) to an
+even length (4 bits) or a multiple of 8 codes (3 bits), so a byte never holds
+codes of two rows (the official CUDA kernels race on odd orders; this layout
+cannot). Scale blocks and packing groups are independent: a row is unpacked
+whole before its scales are applied, so a 3-bit block need not be a multiple
+of 8.
 
 References:
   Wang et al., `4-bit Shampoo for Memory-Efficient Network Training
@@ -33,7 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 
 MAPPINGS = ("linear2", "dynamic_tree", "linear")
-BITS = (4, 8)
+BITS = (3, 4, 8)
+GROUP_CODES = 8  # 3-bit codes per packed group
+GROUP_BYTES = 3  # bytes per packed group of 3-bit codes
 
 
 def _linear_power_codebook(bits: int, power: int) -> np.ndarray:
@@ -44,7 +62,14 @@ def _linear_power_codebook(bits: int, power: int) -> np.ndarray:
 
 
 def _dynamic_tree_codebook(bits: int) -> np.ndarray:
-  """Signed dynamic tree map (bitsandbytes construction, exponent bits b-1)."""
+  """Signed dynamic tree map (bitsandbytes construction, exponent bits b-1).
+
+  :math:`\\{0, 1\\} \\cup \\{\\pm q\\}`: for :math:`E = 0, \\dots, b-2` leading
+  zero bits and :math:`F = b-2-E` fraction bits, the :math:`2^F` midpoints of
+  ``linspace(0.1, 1, 2**F + 1)`` times :math:`10^{-E}`. It does not degenerate
+  at 3 bits: :math:`\\{0, 1, \\pm 0.055, \\pm 0.325, \\pm 0.775\\}`, 8 distinct
+  values (no -1, as at 4 and 8 bits).
+  """
   exponent_bits = bits - 1
   values = [0.0, 1.0]
   for i in range(exponent_bits):
@@ -86,7 +111,7 @@ def codebook(mapping: str = "linear2", bits: int = 4) -> jax.Array:
       default), ``"dynamic_tree"`` (bitsandbytes' dynamic tree) or ``"linear"``
       (:math:`v`), with :math:`v` = ``linspace(-1, 1, 2**bits)`` and the entry
       at index ``2**(bits-1) - 1`` set to 0.
-    bits: 4 or 8.
+    bits: 3, 4 or 8.
 
   Returns:
     ``f32[2**bits]``, sorted ascending, containing 0.
@@ -110,12 +135,14 @@ class QuantizedArray:
   """A block-quantized array: a pytree of ``codes`` and ``scales``.
 
   Attributes:
-    codes: ``uint8[..., ceil(length / 2)]`` for 4 bits (two codes a byte, low
-      nibble first) or ``uint8[..., length]`` for 8 bits.
+    codes: ``uint8[..., 3 * ceil(length / 8)]`` for 3 bits (eight codes in
+      three bytes, see the module docstring), ``uint8[..., ceil(length / 2)]``
+      for 4 bits (two codes a byte, low nibble first) or
+      ``uint8[..., length]`` for 8 bits.
     scales: ``f32[..., ceil(length / block)]``, the absmax of each block.
     length: the size of the last axis of the original array (static).
     mapping: the codebook name (static).
-    bits: 4 or 8 (static).
+    bits: 3, 4 or 8 (static).
     block: elements per scale (static).
   """
 
@@ -132,11 +159,26 @@ class QuantizedArray:
     return tuple(self.scales.shape[:-1]) + (self.length,)
 
 
-def _validate_block(block: int, bits: int) -> None:
+def validate_block(block: int, bits: int, name: str = "block") -> None:
+  """Raises ValueError unless ``block`` is a valid block size for ``bits``.
+
+  Any int >= 2; even for 4 bits (rows are quantized in whole blocks and then
+  paired into bytes). 3-bit rows are cut to their length and padded to whole
+  groups of 8 codes independently of the blocks, so any block >= 2 works.
+  """
   if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 2:
-    raise ValueError(f"block must be an integer >= 2, got block={block!r}")
+    raise ValueError(f"{name} must be an integer >= 2, got {name}={block!r}")
   if bits == 4 and block % 2:
-    raise ValueError(f"block must be even for 4-bit codes, got block={block!r}")
+    raise ValueError(f"{name} must be even for 4-bit codes, got {name}={block!r}")
+
+
+def packed_length(length: int, bits: int) -> int:
+  """Bytes of one packed row of ``length`` codes at ``bits`` bits."""
+  if bits == 3:
+    return GROUP_BYTES * -(-length // GROUP_CODES)
+  if bits == 4:
+    return -(-length // 2)
+  return length
 
 
 def _num_blocks(length: int, block: int) -> int:
@@ -155,6 +197,26 @@ def _unpack_nibbles(packed: jax.Array) -> jax.Array:
   return pairs.reshape(packed.shape[:-1] + (2 * packed.shape[-1],))
 
 
+_SHIFTS_3BIT = np.arange(GROUP_CODES, dtype=np.uint32) * 3
+
+
+def _pack_3bit(codes: jax.Array) -> jax.Array:
+  """uint8[..., 8k] codes < 8 -> uint8[..., 3k]; see the module docstring."""
+  groups = codes.reshape(codes.shape[:-1] + (codes.shape[-1] // GROUP_CODES, GROUP_CODES))
+  words = jnp.sum(groups.astype(jnp.uint32) << _SHIFTS_3BIT, axis=-1, dtype=jnp.uint32)
+  packed = jnp.stack([(words >> (8 * j)) & 0xFF for j in range(GROUP_BYTES)], axis=-1)
+  return packed.astype(jnp.uint8).reshape(codes.shape[:-1] + (GROUP_BYTES * groups.shape[-2],))
+
+
+def _unpack_3bit(packed: jax.Array) -> jax.Array:
+  """Inverse of :func:`_pack_3bit`."""
+  groups = packed.reshape(packed.shape[:-1] + (packed.shape[-1] // GROUP_BYTES, GROUP_BYTES))
+  groups = groups.astype(jnp.uint32)
+  words = groups[..., 0] | (groups[..., 1] << 8) | (groups[..., 2] << 16)
+  codes = (words[..., None] >> _SHIFTS_3BIT) & 0x7
+  return codes.astype(jnp.uint8).reshape(packed.shape[:-1] + (GROUP_CODES * groups.shape[-2],))
+
+
 def quantize(
     x: jax.Array, mapping: str = "linear2", bits: int = 4, block: int = 64
 ) -> QuantizedArray:
@@ -163,8 +225,9 @@ def quantize(
   Args:
     x: a float array ``[..., n]`` with ``n >= 1``; computed in float32.
     mapping: codebook name, see :func:`codebook`.
-    bits: 4 or 8.
-    block: elements per absmax scale (even for 4 bits).
+    bits: 3, 4 or 8.
+    block: elements per absmax scale (even for 4 bits), see
+      :func:`validate_block`.
 
   Returns:
     A :class:`QuantizedArray`; :func:`dequantize` gives back ``[..., n]``.
@@ -178,7 +241,7 @@ def quantize(
     [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
   """
   validate_mapping_bits(mapping, bits)
-  _validate_block(block, bits)
+  validate_block(block, bits)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"x must be a real floating-point array, got dtype {x.dtype}")
@@ -199,6 +262,12 @@ def quantize(
   codes = codes.reshape(x.shape[:-1] + (n_blocks * block,))
   if bits == 4:
     codes = _pack_nibbles(codes)[..., : -(-length // 2)]
+  elif bits == 3:
+    group_len = GROUP_CODES * -(-length // GROUP_CODES)
+    zero_code = int(np.flatnonzero(table == 0.0)[0])
+    codes = jnp.pad(codes[..., :length], [(0, 0)] * (codes.ndim - 1) + [(0, group_len - length)],
+                    constant_values=zero_code)
+    codes = _pack_3bit(codes)
   else:
     codes = codes[..., :length]
   return QuantizedArray(codes, scales, length, mapping, bits, block)
@@ -212,8 +281,11 @@ def dequantize(q: QuantizedArray) -> jax.Array:
   padded_len = n_blocks * q.block
   if q.bits == 4:
     codes = _unpack_nibbles(q.codes)
+  elif q.bits == 3:
+    codes = _unpack_3bit(q.codes)
   else:
     codes = q.codes
+  codes = codes[..., : q.length]
   codes = jnp.pad(
       codes, [(0, 0)] * (codes.ndim - 1) + [(0, padded_len - codes.shape[-1])]
   )

@@ -55,8 +55,7 @@ def _validate(max_order, beta, epsilon, stats_every, root_every, state_format, b
   if state_format not in fct.FORMATS:
     raise ValueError(f"state_format must be one of {fct.FORMATS}, got state_format={state_format!r}")
   qz.validate_mapping_bits(mapping, bits)
-  if bits == 4 and quant_block % 2:
-    raise ValueError(f"quant_block must be even for 4-bit codes, got quant_block={quant_block!r}")
+  qz.validate_block(quant_block, bits, "quant_block")
   if (not isinstance(bjorck_steps, (tuple, list)) or len(bjorck_steps) != 2
       or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0
              for s in bjorck_steps)):
@@ -151,9 +150,11 @@ def scale_by_shampoo4(
     state_format: ``"eigen"`` (quantized eigenvectors, the paper's method),
       ``"naive"`` (quantized statistic and root, off-diagonals only) or
       ``"fp32"`` (dense float32, the paper's 32-bit baseline).
-    bits: 4 or 8, bits per quantized element.
+    bits: 4 or 8, or 3 (eight codes packed in three bytes), bits per
+      quantized element.
     mapping: codebook, ``"linear2"``, ``"dynamic_tree"`` or ``"linear"``.
-    quant_block: elements per absmax scale, along one matrix row.
+    quant_block: elements per absmax scale, along one matrix row; any int
+      >= 2, even for 4 bits (see :func:`quantization.validate_block`).
     min_quant_order: factors of smaller order are kept in float32.
     bjorck_steps: ``(t1, t2)`` Björck iterations before the statistics update
       and before the root; applied to quantized eigenvectors only.

@@ -1,9 +1,10 @@
-"""Tests for block-wise 4-/8-bit quantization (``optax_shampoo4.quantization``).
+"""Tests for block-wise 3-/4-/8-bit quantization (``optax_shampoo4.quantization``).
 
 Every expected value here is computed independently: codebooks from the
 formulas of the paper (App. C) and of bitsandbytes' dynamic tree, codes by a
 brute-force nearest-value search in float64 NumPy, scales by a NumPy block
-absmax, and the packed layout by unpacking nibbles in NumPy.
+absmax, and the packed layout by unpacking nibbles (4 bits) or reading the
+bytes as a little-endian bit stream (3 bits) in NumPy.
 """
 
 import math
@@ -87,11 +88,22 @@ def _np_normalized(x, block):
   return x.astype(np.float64) / safe, scales
 
 
+def _np_bitstream_codes(packed, width):
+  """Reads uint8 rows as a bit stream (bit i of byte j is stream bit 8j + i) cut into `width`-bit codes."""
+  packed = np.asarray(packed, np.uint8)
+  bits = np.unpackbits(packed[..., None], axis=-1, bitorder="little")  # [..., bytes, 8], LSB first
+  stream = bits.reshape(packed.shape[:-1] + (8 * packed.shape[-1],)).astype(np.int64)
+  fields = stream.reshape(stream.shape[:-1] + (stream.shape[-1] // width, width))
+  return (fields << np.arange(width)).sum(-1)
+
+
 def _np_unpack(codes, bits, n):
   """Per-element codes from the stored bytes (low nibble = even element)."""
   codes = np.asarray(codes)
   if bits == 8:
     return codes.astype(np.int64)
+  if bits == 3:
+    return _np_bitstream_codes(codes, 3)[..., :n]
   low = codes & 0x0F
   high = codes >> 4
   pairs = np.stack([low, high], axis=-1).reshape(codes.shape[:-1] + (2 * codes.shape[-1],))
@@ -142,14 +154,14 @@ def test_4bit_codebook_matches_paper_appendix_c(mapping):
   np.testing.assert_allclose(_reference_codebook(mapping, 4), PAPER_4BIT[mapping], atol=5e-5)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 8])
 @pytest.mark.parametrize("mapping", ALL_MAPPINGS)
 def test_codebook_matches_formula(mapping, bits):
   table = np.asarray(qz.codebook(mapping, bits), np.float64)
   np.testing.assert_allclose(table, _reference_codebook(mapping, bits), rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 8])
 @pytest.mark.parametrize("mapping", ALL_MAPPINGS)
 def test_codebook_structure(mapping, bits):
   table = qz.codebook(mapping, bits)
@@ -183,6 +195,19 @@ def test_codebook_specific_values():
   np.testing.assert_allclose(lin, expected, atol=1e-7)
 
 
+def test_3bit_codebooks():
+  # Linear-2 family at b = 3: v = linspace(-1, 1, 8) = (2j - 7) / 7, v[3] = 0,
+  # R = sign(v) v^2: -1, -(5/7)^2, -(3/7)^2, 0, (1/7)^2, (3/7)^2, (5/7)^2, 1.
+  sevenths = np.array([-7, -5, -3, 0, 1, 3, 5, 7]) / 7.0
+  np.testing.assert_allclose(np.asarray(qz.codebook("linear2", 3), np.float64),
+                             np.sign(sevenths) * sevenths**2, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(qz.codebook("linear", 3), np.float64), sevenths, rtol=1e-6)
+  # Dynamic tree at b = 3 does not degenerate: E = 0 (F = 1 fraction bit) gives
+  # the midpoints of (0.1, 0.55, 1), E = 1 (F = 0) gives 0.55 / 10; plus 0 and 1.
+  np.testing.assert_allclose(np.asarray(qz.codebook("dynamic_tree", 3), np.float64),
+                             [-0.775, -0.325, -0.055, 0.0, 0.055, 0.325, 0.775, 1.0], rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------
 # Rounding, scales and reconstruction.
 # ----------------------------------------------------------------------------
@@ -202,7 +227,8 @@ def _mixed_magnitudes(seed=0):
 
 @pytest.mark.parametrize(
     "mapping, bits, block",
-    [(m, b, 64) for m in ALL_MAPPINGS for b in (4, 8)] + [("linear2", 4, 8), ("dynamic_tree", 8, 8)],
+    [(m, b, 64) for m in ALL_MAPPINGS for b in (3, 4, 8)]
+    + [("linear2", 4, 8), ("dynamic_tree", 8, 8), ("linear2", 3, 7), ("dynamic_tree", 3, 2)],
 )
 def test_nearest_rounding_scales_and_error_bound(mapping, bits, block):
   # Mixed magnitudes, so blocks hold values far below their absmax.
@@ -227,7 +253,7 @@ def test_nearest_rounding_scales_and_error_bound(mapping, bits, block):
   assert np.max(err / np.where(bound > 0, bound, 1.0)) > 0.5
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 8])
 def test_haar_orthogonal_round_trip_error(bits):
   u = _haar(256, np.random.default_rng(1))
   errors = {}
@@ -241,6 +267,11 @@ def test_haar_orthogonal_round_trip_error(bits):
     assert 0.12 < errors["dynamic_tree"] < 0.16, errors
     # Linear-2 beats DT on orthogonal matrices (the paper's choice).
     assert errors["linear2"] < 0.85 * errors["dynamic_tree"], errors
+  elif bits == 3:
+    # Measured 0.230 (Linear-2) and 0.252 (DT) at block 64: about twice 4 bits.
+    assert 0.20 < errors["linear2"] < 0.26, errors
+    assert 0.22 < errors["dynamic_tree"] < 0.28, errors
+    assert errors["linear2"] < errors["dynamic_tree"], errors
   else:
     assert max(errors.values()) < 0.01, errors
 
@@ -252,7 +283,8 @@ def test_haar_orthogonal_round_trip_error(bits):
 
 @pytest.mark.parametrize(
     "n, bits",
-    [(n, 4) for n in (1, 2, 7, 63, 65, 127, 1057)] + [(n, 8) for n in (1, 65, 1057)],
+    [(n, 4) for n in (1, 2, 7, 63, 65, 127, 1057)] + [(n, 8) for n in (1, 65, 1057)]
+    + [(n, 3) for n in (1, 7, 8, 9, 65, 127, 1057)],
 )
 def test_odd_and_prime_orders(n, bits):
   rows = 5
@@ -260,7 +292,7 @@ def test_odd_and_prime_orders(n, bits):
   x = rng.standard_normal((rows, n)).astype(np.float32)
   block = 64
   q = _quantize(jnp.asarray(x), "linear2", bits, block)
-  code_len = -(-n // 2) if bits == 4 else n
+  code_len = {3: 3 * -(-n // 8), 4: -(-n // 2), 8: n}[bits]
   chex.assert_shape(q.codes, (rows, code_len))
   chex.assert_type(q.codes, jnp.uint8)
   chex.assert_shape(q.scales, (rows, -(-n // block)))
@@ -275,10 +307,15 @@ def test_odd_and_prime_orders(n, bits):
   _, scales = _np_normalized(x, block)
   bound = _max_rounding_error(table) * scales
   np.testing.assert_array_less(np.abs(np.asarray(x_hat, np.float64) - x), bound * (1 + 1e-6) + 1e-7)
+  zero_code = int(np.flatnonzero(table == 0.0)[0])
   if bits == 4 and n % 2:
     # The pad nibble of each row's last byte holds the code of 0.
-    zero_code = int(np.flatnonzero(table == 0.0)[0])
     np.testing.assert_array_equal(np.asarray(q.codes)[:, -1] >> 4, zero_code)
+  if bits == 3:
+    # Each row is its own whole number of 8-code groups; the pad codes are the code of 0.
+    stream = _np_bitstream_codes(q.codes, 3)
+    chex.assert_shape(stream, (rows, 8 * -(-n // 8)))
+    np.testing.assert_array_equal(stream[:, n:], zero_code)
 
 
 def test_batch_dims_equal_per_row_quantization():
@@ -354,24 +391,24 @@ def test_worked_example_dynamic_tree(block):
   )
 
 
-@pytest.mark.parametrize("n", [7, 65])
-def test_rows_never_share_a_byte(n):
+@pytest.mark.parametrize("n, bits", [(7, 4), (65, 4), (1, 3), (7, 3), (9, 3), (65, 3), (127, 3)])
+def test_rows_never_share_a_byte(n, bits):
   rng = np.random.default_rng(5)
   x = rng.standard_normal((5, n)).astype(np.float32)
   y = x.copy()
   y[1] = -3.0 * x[1] + rng.standard_normal(n).astype(np.float32)
-  qx = _quantize(jnp.asarray(x), "linear2", 4, 64)
-  qy = _quantize(jnp.asarray(y), "linear2", 4, 64)
+  qx = _quantize(jnp.asarray(x), "linear2", bits, 64)
+  qy = _quantize(jnp.asarray(y), "linear2", bits, 64)
   cx, cy = np.asarray(qx.codes), np.asarray(qy.codes)
   others = [0, 2, 3, 4]
   np.testing.assert_array_equal(cx[others], cy[others])
   np.testing.assert_array_equal(np.asarray(qx.scales)[others], np.asarray(qy.scales)[others])
   assert np.any(cx[1] != cy[1])
-  # Each row's bytes decode (NumPy nibble unpacking) to that row's own codes.
-  table = np.asarray(qz.codebook("linear2", 4))
+  # Each row's bytes decode (NumPy unpacking) to that row's own codes.
+  table = np.asarray(qz.codebook("linear2", bits))
   for q, z in ((qx, x), (qy, y)):
     _assert_nearest(z, q, table, 64)
-    codes = _np_unpack(q.codes, 4, n)
+    codes = _np_unpack(q.codes, bits, n)
     _, scales = _np_normalized(z, 64)
     np.testing.assert_allclose(np.asarray(_dequantize(q)), table[codes] * scales, rtol=1e-6)
 
@@ -393,7 +430,7 @@ def test_blocks_never_cross_rows():
     assert rel < 0.15, (r, rel)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 8])
 @pytest.mark.parametrize("mapping", ALL_MAPPINGS)
 def test_zero_blocks_are_exact(mapping, bits):
   x = np.zeros((16, 200), np.float32)
@@ -514,10 +551,11 @@ def test_offdiag_batched_and_jit():
     [
         (dict(mapping="linear3"), "mapping"),
         (dict(mapping="dynamic"), "mapping"),
-        (dict(bits=3), "bits"),
+        (dict(bits=2), "bits"),
         (dict(bits=16), "bits"),
         (dict(bits=True), "bits"),
         (dict(bits=4, block=63), "block"),
+        (dict(bits=3, block=1), "block"),
         (dict(bits=4, block=1), "block"),
         (dict(bits=8, block=1), "block"),
         (dict(bits=8, block=0), "block"),
@@ -556,3 +594,107 @@ def test_odd_block_is_allowed_for_8_bits():
   chex.assert_shape(q.scales, (3, 4))
   np.testing.assert_array_equal(np.asarray(q.scales), _np_scales(x, 3))
   _assert_nearest(x, q, np.asarray(qz.codebook("linear2", 8)), 3)
+
+
+# ----------------------------------------------------------------------------
+# 3-bit packing: layout of one group, odd blocks, Shampoo with 3-bit state.
+# ----------------------------------------------------------------------------
+
+
+def test_3bit_group_bit_layout():
+  # One group of 8 codes c0..c7 is the 24-bit little-endian word sum_k c_k 2^(3k):
+  #   byte 0 = c2[1:0] c1[2:0] c0[2:0]   (bits 7..0)
+  #   byte 1 = c5[0] c4[2:0] c3[2:0] c2[2]
+  #   byte 2 = c7[2:0] c6[2:0] c5[2:1]
+  # For c = (7, 0, 5, 2, 6, 1, 3, 4), by hand:
+  #   byte 0 = 0b01_000_111 = 0x47, byte 1 = 0b1_110_010_1 = 0xE5, byte 2 = 0b100_011_00 = 0x8C.
+  codes = [7, 0, 5, 2, 6, 1, 3, 4]
+  for mapping in ALL_MAPPINGS:
+    table = np.asarray(qz.codebook(mapping, 3))
+    x = table[codes]  # exact codebook values; the absmax is 1 (code 7)
+    q = _quantize(jnp.asarray(x), mapping, 3, 8)
+    np.testing.assert_array_equal(np.asarray(q.scales), [1.0])
+    chex.assert_type(q.codes, jnp.uint8)
+    np.testing.assert_array_equal(np.asarray(q.codes), [0x47, 0xE5, 0x8C])
+    np.testing.assert_array_equal(_np_bitstream_codes(q.codes, 3), codes)
+    np.testing.assert_array_equal(np.asarray(_dequantize(q)), x)
+  # Every code value in every slot: the stream reading agrees with the word formula.
+  rng = np.random.default_rng(12)
+  table = np.asarray(qz.codebook("linear2", 3))
+  many = rng.integers(0, 8, (64, 24))
+  many[:, 0] = 7  # absmax 1 in every row, so each value is its own code
+  q = _quantize(jnp.asarray(table[many]), "linear2", 3, 24)
+  np.testing.assert_array_equal(_np_bitstream_codes(q.codes, 3), many)
+  packed = np.asarray(q.codes, np.int64).reshape(64, 3, 3)
+  words = packed[..., 0] | packed[..., 1] << 8 | packed[..., 2] << 16
+  np.testing.assert_array_equal((words[..., None] >> (3 * np.arange(8))) & 7, many.reshape(64, 3, 8))
+
+
+def test_3bit_batch_jit_vmap_and_odd_block():
+  rng = np.random.default_rng(13)
+  x = jnp.asarray(rng.standard_normal((3, 4, 9)), jnp.float32)
+  eager = _quantize(x, "linear2", 3, 5)  # odd block: blocks and 8-code groups do not align
+  chex.assert_shape(eager.codes, (3, 4, 6))
+  chex.assert_shape(eager.scales, (3, 4, 2))
+  vmapped = jax.jit(jax.vmap(lambda a: qz.quantize(a, "linear2", 3, 5)))(x)
+  chex.assert_trees_all_equal(eager, vmapped)
+  np.testing.assert_array_equal(_dequantize(eager), jax.jit(jax.vmap(qz.dequantize))(eager))
+  _assert_nearest(np.asarray(x), eager, np.asarray(qz.codebook("linear2", 3)), 5)
+  np.testing.assert_array_equal(np.asarray(eager.scales), _np_scales(np.asarray(x), 5))
+
+
+def test_3bit_shampoo_accepts_any_block_and_rejects_bad_ones():
+  import optax_shampoo4 as s4
+
+  s4.scale_by_shampoo4(bits=3, quant_block=63)  # blocks and 8-code groups are independent
+  s4.sgdm_shampoo4(0.1, bits=3, quant_block=2, state_format="naive")
+  with pytest.raises(ValueError, match="quant_block"):
+    s4.scale_by_shampoo4(bits=3, quant_block=1)
+  with pytest.raises(ValueError, match="quant_block"):
+    s4.scale_by_shampoo4(bits=4, quant_block=63)
+
+
+@pytest.mark.parametrize("state_format", ["eigen", pytest.param("naive", marks=pytest.mark.slow)])
+def test_3bit_shampoo_training_smoke(state_format):
+  import optax
+
+  import optax_shampoo4 as s4
+
+  rng = np.random.default_rng(14)
+  a = jnp.asarray(rng.standard_normal((256, 80)), jnp.float32)
+  target = a @ jnp.asarray(rng.standard_normal((80, 70)), jnp.float32)  # realizable: loss -> 0
+  params = {"w": jnp.zeros((80, 70)), "b": jnp.zeros(70)}
+
+  def loss(p):
+    return jnp.mean((a @ p["w"] + p["b"] - target) ** 2)
+
+  opt = s4.adamw_shampoo4(1e-1, weight_decay=0.0, state_format=state_format, bits=3, quant_block=64,
+                          min_quant_order=64, stats_every=1, root_every=2, epsilon=1e-4)
+
+  @jax.jit
+  def step(p, state):
+    value, grads = jax.value_and_grad(loss)(p)
+    updates, state = opt.update(grads, state, p)
+    return optax.apply_updates(p, updates), state, value
+
+  state = opt.init(params)
+  losses = []
+  for _ in range(10):
+    params, state, value = step(params, state)
+    losses.append(float(value))
+  chex.assert_tree_all_finite((params, state))
+  assert losses[-1] < 0.5 * losses[0], losses
+  shampoo = state[0]
+  assert int(shampoo.failed_refreshes) == 0 and int(shampoo.nonfinite_steps) == 0
+  quantized = [leaf for leaf in jax.tree.leaves(shampoo, is_leaf=lambda n: isinstance(n, qz.QuantizedArray))
+               if isinstance(leaf, qz.QuantizedArray)]
+  assert len(quantized) == 4  # orders 80 and 70, two quantized matrices each
+  for q in quantized:
+    assert q.bits == 3 and q.codes.dtype == jnp.uint8
+    n = q.length
+    chex.assert_shape(q.codes, (1, n, 3 * -(-n // 8)))
+    chex.assert_shape(q.scales, (1, n, -(-n // 64)))
+  # Bytes: 2 matrices x n rows x 3 bytes per 8 codes, for n = 80 and 70.
+  nbytes = s4.state_nbytes(shampoo)
+  assert nbytes["quantized_codes"] == sum(2 * n * 3 * -(-n // 8) for n in (80, 70))
+  assert nbytes["quantized_scales"] == sum(2 * n * -(-n // 64) * 4 for n in (80, 70))

@@ -210,7 +210,7 @@ def test_extra_args_accepted_and_no_recompile():
         (dict(stats_every=0), "stats_every"),
         (dict(root_every=2.5), "root_every"),
         (dict(state_format="int4"), "state_format"),
-        (dict(bits=3), "bits"),
+        (dict(bits=2), "bits"),
         (dict(mapping="log"), "mapping"),
         (dict(quant_block=63), "quant_block"),
         (dict(quant_block=0), "quant_block"),
