@@ -147,8 +147,8 @@ def scale_by_shampoo4(
 
   with both norms over the whole parameter. In the ``"eigen"`` format (the
   paper's method) :math:`L` is kept as float32 eigenvalues plus 4-bit
-  eigenvectors, refreshed by one warm-started QR step after Björck
-  rectification, and :math:`\\hat L` as a float32 diagonal plus a 4-bit
+  eigenvectors, refreshed after Björck rectification by ``refresh_method``
+  (the paper: one warm-started QR step), and :math:`\\hat L` as a float32 diagonal plus a 4-bit
   off-diagonal. Until the first root update (step ``root_every``) the roots
   are the identity, so the output equals the gradient. Statistics, roots and
   the preconditioning run in float32; the output has the gradient's dtype.
