@@ -481,7 +481,7 @@ for method in ("qr", "eigh", "adaptive"):  # batched QR and batched eigh both de
   tx = s4.scale_by_shampoo4(stats_every=1, root_every=1, refresh_method=method, refresh_tol=0.0)
   state = tx.init(params)
   step = jax.jit(tx.update)
-  for i in range(3):
+  for i in range(2):
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
     updates, state = step(grads, state, params)
     jax.block_until_ready(updates)
@@ -505,9 +505,9 @@ def test_concurrent_bucket_refreshes_do_not_deadlock_on_cpu():
   env.pop("XLA_FLAGS", None)
   result = subprocess.run(
       [sys.executable, "-c", _CONCURRENT_REFRESH_SCRIPT, *map(str, cpus[:2])],
-      env=env, capture_output=True, text=True, timeout=300,
+      env=env, capture_output=True, text=True, timeout=600,
       cwd=str(pathlib.Path(__file__).resolve().parents[1]),
   )
   assert result.returncode == 0, result.stderr[-2000:]
   for method in ("qr", "eigh", "adaptive"):
-    assert f"done {method} 3 0" in result.stdout, result.stdout
+    assert f"done {method} 2 0" in result.stdout, result.stdout
