@@ -80,14 +80,24 @@ def test_exact_refresh_makes_unquantized_eigen_format_match_32bit(refresh_method
 
 
 def test_adaptive_refresh_tol_can_be_injected():
-  tx = optax.inject_hyperparams(s4.adamw_shampoo4)(learning_rate=1e-2, stats_every=1, root_every=1)
-  state = tx.init({"w": jnp.zeros((6, 5))})
-  assert state.hyperparams["refresh_tol"].dtype == jnp.float32
+  """refresh_tol is traced: τ = 1 keeps the initial basis (λ = diag A), τ = 0 decomposes; one compile."""
+  static = ("max_order", "stats_every", "root_every", "bits", "quant_block", "min_quant_order")
+  tx = optax.inject_hyperparams(s4.scale_by_shampoo4, static_args=static)(
+      stats_every=1, root_every=1, min_quant_order=10**6)
   step = jax.jit(tx.update)
-  for g in _random_grads((6, 5), 2, seed=3):
-    updates, state = step({"w": jnp.asarray(g)}, state)
-    state.hyperparams["refresh_tol"] = jnp.float32(0.5)
-  chex.assert_tree_all_finite(updates)
+  grad = jnp.asarray(_random_grads((6, 5), 1, seed=3)[0])
+  eigvals = {}
+  for tol in (0.0, 1.0):
+    state = tx.init(jnp.zeros((6, 5)))
+    assert "refresh_tol" in state.hyperparams
+    state.hyperparams["refresh_tol"] = jnp.float32(tol)
+    _, state = step(grad, state)
+    eigvals[tol] = np.asarray(state.inner_state.factors["order6_f32"].eigvals[0], np.float64)
+  gram = np.asarray(grad, np.float64) @ np.asarray(grad, np.float64).T
+  stat = 0.95 * 1e-6 * np.eye(6) + 0.05 * gram
+  np.testing.assert_allclose(eigvals[0.0], np.linalg.eigvalsh(stat)[::-1], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(eigvals[1.0], np.sort(np.diag(stat))[::-1], rtol=1e-5)
+  assert step._cache_size() == 1
 
 
 @pytest.mark.parametrize("state_format", ["eigen", "naive", "fp32"])
