@@ -17,7 +17,9 @@ with random parameters and fixed random gradients. A second table times *whole t
 steps* (forward + backward + update) of example 2's model on real byte batches (``--train-batches``),
 because that is what a user waits for: the optimizer's share shrinks as the batch grows. Optimizers: ``optax.adamw`` (the baseline:
 every ratio is against its median step time), ours (``s4.adamw_shampoo4`` in the ``fp32``,
-``naive`` and ``eigen`` state formats, max order 1024 so no dimension is split), and the peers
+``naive`` and ``eigen`` state formats, max order 1024 so no dimension is split; the eigen format
+also with each statistics-refresh method, see ``REFRESH_VARIANTS``: ``refresh_stats`` is then the
+cost of one refresh by that method and ``amortized`` its per-step cost at T1/T2 = 100/500), and the peers
 ``precondition.distributed_shampoo`` (fp32 and its int8/int16 ``best_effort_memory_usage_reduction``
 mode; block size 1024 = our max order; RMSProp-normalized grafting) and ``psgdax.kron``.
 
@@ -182,11 +184,24 @@ def _peer_shim() -> None:
   _src.clipping = _clipping
 
 
-def _ours(state_format: str):
+def _ours(state_format: str, **refresh):
   def make(t1, t2):
     return s4.adamw_shampoo4(LR, max_order=MAX_ORDER, state_format=state_format,
-                             stats_every=t1, root_every=t2)
+                             stats_every=t1, root_every=t2, **refresh)
   return make
+
+
+# Refresh methods of the eigen format, timed next to the default ("ours eigen"):
+# the paper's one QR step, four QR steps, an exact eigh at every statistics update, and the
+# adaptive rule at its two extremes (tolerance 0: eigh at every update, its worst case; tolerance 1:
+# the basis is always kept, its best case; the default tolerance lies in between, data-dependent).
+REFRESH_VARIANTS = {
+    "ours eigen qr (paper)": {"refresh_method": "qr"},
+    "ours eigen qr x4": {"refresh_method": "qr", "qr_iterations": 4},
+    "ours eigen eigh": {"refresh_method": "eigh"},
+    "ours eigen adaptive tol=0": {"refresh_method": "adaptive", "refresh_tol": 0.0},
+    "ours eigen adaptive tol=1": {"refresh_method": "adaptive", "refresh_tol": 1.0},
+}
 
 
 def _distributed_shampoo(int8: bool):
@@ -215,6 +230,11 @@ def optimizer_families(skip_peers: bool) -> dict:
   for fmt in ("fp32", "naive", "eigen"):
     make = _ours(fmt)
     families[f"ours {fmt}"] = {"kind": "ours", "variants": {
+        "plain": lambda make=make: make(T1, T2), "stats": lambda make=make: make(1, HUGE),
+        "full": lambda make=make: make(1, 1)}}
+  for name, refresh in REFRESH_VARIANTS.items():
+    make = _ours("eigen", **refresh)
+    families[name] = {"kind": "ours", "variants": {
         "plain": lambda make=make: make(T1, T2), "stats": lambda make=make: make(1, HUGE),
         "full": lambda make=make: make(1, 1)}}
   if skip_peers:

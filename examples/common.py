@@ -3,10 +3,12 @@
 * :func:`make_optimizer` builds the optimizers the examples compare by name:
   ``"adamw"`` / ``"sgdm"`` (first-order baselines) and ``"<base>+shampoo32"``
   (32-bit Shampoo, ``state_format="fp32"``), ``"<base>+naive4"`` (naive 4-bit:
-  quantized statistic and root, ``"naive"``) and ``"<base>+shampoo4"`` (the
-  paper's 4-bit Shampoo, quantized eigenvectors, ``"eigen"``); opt-in, not in
-  the examples' default lists: ``"<base>+shampoo3"`` (the same ``"eigen"``
-  format with 3-bit codes, ``bits=3``). The Shampoo
+  quantized statistic and root, ``"naive"``) and ``"<base>+shampoo4"`` (4-bit
+  Shampoo, quantized eigenvectors, ``"eigen"``, library defaults); further
+  variants for comparisons: ``"+shampoo4_qr"`` (the paper's refresh, one
+  warm-started QR step), ``"+shampoo4_qr4"``, ``"+shampoo4_eigh"``,
+  ``"+shampoo4_adaptive"`` (refresh methods), ``"+shampoo8"`` (8-bit
+  eigenvectors) and ``"+shampoo3"`` (3-bit eigenvectors), see :data:`SHAMPOO_VARIANTS`. The Shampoo
   variants are ``s4.adamw_shampoo4`` / ``s4.sgdm_shampoo4``, so each one is
   exactly its baseline fed with the grafted Shampoo direction.
 * :func:`train` runs one optimizer on one model and returns its loss curves,
@@ -40,21 +42,28 @@ except ModuleNotFoundError:  # Running from a source checkout without `pip insta
   import optax_shampoo4 as s4
 
 BASES = ("adamw", "sgdm")
-# Shampoo variant suffix -> state_format of scale_by_shampoo4.
-SHAMPOO_FORMATS = {"shampoo32": "fp32", "naive4": "naive", "shampoo4": "eigen"}
-# Opt-in variants (not in the default lists): suffix -> (state_format, bits).
-EXTRA_VARIANTS = {"shampoo3": ("eigen", 3)}
-# Every variant suffix -> (state_format, bits); the fp32 format ignores bits.
-SHAMPOO_VARIANTS = {**{name: (fmt, 4) for name, fmt in SHAMPOO_FORMATS.items()}, **EXTRA_VARIANTS}
+# Shampoo variant suffix -> its scale_by_shampoo4 arguments (the others are the library defaults).
+SHAMPOO_VARIANTS = {
+    "shampoo32": {"state_format": "fp32"},  # 32-bit Shampoo (dense float32 factors)
+    "naive4": {"state_format": "naive"},  # naive 4-bit (quantized statistic and root)
+    "shampoo4": {},  # 4-bit Shampoo, library defaults
+    "shampoo4_qr": {"refresh_method": "qr"},  # the paper's refresh: one warm-started QR step
+    "shampoo4_qr4": {"refresh_method": "qr", "qr_iterations": 4},
+    "shampoo4_eigh": {"refresh_method": "eigh"},  # exact eigendecomposition at every refresh
+    "shampoo4_adaptive": {"refresh_method": "adaptive"},
+    "shampoo8": {"bits": 8},  # 8-bit eigenvectors, default refresh
+    "shampoo3": {"bits": 3},  # 3-bit eigenvectors, default refresh
+}
+# The variants an example runs by default (the others are there for benchmarks/quality.py).
+DEFAULT_VARIANTS = ("shampoo32", "naive4", "shampoo4")
 
 
-def optimizer_names(base: str) -> tuple[str, ...]:
-  """``(base, base+shampoo32, base+naive4, base+shampoo4)``."""
-  return (base,) + tuple(f"{base}+{variant}" for variant in SHAMPOO_FORMATS)
+def optimizer_names(base: str, variants=DEFAULT_VARIANTS) -> tuple[str, ...]:
+  """``(base, base+shampoo32, base+naive4, base+shampoo4)`` by default."""
+  return (base,) + tuple(f"{base}+{variant}" for variant in variants)
 
 
-OPTIMIZERS = (optimizer_names("adamw") + optimizer_names("sgdm")
-              + tuple(f"{base}+{variant}" for base in BASES for variant in EXTRA_VARIANTS))
+OPTIMIZERS = optimizer_names("adamw", SHAMPOO_VARIANTS) + optimizer_names("sgdm", SHAMPOO_VARIANTS)
 
 # Refresh intervals for these short demos (a few hundred steps): statistics
 # (and, in the 4-bit format, the eigenvector QR step) every T1 steps, inverse
@@ -112,9 +121,8 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, weight_deca
     if base == "adamw":
       return optax.adamw(learning_rate, weight_decay=weight_decay)
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
-  state_format, bits = SHAMPOO_VARIANTS[variant]
-  shampoo = dict(state_format=state_format, bits=bits, stats_every=stats_every, root_every=root_every,
-                 epsilon=epsilon, min_quant_order=min_quant_order, max_order=max_order)
+  shampoo = dict(stats_every=stats_every, root_every=root_every, epsilon=epsilon,
+                 min_quant_order=min_quant_order, max_order=max_order, **SHAMPOO_VARIANTS[variant])
   if base == "adamw":
     return s4.adamw_shampoo4(learning_rate, weight_decay=weight_decay, **shampoo)
   return s4.sgdm_shampoo4(learning_rate, momentum=momentum, weight_decay=weight_decay, **shampoo)
@@ -182,9 +190,7 @@ def describe_shampoo_factors(opt_state: Any) -> str:
       for bucket_name, bucket in node.factors.items():  # e.g. "order256_q", "order10_f32"
         order, kind = bucket_name.removeprefix("order").split("_")
         count = jax.tree.leaves(bucket)[0].shape[0]  # factors are stacked along axis 0
-        bits = {q.bits for q in jax.tree.leaves(bucket, is_leaf=lambda n: isinstance(n, s4.quantization.QuantizedArray))
-                if isinstance(q, s4.quantization.QuantizedArray)}
-        buckets.append((int(order), count, f"{max(bits)}-bit" if kind == "q" and bits else "fp32"))
+        buckets.append((int(order), count, "4-bit" if kind == "q" else "fp32"))
   return ", ".join(f"{c} x order {o} ({k})" for o, c, k in sorted(buckets, reverse=True))
 
 

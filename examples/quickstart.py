@@ -107,11 +107,12 @@ def minibatch_indices(num_examples: int, batch_size: int, steps: int, seed: int)
   return order[:steps * batch_size].reshape(steps, batch_size)
 
 
-def make_optimizer(name: str, learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
+def make_optimizer(name: str, learning_rate: float, weight_decay: float,
+                   epsilon: float = EPSILON) -> optax.GradientTransformation:
   """One of :data:`OPTIMIZERS`; all three share AdamW's hyperparameters."""
   if name == "adamw":
     return optax.adamw(learning_rate, weight_decay=weight_decay)
-  shampoo = dict(stats_every=STATS_EVERY, root_every=ROOT_EVERY, epsilon=EPSILON,
+  shampoo = dict(stats_every=STATS_EVERY, root_every=ROOT_EVERY, epsilon=epsilon,
                  min_quant_order=MIN_QUANT_ORDER)
   if name == "shampoo32":
     return s4.adamw_shampoo4(learning_rate, weight_decay=weight_decay, state_format="fp32", **shampoo)
@@ -144,7 +145,8 @@ def train(name: str, args: argparse.Namespace, data, batches: np.ndarray) -> dic
   """Trains a fresh model with one optimizer; returns its losses and metrics."""
   x_train, y_train, x_test, y_test = data
   model = MLP(nnx.Rngs(args.seed))  # the same initialization for every optimizer
-  optimizer = nnx.Optimizer(model, make_optimizer(name, args.lr, args.weight_decay), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, make_optimizer(name, args.lr, args.weight_decay, args.epsilon),
+                            wrt=nnx.Param)
   state_bytes = s4.state_nbytes(optimizer.opt_state)
 
   start = time.perf_counter()
@@ -218,6 +220,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (shared)")
   parser.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled weight decay (shared)")
   parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+  parser.add_argument("--epsilon", type=float, default=EPSILON, help="Shampoo relative damping")
   parser.add_argument("--out", type=pathlib.Path, default=None, help="write losses and metrics to this JSON file")
   return parser.parse_args(argv)
 
@@ -229,14 +232,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
   batches = minibatch_indices(len(data[0]), args.batch_size, args.steps, args.seed)
   print(f"digits: {len(data[0])} train / {len(data[2])} test examples; MLP 64-256-256-10; "
         f"{args.steps} steps of batch {args.batch_size}, lr {args.lr:g}, seed {args.seed}; "
-        f"Shampoo T1={STATS_EVERY}, T2={ROOT_EVERY}, epsilon={EPSILON:g}")
+        f"Shampoo T1={STATS_EVERY}, T2={ROOT_EVERY}, epsilon={args.epsilon:g}")
 
   results = {name: train(name, args, data, batches) for name in args.optimizers}
   print_table(results)
   if args.out is not None:
     config = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
-    config.update(stats_every=STATS_EVERY, root_every=ROOT_EVERY, epsilon=EPSILON,
-                  min_quant_order=MIN_QUANT_ORDER)
+    config.update(stats_every=STATS_EVERY, root_every=ROOT_EVERY, min_quant_order=MIN_QUANT_ORDER)
     args.out.write_text(json.dumps({"config": config, "results": results}, indent=1))
     print(f"wrote {args.out.name}")
   return results

@@ -17,7 +17,7 @@ import jax
 import optax
 
 from optax_shampoo4 import validation
-from optax_shampoo4.transform import scale_by_shampoo4
+from optax_shampoo4.transform import DEFAULT_REFRESH_METHOD, DEFAULT_REFRESH_TOL, scale_by_shampoo4
 
 _SHAMPOO_ARGS = tuple(inspect.signature(scale_by_shampoo4).parameters)
 
@@ -47,6 +47,9 @@ def adamw_shampoo4(
     min_quant_order: int = 64,
     bjorck_steps: tuple[int, int] = (1, 4),
     root_method: str | None = None,
+    refresh_method: str = DEFAULT_REFRESH_METHOD,
+    qr_iterations: int | None = None,
+    refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
 ) -> optax.GradientTransformationExtraArgs:
@@ -69,9 +72,9 @@ def adamw_shampoo4(
     mask: which parameters get weight decay (tree of bools or a callable), as
       in :func:`optax.adamw`.
     max_order, beta, epsilon, stats_every, root_every, state_format, bits,
-      mapping, quant_block, min_quant_order, bjorck_steps, root_method, mesh,
-      mesh_axis: keyword-only, passed to :func:`scale_by_shampoo4` (same
-      defaults).
+      mapping, quant_block, min_quant_order, bjorck_steps, root_method,
+      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis:
+      keyword-only, passed to :func:`scale_by_shampoo4` (same defaults).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -114,6 +117,9 @@ def sgdm_shampoo4(
     min_quant_order: int = 64,
     bjorck_steps: tuple[int, int] = (1, 4),
     root_method: str | None = None,
+    refresh_method: str = DEFAULT_REFRESH_METHOD,
+    qr_iterations: int | None = None,
+    refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
 ) -> optax.GradientTransformationExtraArgs:
@@ -134,9 +140,9 @@ def sgdm_shampoo4(
     weight_decay: coupled L2 coefficient :math:`\\lambda`.
     mask: which parameters get weight decay.
     max_order, beta, epsilon, stats_every, root_every, state_format, bits,
-      mapping, quant_block, min_quant_order, bjorck_steps, root_method, mesh,
-      mesh_axis: keyword-only, passed to :func:`scale_by_shampoo4` (same
-      defaults).
+      mapping, quant_block, min_quant_order, bjorck_steps, root_method,
+      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis:
+      keyword-only, passed to :func:`scale_by_shampoo4` (same defaults).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -172,6 +178,9 @@ def adagrad_shampoo4(
     min_quant_order: int = 64,
     bjorck_steps: tuple[int, int] = (1, 4),
     root_method: str | None = None,
+    refresh_method: str = DEFAULT_REFRESH_METHOD,
+    qr_iterations: int | None = None,
+    refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
 ) -> optax.GradientTransformationExtraArgs:
@@ -182,9 +191,9 @@ def adagrad_shampoo4(
     initial_accumulator_value: initial sum of squares.
     eps: added inside the square root.
     max_order, beta, epsilon, stats_every, root_every, state_format, bits,
-      mapping, quant_block, min_quant_order, bjorck_steps, root_method, mesh,
-      mesh_axis: keyword-only, passed to :func:`scale_by_shampoo4` (same
-      defaults).
+      mapping, quant_block, min_quant_order, bjorck_steps, root_method,
+      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis:
+      keyword-only, passed to :func:`scale_by_shampoo4` (same defaults).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.

@@ -25,7 +25,7 @@ accepted refreshes is returned so the transform can count failures.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ from optax_shampoo4 import quantization as qz
 
 FORMATS = ("eigen", "naive", "fp32")
 ROOT_METHODS = ("eigen", "newton")
+REFRESH_METHODS = ("qr", "eigh", "adaptive")
 
 # A square matrix in the state: dense f32, quantized rows, or f32 diag + quantized off-diagonal.
 StoredMatrix = Union[jax.Array, qz.QuantizedArray, qz.OffDiagQuantized]
@@ -75,7 +76,35 @@ Bucket = Union[EigenFactors, MatrixFactors]
 
 @dataclasses.dataclass(frozen=True)
 class FactorConfig:
-  """The static settings the factor maths needs."""
+  """The settings the factor maths needs (static, except ``refresh_tol``).
+
+  Attributes:
+    state_format, bits, mapping, quant_block, bjorck_steps, root_method: see
+      :func:`~optax_shampoo4.scale_by_shampoo4`.
+    refresh_method: how the ``"eigen"`` format's eigenbasis follows the
+      updated statistic :math:`A` at each statistics update (PU), starting
+      from the rectified stored basis :math:`V`:
+
+      * ``"qr"`` (the paper): ``qr_iterations`` warm-started steps of
+        subspace iteration, :math:`P \\leftarrow \\mathrm{qr}(AP).Q` from
+        :math:`P = V`, then :math:`\\lambda = \\mathrm{diag}(P^\\top A P)`.
+        What :math:`P` leaves off the diagonal of :math:`P^\\top A P` is lost.
+      * ``"eigh"``: an exact eigendecomposition of :math:`A` (descending
+        order), so the stored statistic is :math:`A` up to quantization.
+      * ``"adaptive"`` (Purifying Shampoo's rule): with
+        :math:`B = V^\\top A V`, an exact eigendecomposition only where
+        :math:`\\|B - \\mathrm{Diag}(B)\\|_F > \\tau \\|B\\|_F`
+        (:math:`\\tau` = ``refresh_tol``); elsewhere :math:`V` is kept with
+        :math:`\\lambda = \\mathrm{diag}(B)` (sorted descending), which
+        discards at most a fraction :math:`\\tau` of :math:`A` (in
+        Frobenius norm). The initial basis :math:`I` sees all of :math:`A`'s
+        off-diagonal mass, so the first update is exact.
+    qr_iterations: QR steps per update for ``"qr"`` (the paper: 1).
+    refresh_tol: :math:`\\tau` of ``"adaptive"``; a float or a traced array.
+    initial_eigh: with ``"qr"``, a factor whose stored basis is exactly the
+      identity (its initial state, so its first update) gets an exact
+      eigendecomposition instead of QR steps. False is the paper.
+  """
 
   state_format: str = "eigen"
   bits: int = 4
@@ -83,6 +112,10 @@ class FactorConfig:
   quant_block: int = 64
   bjorck_steps: tuple[int, int] = (1, 4)
   root_method: str = "eigen"
+  refresh_method: str = "qr"
+  qr_iterations: int = 1
+  refresh_tol: Any = 0.01
+  initial_eigh: bool = False
 
   def store(self, matrix: jax.Array, quantized: bool, separate_diag: bool) -> StoredMatrix:
     """Encodes float32 ``[..., n, n]`` for the state."""
@@ -146,15 +179,56 @@ def _rectified_eigvecs(bucket: EigenFactors, steps: int) -> jax.Array:
   return rows
 
 
+def _is_identity(rows: jax.Array) -> jax.Array:
+  """Per factor: is the basis exactly the identity (the initial state)? ``bool[k]``."""
+  eye = jnp.eye(rows.shape[-1], dtype=rows.dtype)
+  return jnp.all((rows == eye).reshape(rows.shape[0], -1), axis=1)
+
+
+def _offdiag_fraction(b: jax.Array) -> jax.Array:
+  """:math:`\\|B - \\mathrm{Diag}(B)\\|_F / \\|B\\|_F` per matrix of ``[k, n, n]``."""
+  diag = jnp.diagonal(b, axis1=-2, axis2=-1)
+  total = jnp.sum(b * b, axis=(-2, -1))
+  off = jnp.maximum(total - jnp.sum(diag * diag, axis=-1), 0.0)
+  return jnp.sqrt(off / jnp.where(total > 0, total, 1.0))
+
+
+def refresh_eigenbasis(
+    config: FactorConfig, stat: jax.Array, cols: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """New eigenpairs of ``stat`` ``[k, n, n]`` from the basis ``cols`` (columns).
+
+  Applies ``config.refresh_method`` (see :class:`FactorConfig`).
+
+  Returns:
+    ``(V, λ)``: eigenvectors as columns and eigenvalues, descending.
+  """
+  if config.refresh_method == "eigh":
+    return linalg.eigh_descending(stat)
+  if config.refresh_method == "qr":
+    eigvecs, eigvals = linalg.qr_refresh(stat, cols, config.qr_iterations)
+    if config.initial_eigh:
+      need = _is_identity(cols)
+      eigvecs, eigvals = linalg.eigh_where(need, stat, eigvecs, eigvals)
+    return eigvecs, eigvals
+  b = linalg.matmul(linalg.transpose(cols), linalg.matmul(stat, cols))
+  eigvecs, eigvals = linalg.sort_descending(cols, jnp.diagonal(b, axis1=-2, axis2=-1))
+  tol = jnp.asarray(config.refresh_tol, jnp.float32)
+  return linalg.eigh_where(_offdiag_fraction(b) > tol, stat, eigvecs, eigvals)
+
+
 def update_stats(
     config: FactorConfig, bucket: Bucket, grams: jax.Array, beta: jax.Array
 ) -> tuple[Bucket, jax.Array]:
   """PU (paper Alg. 1) for every factor: fold ``grams`` ``[k, n, n]`` in.
 
   ``"eigen"``: :math:`V = \\mathrm{Björck}^{t_1}(D(\\bar U))`,
-  :math:`A = \\beta V \\Lambda V^\\top + (1-\\beta) M`,
-  :math:`P = \\mathrm{qr}(AV).Q`, :math:`\\lambda = \\mathrm{diag}(P^\\top A P)`;
-  stores :math:`Q(P^\\top)`. Other formats: :math:`L = \\beta L + (1-\\beta)M`.
+  :math:`A = \\beta V \\Lambda V^\\top + (1-\\beta) M`, then new
+  eigenpairs of :math:`A` by ``config.refresh_method`` (the paper:
+  :math:`P = \\mathrm{qr}(AV).Q`, :math:`\\lambda = \\mathrm{diag}(P^\\top A P)`),
+  sorted by descending eigenvalue; stores :math:`Q(P^\\top)`. The root is
+  left as it is (and may be ``None``, for users that keep no root). Other
+  formats: :math:`L = \\beta L + (1-\\beta)M`.
 
   Returns:
     The new bucket and ``bool[k]``: False where a factor's update was
@@ -166,7 +240,7 @@ def update_stats(
     cols = linalg.transpose(rows)
     stat = beta * linalg.matmul(cols * bucket.eigvals[:, None, :], rows)
     stat = stat + (1.0 - beta) * grams
-    eigvecs, eigvals = linalg.qr_refresh(stat, cols)
+    eigvecs, eigvals = refresh_eigenbasis(config, stat, cols)
     ok = _all_finite(eigvecs) & _all_finite(eigvals)
     stored = config.store(linalg.transpose(eigvecs), is_quantized(bucket.eigvecs), False)
     new = EigenFactors(stored, eigvals, bucket.root)

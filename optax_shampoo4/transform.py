@@ -15,6 +15,9 @@ from optax_shampoo4 import engine, linalg, partition, sharding, validation
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import quantization as qz
 
+# Chosen by measurement (README, "Refresh methods"); the paper's refresh is refresh_method="qr".
+DEFAULT_REFRESH_METHOD = "adaptive"
+DEFAULT_REFRESH_TOL = 0.01
 # Added to the preconditioned norm in the grafting ratio (as the reference code).
 _GRAFT_TINY = 1e-12
 
@@ -42,6 +45,18 @@ class ScaleByShampoo4State(NamedTuple):
   nonfinite_steps: jax.Array
   skipped_stats: jax.Array
   failed_refreshes: jax.Array
+
+
+def _validate_refresh(refresh_method, qr_iterations, refresh_tol) -> int:
+  """Checks the refresh arguments; returns the resolved number of QR steps."""
+  if refresh_method not in fct.REFRESH_METHODS:
+    raise ValueError(
+        f"refresh_method must be one of {fct.REFRESH_METHODS}, got refresh_method={refresh_method!r}")
+  if qr_iterations is None:
+    qr_iterations = 1
+  validation.check_int("qr_iterations", qr_iterations, 1)
+  validation.check_range("refresh_tol", refresh_tol, 0.0, 1.0, high_inclusive=True)
+  return int(qr_iterations)
 
 
 def _validate(max_order, beta, epsilon, stats_every, root_every, state_format, bits,
@@ -107,6 +122,9 @@ def scale_by_shampoo4(
     min_quant_order: int = 64,
     bjorck_steps: tuple[int, int] = (1, 4),
     root_method: str | None = None,
+    refresh_method: str = DEFAULT_REFRESH_METHOD,
+    qr_iterations: int | None = None,
+    refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
 ) -> optax.GradientTransformationExtraArgs:
@@ -128,8 +146,8 @@ def scale_by_shampoo4(
 
   with both norms over the whole parameter. In the ``"eigen"`` format (the
   paper's method) :math:`L` is kept as float32 eigenvalues plus 4-bit
-  eigenvectors, refreshed by one warm-started QR step after Björck
-  rectification, and :math:`\\hat L` as a float32 diagonal plus a 4-bit
+  eigenvectors, refreshed after Björck rectification by ``refresh_method``
+  (the paper: one warm-started QR step), and :math:`\\hat L` as a float32 diagonal plus a 4-bit
   off-diagonal. Until the first root update (step ``root_every``) the roots
   are the identity, so the output equals the gradient. Statistics, roots and
   the preconditioning run in float32; the output has the gradient's dtype.
@@ -162,6 +180,21 @@ def scale_by_shampoo4(
       ``"newton"`` (coupled Newton, Alg. 4). None picks ``"eigen"`` for the
       ``"eigen"`` format and ``"newton"`` for the others (which store no
       eigenvectors).
+    refresh_method: how the ``"eigen"`` format's eigenbasis follows the
+      statistic at each statistics update, with :math:`A` the updated
+      statistic and :math:`V` the stored basis: ``"qr"`` (the paper:
+      ``qr_iterations`` warm-started steps :math:`P \\leftarrow
+      \\mathrm{qr}(AP).Q` from :math:`V`, :math:`\\lambda =
+      \\mathrm{diag}(P^\\top A P)`), ``"eigh"`` (exact eigendecomposition
+      of :math:`A`) or ``"adaptive"`` (with :math:`B = V^\\top A V`: exact
+      eigendecomposition where :math:`\\|B - \\mathrm{Diag}\\,B\\|_F >`
+      ``refresh_tol`` :math:`\\cdot \\|B\\|_F`, else keep :math:`V` and
+      take :math:`\\lambda = \\mathrm{diag}\\,B`). Eigenpairs are stored
+      in descending order. See :class:`~optax_shampoo4.factors.FactorConfig`.
+    qr_iterations: QR steps per statistics update for ``"qr"`` (static; None
+      means 1, the paper).
+    refresh_tol: relative off-diagonal tolerance τ of ``"adaptive"``, in
+      [0, 1] (may be injected); 0 decomposes at every update.
     mesh: optional device mesh. Each bucket's factor axis is then padded to a
       multiple of ``mesh.shape[mesh_axis]`` and the refreshes run under
       ``jax.shard_map``, each device on its share of the factors; place the
@@ -193,9 +226,12 @@ def scale_by_shampoo4(
   root_method = _validate(max_order, beta, epsilon, stats_every, root_every, state_format,
                           bits, mapping, quant_block, min_quant_order, bjorck_steps,
                           root_method)
+  qr_iterations = _validate_refresh(refresh_method, qr_iterations, refresh_tol)
   sharding.validate_mesh(mesh, mesh_axis)
   config = fct.FactorConfig(state_format, bits, mapping, quant_block,
-                            tuple(int(s) for s in bjorck_steps), root_method)
+                            tuple(int(s) for s in bjorck_steps), root_method,
+                            refresh_method=refresh_method, qr_iterations=qr_iterations,
+                            refresh_tol=refresh_tol)
   factor_engine = engine.FactorEngine(config, max_order, min_quant_order, mesh, mesh_axis)
 
   def init_fn(params):

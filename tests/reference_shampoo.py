@@ -45,8 +45,12 @@ class _EigenFactor:
 
   def update_stats(self, gram, beta):  # Alg. 1 with one warm-started QR step
     a = beta * (self.vecs * self.vals) @ self.vecs.T + (1 - beta) * gram
-    self.vecs, _ = np.linalg.qr(a @ self.vecs)
+    q, r = np.linalg.qr(a @ self.vecs)
+    self.vecs = q * np.where(np.diag(r) < 0, -1.0, 1.0)  # orientation of A v_i
     self.vals = np.einsum("ij,ik,kj->j", self.vecs, a, self.vecs)
+    # Columns by descending eigenvalue, so the next warm start keeps the dominant ones in front.
+    order = np.argsort(-self.vals, kind="stable")
+    self.vecs, self.vals = self.vecs[:, order], self.vals[order]
 
   def update_root(self, epsilon):  # Alg. 2
     vals = np.maximum(self.vals, 0.0)
@@ -54,7 +58,7 @@ class _EigenFactor:
 
 
 def shampoo_alg3_unquantized(grads, beta, epsilon, stats_every, root_every):
-  """4-bit Shampoo's eigen pipeline (Alg. 3) with exact storage; grafted updates."""
+  """4-bit Shampoo's eigen pipeline (Alg. 3) with exact storage, one QR step per T1; grafted updates."""
   m, n = grads[0].shape
   left, right = _EigenFactor(m, epsilon), _EigenFactor(n, epsilon)
   outputs = []

@@ -156,3 +156,121 @@ def test_eigen_bucket_stores_eigenvectors_as_rows():
   # Row i's scales are the block absmax of eigenvector i (column i of u).
   expected = np.abs(u.T.reshape(n, n // 16, 16)).max(-1)
   np.testing.assert_allclose(bucket.eigvecs.scales[0], expected, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Refresh methods of the eigen statistic.
+# ----------------------------------------------------------------------------
+
+
+def _refresh_setup(n=24, k=2, seed=10):
+  """An unquantized eigen bucket with random bases, grams, and the float64 updated statistics."""
+  rng = np.random.default_rng(seed)
+  bases = np.stack([np.linalg.qr(rng.standard_normal((n, n)))[0] for _ in range(k)]).astype(np.float32)
+  eigvals = np.sort(rng.uniform(0.1, 2.0, (k, n)), axis=1)[:, ::-1].astype(np.float32)
+  g = rng.standard_normal((k, n, 6)).astype(np.float32)
+  grams = np.einsum("kij,klj->kil", g, g)
+  bucket = fct.EigenFactors(jnp.asarray(np.swapaxes(bases, 1, 2)), jnp.asarray(eigvals),
+                            jnp.broadcast_to(jnp.eye(n), (k, n, n)))
+  beta = 0.9
+  b64, l64 = bases.astype(np.float64), eigvals.astype(np.float64)
+  stats = beta * np.einsum("kij,kj,klj->kil", b64, l64, b64) + (1 - beta) * grams.astype(np.float64)
+  return bucket, jnp.asarray(grams), beta, stats, b64
+
+
+def _check_exact(new, stats):
+  w, u = np.linalg.eigh(stats)
+  w, u = w[:, ::-1], u[:, :, ::-1]
+  np.testing.assert_allclose(new.eigvals, w, rtol=1e-5, atol=1e-6 * w.max())
+  rows = np.asarray(new.eigvecs, np.float64)  # rows are eigenvectors
+  signs = np.sign(np.einsum("kij,kji->ki", rows, u))[:, :, None]
+  np.testing.assert_allclose(rows * signs, np.swapaxes(u, 1, 2), atol=2e-4)
+
+
+@pytest.mark.parametrize("method, kwargs", [("eigh", {}), ("adaptive", {"refresh_tol": 0.0})])
+def test_exact_refresh_matches_float64_eigh_descending(method, kwargs):
+  bucket, grams, beta, stats, _ = _refresh_setup()
+  config = fct.FactorConfig(refresh_method=method, **kwargs)
+  new, accepted = jax.jit(lambda b, m: fct.update_stats(config, b, m, beta))(bucket, grams)
+  assert accepted.tolist() == [True, True]
+  _check_exact(new, stats)
+  np.testing.assert_array_equal(new.root, bucket.root)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_qr_refresh_method_matches_float64_subspace_iteration(iterations):
+  bucket, grams, beta, stats, bases = _refresh_setup(seed=11)
+  config = fct.FactorConfig(refresh_method="qr", qr_iterations=iterations)
+  new, _ = jax.jit(lambda b, m: fct.update_stats(config, b, m, beta))(bucket, grams)
+  for i in range(2):
+    p = bases[i]
+    for _ in range(iterations):
+      q, r = np.linalg.qr(stats[i] @ p)
+      p = q * np.sign(np.diag(r))
+    lam = np.einsum("ij,ik,kj->j", p, stats[i], p)
+    order = np.argsort(-lam)
+    np.testing.assert_allclose(new.eigvals[i], lam[order], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new.eigvecs[i], np.float64), p[:, order].T, atol=5e-4)
+
+
+def test_adaptive_refresh_keeps_a_basis_that_still_diagonalizes():
+  """Factor 0's new statistic is diagonal in its basis (kept, λ = diag B); factor 1's is not (eigh)."""
+  bucket, grams, beta, stats, bases = _refresh_setup(seed=12)
+  mu = np.random.default_rng(0).uniform(0.0, 3.0, 24)
+  gram0 = (bases[0] * mu) @ bases[0].T  # same eigenbasis as factor 0's statistic
+  grams = grams.at[0].set(jnp.asarray(gram0, jnp.float32))
+  stats[0] = beta * (bases[0] * np.asarray(bucket.eigvals[0], np.float64)) @ bases[0].T + (1 - beta) * gram0
+  config = fct.FactorConfig(refresh_method="adaptive", refresh_tol=1e-3)
+  new, accepted = jax.jit(lambda b, m: fct.update_stats(config, b, m, beta))(bucket, grams)
+  assert accepted.tolist() == [True, True]
+  lam0 = beta * np.asarray(bucket.eigvals[0], np.float64) + (1 - beta) * mu
+  order = np.argsort(-lam0)
+  np.testing.assert_allclose(new.eigvals[0], lam0[order], rtol=1e-5)
+  np.testing.assert_allclose(new.eigvecs[0], np.asarray(bucket.eigvecs[0])[order], atol=1e-6)  # kept rows
+  w1 = np.linalg.eigh(stats[1])[0][::-1]
+  np.testing.assert_allclose(new.eigvals[1], w1, rtol=1e-5, atol=1e-6 * w1.max())
+
+
+def test_adaptive_refresh_is_exact_from_the_initial_identity_basis():
+  n = 64
+  rng = np.random.default_rng(13)
+  g = rng.standard_normal((1, n, 8)).astype(np.float32)
+  grams = np.einsum("kij,klj->kil", g, g)
+  stats = 0.9 * 1e-6 * np.eye(n) + 0.1 * grams[0].astype(np.float64)
+  for method, kwargs in [("adaptive", {}), ("qr", {"initial_eigh": True})]:
+    config = fct.FactorConfig(refresh_method=method, **kwargs)
+    bucket = fct.init_bucket(config, n, 1, True, 1e-6)
+    new, _ = fct.update_stats(config, bucket, jnp.asarray(grams), 0.9)
+    w = np.linalg.eigh(stats)[0][::-1]
+    np.testing.assert_allclose(new.eigvals[0], w, rtol=1e-4, atol=1e-5 * w.max())
+  # The paper's QR step from I keeps only diag(A)'s ordering: its λ are not A's eigenvalues.
+  config = fct.FactorConfig(refresh_method="qr")
+  new, _ = fct.update_stats(config, fct.init_bucket(config, n, 1, True, 1e-6), jnp.asarray(grams), 0.9)
+  assert np.abs(np.asarray(new.eigvals[0]) - w).max() > 1e-2 * w.max()
+
+
+@pytest.mark.parametrize("method", fct.REFRESH_METHODS)
+def test_failed_refresh_is_kept_and_reported_for_every_method(method):
+  config = fct.FactorConfig(refresh_method=method, refresh_tol=0.0)
+  bucket, grams, beta, stats, _ = _refresh_setup(seed=14, k=3)
+  grams = grams.at[1, 2, 3].set(jnp.nan)
+  new, accepted = jax.jit(lambda b, m: fct.update_stats(config, b, m, beta))(bucket, grams)
+  assert accepted.tolist() == [True, False, True]
+  for old, fresh in zip(jax.tree.leaves(bucket), jax.tree.leaves(new)):
+    np.testing.assert_array_equal(fresh[1], old[1])
+  chex.assert_tree_all_finite(new)
+
+
+@pytest.mark.parametrize("method", fct.REFRESH_METHODS)
+def test_update_stats_without_a_root(method):
+  """Root-less eigen buckets (``root=None``, e.g. for a SOAP-style rotation) refresh the same way."""
+  config = fct.FactorConfig(refresh_method=method, bits=4, quant_block=16)
+  full = fct.init_bucket(config, 32, 2, True, 1e-6)
+  rootless = full._replace(root=None)
+  grams = jnp.asarray(np.random.default_rng(15).standard_normal((2, 32, 32)), jnp.float32)
+  grams = grams @ jnp.swapaxes(grams, 1, 2)
+  new_full, _ = fct.update_stats(config, full, grams, 0.9)
+  new_rootless, accepted = fct.update_stats(config, rootless, grams, 0.9)
+  assert new_rootless.root is None and accepted.tolist() == [True, True]
+  chex.assert_trees_all_equal(new_rootless.eigvecs, new_full.eigvecs)
+  chex.assert_trees_all_equal(new_rootless.eigvals, new_full.eigvals)

@@ -20,7 +20,9 @@ from optax_shampoo4 import quantization as qz
 
 # Compiled once per shape and static arguments (cheaper than op-by-op dispatch).
 _bjorck = jax.jit(la.bjorck, static_argnames="steps")
-_qr_refresh = jax.jit(la.qr_refresh)
+_qr_refresh = jax.jit(la.qr_refresh, static_argnames="iterations")
+_eigh = jax.jit(la.eigh_descending)
+_eigh_where = jax.jit(la.eigh_where)
 _from_eig = jax.jit(la.inverse_root_from_eig, static_argnames="p")
 _newton = jax.jit(la.inverse_root_newton, static_argnames=("p", "max_iters"))
 _power = jax.jit(la.power_iteration, static_argnames="num_iters")
@@ -174,9 +176,12 @@ def test_qr_refresh_single_step():
   chex.assert_type((p, lam), jnp.float32)
   p64 = np.asarray(p, np.float64)
   assert _orth_error(p64.T) < 1e-5
-  # P is the Q factor of A V: Pᵀ (A V) is upper triangular.
-  r = p64.T @ (a64 @ v.astype(np.float64))
-  assert np.abs(np.tril(r, -1)).max() < 1e-5 * np.abs(r).max()
+  # P is the Q factor of A V (signs with R_ii >= 0), columns sorted by descending Rayleigh quotient.
+  q_ref, r_ref = np.linalg.qr(a64 @ v.astype(np.float64))
+  q_ref = q_ref * np.sign(np.diag(r_ref))
+  order = np.argsort(-np.diag(q_ref.T @ a64 @ q_ref))
+  np.testing.assert_allclose(p64, q_ref[:, order], atol=2e-4)
+  assert np.all(np.diff(np.asarray(lam)) <= 0)
   # λ are the Rayleigh quotients diag(PᵀAP), computed in float64.
   np.testing.assert_allclose(np.asarray(lam, np.float64), np.diag(p64.T @ a64 @ p64), rtol=1e-5, atol=1e-6)
 
@@ -376,19 +381,111 @@ def test_orthonormal_basis_matches_numpy_qr():
     np.testing.assert_allclose(q[idx] * signs, q_ref, atol=2e-5)
 
 
+# ----------------------------------------------------------------------------
+# Eigendecompositions, sorted descending.
+# ----------------------------------------------------------------------------
+
+
+def _spd_batch(k, n, rng, decay=0.9):
+  """k float32 SPD matrices with eigenvalues decay**i (distinct gaps), and float64 copies."""
+  mats = [_spd(decay ** np.arange(n) * rng.uniform(0.5, 2.0), rng)[0] for _ in range(k)]
+  a32 = np.stack(mats)
+  return a32, a32.astype(np.float64)
+
+
+def _assert_eigpairs_match(vecs, vals, a64, vec_atol):
+  """Columns of ``vecs`` vs float64 eigh, descending, up to each column's sign."""
+  w, u = np.linalg.eigh(a64)
+  w, u = w[..., ::-1], u[..., ::-1]
+  np.testing.assert_array_less(-1e-6, -np.diff(np.asarray(vals), axis=-1))  # descending
+  np.testing.assert_allclose(vals, w, atol=2e-6 * np.abs(w).max(), rtol=0)
+  v = np.asarray(vecs, np.float64)
+  signs = np.sign(np.sum(v * u, axis=-2, keepdims=True))
+  np.testing.assert_allclose(v * signs, u, atol=vec_atol)
+
+
+def test_eigh_descending_matches_numpy_float64():
+  rng = np.random.default_rng(20)
+  a32, a64 = _spd_batch(3, 24, rng)
+  vecs, vals = _eigh(jnp.asarray(a32))
+  chex.assert_shape((vecs, vals), ((3, 24, 24), (3, 24)))
+  _assert_eigpairs_match(vecs, vals, a64, vec_atol=1e-3)
+  # Unbatched input (the batched code path) and a 2-level batch agree with the stacked one.
+  single_vecs, single_vals = _eigh(jnp.asarray(a32[1]))
+  np.testing.assert_allclose(single_vals, vals[1], rtol=1e-6)
+  nested_vecs, nested_vals = _eigh(jnp.asarray(a32[:2].reshape(1, 2, 24, 24)))
+  np.testing.assert_allclose(nested_vals[0], vals[:2], rtol=1e-6)
+
+
+def test_eigh_where_decomposes_only_where_needed():
+  rng = np.random.default_rng(21)
+  a32, a64 = _spd_batch(3, 16, rng)
+  keep_vecs = rng.standard_normal((3, 16, 16)).astype(np.float32)
+  keep_vals = rng.standard_normal((3, 16)).astype(np.float32)
+  need = np.array([True, False, True])
+  vecs, vals = _eigh_where(jnp.asarray(need), jnp.asarray(a32), jnp.asarray(keep_vecs), jnp.asarray(keep_vals))
+  np.testing.assert_array_equal(vecs[1], keep_vecs[1])
+  np.testing.assert_array_equal(vals[1], keep_vals[1])
+  _assert_eigpairs_match(vecs[need], vals[need], a64[need], vec_atol=1e-3)
+
+
+def test_qr_refresh_converges_to_sorted_eigenpairs():
+  rng = np.random.default_rng(22)
+  a32, a64 = _spd_batch(2, 16, rng, decay=0.5)  # well-separated spectrum: fast subspace iteration
+  start = np.stack([_haar(16, rng) for _ in range(2)]).astype(np.float32)
+  vecs, vals = _qr_refresh(jnp.asarray(a32), jnp.asarray(start), iterations=60)
+  _assert_eigpairs_match(vecs, vals, a64, vec_atol=2e-3)
+  # One step returns orthonormal columns, sorted by their Rayleigh quotients.
+  vecs1, vals1 = _qr_refresh(jnp.asarray(a32), jnp.asarray(start))
+  v = np.asarray(vecs1, np.float64)
+  for i in range(2):
+    assert _orth_error(v[i]) < 1e-5
+    np.testing.assert_allclose(vals1[i], np.sum(v[i] * (a64[i] @ v[i]), axis=0), rtol=1e-4, atol=1e-7)
+    assert np.all(np.diff(np.asarray(vals1[i])) <= 0)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_qr_refresh_warm_started_from_eigh_stays_put(iterations):
+  """A QR step from the exact descending eigenbasis returns it (same signs, same order)."""
+  rng = np.random.default_rng(23)
+  a32, _ = _spd_batch(2, 32, rng)
+  vecs, vals = _eigh(jnp.asarray(a32))
+  again, again_vals = _qr_refresh(jnp.asarray(a32), vecs, iterations=iterations)
+  np.testing.assert_allclose(again, vecs, atol=2e-4)
+  np.testing.assert_allclose(again_vals, vals, rtol=1e-4)
+  # An ascending basis is not a fixed point of the (sorting) step: order is restored.
+  ascending = vecs[..., ::-1]
+  _, vals_from_ascending = _qr_refresh(jnp.asarray(a32), ascending, iterations=iterations)
+  np.testing.assert_allclose(vals_from_ascending, vals, rtol=1e-4)
+
+
+def test_qr_refresh_rejects_bad_iterations():
+  with pytest.raises(ValueError, match="iterations"):
+    la.qr_refresh(jnp.eye(3), jnp.eye(3), iterations=0)
+
+
+def test_eigh_of_nonfinite_matrix_is_nonfinite():
+  a = np.eye(8, dtype=np.float32)
+  a[2, 3] = a[3, 2] = np.nan
+  vecs, vals = _eigh(jnp.asarray(np.stack([a, np.eye(8, dtype=np.float32)])))
+  assert not np.all(np.isfinite(vecs[0])) or not np.all(np.isfinite(vals[0]))
+  np.testing.assert_allclose(vals[1], 1.0)
+
+
 _CONCURRENT_REFRESH_SCRIPT = """
 import os, sys
 os.sched_setaffinity(0, [int(c) for c in sys.argv[1:]])  # 2 CPUs: XLA's pool gets 2 threads
 import jax, jax.numpy as jnp, optax_shampoo4 as s4
 params = {"a": jnp.zeros((512, 512)), "b": jnp.zeros((384, 384)), "c": jnp.zeros((320, 320))}
-tx = s4.scale_by_shampoo4(stats_every=1, root_every=1)
-state = tx.init(params)
-step = jax.jit(tx.update)
-for i in range(6):
-  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
-  updates, state = step(grads, state, params)
-  jax.block_until_ready(updates)
-print("done", int(state.count))
+for method in ("qr", "eigh", "adaptive"):  # batched QR and batched eigh both deadlock the pool
+  tx = s4.scale_by_shampoo4(stats_every=1, root_every=1, refresh_method=method, refresh_tol=0.0)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for i in range(2):
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
+    updates, state = step(grads, state, params)
+    jax.block_until_ready(updates)
+  print("done", method, int(state.count), int(state.failed_refreshes))
 """
 
 
@@ -396,7 +493,8 @@ print("done", int(state.count))
 def test_concurrent_bucket_refreshes_do_not_deadlock_on_cpu():
   """Three factor buckets refresh their eigenvectors in one step, on 2 cores.
 
-  A batched CPU QR per bucket deadlocks XLA's 2-thread pool (each QR waits
+  Each refresh method in turn (QR; eigh; adaptive with τ = 0, i.e. eigh
+  under per-factor ``lax.cond``). A batched CPU QR or eigh per bucket deadlocks XLA's 2-thread pool (each QR waits
   on pool threads held by the others); this runs in a subprocess with a
   timeout so a regression fails instead of hanging the suite.
   """
@@ -407,8 +505,9 @@ def test_concurrent_bucket_refreshes_do_not_deadlock_on_cpu():
   env.pop("XLA_FLAGS", None)
   result = subprocess.run(
       [sys.executable, "-c", _CONCURRENT_REFRESH_SCRIPT, *map(str, cpus[:2])],
-      env=env, capture_output=True, text=True, timeout=300,
+      env=env, capture_output=True, text=True, timeout=600,
       cwd=str(pathlib.Path(__file__).resolve().parents[1]),
   )
   assert result.returncode == 0, result.stderr[-2000:]
-  assert "done 6" in result.stdout
+  for method in ("qr", "eigh", "adaptive"):
+    assert f"done {method} 2 0" in result.stdout, result.stdout

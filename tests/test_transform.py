@@ -53,7 +53,7 @@ def test_unquantized_eigen_format_matches_algorithm_3(shape):
   grads = _random_grads(shape, 9, seed=1)
   expected = ref.shampoo_alg3_unquantized(grads, beta, epsilon, 1, 3)
   tx = s4.scale_by_shampoo4(beta=beta, epsilon=epsilon, stats_every=1, root_every=3,
-                            min_quant_order=10**6)
+                            min_quant_order=10**6, refresh_method="qr")
   state = tx.init(jnp.zeros(shape))
   assert not any(isinstance(leaf, s4.QuantizedArray) for leaf in
                  jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, s4.QuantizedArray)))
@@ -61,6 +61,43 @@ def test_unquantized_eigen_format_matches_algorithm_3(shape):
   for g, want in zip(grads, expected):
     got, state = update(jnp.asarray(g), state)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("refresh_method, kwargs", [("eigh", {}), ("adaptive", {"refresh_tol": 0.0})])
+def test_exact_refresh_makes_unquantized_eigen_format_match_32bit(refresh_method, kwargs):
+  """With an exact eigendecomposition at every statistics update, the eigen format is Alg. 4."""
+  beta, epsilon = 0.9, 1e-3
+  grads = _random_grads((12, 7), 8, seed=2)
+  expected = ref.shampoo_alg4(grads, beta, epsilon, 2, 4)
+  tx = s4.scale_by_shampoo4(beta=beta, epsilon=epsilon, stats_every=2, root_every=4,
+                            min_quant_order=10**6, refresh_method=refresh_method, **kwargs)
+  state = tx.init(jnp.zeros((12, 7)))
+  update = jax.jit(tx.update)
+  for g, want in zip(grads, expected):
+    got, state = update(jnp.asarray(g), state)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+  assert int(state.failed_refreshes) == 0
+
+
+def test_adaptive_refresh_tol_can_be_injected():
+  """refresh_tol is traced: τ = 1 keeps the initial basis (λ = diag A), τ = 0 decomposes; one compile."""
+  static = ("max_order", "stats_every", "root_every", "bits", "quant_block", "min_quant_order")
+  tx = optax.inject_hyperparams(s4.scale_by_shampoo4, static_args=static)(
+      stats_every=1, root_every=1, min_quant_order=10**6)
+  step = jax.jit(tx.update)
+  grad = jnp.asarray(_random_grads((6, 5), 1, seed=3)[0])
+  eigvals = {}
+  for tol in (0.0, 1.0):
+    state = tx.init(jnp.zeros((6, 5)))
+    assert "refresh_tol" in state.hyperparams
+    state.hyperparams["refresh_tol"] = jnp.float32(tol)
+    _, state = step(grad, state)
+    eigvals[tol] = np.asarray(state.inner_state.factors["order6_f32"].eigvals[0], np.float64)
+  gram = np.asarray(grad, np.float64) @ np.asarray(grad, np.float64).T
+  stat = 0.95 * 1e-6 * np.eye(6) + 0.05 * gram
+  np.testing.assert_allclose(eigvals[0.0], np.linalg.eigvalsh(stat)[::-1], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(eigvals[1.0], np.sort(np.diag(stat))[::-1], rtol=1e-5)
+  assert step._cache_size() == 1
 
 
 @pytest.mark.parametrize("state_format", ["eigen", "naive", "fp32"])
@@ -219,6 +256,11 @@ def test_extra_args_accepted_and_no_recompile():
         (dict(bjorck_steps=(-1, 4)), "bjorck_steps"),
         (dict(root_method="cholesky"), "root_method"),
         (dict(state_format="naive", root_method="eigen"), "root_method"),
+        (dict(refresh_method="lanczos"), "refresh_method"),
+        (dict(qr_iterations=0), "qr_iterations"),
+        (dict(qr_iterations=2.0), "qr_iterations"),
+        (dict(refresh_tol=-0.1), "refresh_tol"),
+        (dict(refresh_tol=1.5), "refresh_tol"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
