@@ -170,12 +170,21 @@ def resolve(grafting: str, eps: Any, beta2: Any, per_block: bool | None, b1: Any
 
 
 def graft(preconditioned: jax.Array, grafted: jax.Array) -> jax.Array:
-  """``preconditioned`` rescaled to the Frobenius norm of ``grafted``."""
-  return preconditioned * (safe_norm(grafted) / (safe_norm(preconditioned) + TINY))
+  """``preconditioned`` rescaled to the Frobenius norm of ``grafted``.
+
+  Where ``preconditioned`` is not finite (a root overflowed on a vanishing
+  statistic) the grafted direction itself is returned.
+  """
+  rescaled = preconditioned * (safe_norm(grafted) / (safe_norm(preconditioned) + TINY))
+  return jnp.where(jnp.all(jnp.isfinite(rescaled)), rescaled, grafted)
 
 
 def safe_norm(x: jax.Array) -> jax.Array:
-  """Frobenius norm that does not overflow in float32 for ``‖x‖ > ~1.8e19``."""
+  """Frobenius norm that neither overflows (``‖x‖ > ~1.8e19`` in float32) nor divides by a subnormal.
+
+  XLA may flush subnormals to zero, so a peak below the smallest normal
+  number is not divided by (such an ``x`` has norm ~0 anyway).
+  """
   peak = jnp.max(jnp.abs(x)) if x.size else jnp.zeros([], x.dtype)
-  safe_peak = jnp.where(peak > 0, peak, 1.0)
+  safe_peak = jnp.where(peak >= jnp.finfo(x.dtype).tiny, peak, 1.0)
   return safe_peak * jnp.linalg.norm(x / safe_peak)

@@ -14,6 +14,9 @@ are swapped for ours: every public alias of ``optax_shampoo4`` (a factory
 taking a ``learning_rate``), discovered from the package, so that aliases
 added later are covered without editing this file. The parameter grid of each
 test (targets, dtypes, wrapping) is the one optax's module declares.
+
+The default run covers every test and grid point with one alias each (taken in
+turn, so every alias runs); ``-m slow`` runs the full product.
 """
 
 import importlib.util
@@ -39,8 +42,6 @@ ALIAS_KWARGS = {
     "soap4": dict(learning_rate=1e-2, weight_decay=0.0),
 }
 DEFAULT_KWARGS = dict(learning_rate=1e-2)
-# The tests whose 30k-step scans dominate the cost.
-SLOW_TESTS = ("test_optimizers",)
 OPTIMIZER_KEYS = ("opt_name", "opt_kwargs", "wrapper_name", "wrapper_kwargs")
 
 
@@ -106,12 +107,17 @@ GRID = _test_grid()
 
 
 def _cases():
-  cases = []
+  """Every (test, grid point, alias). The default run takes one alias per (test, grid point), in
+  turn, so that every alias and every test runs; the full product is marked slow."""
+  cases, turn = [], 0
+  names = sorted(ALIASES)
   for test_name, (_, combos) in sorted(GRID.items()):
     for extra in combos:
-      for alias in ALIASES:
-        label = "-".join(getattr(v, "__name__", str(v)) for v in extra.values())
-        marks = [pytest.mark.slow] if test_name in SLOW_TESTS else []
+      label = "-".join(getattr(v, "__name__", str(v)) for v in extra.values())
+      default_alias = names[turn % len(names)]
+      turn += 1
+      for alias in names:
+        marks = [] if alias == default_alias else [pytest.mark.slow]
         cases.append(pytest.param(test_name, alias, extra, marks=marks,
                                   id=f"{test_name}-{alias}" + (f"-{label}" if label else "")))
   return cases
