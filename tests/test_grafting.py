@@ -111,7 +111,7 @@ def _assert_close(got, want):
     ("frobenius", None, None, None),
     ("sgd", None, None, None),
     ("adagrad", True, 1e-3, None),
-    ("rmsprop", False, 1e-6, 0.9),
+    ("rmsprop", False, None, None),  # Distributed Shampoo's defaults: eps 1e-10, beta2 0.99
     ("adam", True, 1e-8, 0.99),
 ])
 def test_grafting_types_match_reference(kind, per_block, eps, beta2):
@@ -119,7 +119,7 @@ def test_grafting_types_match_reference(kind, per_block, eps, beta2):
                             grafting_per_block=per_block, **SHAMPOO)
   resolved_per_block = kind != "frobenius" if per_block is None else per_block
   reference = ReferenceGrafting(SHAPES, kind, 1e-10 if eps is None else eps,
-                                beta2, resolved_per_block)
+                                0.99 if beta2 is None else beta2, resolved_per_block)
   state = tx.init([jnp.zeros(s) for s in SHAPES])
   update = jax.jit(tx.update)
   for step in range(STEPS):
@@ -134,18 +134,12 @@ def test_grafting_types_match_reference(kind, per_block, eps, beta2):
     _assert_close(state.grafting.second_moment[0], reference.second[0])
 
 
-def test_default_rmsprop_and_adam_betas_and_eps_are_distributed_shampoo_s():
-  for kind, beta2 in (("rmsprop", 0.99), ("adam", 0.999)):
-    tx = s4.scale_by_shampoo4(grafting=kind, **SHAMPOO)
-    reference = ReferenceGrafting(SHAPES, kind, 1e-10, beta2, True)
-    state = tx.init([jnp.zeros(s) for s in SHAPES])
-    update = jax.jit(tx.update)
-    for step in range(2):
-      grads = _grads(step, SHAPES)
-      got, state = update([jnp.asarray(g) for g in grads], state)
-      want = reference.step(grads)
-    for g, w in zip(got, want):
-      _assert_close(g, w)
+def test_defaults_are_distributed_shampoo_s():
+  """eps 1e-10; beta2 0.99 (RMSProp) and 0.999 (Adam); per tensor for frobenius, per block otherwise."""
+  for kind, beta2, per_block in (("rmsprop", 0.99, True), ("adam", 0.999, True), ("frobenius", 0.0, False),
+                                 ("sgd", 0.0, True), ("adagrad", 0.0, True)):
+    resolved = s4.grafting.resolve(kind, None, None, None)
+    assert (resolved.eps, resolved.beta2, resolved.per_block) == (1e-10, beta2, per_block), kind
 
 
 def test_start_preconditioning_step_and_filtered_gradient_match_reference():
@@ -178,10 +172,11 @@ def test_grafting_state_is_params_for_map_params_and_stays_finite_on_bad_steps()
   assert float(mapped.grafting.first_moment["b"][0]) == 7.0
   chex.assert_trees_all_equal(mapped.factors, state.factors)
   # A non-finite gradient leaves the accumulators untouched and returns zeros.
+  update = jax.jit(tx.update)
   grads = {"w": jnp.ones(SHAPE), "b": jnp.ones(5)}
-  _, state = tx.update(grads, state)
+  _, state = update(grads, state)
   bad = {"w": jnp.ones(SHAPE).at[0, 0].set(jnp.nan), "b": jnp.ones(5)}
-  out, new_state = tx.update(bad, state)
+  out, new_state = update(bad, state)
   chex.assert_trees_all_equal(new_state.grafting, state.grafting)
   chex.assert_trees_all_equal(out, jax.tree.map(jnp.zeros_like, bad))
 
@@ -233,9 +228,10 @@ def test_distributed_shampoo4_starts_preconditioning_at_root_every():
   opt = s4.distributed_shampoo4(1e-2, b1=0.9, b2=0.999, eps=1e-8, root_every=4, stats_every=2)
   adam = optax.adam(1e-2, b1=0.9, b2=0.999, eps=1e-8)
   state, adam_state = opt.init(params), adam.init(params)
+  update = jax.jit(opt.update)
   for step in range(3):
     grads = jax.tree.map(lambda p, s=step: jnp.asarray(
         np.random.default_rng(s).standard_normal(p.shape), jnp.float32), params)
-    got, state = opt.update(grads, state, params)
+    got, state = update(grads, state, params)
     want, adam_state = adam.update(grads, adam_state, params)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
