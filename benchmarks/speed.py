@@ -482,7 +482,7 @@ def profile_ours(params, grads_list, states: dict, steps: int, repeats: int, bud
       for leaf, lp in zip(jax.tree.leaves(grads), plan.leaves):
         if lp.preconditioned:
           m = leaf.astype(jnp.float32).reshape(lp.matrix_shape)
-          out.append(s4_transform._precondition(leaf, m, lp, roots))
+          out.append(s4_transform._precondition(m, m, lp, roots, False).reshape(leaf.shape).astype(leaf.dtype))
         else:
           out.append(leaf)
       return out

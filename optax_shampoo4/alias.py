@@ -4,11 +4,10 @@ Each alias chains :func:`~optax_shampoo4.scale_by_shampoo4` (the grafted,
 preconditioned gradient :math:`\\tilde G`) with the base optimizer of the
 paper's recipes (reference code ``ShampooAdamW`` / ``ShampooSGD``). The
 Shampoo options are explicit keyword-only arguments (not ``**kwargs``) so that
-``optax.inject_hyperparams`` can inject ``beta``/``epsilon`` and accept the
-shape-fixing ones in ``static_args``.
+``optax.inject_hyperparams`` can inject ``beta``/``epsilon``; the
+shape-fixing ones default to None, which it leaves alone, so no
+``static_args`` are needed.
 """
-
-from __future__ import annotations
 
 import inspect
 from typing import Any, Callable
@@ -24,7 +23,7 @@ _SHAMPOO_ARGS = tuple(inspect.signature(scale_by_shampoo4).parameters)
 
 def _shampoo_from(arguments: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
   """``scale_by_shampoo4`` built from an alias's own (same-named) arguments."""
-  return scale_by_shampoo4(**{name: arguments[name] for name in _SHAMPOO_ARGS})
+  return scale_by_shampoo4(**{name: arguments[name] for name in _SHAMPOO_ARGS if name in arguments})
 
 
 def adamw_shampoo4(
@@ -35,16 +34,16 @@ def adamw_shampoo4(
     weight_decay: jax.typing.ArrayLike = 1e-4,
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
-    max_order: int = 1024,
+    max_order: int | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     epsilon: jax.typing.ArrayLike = 1e-6,
     stats_every: int = 100,
     root_every: int = 500,
     state_format: str = "eigen",
-    bits: int = 4,
+    bits: int | None = None,
     mapping: str = "linear2",
-    quant_block: int = 64,
-    min_quant_order: int = 64,
+    quant_block: int | None = None,
+    min_quant_order: int | None = None,
     bjorck_steps: tuple[int, int] = (1, 4),
     root_method: str | None = None,
     refresh_method: str = DEFAULT_REFRESH_METHOD,
@@ -52,6 +51,11 @@ def adamw_shampoo4(
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
+    grafting: str = "frobenius",
+    grafting_eps: jax.typing.ArrayLike | None = None,
+    grafting_beta2: jax.typing.ArrayLike | None = None,
+    grafting_per_block: bool | None = None,
+    start_preconditioning_step: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
 
@@ -73,8 +77,10 @@ def adamw_shampoo4(
       in :func:`optax.adamw`.
     max_order, beta, epsilon, stats_every, root_every, state_format, bits,
       mapping, quant_block, min_quant_order, bjorck_steps, root_method,
-      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis:
-      keyword-only, passed to :func:`scale_by_shampoo4` (same defaults).
+      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, grafting,
+      grafting_eps, grafting_beta2, grafting_per_block,
+      start_preconditioning_step: keyword-only, passed to
+      :func:`scale_by_shampoo4` (same defaults).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -105,16 +111,16 @@ def sgdm_shampoo4(
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
-    max_order: int = 1024,
+    max_order: int | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     epsilon: jax.typing.ArrayLike = 1e-6,
     stats_every: int = 100,
     root_every: int = 500,
     state_format: str = "eigen",
-    bits: int = 4,
+    bits: int | None = None,
     mapping: str = "linear2",
-    quant_block: int = 64,
-    min_quant_order: int = 64,
+    quant_block: int | None = None,
+    min_quant_order: int | None = None,
     bjorck_steps: tuple[int, int] = (1, 4),
     root_method: str | None = None,
     refresh_method: str = DEFAULT_REFRESH_METHOD,
@@ -122,6 +128,11 @@ def sgdm_shampoo4(
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
+    grafting: str = "frobenius",
+    grafting_eps: jax.typing.ArrayLike | None = None,
+    grafting_beta2: jax.typing.ArrayLike | None = None,
+    grafting_per_block: bool | None = None,
+    start_preconditioning_step: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
 
@@ -141,8 +152,10 @@ def sgdm_shampoo4(
     mask: which parameters get weight decay.
     max_order, beta, epsilon, stats_every, root_every, state_format, bits,
       mapping, quant_block, min_quant_order, bjorck_steps, root_method,
-      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis:
-      keyword-only, passed to :func:`scale_by_shampoo4` (same defaults).
+      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, grafting,
+      grafting_eps, grafting_beta2, grafting_per_block,
+      start_preconditioning_step: keyword-only, passed to
+      :func:`scale_by_shampoo4` (same defaults).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -166,16 +179,16 @@ def adagrad_shampoo4(
     initial_accumulator_value: jax.typing.ArrayLike = 0.0,
     eps: jax.typing.ArrayLike = 1e-10,
     *,
-    max_order: int = 1024,
+    max_order: int | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     epsilon: jax.typing.ArrayLike = 1e-6,
     stats_every: int = 100,
     root_every: int = 500,
     state_format: str = "eigen",
-    bits: int = 4,
+    bits: int | None = None,
     mapping: str = "linear2",
-    quant_block: int = 64,
-    min_quant_order: int = 64,
+    quant_block: int | None = None,
+    min_quant_order: int | None = None,
     bjorck_steps: tuple[int, int] = (1, 4),
     root_method: str | None = None,
     refresh_method: str = DEFAULT_REFRESH_METHOD,
@@ -183,6 +196,11 @@ def adagrad_shampoo4(
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
+    grafting: str = "frobenius",
+    grafting_eps: jax.typing.ArrayLike | None = None,
+    grafting_beta2: jax.typing.ArrayLike | None = None,
+    grafting_per_block: bool | None = None,
+    start_preconditioning_step: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
 
@@ -192,8 +210,10 @@ def adagrad_shampoo4(
     eps: added inside the square root.
     max_order, beta, epsilon, stats_every, root_every, state_format, bits,
       mapping, quant_block, min_quant_order, bjorck_steps, root_method,
-      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis:
-      keyword-only, passed to :func:`scale_by_shampoo4` (same defaults).
+      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, grafting,
+      grafting_eps, grafting_beta2, grafting_per_block,
+      start_preconditioning_step: keyword-only, passed to
+      :func:`scale_by_shampoo4` (same defaults).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -205,5 +225,119 @@ def adagrad_shampoo4(
   return optax.chain(
       shampoo,
       optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def distributed_shampoo4(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    momentum: jax.typing.ArrayLike = 0.0,
+    nesterov: bool = False,
+    *,
+    grafting: str = "adam",
+    grafting_per_block: bool | None = None,
+    start_preconditioning_step: int | None = None,
+    use_bias_correction: bool = True,
+    max_order: int | None = None,
+    beta: jax.typing.ArrayLike = 0.95,
+    epsilon: jax.typing.ArrayLike = 1e-6,
+    stats_every: int = 10,
+    root_every: int = 100,
+    state_format: str = "eigen",
+    bits: int | None = None,
+    mapping: str = "linear2",
+    quant_block: int | None = None,
+    min_quant_order: int | None = None,
+    bjorck_steps: tuple[int, int] = (1, 4),
+    root_method: str | None = None,
+    refresh_method: str = DEFAULT_REFRESH_METHOD,
+    qr_iterations: int | None = None,
+    refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
+    mesh: jax.sharding.Mesh | None = None,
+    mesh_axis: str = "data",
+) -> optax.GradientTransformationExtraArgs:
+  """Distributed Shampoo's update rule (Shi et al. 2023) on the 4-bit Shampoo state.
+
+  At step :math:`t` (from 1), with raw gradient :math:`G` and the grafted
+  method's accumulator :math:`A` (Adam grafting shown):
+
+  .. math::
+
+    L, R &\\leftarrow \\text{statistics of } G \\text{ (every } T_1 \\text{ steps; roots every } T_2) \\\\
+    A &\\leftarrow b_2 A + (1-b_2) G^2, \\qquad
+    M \\leftarrow b_1 M + (1-b_1) G, \\qquad X = M / (1-b_1^t) \\\\
+    P_g &= X / (\\sqrt{A/(1-b_2^t)} + \\varepsilon), \\qquad
+    P = \\begin{cases} P_g & t < t_0 \\\\
+      \\hat L X \\hat R\\;\\|P_g\\|_F / \\|\\hat L X \\hat R\\|_F & t \\ge t_0 \\end{cases}
+      \\ \\text{(norms per block)} \\\\
+    D &= P + \\lambda W, \\qquad B \\leftarrow \\mu B + D, \\qquad
+    W \\leftarrow W - \\eta\\,(D + \\mu B \\text{ if nesterov else } B)
+
+  so the first moment is shared between Shampoo and the grafted method (only
+  the second moment is grafted), the weight decay is decoupled and the
+  optional heavy-ball momentum comes last, as in Meta's implementation
+  (``betas=(b1, ·)``, ``grafting_config=AdamPreconditionerConfig(b2, eps)``,
+  ``use_bias_correction``, ``weight_decay_type=DECOUPLED``). With ``momentum=0``
+  the last step is the identity.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: decay of the filtered gradient :math:`M` (Meta's ``betas[0]``); 0 turns
+      the filtering off.
+    b2: :math:`\\beta_2` of the ``"rmsprop"`` / ``"adam"`` grafting.
+    eps: :math:`\\varepsilon` of the grafted method.
+    weight_decay: decoupled weight decay :math:`\\lambda`.
+    mask: which parameters get weight decay, as in :func:`optax.adamw`.
+    momentum: heavy-ball momentum :math:`\\mu` on the search direction (0: none).
+    nesterov: Nesterov form of that momentum.
+    grafting: the grafted method, ``"adam"`` (default), ``"rmsprop"``,
+      ``"adagrad"``, ``"sgd"`` or ``"frobenius"``.
+    grafting_per_block: per-block norms (None: per block, as Meta).
+    start_preconditioning_step: :math:`t_0`; None means ``root_every`` (Meta's
+      default: the precondition frequency).
+    use_bias_correction: divide :math:`M` by :math:`1-b_1^t`.
+    max_order, beta, epsilon, stats_every, root_every, state_format, bits,
+      mapping, quant_block, min_quant_order, bjorck_steps, root_method,
+      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis:
+      keyword-only, passed to :func:`scale_by_shampoo4`; here
+      ``stats_every=10`` and ``root_every=100`` (Meta's AlgoPerf submission
+      refreshed its roots every 100 steps).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_shampoo4 as s4
+    >>> opt = s4.distributed_shampoo4(1e-3, weight_decay=1e-4)
+    >>> state = opt.init({"w": jnp.zeros((8, 8))})
+
+  References:
+    Shi et al., `A Distributed Data-Parallel PyTorch Implementation of the
+    Distributed Shampoo Optimizer for Training Neural Networks At-Scale
+    <https://arxiv.org/abs/2309.06497>`_, 2023.
+  """
+  validation.check_learning_rate(learning_rate)
+  validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
+  validation.check_range("momentum", momentum, 0.0, 1.0)
+  if not isinstance(nesterov, bool):
+    raise TypeError(f"nesterov must be a bool, got nesterov={nesterov!r}")
+  shampoo = scale_by_shampoo4(
+      max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
+      state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
+      min_quant_order=min_quant_order, bjorck_steps=bjorck_steps, root_method=root_method,
+      refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
+      mesh_axis=mesh_axis, grafting=grafting, grafting_eps=eps, grafting_beta2=b2,
+      grafting_per_block=grafting_per_block,
+      start_preconditioning_step=root_every if start_preconditioning_step is None else start_preconditioning_step,
+      filter_beta=b1, filter_bias_correction=use_bias_correction)
+  return optax.chain(
+      shampoo,
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -11,15 +11,20 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_shampoo4 import engine, linalg, partition, sharding, validation
+from optax_shampoo4 import engine, linalg, optax_compat, partition, sharding, validation
 from optax_shampoo4 import factors as fct
+from optax_shampoo4 import grafting as grafting_lib
 from optax_shampoo4 import quantization as qz
 
 # Chosen by measurement (README, "Refresh methods"); the paper's refresh is refresh_method="qr".
 DEFAULT_REFRESH_METHOD = "adaptive"
 DEFAULT_REFRESH_TOL = 0.01
-# Added to the preconditioned norm in the grafting ratio (as the reference code).
-_GRAFT_TINY = 1e-12
+# Defaults of the shape-fixing options, which default to None in the signatures (so that
+# optax.inject_hyperparams, which turns every int/float argument into an array, leaves them alone).
+DEFAULT_MAX_ORDER = 1024
+DEFAULT_BITS = 4
+DEFAULT_QUANT_BLOCK = 64
+DEFAULT_MIN_QUANT_ORDER = 64
 
 
 class ScaleByShampoo4State(NamedTuple):
@@ -38,6 +43,9 @@ class ScaleByShampoo4State(NamedTuple):
     failed_refreshes: ``int32[]``, factor refreshes (statistics or roots)
       rejected because their result was not finite; each such factor kept its
       previous value.
+    grafting: :class:`~optax_shampoo4.grafting.GraftingState`, the
+      parameter-shaped accumulators of the grafted method and the filtered
+      gradient (None fields when not used).
   """
 
   count: jax.Array
@@ -45,6 +53,7 @@ class ScaleByShampoo4State(NamedTuple):
   nonfinite_steps: jax.Array
   skipped_stats: jax.Array
   failed_refreshes: jax.Array
+  grafting: grafting_lib.GraftingState = grafting_lib.GraftingState()
 
 
 def _validate_refresh(refresh_method, qr_iterations, refresh_tol) -> int:
@@ -61,12 +70,9 @@ def _validate_refresh(refresh_method, qr_iterations, refresh_tol) -> int:
 
 def _validate(max_order, beta, epsilon, stats_every, root_every, state_format, bits,
               mapping, quant_block, min_quant_order, bjorck_steps, root_method) -> str:
-  """Checks every argument; returns the resolved root method."""
-  validation.check_int("max_order", max_order, 1)
-  validation.check_int("stats_every", stats_every, 1)
-  validation.check_int("root_every", root_every, 1)
-  validation.check_int("min_quant_order", min_quant_order, 1)
-  validation.check_int("quant_block", quant_block, 2)
+  """Checks every argument (shape-fixing ones already resolved); returns the resolved root method."""
+  validation.check_traceable_int("stats_every", stats_every, 1)
+  validation.check_traceable_int("root_every", root_every, 1)
   if state_format not in fct.FORMATS:
     raise ValueError(f"state_format must be one of {fct.FORMATS}, got state_format={state_format!r}")
   qz.validate_mapping_bits(mapping, bits)
@@ -89,13 +95,6 @@ def _validate(max_order, beta, epsilon, stats_every, root_every, state_format, b
 
 
 def _check_leaf_dtypes(tree: Any) -> None:
-  # optax.tree.map_params calls init on a leafless placeholder object (an optax-internal class),
-  # which would silently give a state without factor buckets.
-  if type(tree).__name__ == "_ParamsPlaceholder":
-    raise TypeError(
-        "optax.tree.map_params is not supported by scale_by_shampoo4: its factor buckets are sized "
-        "from the parameter shapes, which map_params hides. Map over "
-        "jax.eval_shape(tx.init, params) instead (e.g. with s4.state_sharding).")
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float, np.generic)):
       raise TypeError(
@@ -110,16 +109,16 @@ def _check_leaf_dtypes(tree: Any) -> None:
 
 
 def scale_by_shampoo4(
-    max_order: int = 1024,
+    max_order: int | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     epsilon: jax.typing.ArrayLike = 1e-6,
     stats_every: int = 100,
     root_every: int = 500,
     state_format: str = "eigen",
-    bits: int = 4,
+    bits: int | None = None,
     mapping: str = "linear2",
-    quant_block: int = 64,
-    min_quant_order: int = 64,
+    quant_block: int | None = None,
+    min_quant_order: int | None = None,
     bjorck_steps: tuple[int, int] = (1, 4),
     root_method: str | None = None,
     refresh_method: str = DEFAULT_REFRESH_METHOD,
@@ -127,6 +126,13 @@ def scale_by_shampoo4(
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
+    grafting: str = "frobenius",
+    grafting_eps: jax.typing.ArrayLike | None = None,
+    grafting_beta2: jax.typing.ArrayLike | None = None,
+    grafting_per_block: bool | None = None,
+    start_preconditioning_step: int | None = None,
+    filter_beta: jax.typing.ArrayLike | None = None,
+    filter_bias_correction: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with 4-bit Shampoo, grafted to the gradient norm.
 
@@ -144,7 +150,10 @@ def scale_by_shampoo4(
     \\text{every step}:&\\quad \\hat G = \\hat L G \\hat R, \\qquad
       \\tilde G = \\hat G \\, \\|G\\|_F / (\\|\\hat G\\|_F + 10^{-12})
 
-  with both norms over the whole parameter. In the ``"eigen"`` format (the
+  with both norms over the whole parameter (the default ``grafting="frobenius"``;
+  other grafted methods, per-block norms, a filtered gradient ``X`` in place
+  of ``G`` and a grafting-only warm-up are options, see
+  :mod:`optax_shampoo4.grafting`). In the ``"eigen"`` format (the
   paper's method) :math:`L` is kept as float32 eigenvalues plus 4-bit
   eigenvectors, refreshed after Björck rectification by ``refresh_method``
   (the paper: one warm-started QR step), and :math:`\\hat L` as a float32 diagonal plus a 4-bit
@@ -158,22 +167,28 @@ def scale_by_shampoo4(
   factor whose refreshed statistic or root is not finite keeps its previous
   value (counted in ``failed_refreshes``).
 
+  Shape-fixing options default to None (their real default is in the
+  argument list below), so ``optax.inject_hyperparams(...)`` needs no
+  ``static_args``; ``stats_every``, ``root_every`` and
+  ``start_preconditioning_step`` may be injected (traced) integers.
+
   Args:
-    max_order: largest factor order; larger dimensions are split into blocks.
+    max_order: largest factor order (None: 1024); larger dimensions are split
+      into blocks.
     beta: EMA decay of the statistics, in [0, 1) (may be injected).
     epsilon: relative damping ε ≥ 0; roots use :math:`\\epsilon\\lambda_{\\max}`
       (may be injected). Also the initial statistic :math:`\\epsilon I`.
-    stats_every: :math:`T_1`, steps between statistics updates (static).
-    root_every: :math:`T_2`, steps between inverse-root updates (static).
+    stats_every: :math:`T_1`, steps between statistics updates (may be injected).
+    root_every: :math:`T_2`, steps between inverse-root updates (may be injected).
     state_format: ``"eigen"`` (quantized eigenvectors, the paper's method),
       ``"naive"`` (quantized statistic and root, off-diagonals only) or
       ``"fp32"`` (dense float32, the paper's 32-bit baseline).
-    bits: 4 or 8, or 3 (eight codes packed in three bytes), bits per
-      quantized element.
+    bits: bits per quantized element: 4, 8, or 3 (eight codes packed in
+      three bytes); None: 4.
     mapping: codebook, ``"linear2"``, ``"dynamic_tree"`` or ``"linear"``.
     quant_block: elements per absmax scale, along one matrix row; any int
-      >= 2, even for 4 bits (see :func:`quantization.validate_block`).
-    min_quant_order: factors of smaller order are kept in float32.
+      >= 2, even for 4 bits (see :func:`quantization.validate_block`); None: 64.
+    min_quant_order: factors of smaller order are kept in float32 (None: 64).
     bjorck_steps: ``(t1, t2)`` Björck iterations before the statistics update
       and before the root; applied to quantized eigenvectors only.
     root_method: ``"eigen"`` (from the stored eigenpairs, paper Alg. 2) or
@@ -201,6 +216,23 @@ def scale_by_shampoo4(
       state with :func:`~optax_shampoo4.state_sharding`. Results do not
       depend on the mesh.
     mesh_axis: the mesh axis the factors are split over.
+    grafting: the grafted method whose norm the Shampoo direction takes:
+      ``"frobenius"`` (the paper: the norm of ``G`` per tensor), or Distributed
+      Shampoo's ``"sgd"``, ``"adagrad"``, ``"rmsprop"``, ``"adam"``.
+    grafting_eps: :math:`\\epsilon_g` of the adaptive grafted methods (None: 1e-10).
+    grafting_beta2: :math:`\\beta_2` of ``"rmsprop"`` (None: 0.99) and
+      ``"adam"`` (None: 0.999).
+    grafting_per_block: norms per preconditioned block instead of per
+      tensor; None means per tensor for ``"frobenius"``, per block otherwise.
+    start_preconditioning_step: before this step (counting from 1) the output
+      is the grafted method's direction alone; the roots are also refreshed at
+      this step. None: from the first step (roots are the identity until the
+      first refresh). May be injected.
+    filter_beta: None, or the decay :math:`\\beta_1` of an EMA of the gradient
+      that is preconditioned (and grafted) in place of the gradient:
+      Distributed Shampoo's filtered gradient. The statistics and the grafting
+      accumulators always see the raw gradient.
+    filter_bias_correction: divide the filtered gradient by :math:`1 - \\beta_1^t`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; chain a first-order
@@ -223,10 +255,19 @@ def scale_by_shampoo4(
     Gupta et al., `Shampoo: Preconditioned Stochastic Tensor Optimization
     <https://arxiv.org/abs/1802.09568>`_, ICML 2018.
   """
+  max_order = validation.static_int("max_order", max_order, DEFAULT_MAX_ORDER, 1)
+  bits = validation.static_int("bits", bits, DEFAULT_BITS, 1)
+  quant_block = validation.static_int("quant_block", quant_block, DEFAULT_QUANT_BLOCK, 2)
+  min_quant_order = validation.static_int("min_quant_order", min_quant_order, DEFAULT_MIN_QUANT_ORDER, 1)
   root_method = _validate(max_order, beta, epsilon, stats_every, root_every, state_format,
                           bits, mapping, quant_block, min_quant_order, bjorck_steps,
                           root_method)
   qr_iterations = _validate_refresh(refresh_method, qr_iterations, refresh_tol)
+  graft_config = grafting_lib.resolve(grafting, grafting_eps, grafting_beta2, grafting_per_block,
+                                      filter_beta, filter_bias_correction)
+  start = start_preconditioning_step
+  if start is not None:
+    validation.check_traceable_int("start_preconditioning_step", start, 0)
   sharding.validate_mesh(mesh, mesh_axis)
   config = fct.FactorConfig(state_format, bits, mapping, quant_block,
                             tuple(int(s) for s in bjorck_steps), root_method,
@@ -235,10 +276,15 @@ def scale_by_shampoo4(
   factor_engine = engine.FactorEngine(config, max_order, min_quant_order, mesh, mesh_axis)
 
   def init_fn(params):
+    zero = jnp.zeros([], jnp.int32)
+    graft_state = graft_config.init(params)
+    if optax_compat.is_params_placeholder(params):
+      # optax.tree.map_params: parameter-shaped parts come back as the placeholder, the factor
+      # buckets (sized from shapes the placeholder hides) as one opaque non-params leaf.
+      return ScaleByShampoo4State(zero, optax_compat.NON_PARAMS, zero, zero, zero, graft_state)
     _check_leaf_dtypes(params)
     buckets = factor_engine.init_buckets(factor_engine.plan(params), epsilon)
-    zero = jnp.zeros([], jnp.int32)
-    return ScaleByShampoo4State(zero, buckets, zero, zero, zero)
+    return ScaleByShampoo4State(zero, buckets, zero, zero, zero, graft_state)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -247,15 +293,18 @@ def scale_by_shampoo4(
     count = optax.safe_increment(state.count)
     matrices = engine.matrix_views(leaves, plan)
     grads_finite = engine.all_finite(leaves)
-    stats_due = count % stats_every == 0
+    stats_due = _every(count, stats_every)
     beta32, epsilon32 = jnp.asarray(beta, jnp.float32), jnp.asarray(epsilon, jnp.float32)
 
     buckets, stats_failures = lax.cond(
         stats_due & grads_finite,
         lambda b: factor_engine.refresh_stats(b, plan, matrices, beta32),
         engine.no_refresh, state.factors)
+    root_due = _every(count, root_every)
+    if start is not None:
+      root_due |= count == start
     buckets, root_failures = lax.cond(
-        count % root_every == 0,
+        root_due,
         lambda b: factor_engine.refresh_roots(b, epsilon32),
         engine.no_refresh, buckets)
     # The state keeps its split layout; only the copies below are gathered.
@@ -263,37 +312,46 @@ def scale_by_shampoo4(
 
     # Gather the roots still quantized (a quarter of the fp32 bytes at 8 bits, an eighth at 4).
     roots = {name: fct.load(factor_engine.gathered(bucket.root)) for name, bucket in buckets.items()}
-    outputs = [
-        jnp.where(grads_finite, _precondition(leaf, matrix, lp, roots) if lp.preconditioned else leaf,
-                  jnp.zeros_like(leaf))
-        for leaf, matrix, lp in zip(leaves, matrices, plan.leaves)
-    ]
+    graft_state, filtered = graft_config.update(state.grafting, leaves, count, ~grads_finite, treedef)
+    grafted = graft_config.directions(graft_state, filtered, count, treedef)
+    outputs = []
+    for leaf, x, direction, lp in zip(leaves, filtered, grafted, plan.leaves):
+      # Leaves Shampoo does not precondition take the grafted method's direction.
+      if lp.preconditioned:
+        shampoo = _precondition(x.reshape(lp.matrix_shape), direction.reshape(lp.matrix_shape), lp, roots,
+                                graft_config.per_block).reshape(leaf.shape)
+        direction = shampoo if start is None else jnp.where(count < start, direction, shampoo)
+      outputs.append(jnp.where(grads_finite, direction.astype(leaf.dtype), jnp.zeros_like(leaf)))
     new_state = ScaleByShampoo4State(
         count=count,
         factors=buckets,
         nonfinite_steps=state.nonfinite_steps + (~grads_finite).astype(jnp.int32),
         skipped_stats=state.skipped_stats + (stats_due & ~grads_finite).astype(jnp.int32),
         failed_refreshes=state.failed_refreshes + stats_failures + root_failures,
+        grafting=graft_state,
     )
     return jax.tree.unflatten(treedef, outputs), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _precondition(leaf, matrix, leaf_plan: partition.LeafPlan, roots) -> jax.Array:
-  """``L̂ G R̂`` per block, grafted to ``‖G‖_F``, in the leaf's shape and dtype."""
+def _every(count: jax.Array, period: Any) -> jax.Array:
+  """Whether ``count`` is a multiple of ``period`` (a Python int or an injected, traced one)."""
+  return count % jnp.asarray(period, jnp.int32) == 0
+
+
+def _precondition(matrix, grafted, leaf_plan: partition.LeafPlan, roots, per_block: bool) -> jax.Array:
+  """``L̂ X R̂`` per block of a matrix view, rescaled to the norm of the grafted direction.
+
+  The norms are over the whole matrix, or over each block when ``per_block``.
+  """
 
   def left_right(block, b):
     return linalg.matmul(linalg.matmul(roots[b.left.bucket.name][b.left.index], block),
                          roots[b.right.bucket.name][b.right.index])
 
-  preconditioned = engine.map_blocks(matrix, leaf_plan, left_right)
-  scale = _overflow_safe_norm(matrix) / (_overflow_safe_norm(preconditioned) + _GRAFT_TINY)
-  return (preconditioned * scale).reshape(leaf.shape).astype(leaf.dtype)
-
-
-def _overflow_safe_norm(x: jax.Array) -> jax.Array:
-  """Frobenius norm that does not overflow in float32 for ``‖x‖ > ~1.8e19``."""
-  peak = jnp.max(jnp.abs(x))
-  safe_peak = jnp.where(peak > 0, peak, 1.0)
-  return safe_peak * jnp.linalg.norm(x / safe_peak)
+  if per_block:
+    def grafted_block(block, b):
+      return grafting_lib.graft(left_right(block, b), grafted[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]])
+    return engine.map_blocks(matrix, leaf_plan, grafted_block)
+  return grafting_lib.graft(engine.map_blocks(matrix, leaf_plan, left_right), grafted)

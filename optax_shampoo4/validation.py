@@ -18,6 +18,36 @@ def check_int(name: str, value: Any, minimum: int) -> None:
     raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
 
 
+def static_int(name: str, value: Any, default: int, minimum: int) -> int:
+  """``value`` checked by :func:`check_int`, or ``default`` when it is None.
+
+  Shape-fixing options default to None so that ``optax.inject_hyperparams``
+  (which turns every int/float argument into an array) leaves them alone.
+  """
+  if value is None:
+    return default
+  check_int(name, value, minimum)
+  return int(value)
+
+
+def check_traceable_int(name: str, value: Any, minimum: int) -> None:
+  """An int >= ``minimum`` that may also be an integer array (e.g. injected, traced).
+
+  Concrete values are checked; traced ones only for their dtype.
+  """
+  if isinstance(value, bool):
+    raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
+  if isinstance(value, (jax.Array, np.ndarray)):
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+      raise ValueError(f"{name} must be an integer scalar, got {name}={value!r}")
+    try:
+      value = int(value)
+    except jax.errors.ConcretizationTypeError:
+      return
+  if not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
+
+
 def concrete_float(name: str, value: Any) -> float | None:
   """``float(value)`` for a concrete real scalar; None when it is traced."""
   try:

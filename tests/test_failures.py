@@ -298,7 +298,7 @@ def _one_device_mesh():
         (lambda: s4.scale_by_shampoo4(max_order=64.0), ValueError, "max_order"),
         (lambda: s4.scale_by_shampoo4(stats_every=-3), ValueError, "stats_every"),
         (lambda: s4.scale_by_shampoo4(quant_block=True), ValueError, "quant_block"),
-        (lambda: s4.scale_by_shampoo4(min_quant_order=None), ValueError, "min_quant_order"),
+        (lambda: s4.scale_by_shampoo4(min_quant_order="64"), ValueError, "min_quant_order"),  # None = default
         (lambda: s4.scale_by_shampoo4(bjorck_steps="14"), ValueError, "bjorck_steps"),
         (lambda: s4.scale_by_shampoo4(bjorck_steps=(True, 4)), ValueError, "bjorck_steps"),
         (lambda: s4.scale_by_shampoo4(bjorck_steps=(1, 2, 3)), ValueError, "bjorck_steps"),

@@ -175,9 +175,27 @@ def test_inject_hyperparams_alias(name, state_format, hparams):
   _assert_same_run([(u, s.inner_state) for u, s in got], want)
 
 
-def test_inject_hyperparams_without_static_args_names_the_argument():
-  with pytest.raises(ValueError, match="max_order"):
-    optax.inject_hyperparams(s4.scale_by_shampoo4)(beta=0.9).init(_params())
+def test_inject_hyperparams_without_static_args():
+  """Shape-fixing options default to None and the periods may be traced: no static_args needed."""
+  name, state_format, hparams = ALIASES[0].values
+  schedule = dict(stats_every=2, root_every=3)
+  injected = optax.inject_hyperparams(getattr(s4, name))(**hparams, **schedule, state_format=state_format)
+  state = injected.init(_params())
+  # Given explicitly, T1/T2 are injected too (traced in update) and the schedule still works;
+  # explicitly given shape-fixing values need static_args (see the next test).
+  assert {"stats_every", "root_every"} <= set(state.hyperparams)
+  got = _run(injected, _params())
+  want = _run(getattr(s4, name)(**hparams, **schedule, state_format=state_format), _params())
+  _assert_same_run([(u, s.inner_state) for u, s in got], want)
+
+
+def test_injected_shape_fixing_value_names_the_argument_and_static_args():
+  with pytest.raises(ValueError, match="max_order.*static_args"):
+    optax.inject_hyperparams(s4.adamw_shampoo4)(learning_rate=1e-3, max_order=512).init(_params())
+  # Listed in static_args, the same value works.
+  injected = optax.inject_hyperparams(s4.adamw_shampoo4, static_args=("max_order",))(
+      learning_rate=1e-3, max_order=512)
+  injected.init(_params())
 
 
 # ----------------------------------------------------------------------------
@@ -321,15 +339,20 @@ def test_init_on_shape_dtype_structs(name, state_format, hparams, wrap):
   assert _signature(jax.eval_shape(opt.init, abstract)) == _signature(opt.init(params))
 
 
-def test_map_params_is_not_supported():
-  """optax.tree.map_params re-runs init on shapeless placeholders, which gives no factor buckets."""
+def test_map_params_maps_parameter_shaped_parts_and_keeps_the_factors():
+  """optax.tree.map_params re-runs init on a placeholder: Adam's moments are mapped, the factor
+  buckets (sized from shapes the placeholder hides) come back untouched."""
   opt = s4.adamw_shampoo4(1e-2, **SHAMPOO)
   state = opt.init(_params())
-  with pytest.raises(TypeError, match="map_params is not supported"):
-    optax.tree.map_params(opt, lambda p: p, state)
-  # The supported route to per-leaf specs: a tree map over the (abstract) state.
-  specs = jax.tree.map(lambda x: x.shape, jax.eval_shape(opt.init, _params()))
-  assert specs[0].factors["order12_q"].eigvals == (2, 12)
+  mapped = optax.tree.map_params(opt, lambda p: p + 1.0, state)
+  chex.assert_trees_all_equal(mapped[0].factors, state[0].factors)
+  chex.assert_trees_all_close(mapped[1].mu, jax.tree.map(lambda p: p + 1.0, state[1].mu))
+  # With transform_non_params, the bucket dictionary is handed over whole.
+  specs = optax.tree.map_params(opt, lambda p: "param", state, transform_non_params=lambda x: "other")
+  assert specs[0].factors == "other" and specs[1].mu == {"w": "param", "b": "param"}
+  # Per-leaf specs of the factors: a tree map over the (abstract) state.
+  shapes = jax.tree.map(lambda x: x.shape, jax.eval_shape(opt.init, _params()))
+  assert shapes[0].factors["order12_q"].eigvals == (2, 12)
 
 
 @pytest.mark.parametrize("state_format", FORMATS)
