@@ -34,7 +34,7 @@ from optax_shampoo4 import linalg
 from optax_shampoo4 import quantization as qz
 
 FORMATS = ("eigen", "naive", "fp32")
-ROOT_METHODS = ("eigen", "newton")
+ROOT_METHODS = ("eigen", "newton", "jorge")
 REFRESH_METHODS = ("qr", "eigh", "adaptive")
 
 # A square matrix in the state: dense f32, quantized rows, or f32 diag + quantized off-diagonal.
@@ -104,6 +104,10 @@ class FactorConfig:
     initial_eigh: with ``"qr"``, a factor whose stored basis is exactly the
       identity (its initial state, so its first update) gets an exact
       eigendecomposition instead of QR steps. False is the paper.
+    jorge_damping: with ``root_method="jorge"``, the relative damping
+      :math:`\\delta` added to each Gram matrix,
+      :math:`M + \\delta \\|M\\|_F I` (keeps the root bounded in directions
+      the gradients never visit); a float or a traced array.
   """
 
   state_format: str = "eigen"
@@ -116,6 +120,7 @@ class FactorConfig:
   qr_iterations: int = 1
   refresh_tol: Any = 0.01
   initial_eigh: bool = False
+  jorge_damping: Any = 1e-6
 
   def store(self, matrix: jax.Array, quantized: bool, separate_diag: bool) -> StoredMatrix:
     """Encodes float32 ``[..., n, n]`` for the state."""
@@ -168,7 +173,28 @@ def init_bucket(
   if config.state_format == "eigen":
     eigvals = jnp.full((size, order), eps, jnp.float32)
     return EigenFactors(config.store(eye, quantized, separate_diag=False), eigvals, root)
+  if config.root_method == "jorge":  # Jorge keeps the root only, no statistic.
+    return MatrixFactors(None, root)
   return MatrixFactors(config.store(eps * eye, quantized, separate_diag=True), root)
+
+
+def _jorge_stats(config: FactorConfig, bucket: MatrixFactors, grams: jax.Array,
+                 beta: jax.Array) -> tuple[MatrixFactors, jax.Array]:
+  """Jorge's PU: the inverse root itself follows the statistic, matmuls only.
+
+  :math:`\\hat L \\leftarrow` :func:`~optax_shampoo4.linalg.jorge_root_update`
+  of :math:`(\\hat L, M + \\delta \\|M\\|_F I)` with the EMA decay ``beta``;
+  a factor whose Gram matrix is zero (a padding factor, a dead layer) keeps
+  its root.
+  """
+  order = grams.shape[-1]
+  norms = jnp.linalg.norm(grams, axis=(-2, -1))
+  damping = jnp.asarray(config.jorge_damping, jnp.float32) * norms
+  damped = grams + damping[:, None, None] * jnp.eye(order, dtype=jnp.float32)
+  root, _ = linalg.jorge_root_update(load(bucket.root), damped, beta)
+  root = jnp.where((norms > 0)[:, None, None], root, load(bucket.root))
+  ok = _all_finite(root)
+  return _guarded(ok, MatrixFactors(None, config.store(root, is_quantized(bucket.root), True)), bucket)
 
 
 def _rectified_eigvecs(bucket: EigenFactors, steps: int) -> jax.Array:
@@ -244,6 +270,8 @@ def update_stats(
     ok = _all_finite(eigvecs) & _all_finite(eigvals)
     stored = config.store(linalg.transpose(eigvecs), is_quantized(bucket.eigvecs), False)
     new = EigenFactors(stored, eigvals, bucket.root)
+  elif config.root_method == "jorge":
+    return _jorge_stats(config, bucket, grams, beta)
   else:
     stat = beta * load(bucket.stats) + (1.0 - beta) * grams
     ok = _all_finite(stat)
@@ -260,13 +288,16 @@ def update_root(
   :math:`V = \\mathrm{Björck}^{t_2}(D(\\bar U))`,
   :math:`\\hat A = V (\\Lambda + \\epsilon \\max\\lambda\\, I)^{-1/4} V^\\top`.
   With ``"newton"`` (and always for the matrix formats) the root of the
-  (re-assembled) statistic comes from coupled Newton iteration.
+  (re-assembled) statistic comes from coupled Newton iteration. With
+  ``"jorge"`` the root was already updated with the statistics: no-op.
 
   Returns:
     The new bucket and ``bool[k]``: False where a root was rejected as
     non-finite (that factor keeps its previous root).
   """
   epsilon = jnp.asarray(epsilon, jnp.float32)
+  if config.root_method == "jorge":  # the root already follows the statistic (update_stats)
+    return bucket, jnp.ones(jax.tree.leaves(bucket.root)[0].shape[:1], bool)
   if isinstance(bucket, EigenFactors):
     rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
     cols = linalg.transpose(rows)

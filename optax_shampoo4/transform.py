@@ -91,6 +91,10 @@ def _validate(max_order, beta, epsilon, stats_every, root_every, state_format, b
     raise ValueError(
         f"root_method='eigen' needs state_format='eigen' (the {state_format!r} format keeps no "
         f"eigenvectors; it uses 'newton'), got root_method={root_method!r}")
+  if root_method == "jorge" and state_format == "eigen":
+    raise ValueError(
+        "root_method='jorge' keeps only the inverse roots (no eigenvectors): use it with "
+        f"state_format='naive' (4-bit root) or 'fp32', got state_format={state_format!r}")
   return root_method
 
 
@@ -191,10 +195,15 @@ def scale_by_shampoo4(
     min_quant_order: factors of smaller order are kept in float32 (None: 64).
     bjorck_steps: ``(t1, t2)`` Björck iterations before the statistics update
       and before the root; applied to quantized eigenvectors only.
-    root_method: ``"eigen"`` (from the stored eigenpairs, paper Alg. 2) or
-      ``"newton"`` (coupled Newton, Alg. 4). None picks ``"eigen"`` for the
-      ``"eigen"`` format and ``"newton"`` for the others (which store no
-      eigenvectors).
+    root_method: ``"eigen"`` (from the stored eigenpairs, paper Alg. 2),
+      ``"newton"`` (coupled Newton, Alg. 4) or ``"jorge"`` (Jorge: the
+      inverse roots themselves follow the statistics at every statistics
+      update by a matmul-only binomial step, see
+      :func:`~optax_shampoo4.linalg.jorge_root_update`; no statistic is
+      stored, no decomposition or Newton loop runs; formats ``"naive"``
+      (4-bit root) and ``"fp32"``; the Gram matrices are damped by
+      ``epsilon``). None picks ``"eigen"`` for the ``"eigen"`` format and
+      ``"newton"`` for the others (which store no eigenvectors).
     refresh_method: how the ``"eigen"`` format's eigenbasis follows the
       statistic at each statistics update, with :math:`A` the updated
       statistic and :math:`V` the stored basis: ``"qr"`` (the paper:
@@ -272,7 +281,7 @@ def scale_by_shampoo4(
   config = fct.FactorConfig(state_format, bits, mapping, quant_block,
                             tuple(int(s) for s in bjorck_steps), root_method,
                             refresh_method=refresh_method, qr_iterations=qr_iterations,
-                            refresh_tol=refresh_tol)
+                            refresh_tol=refresh_tol, jorge_damping=epsilon)
   factor_engine = engine.FactorEngine(config, max_order, min_quant_order, mesh, mesh_axis)
 
   def init_fn(params):

@@ -172,3 +172,50 @@ def test_zero_gram():
   new, beta = linalg.jorge_root_update(root, zero, beta=0.9)  # L <- 0.9 L
   np.testing.assert_allclose(new, 0.9**-0.25 * root, rtol=1e-6)
   np.testing.assert_allclose(beta, 0.9, rtol=1e-6)
+
+
+# --- root_method="jorge" in scale_by_shampoo4 --------------------------------------------------
+
+
+@pytest.mark.parametrize("state_format,bits,bound", [("fp32", 4, 0.02), ("naive", 8, 0.03), ("naive", 4, 0.2)])
+def test_jorge_root_method_converges_to_damped_statistic_root(state_format, bits, bound):
+  """A stationary gradient: the stored root approaches (M + δ‖M‖I)^(-1/4), M = G Gᵀ (float64 numpy).
+
+  Measured after 150 updates: 0.15% (fp32), 1.0% (8-bit root), 16% (4-bit root: re-quantizing the root
+  at every update lets its quantization error drift, unlike the paper's root rebuilt from eigenpairs).
+  """
+  import optax_shampoo4 as s4
+
+  rng = np.random.default_rng(0)
+  g = rng.standard_normal((72, 96)).astype(np.float32) / 10
+  eps = 1e-3
+  tx = s4.scale_by_shampoo4(state_format=state_format, root_method="jorge", stats_every=1, root_every=1,
+                            epsilon=eps, beta=0.9, min_quant_order=64, bits=bits)
+  params = {"w": jnp.zeros((72, 96))}
+  state = tx.init(params)
+  assert state.factors["order72_q" if state_format == "naive" else "order72_f32"].stats is None
+  step = jax.jit(tx.update)
+  for _ in range(150):
+    _, state = step({"w": jnp.asarray(g)}, state)
+  assert int(state.failed_refreshes) == 0
+  bucket = state.factors["order72_q" if state_format == "naive" else "order72_f32"]
+  root = np.asarray(s4.factors.load(bucket.root), np.float64)[0]
+  m = g.astype(np.float64) @ g.T.astype(np.float64)
+  damped = m + eps * np.linalg.norm(m) * np.eye(72)
+  lam, vecs = np.linalg.eigh(damped)
+  expected = (vecs * lam ** -0.25) @ vecs.T
+  error = np.linalg.norm(root - expected) / np.linalg.norm(expected)
+  assert error < bound, error
+
+
+def test_jorge_root_method_validation_and_memory():
+  import optax_shampoo4 as s4
+
+  with pytest.raises(ValueError, match="root_method='jorge'"):
+    s4.scale_by_shampoo4(root_method="jorge")  # the eigen format keeps eigenvectors, not roots
+  shapes = {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32)}
+  jorge = s4.state_nbytes(jax.eval_shape(s4.scale_by_shampoo4(state_format="naive", root_method="jorge").init,
+                                         shapes))
+  naive = s4.state_nbytes(jax.eval_shape(s4.scale_by_shampoo4(state_format="naive").init, shapes))
+  # Jorge keeps one quantized matrix per factor (the root), the naive format two (statistic and root).
+  assert jorge["preconditioner"] * 2 == naive["preconditioner"]
