@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from optax_shampoo4 import validation
+from optax_shampoo4 import moments, validation
 from optax_shampoo4.transform import scale_by_shampoo4
 
 _SHAMPOO_ARGS = tuple(inspect.signature(scale_by_shampoo4).parameters)
@@ -49,6 +49,7 @@ def adamw_shampoo4(
     root_method: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
+    moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
 
@@ -72,6 +73,8 @@ def adamw_shampoo4(
       mapping, quant_block, min_quant_order, bjorck_steps, root_method, mesh,
       mesh_axis: keyword-only, passed to :func:`scale_by_shampoo4` (same
       defaults).
+    moment_bits: keyword-only; None keeps the base optimizer's state in
+      float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -82,6 +85,7 @@ def adamw_shampoo4(
     >>> state = opt.init({"w": jnp.zeros((8, 8))})
   """
   shampoo = _shampoo_from(locals())
+  moments.check_moment_bits("moment_bits", moment_bits)
   validation.check_learning_rate(learning_rate)
   validation.check_range("b1", b1, 0.0, 1.0)
   validation.check_range("b2", b2, 0.0, 1.0)
@@ -89,7 +93,7 @@ def adamw_shampoo4(
   validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
   return optax.chain(
       shampoo,
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      moments.scale_by_adam(b1=b1, b2=b2, eps=eps, bits=moment_bits),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -116,6 +120,7 @@ def sgdm_shampoo4(
     root_method: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
+    moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
 
@@ -137,11 +142,14 @@ def sgdm_shampoo4(
       mapping, quant_block, min_quant_order, bjorck_steps, root_method, mesh,
       mesh_axis: keyword-only, passed to :func:`scale_by_shampoo4` (same
       defaults).
+    moment_bits: keyword-only; None keeps the base optimizer's state in
+      float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
   shampoo = _shampoo_from(locals())
+  moments.check_moment_bits("moment_bits", moment_bits)
   validation.check_learning_rate(learning_rate)
   validation.check_range("momentum", momentum, 0.0, 1.0)
   validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
@@ -150,7 +158,7 @@ def sgdm_shampoo4(
   return optax.chain(
       shampoo,
       optax.add_decayed_weights(weight_decay, mask),
-      optax.trace(decay=momentum, nesterov=nesterov),
+      moments.trace(decay=momentum, nesterov=nesterov, bits=moment_bits),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -174,6 +182,7 @@ def adagrad_shampoo4(
     root_method: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
+    moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
 
@@ -185,16 +194,19 @@ def adagrad_shampoo4(
       mapping, quant_block, min_quant_order, bjorck_steps, root_method, mesh,
       mesh_axis: keyword-only, passed to :func:`scale_by_shampoo4` (same
       defaults).
+    moment_bits: keyword-only; None keeps the base optimizer's state in
+      float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
   shampoo = _shampoo_from(locals())
+  moments.check_moment_bits("moment_bits", moment_bits)
   validation.check_learning_rate(learning_rate)
   validation.check_range("initial_accumulator_value", initial_accumulator_value, 0.0, float("inf"))
   validation.check_range("eps", eps, 0.0, float("inf"))
   return optax.chain(
       shampoo,
-      optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
+      moments.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps, bits=moment_bits),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from optax_shampoo4 import factors as fct
+from optax_shampoo4 import moments
 from optax_shampoo4 import quantization as qz
 
 PARTS = (
@@ -16,8 +17,10 @@ PARTS = (
     "eigenvalues",  # float32 eigenvalues ("eigen" format)
     "diagonals",  # float32 diagonals kept beside quantized off-diagonals
     "dense_factors",  # float32 factor matrices (fp32 format, small orders)
-    "first_order",  # array leaves outside Shampoo factors (Adam moments, momentum, ...)
+    "first_order",  # other array leaves outside Shampoo factors (float32 Adam moments, momentum, ...)
     "other",  # scalars: step counts, failure counters
+    "moment_codes",  # uint8 codes of quantized first-order moments (optax_shampoo4.moments)
+    "moment_scales",  # float32 scales of those codes (block absmax or rank-1 maxima)
 )
 
 
@@ -60,7 +63,7 @@ def state_nbytes(state: Any) -> dict[str, int]:
       parts["dense_factors"] += _nbytes(stored)
 
   def is_bucket(node: Any) -> bool:
-    return isinstance(node, (fct.EigenFactors, fct.MatrixFactors))
+    return isinstance(node, (fct.EigenFactors, fct.MatrixFactors, moments.QuantizedMoment))
 
   for node in jax.tree.leaves(state, is_leaf=is_bucket):
     if isinstance(node, fct.EigenFactors):
@@ -70,6 +73,9 @@ def state_nbytes(state: Any) -> dict[str, int]:
     elif isinstance(node, fct.MatrixFactors):
       add_stored(node.stats)
       add_stored(node.root)
+    elif isinstance(node, moments.QuantizedMoment):
+      parts["moment_codes"] += _nbytes(node.codes)
+      parts["moment_scales"] += sum(_nbytes(scale) for scale in node.scales)
     elif np.ndim(node) >= 1:
       parts["first_order"] += _nbytes(node)
     else:

@@ -1,0 +1,422 @@
+"""Quantized first-order moments: 8- and 4-bit Adam, momentum and Adagrad states.
+
+Each moment tensor lives in the optimizer state as uint8 codes plus float32
+scales (:class:`QuantizedMoment`); every step dequantizes it, updates it in
+float32 and quantizes it again, all inside the jitted update, so state shapes
+and dtypes never change. The schemes (:data:`SCHEMES`):
+
+* **8 bits** (Dettmers et al. 2022): block-wise absmax along the last axis,
+  blocks of 256, the signed dynamic tree codebook for the first moment and the
+  unsigned dynamic tree (no sign bit: one more bit of mantissa, 7 decades of
+  range) for the second. A positive second moment whose nearest code is 0 is
+  stored with the smallest positive code instead (:math:`3.25\\cdot10^{-7}`
+  times its block's absmax): rounding it to 0 would make
+  :math:`1/\\sqrt{v}` explode.
+* **4 bits** (Li et al. 2023): the first moment block-wise with blocks of 128
+  and the signed 4-bit dynamic tree; the second moment of a tensor with
+  ``ndim >= 2`` with *rank-1 normalization*, :math:`\\hat v_{ij} =
+  \\min(r_i, c_j)\\,R(q_{ij})` where :math:`r, c` are the row and column maxima
+  (for more axes, the minimum over axes of each axis' maxima), and the
+  zero-free linear codebook :math:`R(j) = (j+1)/16`, so a positive value is never
+  stored as 0; a 1-D second moment uses blocks of 128 with that codebook.
+
+Tensors with fewer than :data:`MIN_QUANTIZED_SIZE` elements (biases, norms)
+stay float32: their codes would save little and the scales cost as much.
+
+Failure policy: the update is computed from the new float32 moments, so a
+non-finite gradient gives a non-finite update as in optax (wrap the optimizer
+in :func:`optax.apply_if_finite` to skip such steps). The stored moments are
+never overwritten by non-finite values: a tensor whose new moments are not all
+finite keeps its previous codes and scales, and ``nonfinite_count`` in the
+state counts the steps where that happened.
+
+References:
+  Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+  <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
+  Li, Chen and Zhu, `Memory Efficient Optimizers with 4-bit States
+  <https://arxiv.org/abs/2309.01507>`_, NeurIPS 2023.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_shampoo4 import quantization as qz
+from optax_shampoo4 import validation
+
+MOMENT_BITS = (4, 8)
+KINDS = ("first", "second")
+MIN_QUANTIZED_SIZE = 4096
+RANK1 = 0  # ``block`` of a rank-1 normalized moment
+
+# (bits, kind) -> (codebook, elements per absmax block); 4-bit second moments with ndim >= 2 use RANK1.
+SCHEMES = {
+    (8, "first"): ("dynamic_tree", 256),
+    (8, "second"): ("dynamic_tree_unsigned", 256),
+    (4, "first"): ("dynamic_tree", 128),
+    (4, "second"): ("linear_unsigned_nonzero", 128),
+}
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scales"],
+    meta_fields=["shape", "kind", "bits", "mapping", "block"],
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedMoment:
+  """A moment tensor stored as codes and scales (see :func:`store_moment`).
+
+  Attributes:
+    codes: ``uint8[*shape[:-1], n]`` with ``n = shape[-1]`` (8 bits) or
+      ``ceil(shape[-1] / 2)`` (4 bits, two codes a byte, low nibble first).
+    scales: a tuple of float32 arrays: ``(absmax of each block,)`` with shape
+      ``[*shape[:-1], ceil(shape[-1] / block)]``, or for rank-1 normalization
+      one vector of maxima per axis.
+    shape: the moment's shape (static).
+    kind: ``"first"`` (signed) or ``"second"`` (non-negative) (static).
+    bits: 8 or 4 (static).
+    mapping: the codebook name (static).
+    block: elements per absmax block along the last axis, or ``RANK1`` (0).
+  """
+
+  codes: jax.Array
+  scales: tuple[jax.Array, ...]
+  shape: tuple[int, ...]
+  kind: str
+  bits: int
+  mapping: str
+  block: int
+
+
+def check_moment_bits(name: str, value: Any) -> None:
+  """Raises ValueError unless ``value`` is None or a static int in :data:`MOMENT_BITS`."""
+  if value is None:
+    return
+  if isinstance(value, jax.Array):
+    raise ValueError(
+        f"{name} must be None or a static Python int in {MOMENT_BITS}, got {name}={value!r}; "
+        f"with optax.inject_hyperparams, list it in static_args")
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in MOMENT_BITS:
+    raise ValueError(f"{name} must be None or one of {MOMENT_BITS}, got {name}={value!r}")
+
+
+def _check_kind(kind: Any) -> None:
+  if kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}, got kind={kind!r}")
+
+
+def _axis_maxima(x: jax.Array) -> tuple[jax.Array, ...]:
+  """For each axis, the max over all other axes (a vector of that axis' length)."""
+  return tuple(jnp.max(x, axis=tuple(a for a in range(x.ndim) if a != axis)) for axis in range(x.ndim))
+
+
+def _rank1_normalizer(maxima: tuple[jax.Array, ...]) -> jax.Array:
+  """min over axes of the axis maxima, broadcast to the full shape."""
+  ndim = len(maxima)
+  shaped = [m.reshape(tuple(-1 if a == axis else 1 for a in range(ndim))) for axis, m in enumerate(maxima)]
+  return functools.reduce(jnp.minimum, shaped)
+
+
+def _whole_rows(length: int) -> int:
+  """A block covering a whole (even-padded) row, for codes without block scales."""
+  return length + length % 2
+
+
+def store_moment(x: jax.Array, bits: int | None, kind: str = "first") -> QuantizedMoment | jax.Array:
+  """Stores a moment tensor in ``bits`` bits (see the module docstring for the schemes).
+
+  Args:
+    x: a real array; a ``"second"`` moment must be non-negative.
+    bits: 8, 4, or None (float32).
+    kind: ``"first"`` (signed: Adam's :math:`m`, momentum) or ``"second"``
+      (non-negative: Adam's :math:`v`, Adagrad's sum of squares).
+
+  Returns:
+    A :class:`QuantizedMoment`, or ``x`` as float32 when ``bits`` is None or
+    ``x`` has fewer than :data:`MIN_QUANTIZED_SIZE` elements.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_shampoo4 as s4
+    >>> stored = s4.moments.store_moment(jnp.ones((64, 128)), bits=4, kind="second")
+    >>> stored.codes.dtype, stored.codes.shape, [s.shape for s in stored.scales]
+    (dtype('uint8'), (64, 64), [(64,), (128,)])
+    >>> float(s4.moments.load_moment(stored).max())
+    1.0
+  """
+  check_moment_bits("bits", bits)
+  _check_kind(kind)
+  x = jnp.asarray(x, jnp.float32)
+  if bits is None or x.size < MIN_QUANTIZED_SIZE:
+    return x
+  mapping, block = SCHEMES[bits, kind]
+  if kind == "second" and bits == 4 and x.ndim >= 2:
+    maxima = _axis_maxima(jnp.abs(x))
+    normalizer = _rank1_normalizer(maxima)
+    normalized = jnp.where(normalizer > 0, x / jnp.where(normalizer > 0, normalizer, 1.0), 0.0)
+    codes = qz.quantize(normalized, mapping, bits, _whole_rows(x.shape[-1])).codes
+    return QuantizedMoment(codes, maxima, tuple(x.shape), kind, bits, mapping, RANK1)
+  quantized = qz.quantize(x, mapping, bits, block)
+  codes = quantized.codes
+  if kind == "second" and bits == 8:  # keep positive values off the zero code (codebook index 0)
+    codes = jnp.where((x > 0) & (codes == 0), jnp.uint8(1), codes)
+  return QuantizedMoment(codes, (quantized.scales,), tuple(x.shape), kind, bits, mapping, block)
+
+
+def load_moment(stored: QuantizedMoment | jax.Array) -> jax.Array:
+  """The float32 moment of :func:`store_moment`'s output."""
+  if not isinstance(stored, QuantizedMoment):
+    return jnp.asarray(stored, jnp.float32)
+  length = stored.shape[-1]
+  if stored.block == RANK1:
+    ones = jnp.ones(stored.shape[:-1] + (1,), jnp.float32)
+    normalized = qz.dequantize(
+        qz.QuantizedArray(stored.codes, ones, length, stored.mapping, stored.bits, _whole_rows(length)))
+    return normalized * _rank1_normalizer(stored.scales)
+  (scales,) = stored.scales
+  return qz.dequantize(qz.QuantizedArray(stored.codes, scales, length, stored.mapping, stored.bits, stored.block))
+
+
+def _all_finite(*arrays: jax.Array) -> jax.Array:
+  return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(a)) for a in arrays])
+
+
+def _keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+def _map_moments(leaf_fn: Any, updates: Any, *stored: Any) -> tuple[Any, ...]:
+  """Applies ``leaf_fn(g, *stored_leaves) -> tuple`` per gradient leaf; returns one tree per output."""
+  treedef = jax.tree.structure(updates)
+  columns = [treedef.flatten_up_to(tree) for tree in stored]
+  results = [leaf_fn(g, *rest) for g, *rest in zip(treedef.flatten_up_to(updates), *columns)]
+  if not results:
+    return None
+  return tuple(treedef.unflatten(list(outputs)) for outputs in zip(*results))
+
+
+def _store_tree(values: Any, old_stored: Any, finite: Any, bits: int, kind: str) -> Any:
+  """Stores each float32 moment, keeping the old stored value where ``finite`` is False."""
+  treedef = jax.tree.structure(values)
+  leaves = [
+      _keep_if(ok, store_moment(v, bits, kind), old)
+      for v, old, ok in zip(treedef.flatten_up_to(values), treedef.flatten_up_to(old_stored),
+                            treedef.flatten_up_to(finite))]
+  return treedef.unflatten(leaves)
+
+
+def _count_failures(count: jax.Array, finite: Any) -> jax.Array:
+  flags = jax.tree.leaves(finite)
+  if not flags:
+    return count
+  all_ok = functools.reduce(jnp.logical_and, flags)
+  return count + jnp.where(all_ok, 0, 1).astype(count.dtype)
+
+
+class QuantizedAdamState(NamedTuple):
+  """State of :func:`scale_by_adam` with quantized moments."""
+
+  count: jax.Array  # int32 step count
+  mu: Any  # first moments: QuantizedMoment or float32 leaves
+  nu: Any  # second moments
+  nonfinite_count: jax.Array  # int32: steps whose non-finite moments were not stored
+
+
+def scale_by_adam(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    *,
+    bits: int | None = 8,
+) -> optax.GradientTransformation:
+  """Adam's rescaling with its moments stored in ``bits`` bits.
+
+  .. math::
+
+    m \\leftarrow Q(\\beta_1 D(m) + (1-\\beta_1) g), \\quad
+    v \\leftarrow Q(\\beta_2 D(v) + (1-\\beta_2) g^2), \\quad
+    u = \\frac{\\hat m}{\\sqrt{\\hat v + \\epsilon_{root}} + \\epsilon}
+
+  with :math:`D, Q` = :func:`load_moment`, :func:`store_moment`, and
+  :math:`\\hat m, \\hat v` the bias-corrected float32 moments before
+  quantization. Updates keep the gradient's dtype.
+
+  Args:
+    b1, b2: decay rates of the first and second moments.
+    eps: added to the denominator.
+    eps_root: added to :math:`\\hat v` inside the square root.
+    bits: 8 or 4; None gives exactly :func:`optax.scale_by_adam`.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_shampoo4 as s4
+    >>> opt = optax.chain(s4.moments.scale_by_adam(bits=8), optax.scale_by_learning_rate(1e-3))
+    >>> state = opt.init({"w": jnp.zeros((128, 64))})
+    >>> state[0].mu["w"].codes.dtype
+    dtype('uint8')
+  """
+  check_moment_bits("bits", bits)
+  validation.check_range("b1", b1, 0.0, 1.0)
+  validation.check_range("b2", b2, 0.0, 1.0)
+  validation.check_range("eps", eps, 0.0, float("inf"))
+  validation.check_range("eps_root", eps_root, 0.0, float("inf"))
+  if bits is None:
+    return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+
+  def init_fn(params):
+    mu = jax.tree.map(lambda p: store_moment(jnp.zeros(p.shape, jnp.float32), bits, "first"), params)
+    nu = jax.tree.map(lambda p: store_moment(jnp.zeros(p.shape, jnp.float32), bits, "second"), params)
+    return QuantizedAdamState(jnp.zeros([], jnp.int32), mu, nu, jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_int32_increment(state.count)
+    correction1 = 1 - jnp.asarray(b1, jnp.float32) ** count
+    correction2 = 1 - jnp.asarray(b2, jnp.float32) ** count
+
+    def leaf(g, mu_stored, nu_stored):
+      g32 = g.astype(jnp.float32)
+      mu = (1 - b1) * g32 + b1 * load_moment(mu_stored)
+      nu = (1 - b2) * (g32 * g32) + b2 * load_moment(nu_stored)
+      step = (mu / correction1) / (jnp.sqrt(nu / correction2 + eps_root) + eps)
+      return step.astype(g.dtype), mu, nu, _all_finite(mu, nu)
+
+    if not jax.tree.leaves(updates):
+      return updates, state._replace(count=count)
+    steps, mu, nu, finite = _map_moments(leaf, updates, state.mu, state.nu)
+    new_state = QuantizedAdamState(
+        count,
+        _store_tree(mu, state.mu, finite, bits, "first"),
+        _store_tree(nu, state.nu, finite, bits, "second"),
+        _count_failures(state.nonfinite_count, finite))
+    return steps, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class QuantizedTraceState(NamedTuple):
+  """State of :func:`trace` with a quantized momentum buffer."""
+
+  trace: Any  # QuantizedMoment or float32 leaves
+  nonfinite_count: jax.Array  # int32
+
+
+def trace(
+    decay: jax.typing.ArrayLike, nesterov: bool = False, *, bits: int | None = 8
+) -> optax.GradientTransformation:
+  """Momentum :math:`b \\leftarrow Q(g + \\mu D(b))`, stored in ``bits`` bits.
+
+  Returns :math:`b` (or :math:`g + \\mu b` with ``nesterov``), in the
+  gradient's dtype; ``bits=None`` gives exactly :func:`optax.trace`.
+
+  Args:
+    decay: the momentum :math:`\\mu`.
+    nesterov: use Nesterov momentum.
+    bits: 8 or 4; None for float32 (optax).
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_shampoo4 as s4
+    >>> opt = s4.moments.trace(0.9, bits=4)
+    >>> opt.init({"w": jnp.zeros((64, 128))}).trace["w"].codes.shape
+    (64, 64)
+  """
+  check_moment_bits("bits", bits)
+  validation.check_range("decay", decay, 0.0, 1.0, high_inclusive=True)
+  if not isinstance(nesterov, bool):
+    raise TypeError(f"nesterov must be a bool, got nesterov={nesterov!r}")
+  if bits is None:
+    return optax.trace(decay=decay, nesterov=nesterov)
+
+  def init_fn(params):
+    buffers = jax.tree.map(lambda p: store_moment(jnp.zeros(p.shape, jnp.float32), bits, "first"), params)
+    return QuantizedTraceState(buffers, jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def leaf(g, stored):
+      g32 = g.astype(jnp.float32)
+      buffer = g32 + decay * load_moment(stored)
+      step = g32 + decay * buffer if nesterov else buffer
+      return step.astype(g.dtype), buffer, _all_finite(buffer)
+
+    if not jax.tree.leaves(updates):
+      return updates, state
+    steps, buffers, finite = _map_moments(leaf, updates, state.trace)
+    return steps, QuantizedTraceState(
+        _store_tree(buffers, state.trace, finite, bits, "first"),
+        _count_failures(state.nonfinite_count, finite))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class QuantizedRssState(NamedTuple):
+  """State of :func:`scale_by_rss` with a quantized accumulator."""
+
+  sum_of_squares: Any  # QuantizedMoment or float32 leaves
+  nonfinite_count: jax.Array  # int32
+
+
+def scale_by_rss(
+    initial_accumulator_value: jax.typing.ArrayLike = 0.1,
+    eps: jax.typing.ArrayLike = 1e-7,
+    *,
+    bits: int | None = 8,
+) -> optax.GradientTransformation:
+  """Adagrad's rescaling :math:`g / \\sqrt{s + \\epsilon}`, :math:`s \\leftarrow Q(D(s) + g^2)`.
+
+  The accumulator is stored as a ``"second"`` moment (non-negative, never
+  rounded to 0 once positive). Note that a sum quantized every step drops
+  increments smaller than half a quantization step of its block; Adagrad's
+  steps shrink accordingly more slowly than in float32.
+
+  Args:
+    initial_accumulator_value: initial :math:`s`.
+    eps: added inside the square root.
+    bits: 8 or 4; None gives exactly :func:`optax.scale_by_rss`.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+  """
+  check_moment_bits("bits", bits)
+  validation.check_range("initial_accumulator_value", initial_accumulator_value, 0.0, float("inf"))
+  validation.check_range("eps", eps, 0.0, float("inf"))
+  if bits is None:
+    return optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps)
+
+  def init_fn(params):
+    sums = jax.tree.map(
+        lambda p: store_moment(jnp.full(p.shape, initial_accumulator_value, jnp.float32), bits, "second"),
+        params)
+    return QuantizedRssState(sums, jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def leaf(g, stored):
+      g32 = g.astype(jnp.float32)
+      total = g32 * g32 + load_moment(stored)
+      step = jnp.where(total > 0, jax.lax.rsqrt(total + eps), 0.0) * g32
+      return step.astype(g.dtype), total, _all_finite(total)
+
+    if not jax.tree.leaves(updates):
+      return updates, state
+    steps, sums, finite = _map_moments(leaf, updates, state.sum_of_squares)
+    return steps, QuantizedRssState(
+        _store_tree(sums, state.sum_of_squares, finite, bits, "second"),
+        _count_failures(state.nonfinite_count, finite))
+
+  return optax.GradientTransformation(init_fn, update_fn)
