@@ -1,4 +1,4 @@
-"""Quantized first-order moments: 8- and 4-bit Adam, momentum and Adagrad states.
+r"""Quantized first-order moments: 8- and 4-bit Adam, momentum and Adagrad states.
 
 Each moment tensor lives in the optimizer state as uint8 codes plus float32
 scales (:class:`QuantizedMoment`); every step dequantizes it, updates it in
@@ -94,9 +94,11 @@ class QuantizedMoment:
   Attributes:
     codes: ``uint8[*shape[:-1], n]`` with ``n = shape[-1]`` (8 bits) or
       ``ceil(shape[-1] / 2)`` (4 bits, two codes a byte, low nibble first).
-    scales: a tuple of float32 arrays: ``(absmax of each block,)`` with shape
-      ``[*shape[:-1], ceil(shape[-1] / block)]``, or for rank-1 normalization
-      one vector of maxima per axis.
+    scales: a tuple of float32 arrays: ``(scale of each block,)`` with shape
+      ``[*shape[:-1], ceil(shape[-1] / block)]``, the block's largest-magnitude
+      value *with its sign* (so that value is stored exactly: the signed
+      dynamic tree has +1 but not -1); or for rank-1 normalization one vector
+      of maxima per axis.
     shape: the moment's shape (static).
     kind: ``"first"`` (signed) or ``"second"`` (non-negative) (static).
     bits: 8 or 4 (static).
@@ -216,9 +218,12 @@ def store_moment(
     n_blocks = -(-length // block)
     padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_blocks * block - length)])
     blocks = padded.reshape(x.shape[:-1] + (n_blocks, block))
-    absmax = jnp.max(jnp.abs(blocks), axis=-1)
-    scales = (absmax,)
-    normalized = blocks / jnp.where(absmax > 0, absmax, 1.0)[..., None]
+    # The signed largest-magnitude value: that element normalizes to +1, a code of every codebook here
+    # (the signed dynamic tree has +1 but not -1).
+    largest = jnp.argmax(jnp.abs(blocks), axis=-1)[..., None]
+    signed_max = jnp.take_along_axis(blocks, largest, axis=-1)[..., 0]
+    scales = (signed_max,)
+    normalized = blocks / jnp.where(signed_max != 0, signed_max, 1.0)[..., None]
     normalized = normalized.reshape(padded.shape)[..., :length]
   if kind == "second":  # a positive value never gets the zero code
     table = _table(mapping, bits)
