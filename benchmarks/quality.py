@@ -10,7 +10,11 @@ held-out numbers are reported alongside):
 * **4-bit ≈ 32-bit**: 4-bit Shampoo's final loss at most 1% above 32-bit Shampoo's;
 * **4-bit vs first-order**: 4-bit Shampoo below the first-order baseline at equal steps;
 * **ours vs naive**: 4-bit Shampoo (quantized eigenvectors) below naive 4-bit
-  (quantized statistic and root).
+  (quantized statistic and root);
+* **8-bit moments**: for every optimizer run also with 8-bit moments (name
+  suffix ``_m8``, e.g. ``--extra --optimizers adamw+shampoo4 adamw+shampoo4_m8
+  adamw+shampoo4_m4``), final loss within 1% of its float32-moment version
+  (the ``_m4`` gaps are reported too). Targets whose optimizers were not run are skipped.
 
 Writes ``benchmarks/results/quality.json`` (settings, per-run numbers, the
 summary and the targets) and ``benchmarks/results/quality.png`` (training loss
@@ -80,7 +84,7 @@ def load_example(name: str):
 
 def roles(optimizers: list[str]) -> dict[str, str]:
   """``{"base": "sgdm", "fp32": "sgdm+shampoo32", "naive": ..., "eigen": ...}``."""
-  base = next(name for name in optimizers if "+" not in name)
+  base = next((name for name in optimizers if "+" not in name), optimizers[0])
   return {"base": base, "fp32": f"{base}+shampoo32", "naive": f"{base}+naive4", "eigen": f"{base}+shampoo4"}
 
 
@@ -116,34 +120,48 @@ def targets(runs: dict[int, dict[str, dict]], summary: dict[str, dict], metrics)
   A diverged run (NaN final loss) counts as an infinitely high loss: it is
   behind anything finite.
   """
-  role = roles(list(summary))
+  role = {r: name for r, name in roles(list(summary)).items() if name in summary}
   per_seed = {r: np.nan_to_num(np.array(summary[name]["final_train_loss"]["per_seed"]), nan=np.inf)
               for r, name in role.items()}
   loss = {r: float(np.mean(values)) for r, values in per_seed.items()}
   key = metrics[0][0]  # the held-out loss, reported next to each target
   held = {r: summary[name][key]["mean"] for r, name in role.items()}
-  gap = _gap(loss["eigen"], loss["fp32"])
-  return {
-      "4bit_within_1pct_of_32bit": {
-          "met": bool(loss["eigen"] <= (1 + RELATIVE_TOLERANCE) * loss["fp32"]),
-          "relative_gap": gap,  # (4-bit - 32-bit) / 32-bit; negative: 4-bit lower
-          "per_seed_relative_gap": [_gap(a, b) for a, b in zip(per_seed["eigen"], per_seed["fp32"])],
-          "held_out_metric": key, "held_out_4bit": held["eigen"], "held_out_32bit": held["fp32"],
-      },
-      "4bit_ahead_of_first_order": {
-          "met": bool(loss["eigen"] < loss["base"]),
-          "relative_gap": _gap(loss["eigen"], loss["base"]),
-          "seeds_ahead": int(np.sum(per_seed["eigen"] < per_seed["base"])), "seeds": len(runs),
-          "held_out_metric": key, "held_out_ahead": bool(held["eigen"] < held["base"]),
-      },
-      "eigen_ahead_of_naive4": {
-          "met": bool(loss["eigen"] < loss["naive"]),
-          "relative_gap": _gap(loss["eigen"], loss["naive"]),
-          "seeds_ahead": int(np.sum(per_seed["eigen"] < per_seed["naive"])), "seeds": len(runs),
-          "naive4_diverged_seeds": int(np.sum(~np.isfinite(per_seed["naive"]))),
-          "held_out_metric": key, "held_out_ahead": bool(held["eigen"] < held["naive"]),
-      },
-  }
+  result = {}
+  if {"eigen", "fp32"} <= set(role):
+    result["4bit_within_1pct_of_32bit"] = {
+        "met": bool(loss["eigen"] <= (1 + RELATIVE_TOLERANCE) * loss["fp32"]),
+        "relative_gap": _gap(loss["eigen"], loss["fp32"]),  # (4-bit - 32-bit) / 32-bit; negative: 4-bit lower
+        "per_seed_relative_gap": [_gap(a, b) for a, b in zip(per_seed["eigen"], per_seed["fp32"])],
+        "held_out_metric": key, "held_out_4bit": held["eigen"], "held_out_32bit": held["fp32"],
+    }
+  if {"eigen", "base"} <= set(role) and role["base"] != role["eigen"]:
+    result["4bit_ahead_of_first_order"] = {
+        "met": bool(loss["eigen"] < loss["base"]),
+        "relative_gap": _gap(loss["eigen"], loss["base"]),
+        "seeds_ahead": int(np.sum(per_seed["eigen"] < per_seed["base"])), "seeds": len(runs),
+        "held_out_metric": key, "held_out_ahead": bool(held["eigen"] < held["base"]),
+    }
+  if {"eigen", "naive"} <= set(role):
+    result["eigen_ahead_of_naive4"] = {
+        "met": bool(loss["eigen"] < loss["naive"]),
+        "relative_gap": _gap(loss["eigen"], loss["naive"]),
+        "seeds_ahead": int(np.sum(per_seed["eigen"] < per_seed["naive"])), "seeds": len(runs),
+        "naive4_diverged_seeds": int(np.sum(~np.isfinite(per_seed["naive"]))),
+        "held_out_metric": key, "held_out_ahead": bool(held["eigen"] < held["naive"]),
+    }
+  for name in summary:  # quantized moments vs the same optimizer with float32 moments
+    for suffix in ("_m8", "_m4"):
+      fp32_name = name[: -len(suffix)]
+      if name.endswith(suffix) and fp32_name in summary:
+        quantized, reference = (np.nan_to_num(np.array(summary[n]["final_train_loss"]["per_seed"]), nan=np.inf)
+                                for n in (name, fp32_name))
+        result[f"{name}_vs_fp32_moments"] = {
+            "met": bool(suffix == "_m4" or quantized.mean() <= (1 + RELATIVE_TOLERANCE) * reference.mean()),
+            "target": "within 1%" if suffix == "_m8" else "reported only",
+            "relative_gap": _gap(quantized.mean(), reference.mean()),
+            "per_seed_relative_gap": [_gap(a, b) for a, b in zip(quantized, reference)],
+        }
+  return result
 
 
 def print_tables(summaries: dict[str, dict], all_targets: dict[str, dict], num_seeds: int) -> None:
@@ -168,16 +186,30 @@ def print_tables(summaries: dict[str, dict], all_targets: dict[str, dict], num_s
   print(f"final train loss: mean ± half the range over {num_seeds} seeds (mean minibatch loss over the last "
         f"10% of steps); held-out: means over seeds; time / CPU: training wall / CPU seconds per run.")
   print("\ntargets (final training loss, means over seeds; a diverged run counts as infinitely high):")
-  for example, t in all_targets.items():
-    a, b, c = t["4bit_within_1pct_of_32bit"], t["4bit_ahead_of_first_order"], t["eigen_ahead_of_naive4"]
-    def pct(gap):
-      return f"{gap:+.2%}" if np.isfinite(gap) else "n/a"
+  def pct(gap):
+    return f"{gap:+.2%}" if np.isfinite(gap) else "n/a"
 
-    print(f"  {example}: 4-bit vs 32-bit {pct(a['relative_gap'])} ({'met' if a['met'] else 'NOT met'}); "
-          f"4-bit vs first-order {pct(b['relative_gap'])}, {b['seeds_ahead']}/{b['seeds']} seeds "
-          f"({'met' if b['met'] else 'NOT met'}); 4-bit vs naive 4-bit {pct(c['relative_gap'])}, "
-          f"{c['seeds_ahead']}/{c['seeds']} seeds ({'met' if c['met'] else 'NOT met'})"
-          + (f", naive 4-bit diverged in {c['naive4_diverged_seeds']} seed(s)" if c["naive4_diverged_seeds"] else ""))
+  for example, t in all_targets.items():
+    parts = []
+    if "4bit_within_1pct_of_32bit" in t:
+      a = t["4bit_within_1pct_of_32bit"]
+      parts.append(f"4-bit vs 32-bit {pct(a['relative_gap'])} ({'met' if a['met'] else 'NOT met'})")
+    if "4bit_ahead_of_first_order" in t:
+      b = t["4bit_ahead_of_first_order"]
+      parts.append(f"4-bit vs first-order {pct(b['relative_gap'])}, {b['seeds_ahead']}/{b['seeds']} seeds "
+                   f"({'met' if b['met'] else 'NOT met'})")
+    if "eigen_ahead_of_naive4" in t:
+      c = t["eigen_ahead_of_naive4"]
+      parts.append(f"4-bit vs naive 4-bit {pct(c['relative_gap'])}, {c['seeds_ahead']}/{c['seeds']} seeds "
+                   f"({'met' if c['met'] else 'NOT met'})"
+                   + (f", naive 4-bit diverged in {c['naive4_diverged_seeds']} seed(s)"
+                      if c["naive4_diverged_seeds"] else ""))
+    for name, m in t.items():
+      if name.endswith("_vs_fp32_moments"):
+        verdict = "reported" if m["target"] == "reported only" else ("met" if m["met"] else "NOT met")
+        parts.append(f"{name.removesuffix('_vs_fp32_moments')} vs fp32 moments {pct(m['relative_gap'])} "
+                     f"(per seed {', '.join(pct(g) for g in m['per_seed_relative_gap'])}; {verdict})")
+    print(f"  {example}: " + "; ".join(parts))
 
 
 def plot(path: pathlib.Path, runs: dict[str, dict[int, dict]], settings: dict) -> None:

@@ -63,7 +63,8 @@ def state_nbytes(state: Any) -> dict[str, int]:
       parts["dense_factors"] += _nbytes(stored)
 
   def is_bucket(node: Any) -> bool:
-    return isinstance(node, (fct.EigenFactors, fct.MatrixFactors, moments.QuantizedMoment))
+    return isinstance(node, (fct.EigenFactors, fct.MatrixFactors, moments.QuantizedMoment,
+                             *moments.QUANTIZED_STATES))
 
   for node in jax.tree.leaves(state, is_leaf=is_bucket):
     if isinstance(node, fct.EigenFactors):
@@ -75,7 +76,19 @@ def state_nbytes(state: Any) -> dict[str, int]:
       add_stored(node.root)
     elif isinstance(node, moments.QuantizedMoment):
       parts["moment_codes"] += _nbytes(node.codes)
-      parts["moment_scales"] += sum(_nbytes(scale) for scale in node.scales)
+      parts["moment_scales"] += _nbytes(node.scales)
+    elif isinstance(node, tuple(moments.QUANTIZED_STATES)):
+      stored = [name for pair in moments.QUANTIZED_STATES[type(node)] for name in pair]
+      for name, tree in zip(node._fields, node):
+        for leaf in jax.tree.leaves(tree):
+          if name not in stored or np.ndim(leaf) == 0:
+            parts["other"] += _nbytes(leaf)  # step and failure counts, a small tensor's placeholder scale
+          elif name.endswith("_scales"):
+            parts["moment_scales"] += _nbytes(leaf)
+          elif leaf.dtype == np.uint8:
+            parts["moment_codes"] += _nbytes(leaf)
+          else:  # a small tensor's float32 moment
+            parts["first_order"] += _nbytes(leaf)
     elif np.ndim(node) >= 1:
       parts["first_order"] += _nbytes(node)
     else:

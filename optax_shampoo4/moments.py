@@ -94,11 +94,11 @@ class QuantizedMoment:
   Attributes:
     codes: ``uint8[*shape[:-1], n]`` with ``n = shape[-1]`` (8 bits) or
       ``ceil(shape[-1] / 2)`` (4 bits, two codes a byte, low nibble first).
-    scales: a tuple of float32 arrays: ``(scale of each block,)`` with shape
-      ``[*shape[:-1], ceil(shape[-1] / block)]``, the block's largest-magnitude
-      value *with its sign* (so that value is stored exactly: the signed
-      dynamic tree has +1 but not -1); or for rank-1 normalization one vector
-      of maxima per axis.
+    scales: float32, the scale of each block, ``[*shape[:-1], ceil(shape[-1] /
+      block)]``: the block's largest-magnitude value *with its sign* (so that
+      value is stored exactly: the signed dynamic tree has +1 but not -1); or
+      for rank-1 normalization the maxima of every axis, concatenated,
+      ``[sum(shape)]``.
     shape: the moment's shape (static).
     kind: ``"first"`` (signed) or ``"second"`` (non-negative) (static).
     bits: 8 or 4 (static).
@@ -107,7 +107,7 @@ class QuantizedMoment:
   """
 
   codes: jax.Array
-  scales: tuple[jax.Array, ...]
+  scales: jax.Array
   shape: tuple[int, ...]
   kind: str
   bits: int
@@ -148,6 +148,16 @@ def _table(mapping: str, bits: int) -> np.ndarray:
   """The codebook as a numpy constant (also while tracing)."""
   with jax.ensure_compile_time_eval():
     return np.asarray(qz.codebook(mapping, bits))
+
+
+def moment_layout(shape: tuple[int, ...], bits: int | None, kind: str) -> tuple[str, int] | None:
+  """``(mapping, block)`` of a moment of this shape, or None when it stays float32."""
+  if bits is None or int(np.prod(shape, dtype=np.int64)) < MIN_QUANTIZED_SIZE:
+    return None
+  mapping, block, _ = SCHEMES[bits, kind]
+  if kind == "second" and bits == 4 and len(shape) >= 2:
+    block = RANK1
+  return mapping, block
 
 
 def _whole_rows(length: int) -> int:
@@ -197,22 +207,23 @@ def store_moment(
   Example:
     >>> import jax.numpy as jnp, optax_shampoo4 as s4
     >>> stored = s4.moments.store_moment(jnp.ones((64, 128)), bits=4, kind="second")
-    >>> stored.codes.dtype, stored.codes.shape, [s.shape for s in stored.scales]
-    (dtype('uint8'), (64, 64), [(64,), (128,)])
+    >>> stored.codes.dtype, stored.codes.shape, stored.scales.shape  # rank-1: 64 row and 128 column maxima
+    (dtype('uint8'), (64, 64), (192,))
     >>> float(s4.moments.load_moment(stored).max())
     1.0
   """
   check_moment_bits("bits", bits)
   _check_kind(kind)
   x = jnp.asarray(x, jnp.float32)
-  if bits is None or x.size < MIN_QUANTIZED_SIZE:
+  layout = moment_layout(x.shape, bits, kind)
+  if layout is None:
     return x
-  mapping, block, _ = SCHEMES[bits, kind]
+  mapping, block = layout
   length = x.shape[-1]
-  if kind == "second" and bits == 4 and x.ndim >= 2:
-    block = RANK1
-    scales = _axis_maxima(jnp.abs(x))
-    normalizer = _rank1_normalizer(scales)
+  if block == RANK1:
+    maxima = _axis_maxima(jnp.abs(x))
+    scales = jnp.concatenate(maxima)
+    normalizer = _rank1_normalizer(maxima)
     normalized = x / jnp.where(normalizer > 0, normalizer, 1.0)
   else:
     n_blocks = -(-length // block)
@@ -221,15 +232,14 @@ def store_moment(
     # The signed largest-magnitude value: that element normalizes to +1, a code of every codebook here
     # (the signed dynamic tree has +1 but not -1).
     largest = jnp.argmax(jnp.abs(blocks), axis=-1)[..., None]
-    signed_max = jnp.take_along_axis(blocks, largest, axis=-1)[..., 0]
-    scales = (signed_max,)
-    normalized = blocks / jnp.where(signed_max != 0, signed_max, 1.0)[..., None]
+    scales = jnp.take_along_axis(blocks, largest, axis=-1)[..., 0]
+    normalized = blocks / jnp.where(scales != 0, scales, 1.0)[..., None]
     normalized = normalized.reshape(padded.shape)[..., :length]
   if kind == "second":  # a positive value never gets the zero code
     table = _table(mapping, bits)
     normalized = jnp.where(x > 0, jnp.maximum(normalized, table[table > 0].min()), normalized)
   codes = _encode(normalized, mapping, bits, key)
-  return QuantizedMoment(codes, tuple(scales), tuple(x.shape), kind, bits, mapping, block)
+  return QuantizedMoment(codes, scales, tuple(x.shape), kind, bits, mapping, block)
 
 
 def load_moment(stored: QuantizedMoment | jax.Array) -> jax.Array:
@@ -241,17 +251,14 @@ def load_moment(stored: QuantizedMoment | jax.Array) -> jax.Array:
     ones = jnp.ones(stored.shape[:-1] + (1,), jnp.float32)
     normalized = qz.dequantize(
         qz.QuantizedArray(stored.codes, ones, length, stored.mapping, stored.bits, _whole_rows(length)))
-    return normalized * _rank1_normalizer(stored.scales)
-  (scales,) = stored.scales
-  return qz.dequantize(qz.QuantizedArray(stored.codes, scales, length, stored.mapping, stored.bits, stored.block))
+    maxima = jnp.split(stored.scales, np.cumsum(stored.shape)[:-1])
+    return normalized * _rank1_normalizer(tuple(maxima))
+  return qz.dequantize(
+      qz.QuantizedArray(stored.codes, stored.scales, length, stored.mapping, stored.bits, stored.block))
 
 
 def _all_finite(*arrays: jax.Array) -> jax.Array:
   return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(a)) for a in arrays])
-
-
-def _keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
-  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 def _map_moments(leaf_fn: Any, updates: Any, *stored: Any) -> tuple[Any, ...]:
@@ -259,22 +266,50 @@ def _map_moments(leaf_fn: Any, updates: Any, *stored: Any) -> tuple[Any, ...]:
   treedef = jax.tree.structure(updates)
   columns = [treedef.flatten_up_to(tree) for tree in stored]
   results = [leaf_fn(g, *rest) for g, *rest in zip(treedef.flatten_up_to(updates), *columns)]
-  if not results:
-    return None
   return tuple(treedef.unflatten(list(outputs)) for outputs in zip(*results))
 
 
-def _store_tree(values: Any, old_stored: Any, finite: Any, bits: int, kind: str, key: jax.Array | None) -> Any:
-  """Stores each float32 moment, keeping the old stored value where ``finite`` is False.
+# In a transform's state a moment is two trees shaped like the parameters: its codes (uint8, or the float32
+# moment itself for a small tensor) and its scales (float32; a 0-d placeholder for a small tensor). Every leaf is one
+# plain array, so the state survives frameworks that wrap each parameter-shaped leaf (flax.nnx.Optimizer);
+# the static layout is recomputed from the gradient's shape (moment_layout).
+
+
+def _split(stored: QuantizedMoment | jax.Array) -> tuple[jax.Array, jax.Array]:
+  if isinstance(stored, QuantizedMoment):
+    return stored.codes, stored.scales
+  return stored, jnp.zeros((), jnp.float32)  # a placeholder (orbax cannot save empty arrays)
+
+
+def _join(codes: jax.Array, scales: jax.Array, shape: tuple[int, ...], bits: int, kind: str) -> Any:
+  layout = moment_layout(tuple(shape), bits, kind)
+  if layout is None:
+    return codes
+  return QuantizedMoment(codes, scales, tuple(shape), kind, bits, *layout)
+
+
+def _init_moment(params: Any, bits: int, kind: str, fill: jax.typing.ArrayLike = 0.0) -> tuple[Any, Any]:
+  """(codes tree, scales tree) of a moment filled with ``fill``."""
+  stored = [_split(store_moment(jnp.full(p.shape, fill, jnp.float32), bits, kind)) for p in jax.tree.leaves(params)]
+  treedef = jax.tree.structure(params)
+  return treedef.unflatten([c for c, _ in stored]), treedef.unflatten([sc for _, sc in stored])
+
+
+def _store_tree(values: Any, old_codes: Any, old_scales: Any, finite: Any, bits: int, kind: str,
+                key: jax.Array | None) -> tuple[Any, Any]:
+  """Stores each float32 moment; a leaf whose ``finite`` is False keeps its old codes and scales.
 
   With a ``key``, leaf ``i`` rounds stochastically with ``fold_in(key, i)``.
   """
   treedef = jax.tree.structure(values)
-  leaves = [
-      _keep_if(ok, store_moment(v, bits, kind, key=None if key is None else jax.random.fold_in(key, i)), old)
-      for i, (v, old, ok) in enumerate(zip(treedef.flatten_up_to(values), treedef.flatten_up_to(old_stored),
-                                           treedef.flatten_up_to(finite)))]
-  return treedef.unflatten(leaves)
+  codes, scales = [], []
+  for i, (value, old_c, old_s, ok) in enumerate(zip(*(treedef.flatten_up_to(t)
+                                                      for t in (values, old_codes, old_scales, finite)))):
+    leaf_key = None if key is None else jax.random.fold_in(key, i)
+    new_c, new_s = _split(store_moment(value, bits, kind, key=leaf_key))
+    codes.append(jnp.where(ok, new_c, old_c))
+    scales.append(jnp.where(ok, new_s, old_s))
+  return treedef.unflatten(codes), treedef.unflatten(scales)
 
 
 def _step_key(count: jax.Array, bits: int, kind: str) -> jax.Array | None:
@@ -297,11 +332,13 @@ def _count_failures(count: jax.Array, finite: Any) -> jax.Array:
 
 
 class QuantizedAdamState(NamedTuple):
-  """State of :func:`scale_by_adam` with quantized moments."""
+  """State of :func:`scale_by_adam` with quantized moments (trees shaped like the parameters)."""
 
   count: jax.Array  # int32 step count
-  mu: Any  # first moments: QuantizedMoment or float32 leaves
-  nu: Any  # second moments
+  mu: Any  # first moments: uint8 codes (float32 values for small tensors)
+  mu_scales: Any  # their float32 scales (0-d placeholders for small tensors)
+  nu: Any  # second moments: uint8 codes (float32 values for small tensors)
+  nu_scales: Any
   nonfinite_count: jax.Array  # int32: steps whose non-finite moments were not stored
 
 
@@ -337,9 +374,9 @@ def scale_by_adam(
   Example:
     >>> import jax.numpy as jnp, optax, optax_shampoo4 as s4
     >>> opt = optax.chain(s4.moments.scale_by_adam(bits=8), optax.scale_by_learning_rate(1e-3))
-    >>> state = opt.init({"w": jnp.zeros((128, 64))})
-    >>> state[0].mu["w"].codes.dtype
-    dtype('uint8')
+    >>> state = opt.init({"w": jnp.zeros((128, 64)), "b": jnp.zeros(64)})
+    >>> state[0].mu["w"].dtype, state[0].mu["b"].dtype  # the bias is too small to quantize
+    (dtype('uint8'), dtype('float32'))
   """
   check_moment_bits("bits", bits)
   validation.check_range("b1", b1, 0.0, 1.0)
@@ -350,32 +387,32 @@ def scale_by_adam(
     return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
 
   def init_fn(params):
-    mu = jax.tree.map(lambda p: store_moment(jnp.zeros(p.shape, jnp.float32), bits, "first"), params)
-    nu = jax.tree.map(lambda p: store_moment(jnp.zeros(p.shape, jnp.float32), bits, "second"), params)
-    return QuantizedAdamState(jnp.zeros([], jnp.int32), mu, nu, jnp.zeros([], jnp.int32))
+    mu, mu_scales = _init_moment(params, bits, "first")
+    nu, nu_scales = _init_moment(params, bits, "second")
+    return QuantizedAdamState(jnp.zeros([], jnp.int32), mu, mu_scales, nu, nu_scales, jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_int32_increment(state.count)
+    if not jax.tree.leaves(updates):
+      return updates, state._replace(count=count)
     correction1 = 1 - jnp.asarray(b1, jnp.float32) ** count
     correction2 = 1 - jnp.asarray(b2, jnp.float32) ** count
 
-    def leaf(g, mu_stored, nu_stored):
+    def leaf(g, mu_codes, mu_scales, nu_codes, nu_scales):
       g32 = g.astype(jnp.float32)
-      mu = (1 - b1) * g32 + b1 * load_moment(mu_stored)
-      nu = (1 - b2) * (g32 * g32) + b2 * load_moment(nu_stored)
+      mu = (1 - b1) * g32 + b1 * load_moment(_join(mu_codes, mu_scales, g.shape, bits, "first"))
+      nu = (1 - b2) * (g32 * g32) + b2 * load_moment(_join(nu_codes, nu_scales, g.shape, bits, "second"))
       step = (mu / correction1) / (jnp.sqrt(nu / correction2 + eps_root) + eps)
       return step.astype(g.dtype), mu, nu, _all_finite(mu, nu)
 
-    if not jax.tree.leaves(updates):
-      return updates, state._replace(count=count)
-    steps, mu, nu, finite = _map_moments(leaf, updates, state.mu, state.nu)
-    new_state = QuantizedAdamState(
-        count,
-        _store_tree(mu, state.mu, finite, bits, "first", _step_key(count, bits, "first")),
-        _store_tree(nu, state.nu, finite, bits, "second", _step_key(count, bits, "second")),
-        _count_failures(state.nonfinite_count, finite))
-    return steps, new_state
+    steps, mu, nu, finite = _map_moments(leaf, updates, state.mu, state.mu_scales, state.nu, state.nu_scales)
+    mu, mu_scales = _store_tree(mu, state.mu, state.mu_scales, finite, bits, "first",
+                                _step_key(count, bits, "first"))
+    nu, nu_scales = _store_tree(nu, state.nu, state.nu_scales, finite, bits, "second",
+                                _step_key(count, bits, "second"))
+    return steps, QuantizedAdamState(count, mu, mu_scales, nu, nu_scales,
+                                     _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -384,7 +421,8 @@ class QuantizedTraceState(NamedTuple):
   """State of :func:`trace` with a quantized momentum buffer."""
 
   count: jax.Array  # int32 step count (seeds the stochastic rounding)
-  trace: Any  # QuantizedMoment or float32 leaves
+  trace: Any  # uint8 codes (float32 values for small tensors)
+  trace_scales: Any  # float32 scales (0-d placeholders for small tensors)
   nonfinite_count: jax.Array  # int32
 
 
@@ -407,7 +445,7 @@ def trace(
   Example:
     >>> import jax.numpy as jnp, optax_shampoo4 as s4
     >>> opt = s4.moments.trace(0.9, bits=4)
-    >>> opt.init({"w": jnp.zeros((64, 128))}).trace["w"].codes.shape
+    >>> opt.init({"w": jnp.zeros((64, 128))}).trace["w"].shape  # two 4-bit codes a byte
     (64, 64)
   """
   check_moment_bits("bits", bits)
@@ -418,26 +456,25 @@ def trace(
     return optax.trace(decay=decay, nesterov=nesterov)
 
   def init_fn(params):
-    buffers = jax.tree.map(lambda p: store_moment(jnp.zeros(p.shape, jnp.float32), bits, "first"), params)
-    return QuantizedTraceState(jnp.zeros([], jnp.int32), buffers, jnp.zeros([], jnp.int32))
+    return QuantizedTraceState(jnp.zeros([], jnp.int32), *_init_moment(params, bits, "first"),
+                               jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
-
-    def leaf(g, stored):
-      g32 = g.astype(jnp.float32)
-      buffer = g32 + decay * load_moment(stored)
-      step = g32 + decay * buffer if nesterov else buffer
-      return step.astype(g.dtype), buffer, _all_finite(buffer)
-
     if not jax.tree.leaves(updates):
       return updates, state
     count = optax.safe_int32_increment(state.count)
-    steps, buffers, finite = _map_moments(leaf, updates, state.trace)
-    return steps, QuantizedTraceState(
-        count,
-        _store_tree(buffers, state.trace, finite, bits, "first", _step_key(count, bits, "first")),
-        _count_failures(state.nonfinite_count, finite))
+
+    def leaf(g, codes, scales):
+      g32 = g.astype(jnp.float32)
+      buffer = g32 + decay * load_moment(_join(codes, scales, g.shape, bits, "first"))
+      step = g32 + decay * buffer if nesterov else buffer
+      return step.astype(g.dtype), buffer, _all_finite(buffer)
+
+    steps, buffers, finite = _map_moments(leaf, updates, state.trace, state.trace_scales)
+    codes, scales = _store_tree(buffers, state.trace, state.trace_scales, finite, bits, "first",
+                                _step_key(count, bits, "first"))
+    return steps, QuantizedTraceState(count, codes, scales, _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -446,7 +483,8 @@ class QuantizedRssState(NamedTuple):
   """State of :func:`scale_by_rss` with a quantized accumulator."""
 
   count: jax.Array  # int32 step count (seeds the stochastic rounding)
-  sum_of_squares: Any  # QuantizedMoment or float32 leaves
+  sum_of_squares: Any  # uint8 codes (float32 values for small tensors)
+  sum_of_squares_scales: Any  # float32 scales (0-d placeholders for small tensors)
   nonfinite_count: jax.Array  # int32
 
 
@@ -459,9 +497,10 @@ def scale_by_rss(
   """Adagrad's rescaling :math:`g / \\sqrt{s + \\epsilon}`, :math:`s \\leftarrow Q(D(s) + g^2)`.
 
   The accumulator is stored as a ``"second"`` moment (non-negative, never
-  rounded to 0 once positive). Note that a sum quantized every step drops
-  increments smaller than half a quantization step of its block; Adagrad's
-  steps shrink accordingly more slowly than in float32.
+  rounded to 0 once positive). A sum rounded to the nearest code every step
+  (4 bits) drops increments smaller than half a code step of its block, so
+  Adagrad's steps then shrink more slowly than in float32; 8 bits round
+  stochastically (unbiased).
 
   Args:
     initial_accumulator_value: initial :math:`s`.
@@ -478,27 +517,33 @@ def scale_by_rss(
     return optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps)
 
   def init_fn(params):
-    sums = jax.tree.map(
-        lambda p: store_moment(jnp.full(p.shape, initial_accumulator_value, jnp.float32), bits, "second"),
-        params)
-    return QuantizedRssState(jnp.zeros([], jnp.int32), sums, jnp.zeros([], jnp.int32))
+    return QuantizedRssState(jnp.zeros([], jnp.int32),
+                             *_init_moment(params, bits, "second", initial_accumulator_value),
+                             jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
-
-    def leaf(g, stored):
-      g32 = g.astype(jnp.float32)
-      total = g32 * g32 + load_moment(stored)
-      step = jnp.where(total > 0, jax.lax.rsqrt(total + eps), 0.0) * g32
-      return step.astype(g.dtype), total, _all_finite(total)
-
     if not jax.tree.leaves(updates):
       return updates, state
     count = optax.safe_int32_increment(state.count)
-    steps, sums, finite = _map_moments(leaf, updates, state.sum_of_squares)
-    return steps, QuantizedRssState(
-        count,
-        _store_tree(sums, state.sum_of_squares, finite, bits, "second", _step_key(count, bits, "second")),
-        _count_failures(state.nonfinite_count, finite))
+
+    def leaf(g, codes, scales):
+      g32 = g.astype(jnp.float32)
+      total = g32 * g32 + load_moment(_join(codes, scales, g.shape, bits, "second"))
+      step = jnp.where(total > 0, jax.lax.rsqrt(total + eps), 0.0) * g32
+      return step.astype(g.dtype), total, _all_finite(total)
+
+    steps, sums, finite = _map_moments(leaf, updates, state.sum_of_squares, state.sum_of_squares_scales)
+    codes, scales = _store_tree(sums, state.sum_of_squares, state.sum_of_squares_scales, finite, bits, "second",
+                                _step_key(count, bits, "second"))
+    return steps, QuantizedRssState(count, codes, scales, _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+# The quantized states and, for each, its (codes field, scales field) pairs (used by memory.state_nbytes).
+QUANTIZED_STATES = {
+    QuantizedAdamState: (("mu", "mu_scales"), ("nu", "nu_scales")),
+    QuantizedTraceState: (("trace", "trace_scales"),),
+    QuantizedRssState: (("sum_of_squares", "sum_of_squares_scales"),),
+}
