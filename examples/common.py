@@ -10,7 +10,9 @@
   ``"+shampoo4_adaptive"`` (refresh methods), ``"+shampoo8"`` (8-bit
   eigenvectors) and ``"+shampoo3"`` (3-bit eigenvectors), see :data:`SHAMPOO_VARIANTS`. The Shampoo
   variants are ``s4.adamw_shampoo4`` / ``s4.sgdm_shampoo4``, so each one is
-  exactly its baseline fed with the grafted Shampoo direction.
+  exactly its baseline fed with the grafted Shampoo direction. A suffix
+  ``_m8`` / ``_m4`` (e.g. ``"adamw+shampoo4_m8"``, ``"adamw_m8"``) stores the
+  first-order moments in 8 / 4 bits (``moment_bits``, ``s4.moments``).
 * :func:`train` runs one optimizer on one model and returns its loss curves,
   evaluation metrics, optimizer-state bytes and wall time.
 * :func:`print_table`, :func:`write_json`, :func:`plot_curves` report them.
@@ -64,6 +66,17 @@ def optimizer_names(base: str, variants=DEFAULT_VARIANTS) -> tuple[str, ...]:
 
 
 OPTIMIZERS = optimizer_names("adamw", SHAMPOO_VARIANTS) + optimizer_names("sgdm", SHAMPOO_VARIANTS)
+# Name suffix -> moment_bits (quantized first-order moments); no suffix: float32 moments.
+MOMENT_SUFFIXES = {"_m8": 8, "_m4": 4}
+OPTIMIZERS += tuple(name + suffix for name in OPTIMIZERS for suffix in MOMENT_SUFFIXES)
+
+
+def split_moment_bits(name: str) -> tuple[str, int | None]:
+  """``"adamw+shampoo4_m8"`` -> ``("adamw+shampoo4", 8)``; no suffix -> ``(name, None)``."""
+  for suffix, bits in MOMENT_SUFFIXES.items():
+    if name.endswith(suffix):
+      return name[: -len(suffix)], bits
+  return name, None
 
 # Refresh intervals for these short demos (a few hundred steps): statistics
 # (and, in the 4-bit format, the eigenvector QR step) every T1 steps, inverse
@@ -112,17 +125,26 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, weight_deca
 
   ``adamw``: ``optax.adamw`` (decoupled weight decay). ``sgdm``: SGD with heavy-ball
   momentum and coupled L2 weight decay (the paper's SGDM). Each ``+variant`` is
-  the same base optimizer applied to the grafted Shampoo direction.
+  the same base optimizer applied to the grafted Shampoo direction. A ``_m8`` /
+  ``_m4`` suffix quantizes the base optimizer's moments (``moment_bits``).
   """
+  name, moment_bits = split_moment_bits(name)
   base, _, variant = name.partition("+")
   if base not in BASES or (variant and variant not in SHAMPOO_VARIANTS):
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
   if not variant:
-    if base == "adamw":
+    if base == "adamw" and moment_bits is None:
       return optax.adamw(learning_rate, weight_decay=weight_decay)
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
+    if base == "adamw":  # optax.adamw with quantized moments
+      return optax.chain(s4.moments.scale_by_adam(bits=moment_bits), optax.add_decayed_weights(weight_decay),
+                         optax.scale_by_learning_rate(learning_rate))
+    if moment_bits is None:
+      return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
+    return optax.chain(optax.add_decayed_weights(weight_decay), s4.moments.trace(momentum, bits=moment_bits),
+                       optax.scale_by_learning_rate(learning_rate))
   shampoo = dict(stats_every=stats_every, root_every=root_every, epsilon=epsilon,
-                 min_quant_order=min_quant_order, max_order=max_order, **SHAMPOO_VARIANTS[variant])
+                 min_quant_order=min_quant_order, max_order=max_order, moment_bits=moment_bits,
+                 **SHAMPOO_VARIANTS[variant])
   if base == "adamw":
     return s4.adamw_shampoo4(learning_rate, weight_decay=weight_decay, **shampoo)
   return s4.sgdm_shampoo4(learning_rate, momentum=momentum, weight_decay=weight_decay, **shampoo)

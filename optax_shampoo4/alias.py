@@ -15,7 +15,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from optax_shampoo4 import validation
+from optax_shampoo4 import moments, validation
 from optax_shampoo4.transform import DEFAULT_REFRESH_METHOD, DEFAULT_REFRESH_TOL, scale_by_shampoo4
 
 _SHAMPOO_ARGS = tuple(inspect.signature(scale_by_shampoo4).parameters)
@@ -56,6 +56,7 @@ def adamw_shampoo4(
     grafting_beta2: jax.typing.ArrayLike | None = None,
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
+    moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
 
@@ -81,6 +82,8 @@ def adamw_shampoo4(
       grafting_eps, grafting_beta2, grafting_per_block,
       start_preconditioning_step: keyword-only, passed to
       :func:`scale_by_shampoo4` (same defaults).
+    moment_bits: keyword-only; None keeps the base optimizer's state in
+      float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -91,6 +94,7 @@ def adamw_shampoo4(
     >>> state = opt.init({"w": jnp.zeros((8, 8))})
   """
   shampoo = _shampoo_from(locals())
+  moments.check_moment_bits("moment_bits", moment_bits)
   validation.check_learning_rate(learning_rate)
   validation.check_range("b1", b1, 0.0, 1.0)
   validation.check_range("b2", b2, 0.0, 1.0)
@@ -98,7 +102,7 @@ def adamw_shampoo4(
   validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
   return optax.chain(
       shampoo,
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      moments.scale_by_adam(b1=b1, b2=b2, eps=eps, bits=moment_bits),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -133,6 +137,7 @@ def sgdm_shampoo4(
     grafting_beta2: jax.typing.ArrayLike | None = None,
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
+    moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
 
@@ -156,11 +161,14 @@ def sgdm_shampoo4(
       grafting_eps, grafting_beta2, grafting_per_block,
       start_preconditioning_step: keyword-only, passed to
       :func:`scale_by_shampoo4` (same defaults).
+    moment_bits: keyword-only; None keeps the base optimizer's state in
+      float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
   shampoo = _shampoo_from(locals())
+  moments.check_moment_bits("moment_bits", moment_bits)
   validation.check_learning_rate(learning_rate)
   validation.check_range("momentum", momentum, 0.0, 1.0)
   validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
@@ -169,7 +177,7 @@ def sgdm_shampoo4(
   return optax.chain(
       shampoo,
       optax.add_decayed_weights(weight_decay, mask),
-      optax.trace(decay=momentum, nesterov=nesterov),
+      moments.trace(decay=momentum, nesterov=nesterov, bits=moment_bits),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -201,6 +209,7 @@ def adagrad_shampoo4(
     grafting_beta2: jax.typing.ArrayLike | None = None,
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
+    moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
 
@@ -214,17 +223,20 @@ def adagrad_shampoo4(
       grafting_eps, grafting_beta2, grafting_per_block,
       start_preconditioning_step: keyword-only, passed to
       :func:`scale_by_shampoo4` (same defaults).
+    moment_bits: keyword-only; None keeps the base optimizer's state in
+      float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
   shampoo = _shampoo_from(locals())
+  moments.check_moment_bits("moment_bits", moment_bits)
   validation.check_learning_rate(learning_rate)
   validation.check_range("initial_accumulator_value", initial_accumulator_value, 0.0, float("inf"))
   validation.check_range("eps", eps, 0.0, float("inf"))
   return optax.chain(
       shampoo,
-      optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
+      moments.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps, bits=moment_bits),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -260,6 +272,7 @@ def distributed_shampoo4(
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
+    moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Distributed Shampoo's update rule (Shi et al. 2023) on the 4-bit Shampoo state.
 
@@ -307,6 +320,9 @@ def distributed_shampoo4(
       keyword-only, passed to :func:`scale_by_shampoo4`; here
       ``stats_every=10`` and ``root_every=100`` (Meta's AlgoPerf submission
       refreshed its roots every 100 steps).
+    moment_bits: keyword-only; None keeps the heavy-ball momentum in float32,
+      8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`); the grafting
+      accumulators inside :func:`scale_by_shampoo4` stay float32.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -324,6 +340,7 @@ def distributed_shampoo4(
   validation.check_learning_rate(learning_rate)
   validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
   validation.check_range("momentum", momentum, 0.0, 1.0)
+  moments.check_moment_bits("moment_bits", moment_bits)
   if not isinstance(nesterov, bool):
     raise TypeError(f"nesterov must be a bool, got nesterov={nesterov!r}")
   shampoo = scale_by_shampoo4(
@@ -338,6 +355,6 @@ def distributed_shampoo4(
   return optax.chain(
       shampoo,
       optax.add_decayed_weights(weight_decay, mask),
-      optax.trace(decay=momentum, nesterov=nesterov),
+      moments.trace(decay=momentum, nesterov=nesterov, bits=moment_bits),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from optax_shampoo4 import factors as fct
+from optax_shampoo4 import moments
 from optax_shampoo4 import quantization as qz
 
 PARTS = (
@@ -16,8 +17,10 @@ PARTS = (
     "eigenvalues",  # float32 eigenvalues ("eigen" format)
     "diagonals",  # float32 diagonals kept beside quantized off-diagonals
     "dense_factors",  # float32 factor matrices (fp32 format, small orders)
-    "first_order",  # array leaves outside Shampoo factors (Adam moments, momentum, ...)
+    "first_order",  # other array leaves outside Shampoo factors (float32 Adam moments, momentum, ...)
     "other",  # scalars: step counts, failure counters
+    "moment_codes",  # uint8 codes of quantized first-order moments (optax_shampoo4.moments)
+    "moment_scales",  # float32 scales of those codes (block absmax or rank-1 maxima)
 )
 
 
@@ -62,7 +65,8 @@ def state_nbytes(state: Any) -> dict[str, int]:
       parts["dense_factors"] += _nbytes(stored)
 
   def is_bucket(node: Any) -> bool:
-    return isinstance(node, (fct.EigenFactors, fct.MatrixFactors))
+    return isinstance(node, (fct.EigenFactors, fct.MatrixFactors, moments.QuantizedMoment,
+                             *moments.QUANTIZED_STATES))
 
   for node in jax.tree.leaves(state, is_leaf=is_bucket):
     if isinstance(node, fct.EigenFactors):
@@ -72,6 +76,21 @@ def state_nbytes(state: Any) -> dict[str, int]:
     elif isinstance(node, fct.MatrixFactors):
       add_stored(node.stats)
       add_stored(node.root)
+    elif isinstance(node, moments.QuantizedMoment):
+      parts["moment_codes"] += _nbytes(node.codes)
+      parts["moment_scales"] += _nbytes(node.scales)
+    elif isinstance(node, tuple(moments.QUANTIZED_STATES)):
+      stored = [name for pair in moments.QUANTIZED_STATES[type(node)] for name in pair]
+      for name, tree in zip(node._fields, node):
+        for leaf in jax.tree.leaves(tree):
+          if name not in stored or np.ndim(leaf) == 0:
+            parts["other"] += _nbytes(leaf)  # step and failure counts, a small tensor's placeholder scale
+          elif name.endswith("_scales"):
+            parts["moment_scales"] += _nbytes(leaf)
+          elif leaf.dtype == np.uint8:
+            parts["moment_codes"] += _nbytes(leaf)
+          else:  # a small tensor's float32 moment
+            parts["first_order"] += _nbytes(leaf)
     elif np.ndim(node) >= 1:
       parts["first_order"] += _nbytes(node)
     else:

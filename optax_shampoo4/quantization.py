@@ -52,6 +52,8 @@ MAPPINGS = ("linear2", "dynamic_tree", "linear")
 BITS = (3, 4, 8)
 GROUP_CODES = 8  # 3-bit codes per packed group
 GROUP_BYTES = 3  # bytes per packed group of 3-bit codes
+# Unsigned codebooks in [0, 1] for non-negative arrays (second moments): no code is spent on a sign.
+MAPPINGS += ("dynamic_tree_unsigned", "linear_unsigned_nonzero")
 
 
 def _linear_power_codebook(bits: int, power: int) -> np.ndarray:
@@ -81,6 +83,23 @@ def _dynamic_tree_codebook(bits: int) -> np.ndarray:
   return np.asarray(values)
 
 
+def _unsigned_codebook(mapping: str, bits: int) -> np.ndarray:
+  """Codebooks in [0, 1] for non-negative arrays.
+
+  ``"dynamic_tree_unsigned"``: bitsandbytes' unsigned dynamic map (0, 1 and,
+  for i < b - 1, 2**(i+1) means of linspace(0.1, 1) scaled by 10**(i - b + 2)).
+  ``"linear_unsigned_nonzero"``: (j + 1) / 2**b, j < 2**b, with no zero (Li et
+  al. 2023: a second moment rounded to 0 makes 1/sqrt(v) explode).
+  """
+  if mapping == "linear_unsigned_nonzero":
+    return np.arange(1, 2**bits + 1) / 2.0**bits
+  values = [0.0, 1.0]
+  for i in range(bits - 1):
+    boundaries = np.linspace(0.1, 1.0, 2 ** (i + 1) + 1)
+    values.extend((10.0 ** (i - bits + 2) * (boundaries[:-1] + boundaries[1:]) / 2.0).tolist())
+  return np.asarray(values)
+
+
 def validate_mapping_bits(mapping: str, bits: int) -> None:
   """Raises ValueError unless ``mapping`` and ``bits`` name a codebook."""
   if mapping not in MAPPINGS:
@@ -95,6 +114,8 @@ def _codebook_numpy(mapping: str, bits: int) -> np.ndarray:
     values = _linear_power_codebook(bits, 2)
   elif mapping == "linear":
     values = _linear_power_codebook(bits, 1)
+  elif mapping in ("dynamic_tree_unsigned", "linear_unsigned_nonzero"):
+    values = _unsigned_codebook(mapping, bits)
   else:
     values = _dynamic_tree_codebook(bits)
   values = np.sort(values.astype(np.float32))
@@ -110,7 +131,9 @@ def codebook(mapping: str = "linear2", bits: int = 4) -> jax.Array:
     mapping: ``"linear2"`` (:math:`\\mathrm{sign}(v) v^2`, the paper's
       default), ``"dynamic_tree"`` (bitsandbytes' dynamic tree) or ``"linear"``
       (:math:`v`), with :math:`v` = ``linspace(-1, 1, 2**bits)`` and the entry
-      at index ``2**(bits-1) - 1`` set to 0.
+      at index ``2**(bits-1) - 1`` set to 0; for non-negative arrays,
+      ``"dynamic_tree_unsigned"`` (bitsandbytes' unsigned map, in [0, 1]) or
+      ``"linear_unsigned_nonzero"`` (:math:`(j+1)/2^b`, no zero).
     bits: 3, 4 or 8.
 
   Returns:
