@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_shampoo4 import engine, linalg, partition, sharding, validation
+from optax_shampoo4 import engine, linalg, sharding, validation
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import quantization as qz
 
@@ -219,17 +219,18 @@ def scale_by_shampoo4(
         engine.no_refresh, state.factors)
     buckets, root_failures = lax.cond(
         count % root_every == 0,
-        lambda b: factor_engine.refresh_roots(b, epsilon32),
+        lambda b: factor_engine.refresh_roots(b, epsilon32, plan),
         engine.no_refresh, buckets)
     # The state keeps its split layout; only the copies below are gathered.
     buckets = factor_engine.keep_split(buckets)
 
-    # Gather the roots still quantized (a quarter of the fp32 bytes at 8 bits, an eighth at 4).
-    roots = {name: fct.load(factor_engine.gathered(bucket.root)) for name, bucket in buckets.items()}
+    # Gather the roots still quantized (a quarter of the fp32 bytes at 8 bits, an eighth at 4); with a
+    # mesh each device dequantizes and applies only its share of them (FactorEngine.apply_blocks).
+    roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
+    preconditioned = factor_engine.apply_blocks(plan, matrices, roots, _left_right)
     outputs = [
-        jnp.where(grads_finite, _precondition(leaf, matrix, lp, roots) if lp.preconditioned else leaf,
-                  jnp.zeros_like(leaf))
-        for leaf, matrix, lp in zip(leaves, matrices, plan.leaves)
+        jnp.where(grads_finite, _graft(leaf, matrix, p) if lp.preconditioned else leaf, jnp.zeros_like(leaf))
+        for leaf, matrix, p, lp in zip(leaves, matrices, preconditioned, plan.leaves)
     ]
     new_state = ScaleByShampoo4State(
         count=count,
@@ -243,14 +244,13 @@ def scale_by_shampoo4(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _precondition(leaf, matrix, leaf_plan: partition.LeafPlan, roots) -> jax.Array:
-  """``L̂ G R̂`` per block, grafted to ``‖G‖_F``, in the leaf's shape and dtype."""
+def _left_right(left_root: jax.Array, block: jax.Array, right_root: jax.Array) -> jax.Array:
+  """``L̂ G R̂`` of one block (rows of it, given rows of ``L̂``)."""
+  return linalg.matmul(linalg.matmul(left_root, block), right_root)
 
-  def left_right(block, b):
-    return linalg.matmul(linalg.matmul(roots[b.left.bucket.name][b.left.index], block),
-                         roots[b.right.bucket.name][b.right.index])
 
-  preconditioned = engine.map_blocks(matrix, leaf_plan, left_right)
+def _graft(leaf: jax.Array, matrix: jax.Array, preconditioned: jax.Array) -> jax.Array:
+  """``preconditioned`` rescaled to ``‖G‖_F``, in the leaf's shape and dtype."""
   scale = _overflow_safe_norm(matrix) / (_overflow_safe_norm(preconditioned) + _GRAFT_TINY)
   return (preconditioned * scale).reshape(leaf.shape).astype(leaf.dtype)
 
