@@ -182,7 +182,8 @@ def test_apply_blocks_on_a_mesh_matches_float64(shapes, max_order):
   got = jax.block_until_ready(jax.jit(lambda s, m: sharded.apply_blocks(plan, m, s, _left_right))(
       sharded.gathered(stored), matrices))
   with jax.default_device(CPUS[0]):
-    one = jax.block_until_ready(single.apply_blocks(plan, matrices, stored, _left_right))
+    one = jax.block_until_ready(jax.jit(lambda s, m: single.apply_blocks(plan, m, s, _left_right))(
+        jax.device_put(stored, CPUS[0]), matrices))
   for g, o, w in zip(got, one, want):
     if w is None:
       assert g is None and o is None
