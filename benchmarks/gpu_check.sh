@@ -35,7 +35,8 @@ STAGES="$OUT_DIR/stages.txt"
 
 if [ "$SIZE" = tiny ]; then
   TESTS=(tests/test_partition.py tests/test_distributed_step.py -k "schedule_splits or schedule_covers")
-  SPEED=(--model-size tiny --steps 1 --repeats 1 --budget 1 --warmup 1 --skip-peers --skip-profile --train-batches)
+  SPEED=(--model-size tiny --steps 1 --repeats 1 --budget 1 --warmup 1 --skip-peers --skip-profile --formats eigen
+         --train-batches)
   QUALITY=(--examples transformer_lm --seeds 0 --steps 4)
   LIMITS=(300 120 300 300)  # device, tests, speed, quality (seconds; a loaded CPU is slow)
 else
