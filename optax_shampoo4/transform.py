@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_shampoo4 import engine, linalg, sharding, validation
+from optax_shampoo4 import engine, linalg, partition, sharding, validation
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import quantization as qz
 
@@ -247,6 +247,15 @@ def scale_by_shampoo4(
 def _left_right(left_root: jax.Array, block: jax.Array, right_root: jax.Array) -> jax.Array:
   """``L̂ G R̂`` of one block (rows of it, given rows of ``L̂``)."""
   return linalg.matmul(linalg.matmul(left_root, block), right_root)
+
+
+def _precondition(leaf, matrix, leaf_plan: partition.LeafPlan, roots) -> jax.Array:
+  """``L̂ G R̂`` per block from dequantized ``roots``, grafted, on one device (the path without a mesh)."""
+
+  def left_right(block, b):
+    return _left_right(roots[b.left.bucket.name][b.left.index], block, roots[b.right.bucket.name][b.right.index])
+
+  return _graft(leaf, matrix, engine.map_blocks(matrix, leaf_plan, left_right))
 
 
 def _graft(leaf: jax.Array, matrix: jax.Array, preconditioned: jax.Array) -> jax.Array:
