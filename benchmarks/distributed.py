@@ -2,6 +2,7 @@
 
 Run:  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/distributed.py
       python benchmarks/distributed.py --devices 1 2 4 8 --bytes-model gpt2_124m [--out ...json]
+      python benchmarks/distributed.py --skip-timing   # exact tables only (bytes, flops): no timing
 
 (The script asks for 8 virtual CPU devices itself when ``XLA_FLAGS`` does not say otherwise.)
 
@@ -25,6 +26,18 @@ Two tables:
    same cores, so the times show that the work is split (each device refreshes 1/N of the
    factors: the refresh time should not grow with N) but not a speed-up; on a multi-GPU host
    the same script measures the real one.
+
+3. **Every-step matrix-product flops per device** (exact, from compiled programs, no timing;
+   ``--flops-model``, default GPT-2 124M): the per-step preconditioning ``L̂ G R̂`` of
+   ``scale_by_shampoo4(mesh=<N devices>)`` is split over the devices by a static schedule
+   (``s4.partition.make_schedule``; ``FactorEngine.apply_blocks``). For N = 1 (no mesh) and each
+   N, the program is compiled and the ``dot`` flops of its per-device HLO are counted
+   (``benchmarks/hlo_flops.py``), next to XLA's ``cost_analysis()["flops"]`` and the schedule's
+   load balance (per-device cost over an even split, padding counted). ``--flops-program step``
+   (default) compiles the every-step part alone (``apply_blocks`` with Shampoo's product, as the
+   transform calls it; about a minute per N on 2 cores); ``update`` compiles the whole
+   ``tx.update`` and counts the dots outside the gated refresh branches (same numbers, several
+   minutes per N for GPT-2: the refresh branches dominate compilation).
 
 Writes ``benchmarks/results/distributed.json`` and ``.png``.
 """
@@ -54,7 +67,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import optax_shampoo4 as s4  # noqa: E402
+from benchmarks.hlo_flops import dot_flops  # noqa: E402
 from benchmarks.model_shapes import MODELS  # noqa: E402
+from optax_shampoo4 import engine, linalg  # noqa: E402
+from optax_shampoo4 import factors as fct  # noqa: E402
 
 MIB = 2.0**20
 LR = 1e-3
@@ -101,6 +117,57 @@ def bytes_table(model: str, device_counts: list[int]) -> dict:
     r["ideal_fraction"] = device_counts[0] / n
   return {"model": model, "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
           "rows": rows}
+
+
+# ----------------------------------------------------------------------------- every-step flops
+
+
+def _shampoo_product(left, block, right):
+  return linalg.matmul(linalg.matmul(left, block), right)
+
+
+def _abstract_with(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _compiled_every_step(params, mesh, program: str):
+  """The compiled program whose dots are counted, and the schedule it follows."""
+  tx = s4.scale_by_shampoo4(mesh=mesh)
+  abstract = jax.eval_shape(tx.init, params)
+  if mesh is not None:
+    abstract = _abstract_with(abstract, s4.state_sharding(abstract, mesh))
+  factor_engine = engine.FactorEngine(fct.FactorConfig(), 1024, 64, mesh)
+  plan = factor_engine.plan(params)
+  if program == "update":
+    return jax.jit(tx.update).lower(params, abstract).compile(), factor_engine.schedule(plan)
+  roots = {name: bucket.root for name, bucket in abstract.factors.items()}
+
+  def every_step(grads, roots):
+    matrices = engine.matrix_views(jax.tree.leaves(grads), plan)
+    return factor_engine.apply_blocks(plan, matrices, factor_engine.gathered(roots), _shampoo_product)
+
+  return jax.jit(every_step).lower(params, roots).compile(), factor_engine.schedule(plan)
+
+
+def flops_table(model: str, device_counts: list[int], program: str) -> dict:
+  params = MODELS[model]()
+  rows = {}
+  for n in sorted(set([1] + device_counts)):
+    print(f"  compiling the {program} program for N = {n}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    compiled, schedule = _compiled_every_step(params, _mesh(n) if n > 1 else None, program)
+    compile_s = time.perf_counter() - t0
+    counted = dot_flops(compiled.as_text())
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    rows[n] = {"dot_flops_per_device": counted["every_call"], "cost_analysis_flops": float(analysis["flops"]),
+               "schedule_flops_per_device": 2 * schedule.shard_cost, "balance": schedule.balance,
+               "groups": [[*g.shape, len(g.blocks), g.chunks, g.per_shard] for g in schedule.groups],
+               "compile_s": compile_s}
+  one = rows[1]["dot_flops_per_device"]
+  for r in rows.values():
+    r["vs_1_device"] = r["dot_flops_per_device"] / one
+  return {"model": model, "program": program, "rows": {n: rows[n] for n in device_counts}}
 
 
 # ----------------------------------------------------------------------------- timing (child)
@@ -179,6 +246,15 @@ def time_table(device_counts: list[int], steps: int, repeats: int) -> dict:
 # ----------------------------------------------------------------------------- output
 
 
+def print_flops(flops: dict) -> None:
+  print(f"\nEvery-step L̂GR̂ per device, {flops['model']}, from the compiled {flops['program']} program")
+  print(f"{'N':>3s} {'dot GFLOP/device':>16s} {'of N = 1':>8s} {'ideal 1/N':>9s} {'balance':>8s} "
+        f"{'cost_analysis GFLOP':>19s}")
+  for n, r in flops["rows"].items():
+    print(f"{n:3d} {r['dot_flops_per_device'] / 1e9:16.2f} {r['vs_1_device']:8.3f} {1 / n:9.3f} "
+          f"{r['balance']:8.3f} {r['cost_analysis_flops'] / 1e9:19.2f}")
+
+
 def print_tables(memory: dict, timing: dict | None) -> None:
   print(f"\nPer-device optimizer state, adamw_shampoo4 (4-bit), {memory['model']} "
         f"({memory['params'] / 1e6:.0f}M params), factors split over N devices")
@@ -243,6 +319,9 @@ def main(argv=None) -> dict | None:
   parser.add_argument("--steps", type=int, default=3, help="timed calls per program per round")
   parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
   parser.add_argument("--skip-timing", action="store_true")
+  parser.add_argument("--flops-model", default="gpt2_124m", choices=list(MODELS))
+  parser.add_argument("--flops-program", default="step", choices=["step", "update"])
+  parser.add_argument("--skip-flops", action="store_true")
   parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed.json"))
   args = parser.parse_args(argv)
@@ -253,10 +332,13 @@ def main(argv=None) -> dict | None:
     parser.error(f"--devices {args.devices}: only {jax.device_count()} devices visible")
 
   memory = bytes_table(args.bytes_model, args.devices)
+  flops = None if args.skip_flops else flops_table(args.flops_model, args.devices, args.flops_program)
   timing = None if args.skip_timing else time_table(args.devices, args.steps, args.repeats)
   print_tables(memory, timing)
+  if flops is not None:
+    print_flops(flops)
   result = {
-      "memory": memory, "timing": timing,
+      "memory": memory, "timing": timing, "flops": flops,
       "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                       "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
                       "cpu_count": os.cpu_count(), "machine": platform.machine(),

@@ -224,10 +224,10 @@ def _psgd_kron():
   return make
 
 
-def optimizer_families(skip_peers: bool) -> dict:
+def optimizer_families(skip_peers: bool, formats=("fp32", "naive", "eigen")) -> dict:
   """``{name: {"kind", "variants": {variant: () -> opt}, ...}}``; a variant may be missing."""
   families = {"adamw": {"kind": "baseline", "variants": {"plain": lambda: optax.adamw(LR)}}}
-  for fmt in ("fp32", "naive", "eigen"):
+  for fmt in formats:
     make = _ours(fmt)
     families[f"ours {fmt}"] = {"kind": "ours", "variants": {
         "plain": lambda make=make: make(T1, T2), "stats": lambda make=make: make(1, HUGE),
@@ -574,6 +574,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--model-size", default="tiny", choices=list(MODEL_SIZES))
   parser.add_argument("--skip-peers", action="store_true")
   parser.add_argument("--skip-profile", action="store_true")
+  parser.add_argument("--formats", nargs="+", default=["fp32", "naive", "eigen"],
+                      choices=["fp32", "naive", "eigen"], help="our state formats to time (the profile needs "
+                      "eigen and naive)")
   parser.add_argument("--train-batches", type=int, nargs="*", default=[4, 16],
                       help="batch sizes for the whole-training-step table (none: skip it)")
   parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
@@ -594,7 +597,7 @@ def main(argv=None) -> dict:
   print(f"model {args.model_size}: {cfg}, {n_params / 1e6:.2f}M parameters; device {jax.devices()[0]}; "
         f"jax {jax.__version__}, optax {optax.__version__}")
 
-  families = optimizer_families(args.skip_peers)
+  families = optimizer_families(args.skip_peers, args.formats)
   prepared, errors = {}, {}
   for name, family in families.items():
     if "error" in family:
@@ -625,7 +628,7 @@ def main(argv=None) -> dict:
   print_table(rows, compile_s, errors)
 
   profile = None
-  if not args.skip_profile:
+  if not args.skip_profile and {"eigen", "naive"} <= set(args.formats):
     states = {fmt: prepared[f"ours {fmt}"]["state"] for fmt in ("eigen", "naive")}
     _progress("profiling our non-refresh step")
     profile = profile_ours(params, grads_list, states, args.steps, args.repeats, args.budget)

@@ -14,6 +14,10 @@ that an optimizer is only its own step:
   into its factors (the statistics update and eigenbasis refresh, PU), under
   ``shard_map`` when a mesh is given, with the per-factor failure policy;
 * :meth:`FactorEngine.refresh_roots`: the inverse-root update (PIRU);
+* :meth:`FactorEngine.apply_blocks`: the every-step per-block products
+  (Shampoo's ``L̂ G R̂``), split over the mesh by a static
+  :class:`~optax_shampoo4.partition.Schedule` so that each device computes
+  only its share of the blocks, then all-gathered;
 * :func:`map_blocks`: apply a per-block function to a parameter's matrix view
   and reassemble it.
 """
@@ -25,9 +29,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec
 
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import linalg, partition, sharding
+from optax_shampoo4 import quantization as qz
 
 Buckets = dict[str, fct.Bucket]
 
@@ -93,21 +100,96 @@ class FactorEngine:
     # Replicated grams: each device then slices its own factors, no resharding.
     grams = sharding.replicate(gram_matrices(plan, matrices), self.mesh)
     new, failures = {}, jnp.zeros([], jnp.int32)
+    real = _real_counts(plan)
     for key in plan.buckets:
       new[key.name], accepted = update(buckets[key.name], grams[key], beta)
-      failures += jnp.sum(~accepted, dtype=jnp.int32)
+      failures += jnp.sum(~accepted[:real[key.name]], dtype=jnp.int32)  # padding factors do not count
     return new, failures
 
-  def refresh_roots(self, buckets: Buckets, epsilon: jax.Array) -> tuple[Buckets, jax.Array]:
-    """PIRU for every bucket; returns ``(new buckets, rejected root count)``."""
+  def refresh_roots(self, buckets: Buckets, epsilon: jax.Array,
+                    plan: partition.Plan | None = None) -> tuple[Buckets, jax.Array]:
+    """PIRU for every bucket; returns ``(new buckets, rejected root count)``.
+
+    With ``plan``, rejected padding factors (past the real ones) are not counted.
+    """
     update = sharding.shard_over_factors(
         lambda bucket, epsilon: fct.update_root(self.config, bucket, epsilon),
         self.mesh, self.mesh_axis, 1, 1)
     new, failures = {}, jnp.zeros([], jnp.int32)
+    real = _real_counts(plan) if plan is not None else {}
     for name, bucket in buckets.items():
       new[name], accepted = update(bucket, epsilon)
-      failures += jnp.sum(~accepted, dtype=jnp.int32)
+      failures += jnp.sum(~accepted[:real.get(name)], dtype=jnp.int32)
     return new, failures
+
+  def schedule(self, plan: partition.Plan) -> partition.Schedule:
+    """The static split of the every-step block products over the mesh."""
+    return partition.make_schedule(plan, self.num_shards)
+
+  def apply_blocks(self, plan: partition.Plan, matrices: list, stored: dict[str, fct.StoredMatrix],
+                   fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]) -> list:
+    """``fn(left rows, block, right)`` for every block, each device on its share.
+
+    For a block ``G`` (m×n) with left factor ``A`` (m×m) and right factor
+    ``B`` (n×n), taken from ``stored`` (e.g. the roots), ``fn(A[r0:r1], G, B)``
+    must return rows ``r0:r1`` of the block's result (m×n overall), as
+    :math:`\\hat L G \\hat R` does. Without a mesh ``fn`` gets whole factors,
+    block by block (``r0, r1 = 0, m``). With a mesh the blocks follow
+    :meth:`schedule`: blocks of one shape are stacked, cut into row chunks
+    where that balances the work, and each device gathers its items' factors
+    from ``stored`` (which should be replicated and may be quantized),
+    dequantizes only those rows, runs ``fn`` batched over its items under
+    ``jax.shard_map`` and all-gathers the results. Every device thus does
+    ``1/N`` of the products (within :attr:`~optax_shampoo4.partition.Schedule.balance`).
+
+    Args:
+      plan: the plan of the tree.
+      matrices: per leaf, its float32 matrix view (None for passthrough leaves).
+      stored: ``{bucket name: stacked [k, order, order] matrices}``, quantized or not.
+      fn: the per-block function on float32 arrays.
+
+    Returns:
+      Per leaf, the float32 result in the matrix view's shape (None for passthrough leaves).
+    """
+    if self.mesh is None:
+      factors = {name: fct.load(matrix) for name, matrix in stored.items()}
+
+      def whole(block, b):
+        return fn(factors[b.left.bucket.name][b.left.index], block,
+                  factors[b.right.bucket.name][b.right.index])
+
+      return [map_blocks(matrix, lp, whole) if lp.preconditioned else None
+              for matrix, lp in zip(matrices, plan.leaves)]
+
+    schedule = self.schedule(plan)
+    axis, num_shards = self.mesh_axis, self.num_shards
+
+    def on_each_device(stored, matrices):
+      shard = lax.axis_index(axis)
+      results = []
+      for group in schedule.groups:
+        local = _group_products(group, jnp.asarray(group.items(num_shards), jnp.int32)[shard],
+                                stored, matrices, fn)
+        gathered = lax.all_gather(local, axis, tiled=True)  # [num_shards * per_shard, rows, n]
+        m, n = group.shape
+        whole = gathered[:len(group.blocks) * group.chunks].reshape(
+            len(group.blocks), group.chunks * group.rows, n)
+        results.append(whole[:, :m])
+      return results
+
+    spmd = jax.shard_map(on_each_device, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec()),
+                         out_specs=PartitionSpec(), check_vma=False)
+    results = spmd(stored, matrices)
+    where = {block: (g, position) for g, group in enumerate(schedule.groups)
+             for position, (_, block) in enumerate(group.blocks)}
+
+    def computed(block, b):
+      del block
+      g, position = where[b]
+      return results[g][position]
+
+    return [map_blocks(matrix, lp, computed) if lp.preconditioned else None
+            for matrix, lp in zip(matrices, plan.leaves)]
 
   def keep_split(self, buckets: Buckets) -> Buckets:
     """Keeps the returned buckets split over the mesh (identity without one)."""
@@ -116,6 +198,11 @@ class FactorEngine:
   def gathered(self, tree: Any) -> Any:
     """``tree`` replicated on every device, e.g. roots still quantized (identity without a mesh)."""
     return sharding.replicate(tree, self.mesh)
+
+
+def _real_counts(plan: partition.Plan) -> dict[str, int]:
+  """``{bucket name: number of real (non-padding) factors}``."""
+  return {key.name: len(slots) for key, slots in plan.factor_slots().items()}
 
 
 def no_refresh(buckets: Buckets) -> tuple[Buckets, jax.Array]:
@@ -151,6 +238,42 @@ def gram_matrices(plan: partition.Plan, matrices: list) -> dict[partition.Bucket
     stacked = jnp.stack(parts)
     grams[key] = jnp.pad(stacked, [(0, sizes[key] - len(parts)), (0, 0), (0, 0)])
   return grams
+
+
+def _group_products(group: partition.BlockGroup, items: jax.Array, stored: dict, matrices: list,
+                    fn: Callable) -> jax.Array:
+  """``fn`` on one device's items of ``group`` (``items``: ``int32[per_shard, 4]``) -> ``[per_shard, rows, n]``."""
+  m, n = group.shape
+  blocks = [matrices[leaf][b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] for leaf, b in group.blocks]
+  stacked = jnp.stack(blocks + [jnp.zeros((m, n), jnp.float32)])  # the last one for padding items
+  local_blocks = jnp.take(stacked, items[:, 0], axis=0)
+  left = load_rows(stored[group.left.name], items[:, 1], items[:, 3], group.rows)
+  right = fct.load(jax.tree.map(lambda x: jnp.take(x, items[:, 2], axis=0), stored[group.right.name]))
+  return jax.vmap(fn)(left, local_blocks, right)
+
+
+def load_rows(stored: fct.StoredMatrix, slots: jax.Array, first_rows: jax.Array, num_rows: int) -> jax.Array:
+  """Rows ``first_rows[i] + [0, num_rows)`` of matrix ``slots[i]`` of a stacked ``[k, n, n]``, in float32.
+
+  Only those rows are dequantized (quantization blocks lie along rows). Rows
+  past ``n`` are zero. Returns ``f32[len(slots), num_rows, n]``.
+  """
+  leaves = jax.tree.leaves(stored)
+  k, order = leaves[0].shape[:2]
+  rows = first_rows[:, None] + jnp.arange(num_rows)  # [items, num_rows], row within its matrix
+  valid = rows < order
+  flat_rows = slots[:, None] * order + jnp.minimum(rows, order - 1)
+
+  def gather(x):  # [k, order, ...] -> [items, num_rows, ...]
+    return x.reshape((k * order,) + x.shape[2:])[flat_rows]
+
+  picked = jax.tree.map(gather, stored)
+  if isinstance(picked, qz.OffDiagQuantized):
+    values = qz.dequantize(picked.offdiag)
+    values = jnp.where(jnp.arange(order) == rows[..., None], picked.diag[..., None], values)
+  else:
+    values = fct.load(picked)
+  return jnp.where(valid[..., None], values, 0.0)
 
 
 def map_blocks(matrix: jax.Array, leaf_plan: partition.LeafPlan,

@@ -177,3 +177,150 @@ def make_plan(
     leaves.append(LeafPlan(shape, mshape, tuple(blocks)))
   padded = {key: -(-n // bucket_multiple) * bucket_multiple for key, n in counts.items()}
   return Plan(tuple(leaves), tuple(sorted(padded.items())))
+
+
+# ----------------------------------------------------------------------------- per-step schedule
+
+
+def block_cost(rows: int, cols: int) -> int:
+  """Multiply-adds of ``L̂ G R̂`` for an ``rows × cols`` block: ``rows·cols·(rows + cols)``."""
+  return rows * cols * (rows + cols)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockGroup:
+  """The preconditioned blocks of one shape ``(m, n)``, cut into work items.
+
+  Each block's output rows are cut into ``chunks`` chunks of ``rows`` rows (the
+  last one padded past ``m``); item ``j`` is chunk ``j % chunks`` of block
+  ``j // chunks``. Rows ``[r0, r0 + rows)`` of :math:`\\hat L G \\hat R` are
+  :math:`\\hat L_{r_0:r_0+rows,:} G \\hat R`, so an item needs only those rows
+  of the left root, and costs ``rows·n·(m + n)`` multiply-adds. Every device
+  takes ``per_shard`` consecutive items; items past the real ones are padding.
+
+  Attributes:
+    shape: ``(m, n)``, the blocks' shape.
+    blocks: ``(leaf index, BlockPlan)`` per block, in plan order.
+    chunks: row chunks per block.
+    per_shard: items per device.
+  """
+
+  shape: tuple[int, int]
+  blocks: tuple[tuple[int, BlockPlan], ...]
+  chunks: int
+  per_shard: int
+
+  @property
+  def rows(self) -> int:
+    """Output rows per item."""
+    return -(-self.shape[0] // self.chunks)
+
+  @property
+  def left(self) -> BucketKey:
+    return self.blocks[0][1].left.bucket
+
+  @property
+  def right(self) -> BucketKey:
+    return self.blocks[0][1].right.bucket
+
+  @property
+  def item_cost(self) -> int:
+    m, n = self.shape
+    return self.rows * n * (m + n)
+
+  def items(self, num_shards: int) -> list[list[tuple[int, int, int, int]]]:
+    """Per device, its items as ``(block position, left slot, right slot, first row)``.
+
+    Padding items have block position ``len(blocks)`` (a zero block) and the
+    slots of the first block.
+    """
+    pad_block = (len(self.blocks), self.blocks[0][1].left.index, self.blocks[0][1].right.index, 0)
+    flat = []
+    for position, (_, block) in enumerate(self.blocks):
+      for chunk in range(self.chunks):
+        flat.append((position, block.left.index, block.right.index, chunk * self.rows))
+    flat += [pad_block] * (num_shards * self.per_shard - len(flat))
+    return [flat[d * self.per_shard:(d + 1) * self.per_shard] for d in range(num_shards)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Who preconditions what every step: the blocks in groups of one shape.
+
+  Every device runs ``per_shard`` items of every group (SPMD: one program,
+  the same shapes on every device), so its cost is
+  :attr:`shard_cost`; :attr:`balance` compares it with a perfect split of
+  the real work (padding items count as work).
+  """
+
+  groups: tuple[BlockGroup, ...]
+  num_shards: int
+
+  @property
+  def shard_cost(self) -> int:
+    """Multiply-adds of ``L̂ G R̂`` per device per step (padding included)."""
+    return sum(g.per_shard * g.item_cost for g in self.groups)
+
+  @property
+  def total_cost(self) -> int:
+    """Multiply-adds of ``L̂ G R̂`` of all real blocks (one device's work without a mesh)."""
+    return sum(len(g.blocks) * block_cost(*g.shape) for g in self.groups)
+
+  @property
+  def balance(self) -> float:
+    """Per-device cost over the mean ``total_cost / num_shards`` (1.0 = perfect)."""
+    return self.shard_cost * self.num_shards / max(self.total_cost, 1)
+
+
+def _choose_chunks(num_blocks: int, rows: int, num_shards: int, tolerance: float) -> int:
+  """The fewest row chunks per block whose per-device rows are within ``tolerance`` of ideal."""
+
+  def per_device_rows(chunks):
+    return -(-num_blocks * chunks // num_shards) * -(-rows // chunks)
+
+  ideal = num_blocks * rows / num_shards
+  candidates = range(1, min(rows, 2 * num_shards) + 1)
+  for chunks in candidates:
+    if per_device_rows(chunks) <= tolerance * ideal:
+      return chunks
+  return min(candidates, key=lambda c: (per_device_rows(c), c))
+
+
+def make_schedule(plan: Plan, num_shards: int, tolerance: float = 1.05) -> Schedule:
+  """Splits the every-step ``L̂ G R̂`` products of ``plan`` over ``num_shards`` devices.
+
+  Blocks are grouped by shape; each group's blocks are cut into the fewest
+  row chunks that bring its per-device share within ``tolerance`` of an even
+  split (or as close as possible), so a tree with a single large block still
+  divides over the devices, while a group with many blocks keeps them whole
+  (larger matrix products).
+
+  Args:
+    plan: the plan of the gradient tree.
+    num_shards: number of devices sharing the work (1: one device does all).
+    tolerance: allowed per-group overshoot over an even split.
+
+  Returns:
+    A :class:`Schedule`.
+
+  Example:
+    >>> from optax_shampoo4 import partition
+    >>> plan = partition.make_plan([(256, 64), (64, 64), (64, 64)], 1024, 64, True)
+    >>> schedule = partition.make_schedule(plan, 4)
+    >>> [(g.shape, len(g.blocks), g.chunks, g.per_shard) for g in schedule.groups]
+    [((64, 64), 2, 2, 1), ((256, 64), 1, 4, 1)]
+    >>> schedule.balance
+    1.0
+  """
+  by_shape: dict[tuple[int, int], list[tuple[int, BlockPlan]]] = {}
+  for leaf_index, leaf in enumerate(plan.leaves):
+    for block in leaf.blocks:
+      shape = (block.rows[1] - block.rows[0], block.cols[1] - block.cols[0])
+      by_shape.setdefault(shape, []).append((leaf_index, block))
+  groups = []
+  for shape in sorted(by_shape):
+    blocks = tuple(by_shape[shape])
+    chunks = _choose_chunks(len(blocks), shape[0], num_shards, tolerance)
+    per_shard = -(-len(blocks) * chunks // num_shards)
+    groups.append(BlockGroup(shape, blocks, chunks, per_shard))
+  return Schedule(tuple(groups), num_shards)

@@ -314,21 +314,23 @@ def scale_by_shampoo4(
       root_due |= count == start
     buckets, root_failures = lax.cond(
         root_due,
-        lambda b: factor_engine.refresh_roots(b, epsilon32),
+        lambda b: factor_engine.refresh_roots(b, epsilon32, plan),
         engine.no_refresh, buckets)
     # The state keeps its split layout; only the copies below are gathered.
     buckets = factor_engine.keep_split(buckets)
 
-    # Gather the roots still quantized (a quarter of the fp32 bytes at 8 bits, an eighth at 4).
-    roots = {name: fct.load(factor_engine.gathered(bucket.root)) for name, bucket in buckets.items()}
+    # Gather the roots still quantized (a quarter of the fp32 bytes at 8 bits, an eighth at 4); with a
+    # mesh each device dequantizes and applies only its share of them (FactorEngine.apply_blocks).
+    roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
     graft_state, filtered = graft_config.update(state.grafting, leaves, count, ~grads_finite, treedef)
     grafted = graft_config.directions(graft_state, filtered, count, treedef)
+    preconditioned = factor_engine.apply_blocks(plan, engine.matrix_views(filtered, plan), roots, _left_right)
     outputs = []
-    for leaf, x, direction, lp in zip(leaves, filtered, grafted, plan.leaves):
+    for leaf, direction, shampoo, lp in zip(leaves, grafted, preconditioned, plan.leaves):
       # Leaves Shampoo does not precondition take the grafted method's direction.
       if lp.preconditioned:
-        shampoo = _precondition(x.reshape(lp.matrix_shape), direction.reshape(lp.matrix_shape), lp, roots,
-                                graft_config.per_block).reshape(leaf.shape)
+        shampoo = _graft(shampoo, direction.reshape(lp.matrix_shape), lp, graft_config.per_block)
+        shampoo = shampoo.reshape(leaf.shape)
         direction = shampoo if start is None else jnp.where(count < start, direction, shampoo)
       outputs.append(jnp.where(grads_finite, direction.astype(leaf.dtype), jnp.zeros_like(leaf)))
     new_state = ScaleByShampoo4State(
@@ -349,18 +351,30 @@ def _every(count: jax.Array, period: Any) -> jax.Array:
   return count % jnp.asarray(period, jnp.int32) == 0
 
 
+def _left_right(left_root: jax.Array, block: jax.Array, right_root: jax.Array) -> jax.Array:
+  """``L̂ G R̂`` of one block (rows of it, given rows of ``L̂``)."""
+  return linalg.matmul(linalg.matmul(left_root, block), right_root)
+
+
+def _graft(preconditioned, grafted, leaf_plan: partition.LeafPlan, per_block: bool) -> jax.Array:
+  """``preconditioned`` (a matrix view) rescaled to the norm of the grafted direction.
+
+  The norms are over the whole matrix, or over each block when ``per_block``.
+  """
+  if per_block:
+    def grafted_block(block, b):
+      return grafting_lib.graft(block, grafted[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]])
+    return engine.map_blocks(preconditioned, leaf_plan, grafted_block)
+  return grafting_lib.graft(preconditioned, grafted)
+
+
 def _precondition(matrix, grafted, leaf_plan: partition.LeafPlan, roots, per_block: bool) -> jax.Array:
-  """``L̂ X R̂`` per block of a matrix view, rescaled to the norm of the grafted direction.
+  """``L̂ X R̂`` per block of a matrix view from dequantized ``roots``, grafted (one device, no mesh).
 
   The norms are over the whole matrix, or over each block when ``per_block``.
   """
 
   def left_right(block, b):
-    return linalg.matmul(linalg.matmul(roots[b.left.bucket.name][b.left.index], block),
-                         roots[b.right.bucket.name][b.right.index])
+    return _left_right(roots[b.left.bucket.name][b.left.index], block, roots[b.right.bucket.name][b.right.index])
 
-  if per_block:
-    def grafted_block(block, b):
-      return grafting_lib.graft(left_right(block, b), grafted[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]])
-    return engine.map_blocks(matrix, leaf_plan, grafted_block)
-  return grafting_lib.graft(engine.map_blocks(matrix, leaf_plan, left_right), grafted)
+  return _graft(engine.map_blocks(matrix, leaf_plan, left_right), grafted, leaf_plan, per_block)
