@@ -55,6 +55,8 @@ SHAMPOO_VARIANTS = {
     "shampoo4_adaptive": {"refresh_method": "adaptive"},
     "shampoo8": {"bits": 8},  # 8-bit eigenvectors, default refresh
     "shampoo3": {"bits": 3},  # 3-bit eigenvectors, default refresh
+    "shampoo4_caspr": {"combine": "caspr"},  # CASPR's combination of the 4-bit roots
+    "naive4_jorge": {"state_format": "naive", "root_method": "jorge"},  # Jorge: 4-bit roots, no statistic
 }
 # The variants an example runs by default (the others are there for benchmarks/quality.py).
 DEFAULT_VARIANTS = ("shampoo32", "naive4", "shampoo4")

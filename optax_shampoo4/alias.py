@@ -56,6 +56,7 @@ def adamw_shampoo4(
     grafting_beta2: jax.typing.ArrayLike | None = None,
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
+    combine: str = "shampoo",
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
@@ -80,7 +81,7 @@ def adamw_shampoo4(
       mapping, quant_block, min_quant_order, bjorck_steps, root_method,
       refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, grafting,
       grafting_eps, grafting_beta2, grafting_per_block,
-      start_preconditioning_step: keyword-only, passed to
+      start_preconditioning_step, combine: keyword-only, passed to
       :func:`scale_by_shampoo4` (same defaults).
     moment_bits: keyword-only; None keeps the base optimizer's state in
       float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
@@ -137,6 +138,7 @@ def sgdm_shampoo4(
     grafting_beta2: jax.typing.ArrayLike | None = None,
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
+    combine: str = "shampoo",
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
@@ -159,7 +161,7 @@ def sgdm_shampoo4(
       mapping, quant_block, min_quant_order, bjorck_steps, root_method,
       refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, grafting,
       grafting_eps, grafting_beta2, grafting_per_block,
-      start_preconditioning_step: keyword-only, passed to
+      start_preconditioning_step, combine: keyword-only, passed to
       :func:`scale_by_shampoo4` (same defaults).
     moment_bits: keyword-only; None keeps the base optimizer's state in
       float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
@@ -209,6 +211,7 @@ def adagrad_shampoo4(
     grafting_beta2: jax.typing.ArrayLike | None = None,
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
+    combine: str = "shampoo",
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
@@ -221,7 +224,7 @@ def adagrad_shampoo4(
       mapping, quant_block, min_quant_order, bjorck_steps, root_method,
       refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, grafting,
       grafting_eps, grafting_beta2, grafting_per_block,
-      start_preconditioning_step: keyword-only, passed to
+      start_preconditioning_step, combine: keyword-only, passed to
       :func:`scale_by_shampoo4` (same defaults).
     moment_bits: keyword-only; None keeps the base optimizer's state in
       float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
@@ -254,6 +257,7 @@ def distributed_shampoo4(
     grafting: str = "adam",
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
+    combine: str = "shampoo",
     use_bias_correction: bool = True,
     max_order: int | None = None,
     beta: jax.typing.ArrayLike = 0.95,
@@ -351,6 +355,7 @@ def distributed_shampoo4(
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=eps, grafting_beta2=b2,
       grafting_per_block=grafting_per_block,
       start_preconditioning_step=root_every if start_preconditioning_step is None else start_preconditioning_step,
+      combine=combine,
       filter_beta=b1, filter_bias_correction=use_bias_correction)
   return optax.chain(
       shampoo,

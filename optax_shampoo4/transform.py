@@ -19,6 +19,7 @@ from optax_shampoo4 import quantization as qz
 # Chosen by measurement (README, "Refresh methods"); the paper's refresh is refresh_method="qr".
 DEFAULT_REFRESH_METHOD = "adaptive"
 DEFAULT_REFRESH_TOL = 0.01
+COMBINES = ("shampoo", "caspr")
 # Defaults of the shape-fixing options, which default to None in the signatures (so that
 # optax.inject_hyperparams, which turns every int/float argument into an array, leaves them alone).
 DEFAULT_MAX_ORDER = 1024
@@ -137,6 +138,7 @@ def scale_by_shampoo4(
     start_preconditioning_step: int | None = None,
     filter_beta: jax.typing.ArrayLike | None = None,
     filter_bias_correction: bool = True,
+    combine: str = "shampoo",
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with 4-bit Shampoo, grafted to the gradient norm.
 
@@ -242,6 +244,12 @@ def scale_by_shampoo4(
       Distributed Shampoo's filtered gradient. The statistics and the grafting
       accumulators always see the raw gradient.
     filter_bias_correction: divide the filtered gradient by :math:`1 - \\beta_1^t`.
+    combine: how the two roots act on a block: ``"shampoo"``
+      (:math:`\\hat L G \\hat R`) or ``"caspr"`` (Duvvuri et al., ICLR 2024:
+      :math:`J = \\hat L G + G \\hat R`, :math:`\\hat G = \\hat L J + J \\hat R`,
+      i.e. :math:`\\hat L^2 G + 2 \\hat L G \\hat R + G \\hat R^2`), then the same
+      grafting. CASPR needs whole left roots, so with ``mesh=`` its products
+      are not split over the devices (each device computes all of them).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; chain a first-order
@@ -272,6 +280,8 @@ def scale_by_shampoo4(
                           bits, mapping, quant_block, min_quant_order, bjorck_steps,
                           root_method)
   qr_iterations = _validate_refresh(refresh_method, qr_iterations, refresh_tol)
+  if combine not in COMBINES:
+    raise ValueError(f"combine must be one of {COMBINES}, got combine={combine!r}")
   graft_config = grafting_lib.resolve(grafting, grafting_eps, grafting_beta2, grafting_per_block,
                                       filter_beta, filter_bias_correction)
   start = start_preconditioning_step
@@ -324,7 +334,15 @@ def scale_by_shampoo4(
     roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
     graft_state, filtered = graft_config.update(state.grafting, leaves, count, ~grads_finite, treedef)
     grafted = graft_config.directions(graft_state, filtered, count, treedef)
-    preconditioned = factor_engine.apply_blocks(plan, engine.matrix_views(filtered, plan), roots, _left_right)
+    filtered_views = engine.matrix_views(filtered, plan)
+    if combine == "caspr":  # needs whole left roots: not split into row chunks over a mesh
+      dense = {name: fct.load(root) for name, root in roots.items()}
+      preconditioned = [
+          engine.map_blocks(m, lp, lambda block, b: _caspr(dense[b.left.bucket.name][b.left.index], block,
+                                                           dense[b.right.bucket.name][b.right.index]))
+          if lp.preconditioned else None for m, lp in zip(filtered_views, plan.leaves)]
+    else:
+      preconditioned = factor_engine.apply_blocks(plan, filtered_views, roots, _left_right)
     outputs = []
     for leaf, direction, shampoo, lp in zip(leaves, grafted, preconditioned, plan.leaves):
       # Leaves Shampoo does not precondition take the grafted method's direction.
@@ -354,6 +372,12 @@ def _every(count: jax.Array, period: Any) -> jax.Array:
 def _left_right(left_root: jax.Array, block: jax.Array, right_root: jax.Array) -> jax.Array:
   """``L̂ G R̂`` of one block (rows of it, given rows of ``L̂``)."""
   return linalg.matmul(linalg.matmul(left_root, block), right_root)
+
+
+def _caspr(left_root: jax.Array, block: jax.Array, right_root: jax.Array) -> jax.Array:
+  """CASPR's combination of one block: ``J = L̂G + GR̂``, ``L̂J + JR̂``."""
+  j = linalg.matmul(left_root, block) + linalg.matmul(block, right_root)
+  return linalg.matmul(left_root, j) + linalg.matmul(j, right_root)
 
 
 def _graft(preconditioned, grafted, leaf_plan: partition.LeafPlan, per_block: bool) -> jax.Array:
