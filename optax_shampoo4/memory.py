@@ -50,6 +50,8 @@ def state_nbytes(state: Any) -> dict[str, int]:
   parts = dict.fromkeys(PARTS, 0)
 
   def add_stored(stored: Any) -> None:
+    if stored is None:  # a bucket without a root (SOAP)
+      return
     if isinstance(stored, qz.OffDiagQuantized):
       parts["diagonals"] += _nbytes(stored.diag)
       add_stored(stored.offdiag)

@@ -74,23 +74,23 @@ def _validate(max_order, beta, epsilon, stats_every, root_every, state_format, b
   return root_method
 
 
-def _check_leaf_dtypes(tree: Any) -> None:
+def _check_leaf_dtypes(tree: Any, owner: str = "scale_by_shampoo4") -> None:
   # optax.tree.map_params calls init on a leafless placeholder object (an optax-internal class),
   # which would silently give a state without factor buckets.
   if type(tree).__name__ == "_ParamsPlaceholder":
     raise TypeError(
-        "optax.tree.map_params is not supported by scale_by_shampoo4: its factor buckets are sized "
+        f"optax.tree.map_params is not supported by {owner}: its factor buckets are sized "
         "from the parameter shapes, which map_params hides. Map over "
         "jax.eval_shape(tx.init, params) instead (e.g. with s4.state_sharding).")
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float, np.generic)):
       raise TypeError(
-          f"scale_by_shampoo4.init needs parameter arrays (or jax.ShapeDtypeStruct); got "
+          f"{owner}.init needs parameter arrays (or jax.ShapeDtypeStruct); got "
           f"{type(leaf).__name__} at {jax.tree_util.keystr(path) or 'the root'}")
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-          f"scale_by_shampoo4 supports real floating-point parameters only; the leaf at "
+          f"{owner} supports real floating-point parameters only; the leaf at "
           f"{jax.tree_util.keystr(path)} has dtype {dtype}. Route it to another optimizer "
           f"with optax.partition or optax.masked.")
 
