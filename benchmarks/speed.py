@@ -105,6 +105,7 @@ from optax_shampoo4 import transform as s4_transform  # noqa: E402
 
 HUGE = 2**30
 T1, T2 = 100, 500
+SOAP_EVERY = 10  # SOAP's default basis-refresh interval
 LR = 1e-3
 MAX_ORDER = 1024
 NUM_WARMUP_GRADS = 4
@@ -189,6 +190,12 @@ def _ours(state_format: str):
   return make
 
 
+def _soap(state_format: str):
+  def make(every):
+    return s4.soap4(LR, max_order=MAX_ORDER, state_format=state_format, precondition_every=every)
+  return make
+
+
 def _distributed_shampoo(int8: bool):
   _peer_shim()
   from precondition.distributed_shampoo import GraftingType, distributed_shampoo
@@ -217,6 +224,12 @@ def optimizer_families(skip_peers: bool) -> dict:
     families[f"ours {fmt}"] = {"kind": "ours", "variants": {
         "plain": lambda make=make: make(T1, T2), "stats": lambda make=make: make(1, HUGE),
         "full": lambda make=make: make(1, 1)}}
+  # SOAP: "plain" = a step without a basis refresh (interval 10, counter 6), "full" = one with it
+  # (interval 1); amortized at SOAP's default interval 10.
+  for label, fmt in (("soap32", "fp32"), ("soap4", "eigen")):
+    make = _soap(fmt)
+    families[f"ours {label}"] = {"kind": "ours", "amortize_p": 1.0 / SOAP_EVERY, "variants": {
+        "plain": lambda make=make: make(SOAP_EVERY), "full": lambda make=make: make(1)}}
   if skip_peers:
     return families
   for name, int8 in (("distributed_shampoo", False), ("distributed_shampoo int8", True)):
