@@ -48,6 +48,11 @@ Method
   fired with probability ``p`` from a PRNG key in the state (fixed here): ``plain`` is ``p = 0``,
   ``full`` is ``p = 1``, and its amortized cost uses ``p = 1/100`` (one update per T1 steps, as
   often as our statistics refresh; psgdax's default schedule anneals ``p`` from 1 to 0.03).
+* **SOAP** (``ours soap32`` / ``ours soap4``: ``s4.soap4`` with a float32 / 4-bit eigenbasis, max
+  order 1024): ``plain`` has the basis-refresh interval 10 (SOAP's default; at counter 6 no refresh
+  fires: rotate into the basis, Adam, rotate back), ``full`` refreshes every step (sort, fold the
+  Gram matrices, one QR step, re-project the first moment); amortized as ``plain + (full -
+  plain) / 10``. Compare ``ours soap4`` plain with ``ours eigen`` plain (4-bit Shampoo's step).
 * **Interleaving.** All compiled programs are timed round-robin: in each of ``--repeats`` rounds
   every program runs ``--steps`` calls (each call timed alone with ``block_until_ready``; fewer,
   but at least one, once its calls in that round took ``--budget`` seconds), the order rotating
@@ -567,6 +572,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--model-size", default="tiny", choices=list(MODEL_SIZES))
   parser.add_argument("--skip-peers", action="store_true")
   parser.add_argument("--skip-profile", action="store_true")
+  parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                      help="time only these optimizer rows (AdamW, the baseline, always), e.g. "
+                           "--only 'ours eigen' 'ours soap4'")
   parser.add_argument("--train-batches", type=int, nargs="*", default=[4, 16],
                       help="batch sizes for the whole-training-step table (none: skip it)")
   parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
@@ -588,6 +596,11 @@ def main(argv=None) -> dict:
         f"jax {jax.__version__}, optax {optax.__version__}")
 
   families = optimizer_families(args.skip_peers)
+  if args.only:
+    unknown = set(args.only) - set(families)
+    if unknown:
+      parser.error(f"--only: unknown rows {sorted(unknown)}; choose from {list(families)}")
+    families = {name: f for name, f in families.items() if name == "adamw" or name in args.only}
   prepared, errors = {}, {}
   for name, family in families.items():
     if "error" in family:
@@ -618,7 +631,7 @@ def main(argv=None) -> dict:
   print_table(rows, compile_s, errors)
 
   profile = None
-  if not args.skip_profile:
+  if not args.skip_profile and all(f"ours {fmt}" in prepared for fmt in ("eigen", "naive")):
     states = {fmt: prepared[f"ours {fmt}"]["state"] for fmt in ("eigen", "naive")}
     _progress("profiling our non-refresh step")
     profile = profile_ours(params, grads_list, states, args.steps, args.repeats, args.budget)
