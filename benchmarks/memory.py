@@ -30,6 +30,13 @@ A second table per model crosses the first-order moments' storage
 families (AdamW, AdamW + 4-bit Shampoo, SGDM + 4-bit Shampoo), as ratios to
 ``optax.adamw``'s whole state; the headline is AdamW + 4-bit Shampoo with
 8-bit moments (the paper's Table 13 pairs 4-bit Shampoo with 8-bit AdamW).
+A third table per model covers SOAP (``s4.soap4``, its defaults: max order
+1024, dimensions above 10000 not rotated): its factor state in float32 (our
+``"fp32"`` format: float32 eigenvectors and eigenvalues), in the SOAP
+reference's layout (dense float32 statistic *and* basis per factor, L and Q_L:
+twice the eigenvector bytes of the same plan, arithmetic), 8-bit and 4-bit,
+and the whole state against AdamW's.
+
 """
 
 from __future__ import annotations
@@ -82,6 +89,47 @@ TABLE13 = {
     "8-bit AdamW + 4-bit Shampoo, batch 64": 74561,
     "8-bit AdamW + 4-bit Shampoo, batch 128": "OOM",
 }
+
+
+SOAP_OPTIMIZERS = {
+    "adamw": lambda: optax.adamw(1e-3),
+    "soap fp32": lambda: s4.soap4(state_format="fp32"),
+    "soap 8-bit": lambda: s4.soap4(bits=8),
+    "soap 4-bit (ours)": lambda: s4.soap4(),
+}
+SOAP_OURS = "soap 4-bit (ours)"
+
+
+def measure_soap(model: str) -> dict:
+  """SOAP state bytes by part (``jax.eval_shape``) and the factor-state ratios."""
+  params = MODELS[model]()
+  states = {name: s4.state_nbytes(jax.eval_shape(make().init, params)) for name, make in SOAP_OPTIMIZERS.items()}
+  fp32 = states["soap fp32"]
+  # The reference keeps L and Q_L dense in float32: twice our fp32 eigenvector bytes, no eigenvalues.
+  reference_factors = 2 * fp32["dense_factors"]
+  ratios = {}
+  for name, parts in states.items():
+    pre = parts["preconditioner"]
+    ratios[name] = {
+        "total_vs_adamw": parts["total"] / states["adamw"]["total"],
+        "fp32_factors_over_factors": fp32["preconditioner"] / pre if pre else None,
+        "reference_factors_over_factors": reference_factors / pre if pre else None,
+    }
+  return {"states": states, "reference_layout_factor_bytes": reference_factors, "ratios": ratios}
+
+
+def print_soap_table(model: str, result: dict) -> None:
+  states, ratios = result["states"], result["ratios"]
+  print(f"\n{model}, SOAP (max order 1024, dims > 10000 not rotated); the SOAP reference's layout "
+        f"(dense fp32 L and Q) needs {result['reference_layout_factor_bytes'] / MIB:.1f} MiB of factors")
+  print(f"{'optimizer':20s} {'total MiB':>10s} {'factors MiB':>12s} {'moments MiB':>12s} {'vs AdamW':>9s} "
+        f"{'fp32/this':>10s} {'ref. layout/this':>17s}")
+  for name, parts in states.items():
+    r = ratios[name]
+    comp = f"{r['fp32_factors_over_factors']:.2f}x" if r["fp32_factors_over_factors"] else "-"
+    ref = f"{r['reference_factors_over_factors']:.2f}x" if r["reference_factors_over_factors"] else "-"
+    print(f"{name:20s} {parts['total'] / MIB:10.1f} {parts['preconditioner'] / MIB:12.1f} "
+          f"{parts['first_order'] / MIB:12.1f} {r['total_vs_adamw']:8.3f}x {comp:>10s} {ref:>17s}")
 
 
 def measure(model: str, max_order: int) -> dict:
@@ -273,6 +321,8 @@ def main(argv=None) -> dict:
   precond_bits = {model: measure_precond_bits(model, orders[model]) for model in args.models}
   for model, parts_by_config in precond_bits.items():
     print_precond_bits(model, orders[model], parts_by_config)
+    result["soap"] = measure_soap(model)
+    print_soap_table(model, result["soap"])
   notes = paper_notes(results)
   print("\nNotes:")
   for note in notes:

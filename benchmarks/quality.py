@@ -32,6 +32,14 @@ steps this takes roughly 3 x 3 minutes per seed on two idle CPU cores:
   python benchmarks/quality.py --seeds 0 1 2 --steps 600
   python benchmarks/quality.py --examples cnn_digits --seeds 0
   python benchmarks/quality.py --from-runs           # re-summarize the last runs, no training
+
+``--soap`` runs the SOAP comparison instead (``quality_soap.json`` / ``.png``,
+per-run files in ``examples/outputs/quality_soap/``): per example AdamW,
+the example's 4-bit Shampoo, and SOAP with a float32 and a 4-bit eigenbasis
+(:data:`SOAP_RUNS`), with the targets 4-bit SOAP within 3% of float32 SOAP,
+and ahead of AdamW and of 4-bit Shampoo. SOAP replaces the base optimizer, so
+the SGDM example gets an AdamW row at SOAP's learning rate as its first-order
+reference next to its own SGDM and SGDM + 4-bit Shampoo rows.
 """
 
 from __future__ import annotations
@@ -65,6 +73,16 @@ DEFAULT_VARIANTS = ("shampoo32", "naive4", "shampoo4")
 # Optimizers whose results do not depend on the eigen format's settings: --reuse-from may take them
 # from an earlier quality.json with the same example settings instead of training them again.
 REUSABLE = ("", "shampoo32", "naive4")
+SOAP_TOLERANCE = 0.03  # "4-bit SOAP within 3% of 32-bit SOAP"
+# --soap: example -> (optimizers, peak learning rates given with --lr-for). The AdamW-family
+# examples keep their AdamW learning rate for every row (SOAP's default 3e-3 is the transformer's
+# own); the CNN trains SOAP and AdamW at 3e-3 (SGDM keeps 0.1).
+SOAP_RUNS = {
+    "cnn_digits": (["sgdm", "sgdm+shampoo4", "adamw", "soap32", "soap4"],
+                   ["adamw=3e-3", "soap32=3e-3", "soap4=3e-3"]),
+    "transformer_lm": (["adamw", "adamw+shampoo4", "soap32", "soap4"], []),
+    "autoencoder_mnist": (["adamw", "adamw+shampoo4", "soap32", "soap4"], []),
+}
 
 
 def json_safe(tree):
@@ -191,6 +209,41 @@ def targets(runs: dict[int, dict[str, dict]], summary: dict[str, dict], metrics)
   return out
 
 
+def soap_targets(runs: dict[int, dict[str, dict]], summary: dict[str, dict], metrics) -> dict[str, dict]:
+  """4-bit SOAP vs float32 SOAP (within 3%), vs AdamW and vs the example's 4-bit Shampoo (ahead)."""
+  shampoo = next(name for name in summary if name.endswith("+shampoo4"))
+  per_seed = {name: np.nan_to_num(np.array(summary[name]["final_train_loss"]["per_seed"]), nan=np.inf)
+              for name in ("soap4", "soap32", "adamw", shampoo)}
+  loss = {name: float(np.mean(values)) for name, values in per_seed.items()}
+  key = metrics[0][0]
+  out = {"soap4_within_3pct_of_soap32": {
+      "met": bool(loss["soap4"] <= (1 + SOAP_TOLERANCE) * loss["soap32"]),
+      "relative_gap": _gap(loss["soap4"], loss["soap32"]),
+      "per_seed_relative_gap": [_gap(a, b) for a, b in zip(per_seed["soap4"], per_seed["soap32"])]}}
+  for label, other in (("adamw", "adamw"), ("shampoo4", shampoo)):
+    out[f"soap4_ahead_of_{label}"] = {
+        "met": bool(loss["soap4"] < loss[other]), "versus": other,
+        "relative_gap": _gap(loss["soap4"], loss[other]),
+        "seeds_ahead": int(np.sum(per_seed["soap4"] < per_seed[other])), "seeds": len(runs),
+        "held_out_metric": key,
+        "held_out_ahead": bool(summary["soap4"][key]["mean"] < summary[other][key]["mean"])}
+  return out
+
+
+def print_soap_targets(all_targets: dict[str, dict]) -> None:
+  def pct(gap):
+    return f"{gap:+.2%}" if np.isfinite(gap) else "n/a"
+
+  for example, t in all_targets.items():
+    a = t["soap4_within_3pct_of_soap32"]
+    parts = [f"4-bit vs 32-bit SOAP {pct(a['relative_gap'])} ({'met' if a['met'] else 'NOT met'})"]
+    for label in ("adamw", "shampoo4"):
+      b = t[f"soap4_ahead_of_{label}"]
+      parts.append(f"vs {b['versus']} {pct(b['relative_gap'])}, {b['seeds_ahead']}/{b['seeds']} seeds "
+                   f"({'met' if b['met'] else 'NOT met'})")
+    print(f"  {example}: " + "; ".join(parts))
+
+
 def print_tables(summaries: dict[str, dict], all_targets: dict[str, dict], num_seeds: int) -> None:
   header = ("example", "optimizer", "final train loss", "held-out", "state bytes", "time (s)", "CPU (s)")
   rows = [header]
@@ -213,6 +266,9 @@ def print_tables(summaries: dict[str, dict], all_targets: dict[str, dict], num_s
   print(f"final train loss: mean ± half the range over {num_seeds} seeds (mean minibatch loss over the last "
         f"10% of steps); held-out: means over seeds; time / CPU: training wall / CPU seconds per run.")
   print("\ntargets (final training loss, means over seeds; a diverged run counts as infinitely high):")
+  if any("soap4_within_3pct_of_soap32" in t for t in all_targets.values()):
+    print_soap_targets(all_targets)
+    return
   for example, t in all_targets.items():
     def pct(gap):
       return f"{gap:+.2%}" if np.isfinite(gap) else "n/a"
@@ -308,10 +364,16 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                       help="further flags passed to every example (e.g. --extra --epsilon 1e-6)")
   parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
-  parser.add_argument("--runs-dir", type=pathlib.Path, default=RUNS, help="where the per-run JSON/PNG files go")
+  parser.add_argument("--runs-dir", type=pathlib.Path, default=None,
+                      help="where the per-run JSON/PNG files go (default: examples/outputs/quality[_soap])")
+  parser.add_argument("--soap", action="store_true", help="the SOAP comparison (see the module doc)")
   parser.add_argument("--from-runs", action="store_true",
                       help="no training: rebuild the table, JSON and PNG from the per-run files in --runs-dir")
   args = parser.parse_args(argv)
+  if args.runs_dir is None:
+    args.runs_dir = RUNS.parent / "quality_soap" if args.soap else RUNS
+  if args.soap and args.out_name == "quality":
+    args.out_name = "quality_soap"
 
   import jax
 
@@ -324,6 +386,10 @@ def main(argv: list[str] | None = None) -> dict:
     runs[example] = {}
     base = BASES[example]
     names = [base] + [f"{base}+{variant}" for variant in args.variants]
+    soap_lr_flags = []
+    if args.soap:
+      names, learning_rates = SOAP_RUNS[example]
+      soap_lr_flags = ["--lr-for", *learning_rates] if learning_rates else []
     for seed in args.seeds:
       out = args.runs_dir / f"{example}_seed{seed}.json"
       if args.from_runs:
@@ -334,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
       old = _reusable_runs(previous, example, seed, names, base)
       to_train = [name for name in names if name not in old]
       argv_example = ["--seed", str(seed), "--out", str(out), "--optimizers", *to_train] + (
-          ["--steps", str(args.steps)] if args.steps else []) + args.extra
+          ["--steps", str(args.steps)] if args.steps else []) + soap_lr_flags + args.extra
       print(f"\n=== {example} seed {seed}: {' '.join(argv_example)}"
             + (f" (reusing {', '.join(old)})" if old else ""), flush=True)
       trained = module.main(argv_example)
@@ -346,7 +412,8 @@ def main(argv: list[str] | None = None) -> dict:
       configs[example] = dict(config, optimizers=names)
     steps[example] = configs[example]["steps"]
     summaries[example] = summarize(runs[example], EXAMPLES[example])
-    all_targets[example] = targets(runs[example], summaries[example], EXAMPLES[example])
+    all_targets[example] = (soap_targets if args.soap else targets)(runs[example], summaries[example],
+                                                                    EXAMPLES[example])
 
   settings = {
       "seeds": args.seeds, "steps": steps,

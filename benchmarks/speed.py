@@ -50,6 +50,11 @@ Method
   fired with probability ``p`` from a PRNG key in the state (fixed here): ``plain`` is ``p = 0``,
   ``full`` is ``p = 1``, and its amortized cost uses ``p = 1/100`` (one update per T1 steps, as
   often as our statistics refresh; psgdax's default schedule anneals ``p`` from 1 to 0.03).
+* **SOAP** (``ours soap32`` / ``ours soap4``: ``s4.soap4`` with a float32 / 4-bit eigenbasis, max
+  order 1024): ``plain`` has the basis-refresh interval 10 (SOAP's default; at counter 6 no refresh
+  fires: rotate into the basis, Adam, rotate back), ``full`` refreshes every step (sort, fold the
+  Gram matrices, one QR step, re-project the first moment); amortized as ``plain + (full -
+  plain) / 10``. Compare ``ours soap4`` plain with ``ours eigen`` plain (4-bit Shampoo's step).
 * **Interleaving.** All compiled programs are timed round-robin: in each of ``--repeats`` rounds
   every program runs ``--steps`` calls (each call timed alone with ``block_until_ready``; fewer,
   but at least one, once its calls in that round took ``--budget`` seconds), the order rotating
@@ -107,6 +112,7 @@ from optax_shampoo4 import transform as s4_transform  # noqa: E402
 
 HUGE = 2**30
 T1, T2 = 100, 500
+SOAP_EVERY = 10  # SOAP's default basis-refresh interval
 LR = 1e-3
 MAX_ORDER = 1024
 NUM_WARMUP_GRADS = 4
@@ -202,6 +208,10 @@ REFRESH_VARIANTS = {
     "ours eigen adaptive tol=0": {"refresh_method": "adaptive", "refresh_tol": 0.0},
     "ours eigen adaptive tol=1": {"refresh_method": "adaptive", "refresh_tol": 1.0},
 }
+def _soap(state_format: str):
+  def make(every):
+    return s4.soap4(LR, max_order=MAX_ORDER, state_format=state_format, precondition_every=every)
+  return make
 
 
 def _distributed_shampoo(int8: bool):
@@ -237,6 +247,12 @@ def optimizer_families(skip_peers: bool, formats=("fp32", "naive", "eigen")) -> 
     families[name] = {"kind": "ours", "variants": {
         "plain": lambda make=make: make(T1, T2), "stats": lambda make=make: make(1, HUGE),
         "full": lambda make=make: make(1, 1)}}
+  # SOAP: "plain" = a step without a basis refresh (interval 10, counter 6), "full" = one with it
+  # (interval 1); amortized at SOAP's default interval 10.
+  for label, fmt in (("soap32", "fp32"), ("soap4", "eigen")):
+    make = _soap(fmt)
+    families[f"ours {label}"] = {"kind": "ours", "amortize_p": 1.0 / SOAP_EVERY, "variants": {
+        "plain": lambda make=make: make(SOAP_EVERY), "full": lambda make=make: make(1)}}
   if skip_peers:
     return families
   for name, int8 in (("distributed_shampoo", False), ("distributed_shampoo int8", True)):
@@ -577,6 +593,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--formats", nargs="+", default=["fp32", "naive", "eigen"],
                       choices=["fp32", "naive", "eigen"], help="our state formats to time (the profile needs "
                       "eigen and naive)")
+  parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                      help="time only these optimizer rows (AdamW, the baseline, always), e.g. "
+                           "--only 'ours eigen' 'ours soap4'")
   parser.add_argument("--train-batches", type=int, nargs="*", default=[4, 16],
                       help="batch sizes for the whole-training-step table (none: skip it)")
   parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
@@ -598,6 +617,11 @@ def main(argv=None) -> dict:
         f"jax {jax.__version__}, optax {optax.__version__}")
 
   families = optimizer_families(args.skip_peers, args.formats)
+  if args.only:
+    unknown = set(args.only) - set(families)
+    if unknown:
+      parser.error(f"--only: unknown rows {sorted(unknown)}; choose from {list(families)}")
+    families = {name: f for name, f in families.items() if name == "adamw" or name in args.only}
   prepared, errors = {}, {}
   for name, family in families.items():
     if "error" in family:
@@ -628,7 +652,8 @@ def main(argv=None) -> dict:
   print_table(rows, compile_s, errors)
 
   profile = None
-  if not args.skip_profile and {"eigen", "naive"} <= set(args.formats):
+  if not args.skip_profile and {"eigen", "naive"} <= set(args.formats) and all(
+      f"ours {fmt}" in prepared for fmt in ("eigen", "naive")):
     states = {fmt: prepared[f"ours {fmt}"]["state"] for fmt in ("eigen", "naive")}
     _progress("profiling our non-refresh step")
     profile = profile_ours(params, grads_list, states, args.steps, args.repeats, args.budget)

@@ -13,6 +13,10 @@
   exactly its baseline fed with the grafted Shampoo direction. A suffix
   ``_m8`` / ``_m4`` (e.g. ``"adamw+shampoo4_m8"``, ``"adamw_m8"``) stores the
   first-order moments in 8 / 4 bits (``moment_bits``, ``s4.moments``).
+  ``"soap32"`` / ``"soap8"`` / ``"soap4"`` are SOAP (:func:`optax_shampoo4.soap4`,
+  Adam in Shampoo's eigenbasis, which replaces the base optimizer) with a
+  float32, 8-bit or 4-bit eigenbasis; ``--lr-for NAME=LR`` gives one optimizer
+  its own peak learning rate.
 * :func:`train` runs one optimizer on one model and returns its loss curves,
   evaluation metrics, optimizer-state bytes and wall time.
 * :func:`print_table`, :func:`write_json`, :func:`plot_curves` report them.
@@ -67,6 +71,8 @@ def optimizer_names(base: str, variants=DEFAULT_VARIANTS) -> tuple[str, ...]:
   return (base,) + tuple(f"{base}+{variant}" for variant in variants)
 
 
+# SOAP variant -> (state_format, bits) of s4.soap4.
+SOAP_FORMATS = {"soap32": ("fp32", None), "soap8": ("eigen", 8), "soap4": ("eigen", 4)}
 OPTIMIZERS = optimizer_names("adamw", SHAMPOO_VARIANTS) + optimizer_names("sgdm", SHAMPOO_VARIANTS)
 # Name suffix -> moment_bits (quantized first-order moments); no suffix: float32 moments.
 MOMENT_SUFFIXES = {"_m8": 8, "_m4": 4}
@@ -79,6 +85,7 @@ def split_moment_bits(name: str) -> tuple[str, int | None]:
     if name.endswith(suffix):
       return name[: -len(suffix)], bits
   return name, None
+OPTIMIZERS += tuple(SOAP_FORMATS)
 
 # Refresh intervals for these short demos (a few hundred steps): statistics
 # (and, in the 4-bit format, the eigenvector QR step) every T1 steps, inverse
@@ -110,6 +117,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int, optimizers: 
   parser.add_argument("--stats-every", type=int, default=STATS_EVERY, help="Shampoo T1")
   parser.add_argument("--root-every", type=int, default=ROOT_EVERY, help="Shampoo T2")
   parser.add_argument("--epsilon", type=float, default=EPSILON, help="Shampoo relative damping")
+  parser.add_argument("--lr-for", nargs="+", default=[], metavar="NAME=LR",
+                      help="peak learning rate of one optimizer, e.g. --lr-for soap4=3e-3 (default: --lr)")
   parser.add_argument("--eval-every", type=int, default=0,
                       help="evaluate every this many steps (default: 10 evaluations per run)")
 
@@ -127,10 +136,14 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, weight_deca
 
   ``adamw``: ``optax.adamw`` (decoupled weight decay). ``sgdm``: SGD with heavy-ball
   momentum and coupled L2 weight decay (the paper's SGDM). Each ``+variant`` is
-  the same base optimizer applied to the grafted Shampoo direction. A ``_m8`` /
-  ``_m4`` suffix quantizes the base optimizer's moments (``moment_bits``).
+  the same base optimizer applied to the grafted Shampoo direction. ``soap*``:
+  :func:`optax_shampoo4.soap4` with its own refresh interval (10) and defaults.
   """
   name, moment_bits = split_moment_bits(name)
+  if name in SOAP_FORMATS:
+    state_format, bits = SOAP_FORMATS[name]
+    return s4.soap4(learning_rate, weight_decay=weight_decay, state_format=state_format, bits=bits,
+                    min_quant_order=min_quant_order, max_order=max_order)
   base, _, variant = name.partition("+")
   if base not in BASES or (variant and variant not in SHAMPOO_VARIANTS):
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
@@ -154,8 +167,25 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, weight_deca
 
 def optimizer_from_args(name: str, args: argparse.Namespace) -> optax.GradientTransformation:
   """:func:`make_optimizer` with the shared flags and the warm-up + cosine schedule."""
-  return make_optimizer(name, learning_rate_schedule(args.lr, args.steps), args.weight_decay,
+  return make_optimizer(name, learning_rate_schedule(learning_rate_for(name, args), args.steps), args.weight_decay,
                         stats_every=args.stats_every, root_every=args.root_every, epsilon=args.epsilon)
+
+
+def learning_rate_for(name: str, args: argparse.Namespace) -> float:
+  """The peak learning rate of ``name``: its ``--lr-for`` entry, else ``--lr``."""
+  for entry in getattr(args, "lr_for", []):
+    key, sep, value = entry.partition("=")
+    if not sep or key not in OPTIMIZERS:
+      raise SystemExit(f"--lr-for wants NAME=LR with NAME one of {OPTIMIZERS}, got {entry!r}")
+    if key == name:
+      return float(value)
+  return args.lr
+
+
+def _factor_states(opt_state: Any) -> list:
+  """Every Shampoo or SOAP state inside ``opt_state``."""
+  kinds = (s4.ScaleByShampoo4State, s4.ScaleBySoap4State)
+  return [n for n in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, kinds)) if isinstance(n, kinds)]
 
 
 def minibatch_indices(num_examples: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
@@ -209,22 +239,21 @@ def load_images(dataset: str = "auto", test_size: int | float = 0.2, split_seed:
 def describe_shampoo_factors(opt_state: Any) -> str:
   """E.g. ``"4 x order 256 (4-bit), 1 x order 10 (fp32)"``; empty without Shampoo."""
   buckets = []
-  for node in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, s4.ScaleByShampoo4State)):
-    if isinstance(node, s4.ScaleByShampoo4State):
-      for bucket_name, bucket in node.factors.items():  # e.g. "order256_q", "order10_f32"
-        order, kind = bucket_name.removeprefix("order").split("_")
-        count = jax.tree.leaves(bucket)[0].shape[0]  # factors are stacked along axis 0
-        buckets.append((int(order), count, "4-bit" if kind == "q" else "fp32"))
+  for node in _factor_states(opt_state):
+    for bucket_name, bucket in node.factors.items():  # e.g. "order256_q", "order10_f32"
+      order, kind = bucket_name.removeprefix("order").split("_")
+      count = jax.tree.leaves(bucket)[0].shape[0]  # factors are stacked along axis 0
+      bits = bucket.eigvecs.bits if isinstance(bucket.eigvecs, s4.QuantizedArray) else 4
+      buckets.append((int(order), count, f"{bits}-bit" if kind == "q" else "fp32"))
   return ", ".join(f"{c} x order {o} ({k})" for o, c, k in sorted(buckets, reverse=True))
 
 
 def shampoo_counters(opt_state: Any) -> dict[str, int]:
   """The failure counters of the Shampoo state (all 0 in a healthy run)."""
   totals = {"nonfinite_steps": 0, "failed_refreshes": 0}
-  for node in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, s4.ScaleByShampoo4State)):
-    if isinstance(node, s4.ScaleByShampoo4State):
-      totals["nonfinite_steps"] += int(node.nonfinite_steps)
-      totals["failed_refreshes"] += int(node.failed_refreshes)
+  for node in _factor_states(opt_state):
+    totals["nonfinite_steps"] += int(node.nonfinite_steps)
+    totals["failed_refreshes"] += int(node.failed_refreshes)
   return totals
 
 

@@ -5,11 +5,12 @@ is stored as 4-bit quantized eigenvector matrices (Wang et al., NeurIPS 2024).
 """
 
 from optax_shampoo4 import factors, grafting, linalg, moments, partition, quantization, sharding
-from optax_shampoo4.alias import adagrad_shampoo4, adamw_shampoo4, distributed_shampoo4, sgdm_shampoo4
+from optax_shampoo4.alias import adagrad_shampoo4, adamw_shampoo4, distributed_shampoo4, sgdm_shampoo4, soap4
 from optax_shampoo4.factors import EigenFactors, MatrixFactors
 from optax_shampoo4.memory import state_nbytes
 from optax_shampoo4.quantization import OffDiagQuantized, QuantizedArray
 from optax_shampoo4.sharding import state_sharding
+from optax_shampoo4.soap import ScaleBySoap4State, scale_by_soap4
 from optax_shampoo4.transform import ScaleByShampoo4State, scale_by_shampoo4
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "OffDiagQuantized",
     "QuantizedArray",
     "ScaleByShampoo4State",
+    "ScaleBySoap4State",
     "adagrad_shampoo4",
     "adamw_shampoo4",
     "distributed_shampoo4",
@@ -30,8 +32,10 @@ __all__ = [
     "partition",
     "quantization",
     "scale_by_shampoo4",
+    "scale_by_soap4",
     "sharding",
     "sgdm_shampoo4",
+    "soap4",
     "state_sharding",
     "state_nbytes",
 ]

@@ -363,3 +363,71 @@ def distributed_shampoo4(
       moments.trace(decay=momentum, nesterov=nesterov, bits=moment_bits),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def soap4(
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    b1: jax.typing.ArrayLike = 0.95,
+    b2: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0.01,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    *,
+    shampoo_beta: jax.typing.ArrayLike | None = None,
+    precondition_every: int | None = None,
+    max_order: int | None = None,
+    max_precond_dim: int | None = None,
+    state_format: str = "eigen",
+    bits: int | None = None,
+    mapping: str = "linear2",
+    quant_block: int | None = None,
+    min_quant_order: int | None = None,
+    bjorck_steps: tuple[int, int] = (1, 1),
+    moment_bits: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    mesh_axis: str = "data",
+) -> optax.GradientTransformationExtraArgs:
+  """SOAP with a 4-bit eigenbasis, decoupled weight decay and a learning rate.
+
+  .. math:: W \\leftarrow W - \\eta\\,(N + \\lambda W)
+
+  where :math:`N` is the output of :func:`~optax_shampoo4.scale_by_soap4`
+  (Adam in the eigenbasis of Shampoo's factors). The defaults are the SOAP
+  reference's (lr 3e-3, betas 0.95, eps 1e-8, weight decay 0.01, a basis
+  refresh every 10 steps).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, eps: Adam's moment decays and denominator epsilon.
+    weight_decay: decoupled weight decay :math:`\\lambda`.
+    mask: which parameters get weight decay (tree of bools or a callable).
+    shampoo_beta, precondition_every, max_order, max_precond_dim,
+      state_format, bits, mapping, quant_block, min_quant_order,
+      bjorck_steps, mesh, mesh_axis: keyword-only, passed to
+      :func:`~optax_shampoo4.scale_by_soap4` (same defaults).
+    moment_bits: bits of the stored Adam moments; only None (float32) for now.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_shampoo4 as s4
+    >>> opt = s4.soap4(3e-3, precondition_every=10)
+    >>> state = opt.init({"w": jnp.zeros((8, 8))})
+  """
+  from optax_shampoo4.soap import scale_by_soap4
+
+  if moment_bits is not None:
+    raise ValueError(f"moment_bits must be None (float32 moments; quantized SOAP moments are not available "
+                     f"yet), got moment_bits={moment_bits!r}")
+  soap = scale_by_soap4(b1, b2, eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
+                        max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format,
+                        bits=bits, mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
+                        bjorck_steps=bjorck_steps, mesh=mesh, mesh_axis=mesh_axis)
+  validation.check_learning_rate(learning_rate)
+  validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
+  return optax.chain(
+      soap,
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

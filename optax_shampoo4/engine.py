@@ -50,6 +50,8 @@ class FactorEngine:
     mesh: optional device mesh; each bucket's factor axis is padded to a
       multiple of ``mesh.shape[mesh_axis]`` and refreshed under ``shard_map``.
     mesh_axis: the mesh axis the factors are split over.
+    max_precond_dim: matrix dimensions above this get no factor (that side of
+      their blocks is not preconditioned); None: all get factors.
   """
 
   config: fct.FactorConfig
@@ -57,6 +59,7 @@ class FactorEngine:
   min_quant_order: int
   mesh: jax.sharding.Mesh | None = None
   mesh_axis: str = "data"
+  max_precond_dim: int | None = None
 
   @property
   def num_shards(self) -> int:
@@ -67,7 +70,7 @@ class FactorEngine:
     shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(tree)]
     return partition.make_plan(shapes, self.max_order, self.min_quant_order,
                                self.config.state_format != "fp32",
-                               bucket_multiple=self.num_shards)
+                               bucket_multiple=self.num_shards, max_precond_dim=self.max_precond_dim)
 
   def init_buckets(self, plan: partition.Plan, epsilon: jax.Array, with_root: bool = True) -> Buckets:
     """Fresh buckets (statistic :math:`\\epsilon I`, root :math:`I`).

@@ -53,12 +53,16 @@ class FactorSlot:
 
 @dataclasses.dataclass(frozen=True)
 class BlockPlan:
-  """One preconditioned block ``matrix[rows[0]:rows[1], cols[0]:cols[1]]``."""
+  """One preconditioned block ``matrix[rows[0]:rows[1], cols[0]:cols[1]]``.
+
+  ``left`` / ``right`` is None on a side that gets no factor (a matrix
+  dimension above ``max_precond_dim`` in :func:`make_plan`).
+  """
 
   rows: tuple[int, int]
   cols: tuple[int, int]
-  left: FactorSlot
-  right: FactorSlot
+  left: FactorSlot | None
+  right: FactorSlot | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +102,8 @@ class Plan:
     for leaf_index, leaf in enumerate(self.leaves):
       for block_index, block in enumerate(leaf.blocks):
         for side, slot in (("left", block.left), ("right", block.right)):
+          if slot is None:
+            continue
           slots[slot.bucket].append((leaf_index, block_index, side))
     return slots
 
@@ -135,6 +141,7 @@ def make_plan(
     min_quant_order: int,
     quantize: bool,
     bucket_multiple: int = 1,
+    max_precond_dim: int | None = None,
 ) -> Plan:
   """Builds the plan for leaves of the given shapes.
 
@@ -145,6 +152,9 @@ def make_plan(
     quantize: whether the state format quantizes factors at all.
     bucket_multiple: pad every bucket's factor axis to a multiple of this
       (the number of devices that share the factors), with unused factors.
+    max_precond_dim: a matrix dimension above this gets no factor (that side
+      of its blocks is ``None``: not preconditioned) and is not split; None:
+      every dimension gets factors.
 
   Returns:
     A :class:`Plan`.
@@ -169,10 +179,13 @@ def make_plan(
     mshape = matrix_shape(shape)
     blocks = []
     if mshape is not None:
-      for rows in split_dim(mshape[0], max_order):
-        for cols in split_dim(mshape[1], max_order):
-          left = assign(rows[1] - rows[0])
-          right = assign(cols[1] - cols[0])
+      skip_rows, skip_cols = (max_precond_dim is not None and d > max_precond_dim for d in mshape)
+      row_ranges = ((0, mshape[0]),) if skip_rows else split_dim(mshape[0], max_order)
+      col_ranges = ((0, mshape[1]),) if skip_cols else split_dim(mshape[1], max_order)
+      for rows in row_ranges:
+        for cols in col_ranges:
+          left = None if skip_rows else assign(rows[1] - rows[0])
+          right = None if skip_cols else assign(cols[1] - cols[0])
           blocks.append(BlockPlan(rows, cols, left, right))
     leaves.append(LeafPlan(shape, mshape, tuple(blocks)))
   padded = {key: -(-n // bucket_multiple) * bucket_multiple for key, n in counts.items()}

@@ -99,16 +99,16 @@ def _validate(max_order, beta, epsilon, stats_every, root_every, state_format, b
   return root_method
 
 
-def _check_leaf_dtypes(tree: Any) -> None:
+def _check_leaf_dtypes(tree: Any, owner: str = "scale_by_shampoo4") -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float, np.generic)):
       raise TypeError(
-          f"scale_by_shampoo4.init needs parameter arrays (or jax.ShapeDtypeStruct); got "
+          f"{owner}.init needs parameter arrays (or jax.ShapeDtypeStruct); got "
           f"{type(leaf).__name__} at {jax.tree_util.keystr(path) or 'the root'}")
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-          f"scale_by_shampoo4 supports real floating-point parameters only; the leaf at "
+          f"{owner} supports real floating-point parameters only; the leaf at "
           f"{jax.tree_util.keystr(path)} has dtype {dtype}. Route it to another optimizer "
           f"with optax.partition or optax.masked.")
 
