@@ -243,7 +243,9 @@ def describe_shampoo_factors(opt_state: Any) -> str:
     for bucket_name, bucket in node.factors.items():  # e.g. "order256_q", "order10_f32"
       order, kind = bucket_name.removeprefix("order").split("_")
       count = jax.tree.leaves(bucket)[0].shape[0]  # factors are stacked along axis 0
-      bits = bucket.eigvecs.bits if isinstance(bucket.eigvecs, s4.QuantizedArray) else 4
+      quantized = [leaf for leaf in jax.tree.leaves(bucket, is_leaf=lambda x: isinstance(x, s4.QuantizedArray))
+                   if isinstance(leaf, s4.QuantizedArray)]
+      bits = quantized[0].bits if quantized else 4
       buckets.append((int(order), count, f"{bits}-bit" if kind == "q" else "fp32"))
   return ", ".join(f"{c} x order {o} ({k})" for o, c, k in sorted(buckets, reverse=True))
 
