@@ -108,6 +108,8 @@ class FactorConfig:
       :math:`\\delta` added to each Gram matrix,
       :math:`M + \\delta \\|M\\|_F I` (keeps the root bounded in directions
       the gradients never visit); a float or a traced array.
+    sort_refreshed: with ``"qr"``, sort the refreshed columns by descending
+      eigenvalue (False keeps their order, for SOAP's second moment).
   """
 
   state_format: str = "eigen"
@@ -121,6 +123,7 @@ class FactorConfig:
   refresh_tol: Any = 0.01
   initial_eigh: bool = False
   jorge_damping: Any = 1e-6
+  sort_refreshed: bool = True
 
   def store(self, matrix: jax.Array, quantized: bool, separate_diag: bool) -> StoredMatrix:
     """Encodes float32 ``[..., n, n]`` for the state."""
@@ -232,7 +235,7 @@ def refresh_eigenbasis(
   if config.refresh_method == "eigh":
     return linalg.eigh_descending(stat)
   if config.refresh_method == "qr":
-    eigvecs, eigvals = linalg.qr_refresh(stat, cols, config.qr_iterations)
+    eigvecs, eigvals = linalg.qr_refresh(stat, cols, config.qr_iterations, sort=config.sort_refreshed)
     if config.initial_eigh:
       need = _is_identity(cols)
       eigvecs, eigvals = linalg.eigh_where(need, stat, eigvecs, eigvals)

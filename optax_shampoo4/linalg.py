@@ -188,7 +188,8 @@ def sort_descending(eigvecs: jax.Array, eigvals: jax.Array) -> tuple[jax.Array, 
           jnp.take_along_axis(eigvals, order, axis=-1))
 
 
-def qr_refresh(a: jax.Array, eigvecs: jax.Array, iterations: int = 1) -> tuple[jax.Array, jax.Array]:
+def qr_refresh(a: jax.Array, eigvecs: jax.Array, iterations: int = 1,
+               sort: bool = True) -> tuple[jax.Array, jax.Array]:
   """Warm-started steps of orthogonal (subspace) iteration.
 
   .. math:: P_0 = V, \\quad P_{j+1} = \\mathrm{qr}(A P_j).Q, \\qquad
@@ -208,10 +209,12 @@ def qr_refresh(a: jax.Array, eigvecs: jax.Array, iterations: int = 1) -> tuple[j
     a: symmetric ``[..., n, n]``.
     eigvecs: ``[..., n, n]``, the previous eigenvectors as columns.
     iterations: number of QR steps (a static Python int >= 1).
+    sort: sort the columns by descending ``λ`` (False keeps the column order
+      of ``eigvecs``, e.g. for SOAP, whose second moment is indexed by it).
 
   Returns:
     ``(P, λ)``: new eigenvectors as columns ``[..., n, n]`` and their
-    Rayleigh quotients ``[..., n]``, sorted by descending ``λ``.
+    Rayleigh quotients ``[..., n]``, sorted by descending ``λ`` if ``sort``.
   """
   if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
     raise ValueError(f"iterations must be an int >= 1, got iterations={iterations!r}")
@@ -223,7 +226,7 @@ def qr_refresh(a: jax.Array, eigvecs: jax.Array, iterations: int = 1) -> tuple[j
     signs = jnp.where(jnp.sum(p * ap, axis=-2, keepdims=True) < 0, -1.0, 1.0)
     p = p * signs
   eigvals = jnp.sum(p * matmul(a, p), axis=-2)
-  return sort_descending(p, eigvals)
+  return sort_descending(p, eigvals) if sort else (p, eigvals)
 
 
 def inverse_root_from_eig(

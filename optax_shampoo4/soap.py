@@ -81,7 +81,7 @@ def _validate(b1, b2, eps, shampoo_beta, precondition_every, max_order, max_prec
   validation.check_range("eps", eps, 0.0, math.inf)
   if shampoo_beta is not None:
     validation.check_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
-  validation.check_int("precondition_every", precondition_every, 1)
+  validation.check_traceable_int("precondition_every", precondition_every, 1)
   validation.check_int("max_order", max_order, 1)
   validation.check_int("max_precond_dim", max_precond_dim, 1)
   validation.check_int("min_quant_order", min_quant_order, 1)
@@ -99,7 +99,10 @@ def _validate(b1, b2, eps, shampoo_beta, precondition_every, max_order, max_prec
 def soap_factor_config(bits: int, mapping: str, quant_block: int,
                        bjorck_steps: tuple[int, int]) -> fct.FactorConfig:
   """The factor settings of SOAP: the ``"eigen"`` format (new refresh options go here)."""
-  return fct.FactorConfig("eigen", bits, mapping, quant_block, tuple(int(s) for s in bjorck_steps), "eigen")
+  # No re-sort after the QR step: SOAP sorts (and permutes its second moment) before refreshing, and the
+  # refreshed columns must stay aligned with the second moment's coordinates.
+  return fct.FactorConfig("eigen", bits, mapping, quant_block, tuple(int(s) for s in bjorck_steps), "eigen",
+                          sort_refreshed=False)
 
 
 def scale_by_soap4(
@@ -173,7 +176,7 @@ def scale_by_soap4(
     eps: added to :math:`\\sqrt v` (may be injected).
     shampoo_beta: EMA decay of the Kronecker statistics per refresh; None
       means ``b2`` (may be injected).
-    precondition_every: steps between basis refreshes (static; None: 10).
+    precondition_every: steps between basis refreshes (None: 10; may be injected).
     max_order: largest factor order; larger dimensions are split into blocks
       (static; None: 1024).
     max_precond_dim: matrix dimensions above this are not rotated (static;
@@ -293,7 +296,7 @@ def scale_by_soap4(
       buckets, mu, nu = operand
       return buckets, mu, nu, jnp.zeros([], jnp.int32)
 
-    refresh_due = (adam_step == 0) | (adam_step % precondition_every == 0)
+    refresh_due = (adam_step == 0) | (adam_step % jnp.asarray(precondition_every, jnp.int32) == 0)
     buckets, new_mu, new_nu, failures = lax.cond(
         refresh_due & grads_finite, refresh, no_refresh, (state.factors, new_mu, new_nu))
     buckets = factor_engine.keep_split(buckets)
