@@ -38,6 +38,13 @@ def _single_threaded_blas():
 # slow run (`python -m pytest -m slow`, which .ci/run also runs) so that the default run stays under 10 minutes.
 # They are marked here, in one place, by node id; a test file can still mark its own tests slow as usual.
 SLOW_BY_DURATION = frozenset({
+    "tests/test_sharding.py::test_sharded_trajectory_matches_single_device[naive]",
+    "tests/test_training.py::test_shampoo_beats_adamw_at_equal_steps",
+    "tests/test_moments.py::test_inject_hyperparams_with_moment_bits",
+    "tests/test_distributed_step.py::test_per_device_matmul_flops_split_over_the_mesh",
+    "tests/test_sharding.py::test_padding_slots_never_influence_updates",
+    "tests/test_caspr.py::test_caspr_equals_numpy_reference[eigen]",
+    "tests/test_sharding.py::test_sharded_trajectory_matches_single_device[fp32]",
     "notebooks/quantization_explained.ipynb::quantization_explained.ipynb",
     "notebooks/training_comparison.ipynb::training_comparison.ipynb",
     "optax_shampoo4/sharding.py::optax_shampoo4.sharding.convert_state",
