@@ -110,7 +110,7 @@ BJORCK_T2 = 4  # the paper's t2 ("OR" = orthogonal rectification)
 FIG3_STEPS = tuple(range(6))
 FIG3_POWERS = (1, 4, 10, 20)  # -1/s for s = -1, -1/4, -1/10, -1/20
 
-# Paper values (verbatim; /work/shared/reference/4bit_shampoo.md §3.1-3.4).
+# Paper values (verbatim from the paper, §3.1-3.4).
 # Tables 5 and 6 (4-bit, block 64): (A1 NRE, A1 AE, A2 NRE, A2 AE).
 PAPER_T5 = {
     "DT": {"A": (0.6241, 17.319, 0.4615, 17.189), "U": (0.0709, 4.0426, 0.1224, 7.0144),
