@@ -153,7 +153,8 @@ def main(argv=None):
       print(f"  {labels[v]:44s} {r['mean']:.4f} ± {r['half_range']:.4f}")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"settings": vars(args) | {"b1": B1, "b2": B2, "eps": EPS,
+  settings = vars(args) | {"out": out.name}  # no machine paths in the results
+  out.write_text(json.dumps({"settings": settings | {"b1": B1, "b2": B2, "eps": EPS,
                                                        "task": "MLP 64-128-10 on sklearn digits, batch 32"},
                              "results": results}, indent=1))
   print(f"wrote {out}")
