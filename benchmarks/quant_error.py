@@ -18,7 +18,7 @@ are Björck and both root methods:
 
   A          naive PIRU: A stored as fp32 diag + quantized off-diagonal
              (``FactorConfig.store``), root by our coupled Newton
-             (``linalg.inverse_root_newton``, as ``factors.update_root`` does on a
+             (``roots.inverse_root_newton``, as ``factors.update_root`` does on a
              naive bucket), root kept in fp32
   U          App. D's definition, f(g(A)) with g(A) = V Lambda V^T, V = D(Q(U)):
              the quantized eigenvectors, then the exact float64 matrix function
@@ -96,7 +96,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import optax_shampoo4 as s4  # noqa: E402
 from optax_shampoo4 import factors as fct  # noqa: E402
-from optax_shampoo4 import linalg  # noqa: E402
+from optax_shampoo4 import (
+  linalg,  # noqa: E402
+  roots,  # noqa: E402
+)
 from optax_shampoo4 import quantization as qz  # noqa: E402
 
 EPSILON = 1e-6
@@ -256,14 +259,14 @@ def eigen_root(u, lam, mapping, bits, block, quant_u, quant_root, t2):
   return _f64(fct.root_matrices(new)[0]), bool(accepted.all())
 
 
-_newton = jax.jit(linalg.inverse_root_newton)
+_newton = jax.jit(roots.inverse_root_newton)
 
 
 def newton_root(a, mapping, bits, block, quant_a, quant_root):
   """The naive PIRU: coupled Newton on the stored A (fp32 diag + quantized off-diagonal).
 
   The same steps as ``fct.update_root`` on a naive bucket (``fct.load`` of the
-  stored statistic, ``linalg.inverse_root_newton``, ``FactorConfig.store`` of
+  stored statistic, ``roots.inverse_root_newton``, ``FactorConfig.store`` of
   the root), with Newton jitted once per shape instead of once per codebook.
   """
   config = fct.FactorConfig(state_format="naive", bits=bits, mapping=mapping, quant_block=block,

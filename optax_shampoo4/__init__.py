@@ -4,7 +4,7 @@ A composable :class:`optax.GradientTransformation` whose preconditioner state
 is stored as 4-bit quantized eigenvector matrices (Wang et al., NeurIPS 2024).
 """
 
-from optax_shampoo4 import factors, grafting, linalg, moments, partition, quantization, sharding
+from optax_shampoo4 import factors, grafting, linalg, moments, partition, quantization, roots, sharding
 from optax_shampoo4.alias import adagrad_shampoo4, adamw_shampoo4, distributed_shampoo4, sgdm_shampoo4, soap4
 from optax_shampoo4.factors import EigenFactors, MatrixFactors
 from optax_shampoo4.memory import state_nbytes
@@ -31,6 +31,7 @@ __all__ = [
     "moments",
     "partition",
     "quantization",
+    "roots",
     "scale_by_shampoo4",
     "scale_by_soap4",
     "sharding",

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 
-from optax_shampoo4 import linalg
+from optax_shampoo4 import linalg, roots
 from optax_shampoo4 import quantization as qz
 
 FORMATS = ("eigen", "naive", "fp32")
@@ -185,7 +185,7 @@ def _jorge_stats(config: FactorConfig, bucket: MatrixFactors, grams: jax.Array,
                  beta: jax.Array) -> tuple[MatrixFactors, jax.Array]:
   """Jorge's PU: the inverse root itself follows the statistic, matmuls only.
 
-  :math:`\\hat L \\leftarrow` :func:`~optax_shampoo4.linalg.jorge_root_update`
+  :math:`\\hat L \\leftarrow` :func:`~optax_shampoo4.roots.jorge_root_update`
   of :math:`(\\hat L, M + \\delta \\|M\\|_F I)` with the EMA decay ``beta``;
   a factor whose Gram matrix is zero (a padding factor, a dead layer) keeps
   its root.
@@ -194,7 +194,7 @@ def _jorge_stats(config: FactorConfig, bucket: MatrixFactors, grams: jax.Array,
   norms = jnp.linalg.norm(grams, axis=(-2, -1))
   damping = jnp.asarray(config.jorge_damping, jnp.float32) * norms
   damped = grams + damping[:, None, None] * jnp.eye(order, dtype=jnp.float32)
-  root, _ = linalg.jorge_root_update(load(bucket.root), damped, beta)
+  root, _ = roots.jorge_root_update(load(bucket.root), damped, beta)
   root = jnp.where((norms > 0)[:, None, None], root, load(bucket.root))
   ok = _all_finite(root)
   return _guarded(ok, MatrixFactors(None, config.store(root, is_quantized(bucket.root), True)), bucket)
@@ -305,13 +305,13 @@ def update_root(
     rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
     cols = linalg.transpose(rows)
     if config.root_method == "eigen":
-      root = linalg.inverse_root_from_eig(cols, bucket.eigvals, epsilon)
+      root = roots.inverse_root_from_eig(cols, bucket.eigvals, epsilon)
     else:
       stat = linalg.matmul(cols * jnp.maximum(bucket.eigvals, 0.0)[:, None, :], rows)
-      root = linalg.inverse_root_newton(stat, epsilon)
+      root = roots.inverse_root_newton(stat, epsilon)
     new = EigenFactors(bucket.eigvecs, bucket.eigvals, None)
   else:
-    root = linalg.inverse_root_newton(load(bucket.stats), epsilon)
+    root = roots.inverse_root_newton(load(bucket.stats), epsilon)
     new = MatrixFactors(bucket.stats, None)
   ok = _all_finite(root)
   new = new._replace(root=config.store(root, is_quantized(bucket.root), True))

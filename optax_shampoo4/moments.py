@@ -47,214 +47,27 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from optax_shampoo4 import quantization as qz
 from optax_shampoo4 import validation
-
-MOMENT_BITS = (4, 8)
-KINDS = ("first", "second")
-MIN_QUANTIZED_SIZE = 4096
-RANK1 = 0  # ``block`` of a rank-1 normalized moment
-
-
-
-class Scheme(NamedTuple):
-  """How a moment of one kind is stored in one bit width."""
-
-  mapping: str  # codebook (quantization.codebook)
-  block: int  # elements per absmax block along the last axis (4-bit second moments with ndim >= 2: rank-1)
-  stochastic: bool  # the transforms round stochastically (unbiased) rather than to the nearest code
-
-
-SCHEMES = {
-    (8, "first"): Scheme("dynamic_tree", 256, stochastic=True),
-    (8, "second"): Scheme("dynamic_tree_unsigned", 256, stochastic=True),
-    (4, "first"): Scheme("dynamic_tree", 128, stochastic=True),
-    (4, "second"): Scheme("linear_unsigned_nonzero", 128, stochastic=False),
-}
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["codes", "scales"],
-    meta_fields=["shape", "kind", "bits", "mapping", "block"],
+from optax_shampoo4.moment_storage import (  # noqa: F401 (re-exported: the storage API of moments)
+  KINDS,
+  MIN_QUANTIZED_SIZE,
+  MOMENT_BITS,
+  RANK1,
+  SCHEMES,
+  QuantizedMoment,
+  Scheme,
+  check_moment_bits,
+  load_moment,
+  moment_layout,
+  store_moment,
 )
-@dataclasses.dataclass(frozen=True)
-class QuantizedMoment:
-  """A moment tensor stored as codes and scales (see :func:`store_moment`).
-
-  Attributes:
-    codes: ``uint8[*shape[:-1], n]`` with ``n = shape[-1]`` (8 bits) or
-      ``ceil(shape[-1] / 2)`` (4 bits, two codes a byte, low nibble first).
-    scales: float32, the scale of each block, ``[*shape[:-1], ceil(shape[-1] /
-      block)]``: the block's largest-magnitude value *with its sign* (so that
-      value is stored exactly: the signed dynamic tree has +1 but not -1); or
-      for rank-1 normalization the maxima of every axis, concatenated,
-      ``[sum(shape)]``.
-    shape: the moment's shape (static).
-    kind: ``"first"`` (signed) or ``"second"`` (non-negative) (static).
-    bits: 8 or 4 (static).
-    mapping: the codebook name (static).
-    block: elements per absmax block along the last axis, or ``RANK1`` (0).
-  """
-
-  codes: jax.Array
-  scales: jax.Array
-  shape: tuple[int, ...]
-  kind: str
-  bits: int
-  mapping: str
-  block: int
-
-
-def check_moment_bits(name: str, value: Any) -> None:
-  """Raises ValueError unless ``value`` is None or a static int in :data:`MOMENT_BITS`."""
-  if value is None:
-    return
-  if isinstance(value, jax.Array):
-    raise ValueError(
-        f"{name} must be None or a static Python int in {MOMENT_BITS}, got {name}={value!r}; "
-        f"with optax.inject_hyperparams, list it in static_args")
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in MOMENT_BITS:
-    raise ValueError(f"{name} must be None or one of {MOMENT_BITS}, got {name}={value!r}")
-
-
-def _check_kind(kind: Any) -> None:
-  if kind not in KINDS:
-    raise ValueError(f"kind must be one of {KINDS}, got kind={kind!r}")
-
-
-def _axis_maxima(x: jax.Array) -> tuple[jax.Array, ...]:
-  """For each axis, the max over all other axes (a vector of that axis' length)."""
-  return tuple(jnp.max(x, axis=tuple(a for a in range(x.ndim) if a != axis)) for axis in range(x.ndim))
-
-
-def _rank1_normalizer(maxima: tuple[jax.Array, ...]) -> jax.Array:
-  """min over axes of the axis maxima, broadcast to the full shape."""
-  ndim = len(maxima)
-  shaped = [m.reshape(tuple(-1 if a == axis else 1 for a in range(ndim))) for axis, m in enumerate(maxima)]
-  return functools.reduce(jnp.minimum, shaped)
-
-
-def _table(mapping: str, bits: int) -> np.ndarray:
-  """The codebook as a numpy constant (also while tracing)."""
-  with jax.ensure_compile_time_eval():
-    return np.asarray(qz.codebook(mapping, bits))
-
-
-def moment_layout(shape: tuple[int, ...], bits: int | None, kind: str) -> tuple[str, int] | None:
-  """``(mapping, block)`` of a moment of this shape, or None when it stays float32."""
-  if bits is None or int(np.prod(shape, dtype=np.int64)) < MIN_QUANTIZED_SIZE:
-    return None
-  mapping, block, _ = SCHEMES[bits, kind]
-  if kind == "second" and bits == 4 and len(shape) >= 2:
-    block = RANK1
-  return mapping, block
-
-
-def _whole_rows(length: int) -> int:
-  """A block covering a whole (even-padded) row, for rank-1 codes without block scales."""
-  return length + length % 2
-
-
-def _encode(normalized: jax.Array, mapping: str, bits: int, key: jax.Array | None) -> jax.Array:
-  """Code indices of ``normalized`` (values in the codebook's range), packed like :func:`quantize`.
-
-  Nearest-value rounding when ``key`` is None; otherwise stochastic rounding
-  between the two neighbouring codes, unbiased inside the codebook's range.
-  """
-  table = _table(mapping, bits)
-  if key is None:
-    index = jnp.searchsorted(jnp.asarray((table[1:] + table[:-1]) / 2.0), normalized, method="compare_all")
-  else:
-    upper = jnp.clip(jnp.searchsorted(jnp.asarray(table), normalized, side="right", method="compare_all"),
-                     1, table.size - 1)
-    low_value, high_value = jnp.asarray(table)[upper - 1], jnp.asarray(table)[upper]
-    p_upper = jnp.clip((normalized - low_value) / (high_value - low_value), 0.0, 1.0)
-    index = jnp.where(jax.random.uniform(key, normalized.shape) < p_upper, upper, upper - 1)
-  codes = index.astype(jnp.uint8)
-  if bits == 4:
-    codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, codes.shape[-1] % 2)])
-    codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-  return codes
-
-
-def store_moment(
-    x: jax.Array, bits: int | None, kind: str = "first", *, key: jax.Array | None = None
-) -> QuantizedMoment | jax.Array:
-  """Stores a moment tensor in ``bits`` bits (see the module docstring for the schemes).
-
-  Args:
-    x: a real array; a ``"second"`` moment must be non-negative.
-    bits: 8, 4, or None (float32).
-    kind: ``"first"`` (signed: Adam's :math:`m`, momentum) or ``"second"``
-      (non-negative: Adam's :math:`v`, Adagrad's sum of squares).
-    key: a PRNG key for stochastic rounding (unbiased: an EMA quantized every
-      step then still decays); None rounds to the nearest code.
-
-  Returns:
-    A :class:`QuantizedMoment`, or ``x`` as float32 when ``bits`` is None or
-    ``x`` has fewer than :data:`MIN_QUANTIZED_SIZE` elements.
-
-  Example:
-    >>> import jax.numpy as jnp, optax_shampoo4 as s4
-    >>> stored = s4.moments.store_moment(jnp.ones((64, 128)), bits=4, kind="second")
-    >>> stored.codes.dtype, stored.codes.shape, stored.scales.shape  # rank-1: 64 row and 128 column maxima
-    (dtype('uint8'), (64, 64), (192,))
-    >>> float(s4.moments.load_moment(stored).max())
-    1.0
-  """
-  check_moment_bits("bits", bits)
-  _check_kind(kind)
-  x = jnp.asarray(x, jnp.float32)
-  layout = moment_layout(x.shape, bits, kind)
-  if layout is None:
-    return x
-  mapping, block = layout
-  length = x.shape[-1]
-  if block == RANK1:
-    maxima = _axis_maxima(jnp.abs(x))
-    scales = jnp.concatenate(maxima)
-    normalizer = _rank1_normalizer(maxima)
-    normalized = x / jnp.where(normalizer > 0, normalizer, 1.0)
-  else:
-    n_blocks = -(-length // block)
-    padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_blocks * block - length)])
-    blocks = padded.reshape(x.shape[:-1] + (n_blocks, block))
-    # The signed largest-magnitude value: that element normalizes to +1, a code of every codebook here
-    # (the signed dynamic tree has +1 but not -1).
-    largest = jnp.argmax(jnp.abs(blocks), axis=-1)[..., None]
-    scales = jnp.take_along_axis(blocks, largest, axis=-1)[..., 0]
-    normalized = blocks / jnp.where(scales != 0, scales, 1.0)[..., None]
-    normalized = normalized.reshape(padded.shape)[..., :length]
-  if kind == "second":  # a positive value never gets the zero code
-    table = _table(mapping, bits)
-    normalized = jnp.where(x > 0, jnp.maximum(normalized, table[table > 0].min()), normalized)
-  codes = _encode(normalized, mapping, bits, key)
-  return QuantizedMoment(codes, scales, tuple(x.shape), kind, bits, mapping, block)
-
-
-def load_moment(stored: QuantizedMoment | jax.Array) -> jax.Array:
-  """The float32 moment of :func:`store_moment`'s output."""
-  if not isinstance(stored, QuantizedMoment):
-    return jnp.asarray(stored, jnp.float32)
-  length = stored.shape[-1]
-  if stored.block == RANK1:
-    ones = jnp.ones(stored.shape[:-1] + (1,), jnp.float32)
-    normalized = qz.dequantize(
-        qz.QuantizedArray(stored.codes, ones, length, stored.mapping, stored.bits, _whole_rows(length)))
-    maxima = jnp.split(stored.scales, np.cumsum(stored.shape)[:-1])
-    return normalized * _rank1_normalizer(tuple(maxima))
-  return qz.dequantize(
-      qz.QuantizedArray(stored.codes, stored.scales, length, stored.mapping, stored.bits, stored.block))
 
 
 def _all_finite(*arrays: jax.Array) -> jax.Array:

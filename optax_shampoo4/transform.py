@@ -201,7 +201,7 @@ def scale_by_shampoo4(
       ``"newton"`` (coupled Newton, Alg. 4) or ``"jorge"`` (Jorge: the
       inverse roots themselves follow the statistics at every statistics
       update by a matmul-only binomial step, see
-      :func:`~optax_shampoo4.linalg.jorge_root_update`; no statistic is
+      :func:`~optax_shampoo4.roots.jorge_root_update`; no statistic is
       stored, no decomposition or Newton loop runs; formats ``"naive"``
       (4-bit root) and ``"fp32"``; the Gram matrices are damped by
       ``epsilon``). None picks ``"eigen"`` for the ``"eigen"`` format and

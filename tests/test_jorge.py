@@ -1,4 +1,4 @@
-"""Tests for the matmul-only inverse-root update ``linalg.jorge_root_update``.
+"""Tests for the matmul-only inverse-root update ``roots.jorge_root_update``.
 
 The reference is float64 NumPy: the EMA statistic is followed with the β the
 update reports, and its inverse 4th root is taken from ``numpy.linalg.eigh``.
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optax_shampoo4 import linalg
+from optax_shampoo4 import roots as root_fns
 
 N = 16
 STEPS = 80
@@ -53,7 +53,7 @@ def _problem(seed, rank, diagonal=False, batch=2):
 @functools.partial(jax.jit, static_argnames=("beta_is_none", "symmetrize"))
 def _run(root, grams, beta, max_step, beta_is_none, symmetrize):
   def step(r, gram):
-    new, used = linalg.jorge_root_update(r, gram, None if beta_is_none else beta, max_step, symmetrize)
+    new, used = root_fns.jorge_root_update(r, gram, None if beta_is_none else beta, max_step, symmetrize)
     return new, (new, used)
 
   return jax.lax.scan(step, root, grams)[1]
@@ -152,7 +152,7 @@ def _np_update(root, gram, beta, max_step, symmetrize):
 def test_one_step_matches_the_formula(beta, max_step, symmetrize):
   inits, grams = _problem(4, rank=3)
   roots = np.stack([_np_root(c) for c in inits])
-  new, used = linalg.jorge_root_update(jnp.asarray(roots, jnp.float32), jnp.asarray(grams[0], jnp.float32),
+  new, used = root_fns.jorge_root_update(jnp.asarray(roots, jnp.float32), jnp.asarray(grams[0], jnp.float32),
                                        beta, max_step, symmetrize)
   chex.assert_shape(new, (2, N, N))
   chex.assert_shape(used, (2,))
@@ -166,10 +166,10 @@ def test_one_step_matches_the_formula(beta, max_step, symmetrize):
 def test_zero_gram():
   root = jnp.asarray(_np_root(_problem(3, rank=N)[0][0]), jnp.float32)
   zero = jnp.zeros((N, N))
-  new, beta = linalg.jorge_root_update(root, zero)  # adaptive: nothing to learn, nothing forgotten
+  new, beta = root_fns.jorge_root_update(root, zero)  # adaptive: nothing to learn, nothing forgotten
   np.testing.assert_array_equal(new, root)
   assert float(beta) == 1.0
-  new, beta = linalg.jorge_root_update(root, zero, beta=0.9)  # L <- 0.9 L
+  new, beta = root_fns.jorge_root_update(root, zero, beta=0.9)  # L <- 0.9 L
   np.testing.assert_allclose(new, 0.9**-0.25 * root, rtol=1e-6)
   np.testing.assert_allclose(beta, 0.9, rtol=1e-6)
 

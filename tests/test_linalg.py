@@ -17,15 +17,16 @@ import pytest
 
 from optax_shampoo4 import linalg as la
 from optax_shampoo4 import quantization as qz
+from optax_shampoo4 import roots
 
 # Compiled once per shape and static arguments (cheaper than op-by-op dispatch).
 _bjorck = jax.jit(la.bjorck, static_argnames="steps")
 _qr_refresh = jax.jit(la.qr_refresh, static_argnames="iterations")
 _eigh = jax.jit(la.eigh_descending)
 _eigh_where = jax.jit(la.eigh_where)
-_from_eig = jax.jit(la.inverse_root_from_eig, static_argnames="p")
-_newton = jax.jit(la.inverse_root_newton, static_argnames=("p", "max_iters"))
-_power = jax.jit(la.power_iteration, static_argnames="num_iters")
+_from_eig = jax.jit(roots.inverse_root_from_eig, static_argnames="p")
+_newton = jax.jit(roots.inverse_root_newton, static_argnames=("p", "max_iters"))
+_power = jax.jit(roots.power_iteration, static_argnames="num_iters")
 
 
 def _haar(n, rng):
@@ -306,9 +307,9 @@ def test_inverse_root_newton_damping(p):
 
 
 def test_inverse_root_newton_1x1_returns_one():
-  np.testing.assert_array_equal(la.inverse_root_newton(jnp.array([[5.0]]), 1e-6), [[1.0]])
-  np.testing.assert_array_equal(la.inverse_root_newton(jnp.array([[0.0]]), 0.0, p=2), [[1.0]])
-  batched = la.inverse_root_newton(jnp.arange(1.0, 4.0).reshape(3, 1, 1), 1e-6)
+  np.testing.assert_array_equal(roots.inverse_root_newton(jnp.array([[5.0]]), 1e-6), [[1.0]])
+  np.testing.assert_array_equal(roots.inverse_root_newton(jnp.array([[0.0]]), 0.0, p=2), [[1.0]])
+  batched = roots.inverse_root_newton(jnp.arange(1.0, 4.0).reshape(3, 1, 1), 1e-6)
   chex.assert_shape(batched, (3, 1, 1))
   np.testing.assert_array_equal(batched, np.ones((3, 1, 1)))
 
@@ -326,7 +327,7 @@ def test_inverse_root_newton_batched_different_convergence():
   # Same as one matrix at a time, and as vmap.
   for i in range(2):
     chex.assert_trees_all_close(out[i], _newton(a[i], jnp.float32(0.0), p=4), rtol=1e-5, atol=1e-6)
-  vmapped = jax.jit(jax.vmap(lambda m: la.inverse_root_newton(m, 0.0, p=4)))(a)
+  vmapped = jax.jit(jax.vmap(lambda m: roots.inverse_root_newton(m, 0.0, p=4)))(a)
   chex.assert_trees_all_close(vmapped, out, rtol=1e-5, atol=1e-6)
 
 
