@@ -78,10 +78,10 @@ SOAP_TOLERANCE = 0.03  # "4-bit SOAP within 3% of 32-bit SOAP"
 # examples keep their AdamW learning rate for every row (SOAP's default 3e-3 is the transformer's
 # own); the CNN trains SOAP and AdamW at 3e-3 (SGDM keeps 0.1).
 SOAP_RUNS = {
-    "cnn_digits": (["sgdm", "sgdm+shampoo4", "adamw", "soap32", "soap4"],
-                   ["adamw=3e-3", "soap32=3e-3", "soap4=3e-3"]),
-    "transformer_lm": (["adamw", "adamw+shampoo4", "soap32", "soap4"], []),
-    "autoencoder_mnist": (["adamw", "adamw+shampoo4", "soap32", "soap4"], []),
+    "cnn_digits": (["sgdm", "sgdm+shampoo4", "adamw", "soap32", "soap8", "soap4"],
+                   ["adamw=3e-3", "soap32=3e-3", "soap8=3e-3", "soap4=3e-3"]),
+    "transformer_lm": (["adamw", "adamw+shampoo4", "soap32", "soap8", "soap4"], []),
+    "autoencoder_mnist": (["adamw", "adamw+shampoo4", "soap32", "soap8", "soap4"], []),
 }
 
 
@@ -333,18 +333,26 @@ def plot(path: pathlib.Path, runs: dict[str, dict[int, dict]], settings: dict) -
   plt.close(fig)
 
 
-def _reusable_runs(previous, example: str, seed: int, names: list[str], base: str) -> dict[str, dict]:
-  """The runs of ``names`` that ``previous`` (an earlier quality.json) holds and that may be reused."""
+def _reusable_runs(previous, example: str, seed: int, names: list[str], base: str,
+                   reuse_all: bool = False) -> dict[str, dict]:
+  """The runs of ``names`` that ``previous`` (an earlier quality.json) holds and that may be reused.
+
+  Only the optimizers of :data:`REUSABLE` unless ``reuse_all`` (the earlier file was written by the
+  same code, e.g. a second pass adding rows to a first).
+  """
   if previous is None:
     return {}
   held = previous.get("runs", {}).get(example, {}).get(str(seed), {})
   allowed = {f"{base}+{variant}" if variant else base for variant in REUSABLE}
-  return {name: null_to_nan(held[name]) for name in names if name in allowed and name in held}
+  return {name: null_to_nan(held[name]) for name in names if (reuse_all or name in allowed) and name in held}
 
 
 def _same_settings(a: dict, b: dict) -> bool:
-  """Example settings equal up to the optimizer list, seed and output path."""
-  ignore = {"optimizers", "seed", "out"}
+  """Example settings equal up to the optimizer list, seed, output path and per-optimizer learning rates.
+
+  (A run is never reused for an optimizer that either side's ``--lr-for`` names, see :func:`main`.)
+  """
+  ignore = {"optimizers", "seed", "out", "lr_for"}
   return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
 
 
@@ -360,6 +368,9 @@ def main(argv: list[str] | None = None) -> dict:
                       help="an earlier quality.json: take the first-order, shampoo32 and naive4 runs of the "
                            "same seeds from it when its example settings match (they do not depend on the "
                            "eigen format's code) instead of training them again")
+  parser.add_argument("--reuse-all", action="store_true",
+                      help="with --reuse-from: reuse every optimizer it holds (only when the library code is "
+                           "unchanged since it was written)")
   parser.add_argument("--out-name", default="quality", help="the results are <out-dir>/<out-name>.json/.png")
   parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                       help="further flags passed to every example (e.g. --extra --epsilon 1e-6)")
@@ -397,7 +408,11 @@ def main(argv: list[str] | None = None) -> dict:
         runs[example][seed] = null_to_nan(written["results"])
         configs[example] = written["config"]
         continue
-      old = _reusable_runs(previous, example, seed, names, base)
+      old = _reusable_runs(previous, example, seed, names, base, args.reuse_all)
+      if old:  # never reuse a run whose learning rate --lr-for sets, here or in the earlier run
+        earlier_lr_for = previous["settings"]["example_configs"].get(example, {}).get("lr_for", [])
+        named = {entry.partition("=")[0] for entry in soap_lr_flags[1:] + list(earlier_lr_for)}
+        old = {name: run for name, run in old.items() if name not in named}
       to_train = [name for name in names if name not in old]
       argv_example = ["--seed", str(seed), "--out", str(out), "--optimizers", *to_train] + (
           ["--steps", str(args.steps)] if args.steps else []) + soap_lr_flags + args.extra
