@@ -57,6 +57,7 @@ def adamw_shampoo4(
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
     combine: str = "shampoo",
+    store_root: bool = True,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
@@ -81,7 +82,7 @@ def adamw_shampoo4(
       mapping, quant_block, min_quant_order, bjorck_steps, root_method,
       refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, grafting,
       grafting_eps, grafting_beta2, grafting_per_block,
-      start_preconditioning_step, combine: keyword-only, passed to
+      start_preconditioning_step, combine, store_root: keyword-only, passed to
       :func:`scale_by_shampoo4` (same defaults).
     moment_bits: keyword-only; None keeps the base optimizer's state in
       float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
@@ -139,6 +140,7 @@ def sgdm_shampoo4(
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
     combine: str = "shampoo",
+    store_root: bool = True,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
@@ -161,7 +163,7 @@ def sgdm_shampoo4(
       mapping, quant_block, min_quant_order, bjorck_steps, root_method,
       refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, grafting,
       grafting_eps, grafting_beta2, grafting_per_block,
-      start_preconditioning_step, combine: keyword-only, passed to
+      start_preconditioning_step, combine, store_root: keyword-only, passed to
       :func:`scale_by_shampoo4` (same defaults).
     moment_bits: keyword-only; None keeps the base optimizer's state in
       float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
@@ -212,6 +214,7 @@ def adagrad_shampoo4(
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
     combine: str = "shampoo",
+    store_root: bool = True,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
@@ -224,7 +227,7 @@ def adagrad_shampoo4(
       mapping, quant_block, min_quant_order, bjorck_steps, root_method,
       refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, grafting,
       grafting_eps, grafting_beta2, grafting_per_block,
-      start_preconditioning_step, combine: keyword-only, passed to
+      start_preconditioning_step, combine, store_root: keyword-only, passed to
       :func:`scale_by_shampoo4` (same defaults).
     moment_bits: keyword-only; None keeps the base optimizer's state in
       float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
@@ -276,6 +279,7 @@ def distributed_shampoo4(
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
+    store_root: bool = True,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Distributed Shampoo's update rule (Shi et al. 2023) on the 4-bit Shampoo state.
@@ -320,7 +324,7 @@ def distributed_shampoo4(
     use_bias_correction: divide :math:`M` by :math:`1-b_1^t`.
     max_order, beta, epsilon, stats_every, root_every, state_format, bits,
       mapping, quant_block, min_quant_order, bjorck_steps, root_method,
-      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis:
+      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, store_root:
       keyword-only, passed to :func:`scale_by_shampoo4`; here
       ``stats_every=10`` and ``root_every=100`` (Meta's AlgoPerf submission
       refreshed its roots every 100 steps).
@@ -355,7 +359,7 @@ def distributed_shampoo4(
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=eps, grafting_beta2=b2,
       grafting_per_block=grafting_per_block,
       start_preconditioning_step=root_every if start_preconditioning_step is None else start_preconditioning_step,
-      combine=combine,
+      combine=combine, store_root=store_root,
       filter_beta=b1, filter_bias_correction=use_bias_correction)
   return optax.chain(
       shampoo,

@@ -302,12 +302,11 @@ def update_root(
   if config.root_method == "jorge":  # the root already follows the statistic (update_stats)
     return bucket, jnp.ones(jax.tree.leaves(bucket.root)[0].shape[:1], bool)
   if isinstance(bucket, EigenFactors):
-    rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
-    cols = linalg.transpose(rows)
     if config.root_method == "eigen":
-      root = roots.inverse_root_from_eig(cols, bucket.eigvals, epsilon)
+      root = root_from_eigenbasis(config, bucket, epsilon)
     else:
-      stat = linalg.matmul(cols * jnp.maximum(bucket.eigvals, 0.0)[:, None, :], rows)
+      rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
+      stat = linalg.matmul(linalg.transpose(rows) * jnp.maximum(bucket.eigvals, 0.0)[:, None, :], rows)
       root = roots.inverse_root_newton(stat, epsilon)
     new = EigenFactors(bucket.eigvecs, bucket.eigvals, None)
   else:
@@ -316,6 +315,18 @@ def update_root(
   ok = _all_finite(root)
   new = new._replace(root=config.store(root, is_quantized(bucket.root), True))
   return _guarded(ok, new, bucket)
+
+
+def root_from_eigenbasis(config: FactorConfig, bucket: EigenFactors, epsilon: jax.Array) -> jax.Array:
+  """The inverse 4th roots of an ``"eigen"`` bucket from its stored eigenpairs, float32 ``[k, n, n]``.
+
+  :math:`V = \\mathrm{Björck}^{t_2}(D(\\bar U))`,
+  :math:`\\hat A = V (\\Lambda + \\epsilon \\max\\lambda\\, I)^{-1/4} V^\\top`:
+  PIRU's root (paper Alg. 2), also formed at every step when no root is
+  stored (``store_root=False``).
+  """
+  rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
+  return roots.inverse_root_from_eig(linalg.transpose(rows), bucket.eigvals, jnp.asarray(epsilon, jnp.float32))
 
 
 def root_matrices(bucket: Bucket) -> jax.Array:

@@ -214,3 +214,60 @@ def load_moment(stored: QuantizedMoment | jax.Array) -> jax.Array:
     return normalized * _rank1_normalizer(tuple(maxima))
   return qz.dequantize(
       qz.QuantizedArray(stored.codes, stored.scales, length, stored.mapping, stored.bits, stored.block))
+
+
+# In a transform's state a moment is two trees shaped like the parameters: its codes (uint8, or the float32
+# moment itself for a small tensor) and its scales (float32; a 0-d placeholder for a small tensor). Every
+# leaf is one plain array, so the state survives frameworks that wrap each parameter-shaped leaf (flax.nnx.Optimizer);
+# the static layout is recomputed from the gradient's shape (moment_layout).
+
+
+def split_stored(stored: QuantizedMoment | jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(codes, scales)`` of a stored moment (a float32 moment and a 0-d placeholder when not quantized)."""
+  if isinstance(stored, QuantizedMoment):
+    return stored.codes, stored.scales
+  return stored, jnp.zeros((), jnp.float32)  # a placeholder (orbax cannot save empty arrays)
+
+
+def join_stored(codes: jax.Array, scales: jax.Array, shape: tuple[int, ...], bits: int, kind: str) -> Any:
+  """Inverse of :func:`split_stored` for a moment of ``shape``."""
+  layout = moment_layout(tuple(shape), bits, kind)
+  if layout is None:
+    return codes
+  return QuantizedMoment(codes, scales, tuple(shape), kind, bits, *layout)
+
+
+def init_moment_trees(params: Any, bits: int, kind: str, fill: jax.typing.ArrayLike = 0.0) -> tuple[Any, Any]:
+  """(codes tree, scales tree) of a moment filled with ``fill``."""
+  stored = [split_stored(store_moment(jnp.full(p.shape, fill, jnp.float32), bits, kind))
+            for p in jax.tree.leaves(params)]
+  treedef = jax.tree.structure(params)
+  return treedef.unflatten([c for c, _ in stored]), treedef.unflatten([sc for _, sc in stored])
+
+
+def store_moment_trees(values: Any, old_codes: Any, old_scales: Any, finite: Any, bits: int, kind: str,
+                       key: jax.Array | None) -> tuple[Any, Any]:
+  """Stores each float32 moment; a leaf whose ``finite`` is False keeps its old codes and scales.
+
+  With a ``key``, leaf ``i`` rounds stochastically with ``fold_in(key, i)``.
+  """
+  treedef = jax.tree.structure(values)
+  codes, scales = [], []
+  for i, (value, old_c, old_s, ok) in enumerate(zip(*(treedef.flatten_up_to(t)
+                                                      for t in (values, old_codes, old_scales, finite)))):
+    leaf_key = None if key is None else jax.random.fold_in(key, i)
+    new_c, new_s = split_stored(store_moment(value, bits, kind, key=leaf_key))
+    codes.append(jnp.where(ok, new_c, old_c))
+    scales.append(jnp.where(ok, new_s, old_s))
+  return treedef.unflatten(codes), treedef.unflatten(scales)
+
+
+def rounding_key(count: jax.Array, bits: int, kind: str) -> jax.Array | None:
+  """The rounding key of a step: None (nearest) unless the scheme rounds stochastically.
+
+  It depends only on the step count and the kind, so no key lives in the state
+  and a run is reproducible.
+  """
+  if not SCHEMES[bits, kind].stochastic:
+    return None
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), count), KINDS.index(kind))

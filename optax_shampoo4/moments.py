@@ -64,9 +64,14 @@ from optax_shampoo4.moment_storage import (  # noqa: F401 (re-exported: the stor
   QuantizedMoment,
   Scheme,
   check_moment_bits,
+  init_moment_trees,
+  join_stored,
   load_moment,
   moment_layout,
+  rounding_key,
+  split_stored,
   store_moment,
+  store_moment_trees,
 )
 
 
@@ -80,60 +85,6 @@ def _map_moments(leaf_fn: Any, updates: Any, *stored: Any) -> tuple[Any, ...]:
   columns = [treedef.flatten_up_to(tree) for tree in stored]
   results = [leaf_fn(g, *rest) for g, *rest in zip(treedef.flatten_up_to(updates), *columns)]
   return tuple(treedef.unflatten(list(outputs)) for outputs in zip(*results))
-
-
-# In a transform's state a moment is two trees shaped like the parameters: its codes (uint8, or the float32
-# moment itself for a small tensor) and its scales (float32; a 0-d placeholder for a small tensor). Every leaf is one
-# plain array, so the state survives frameworks that wrap each parameter-shaped leaf (flax.nnx.Optimizer);
-# the static layout is recomputed from the gradient's shape (moment_layout).
-
-
-def _split(stored: QuantizedMoment | jax.Array) -> tuple[jax.Array, jax.Array]:
-  if isinstance(stored, QuantizedMoment):
-    return stored.codes, stored.scales
-  return stored, jnp.zeros((), jnp.float32)  # a placeholder (orbax cannot save empty arrays)
-
-
-def _join(codes: jax.Array, scales: jax.Array, shape: tuple[int, ...], bits: int, kind: str) -> Any:
-  layout = moment_layout(tuple(shape), bits, kind)
-  if layout is None:
-    return codes
-  return QuantizedMoment(codes, scales, tuple(shape), kind, bits, *layout)
-
-
-def _init_moment(params: Any, bits: int, kind: str, fill: jax.typing.ArrayLike = 0.0) -> tuple[Any, Any]:
-  """(codes tree, scales tree) of a moment filled with ``fill``."""
-  stored = [_split(store_moment(jnp.full(p.shape, fill, jnp.float32), bits, kind)) for p in jax.tree.leaves(params)]
-  treedef = jax.tree.structure(params)
-  return treedef.unflatten([c for c, _ in stored]), treedef.unflatten([sc for _, sc in stored])
-
-
-def _store_tree(values: Any, old_codes: Any, old_scales: Any, finite: Any, bits: int, kind: str,
-                key: jax.Array | None) -> tuple[Any, Any]:
-  """Stores each float32 moment; a leaf whose ``finite`` is False keeps its old codes and scales.
-
-  With a ``key``, leaf ``i`` rounds stochastically with ``fold_in(key, i)``.
-  """
-  treedef = jax.tree.structure(values)
-  codes, scales = [], []
-  for i, (value, old_c, old_s, ok) in enumerate(zip(*(treedef.flatten_up_to(t)
-                                                      for t in (values, old_codes, old_scales, finite)))):
-    leaf_key = None if key is None else jax.random.fold_in(key, i)
-    new_c, new_s = _split(store_moment(value, bits, kind, key=leaf_key))
-    codes.append(jnp.where(ok, new_c, old_c))
-    scales.append(jnp.where(ok, new_s, old_s))
-  return treedef.unflatten(codes), treedef.unflatten(scales)
-
-
-def _step_key(count: jax.Array, bits: int, kind: str) -> jax.Array | None:
-  """The rounding key of a step: None (nearest) unless the scheme rounds stochastically.
-
-  It depends only on the step count and the kind, so no key lives in the state
-  and a run is reproducible.
-  """
-  if not SCHEMES[bits, kind].stochastic:
-    return None
-  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), count), KINDS.index(kind))
 
 
 def _count_failures(count: jax.Array, finite: Any) -> jax.Array:
@@ -200,8 +151,8 @@ def scale_by_adam(
     return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
 
   def init_fn(params):
-    mu, mu_scales = _init_moment(params, bits, "first")
-    nu, nu_scales = _init_moment(params, bits, "second")
+    mu, mu_scales = init_moment_trees(params, bits, "first")
+    nu, nu_scales = init_moment_trees(params, bits, "second")
     return QuantizedAdamState(jnp.zeros([], jnp.int32), mu, mu_scales, nu, nu_scales, jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -214,16 +165,16 @@ def scale_by_adam(
 
     def leaf(g, mu_codes, mu_scales, nu_codes, nu_scales):
       g32 = g.astype(jnp.float32)
-      mu = (1 - b1) * g32 + b1 * load_moment(_join(mu_codes, mu_scales, g.shape, bits, "first"))
-      nu = (1 - b2) * (g32 * g32) + b2 * load_moment(_join(nu_codes, nu_scales, g.shape, bits, "second"))
+      mu = (1 - b1) * g32 + b1 * load_moment(join_stored(mu_codes, mu_scales, g.shape, bits, "first"))
+      nu = (1 - b2) * (g32 * g32) + b2 * load_moment(join_stored(nu_codes, nu_scales, g.shape, bits, "second"))
       step = (mu / correction1) / (jnp.sqrt(nu / correction2 + eps_root) + eps)
       return step.astype(g.dtype), mu, nu, _all_finite(mu, nu)
 
     steps, mu, nu, finite = _map_moments(leaf, updates, state.mu, state.mu_scales, state.nu, state.nu_scales)
-    mu, mu_scales = _store_tree(mu, state.mu, state.mu_scales, finite, bits, "first",
-                                _step_key(count, bits, "first"))
-    nu, nu_scales = _store_tree(nu, state.nu, state.nu_scales, finite, bits, "second",
-                                _step_key(count, bits, "second"))
+    mu, mu_scales = store_moment_trees(mu, state.mu, state.mu_scales, finite, bits, "first",
+                                rounding_key(count, bits, "first"))
+    nu, nu_scales = store_moment_trees(nu, state.nu, state.nu_scales, finite, bits, "second",
+                                rounding_key(count, bits, "second"))
     return steps, QuantizedAdamState(count, mu, mu_scales, nu, nu_scales,
                                      _count_failures(state.nonfinite_count, finite))
 
@@ -269,7 +220,7 @@ def trace(
     return optax.trace(decay=decay, nesterov=nesterov)
 
   def init_fn(params):
-    return QuantizedTraceState(jnp.zeros([], jnp.int32), *_init_moment(params, bits, "first"),
+    return QuantizedTraceState(jnp.zeros([], jnp.int32), *init_moment_trees(params, bits, "first"),
                                jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -280,13 +231,13 @@ def trace(
 
     def leaf(g, codes, scales):
       g32 = g.astype(jnp.float32)
-      buffer = g32 + decay * load_moment(_join(codes, scales, g.shape, bits, "first"))
+      buffer = g32 + decay * load_moment(join_stored(codes, scales, g.shape, bits, "first"))
       step = g32 + decay * buffer if nesterov else buffer
       return step.astype(g.dtype), buffer, _all_finite(buffer)
 
     steps, buffers, finite = _map_moments(leaf, updates, state.trace, state.trace_scales)
-    codes, scales = _store_tree(buffers, state.trace, state.trace_scales, finite, bits, "first",
-                                _step_key(count, bits, "first"))
+    codes, scales = store_moment_trees(buffers, state.trace, state.trace_scales, finite, bits, "first",
+                                rounding_key(count, bits, "first"))
     return steps, QuantizedTraceState(count, codes, scales, _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -331,7 +282,7 @@ def scale_by_rss(
 
   def init_fn(params):
     return QuantizedRssState(jnp.zeros([], jnp.int32),
-                             *_init_moment(params, bits, "second", initial_accumulator_value),
+                             *init_moment_trees(params, bits, "second", initial_accumulator_value),
                              jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -342,13 +293,13 @@ def scale_by_rss(
 
     def leaf(g, codes, scales):
       g32 = g.astype(jnp.float32)
-      total = g32 * g32 + load_moment(_join(codes, scales, g.shape, bits, "second"))
+      total = g32 * g32 + load_moment(join_stored(codes, scales, g.shape, bits, "second"))
       step = jnp.where(total > 0, jax.lax.rsqrt(total + eps), 0.0) * g32
       return step.astype(g.dtype), total, _all_finite(total)
 
     steps, sums, finite = _map_moments(leaf, updates, state.sum_of_squares, state.sum_of_squares_scales)
-    codes, scales = _store_tree(sums, state.sum_of_squares, state.sum_of_squares_scales, finite, bits, "second",
-                                _step_key(count, bits, "second"))
+    codes, scales = store_moment_trees(sums, state.sum_of_squares, state.sum_of_squares_scales, finite, bits, "second",
+                                rounding_key(count, bits, "second"))
     return steps, QuantizedRssState(count, codes, scales, _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)

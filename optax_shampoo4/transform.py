@@ -139,6 +139,7 @@ def scale_by_shampoo4(
     filter_beta: jax.typing.ArrayLike | None = None,
     filter_bias_correction: bool = True,
     combine: str = "shampoo",
+    store_root: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with 4-bit Shampoo, grafted to the gradient norm.
 
@@ -250,6 +251,13 @@ def scale_by_shampoo4(
       i.e. :math:`\\hat L^2 G + 2 \\hat L G \\hat R + G \\hat R^2`), then the same
       grafting. CASPR needs whole left roots, so with ``mesh=`` its products
       are not split over the devices (each device computes all of them).
+    store_root: keep the inverse roots in the state (the paper). False (the
+      ``"eigen"`` format with ``root_method="eigen"`` only) stores no root:
+      at every step :math:`\\hat L = V (\\Lambda + \\epsilon\\lambda_{\\max} I)^{-1/4} V^\\top`
+      is formed from the stored eigenpairs (after ``bjorck_steps[1]`` Björck
+      iterations), which halves the preconditioner's memory and costs those
+      products at every step; the roots then follow the latest statistics
+      (``root_every`` has no effect).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; chain a first-order
@@ -282,6 +290,12 @@ def scale_by_shampoo4(
   qr_iterations = _validate_refresh(refresh_method, qr_iterations, refresh_tol)
   if combine not in COMBINES:
     raise ValueError(f"combine must be one of {COMBINES}, got combine={combine!r}")
+  if not isinstance(store_root, (bool, np.bool_)):
+    raise TypeError(f"store_root must be a bool, got store_root={store_root!r}")
+  if not store_root and (state_format != "eigen" or root_method != "eigen"):
+    raise ValueError(
+        "store_root=False forms the roots from stored eigenvectors: it needs state_format='eigen' and "
+        f"root_method='eigen' (or None), got state_format={state_format!r}, root_method={root_method!r}")
   graft_config = grafting_lib.resolve(grafting, grafting_eps, grafting_beta2, grafting_per_block,
                                       filter_beta, filter_bias_correction)
   start = start_preconditioning_step
@@ -302,7 +316,7 @@ def scale_by_shampoo4(
       # buckets (sized from shapes the placeholder hides) as one opaque non-params leaf.
       return ScaleByShampoo4State(zero, optax_compat.NON_PARAMS, zero, zero, zero, graft_state)
     _check_leaf_dtypes(params)
-    buckets = factor_engine.init_buckets(factor_engine.plan(params), epsilon)
+    buckets = factor_engine.init_buckets(factor_engine.plan(params), epsilon, with_root=bool(store_root))
     return ScaleByShampoo4State(zero, buckets, zero, zero, zero, graft_state)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -322,16 +336,22 @@ def scale_by_shampoo4(
     root_due = _every(count, root_every)
     if start is not None:
       root_due |= count == start
-    buckets, root_failures = lax.cond(
-        root_due,
-        lambda b: factor_engine.refresh_roots(b, epsilon32, plan),
-        engine.no_refresh, buckets)
+    if store_root:
+      buckets, root_failures = lax.cond(
+          root_due,
+          lambda b: factor_engine.refresh_roots(b, epsilon32, plan),
+          engine.no_refresh, buckets)
+    else:
+      root_failures = jnp.zeros([], jnp.int32)
     # The state keeps its split layout; only the copies below are gathered.
     buckets = factor_engine.keep_split(buckets)
 
-    # Gather the roots still quantized (a quarter of the fp32 bytes at 8 bits, an eighth at 4); with a
-    # mesh each device dequantizes and applies only its share of them (FactorEngine.apply_blocks).
-    roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
+    if store_root:
+      # Gather the roots still quantized (a quarter of the fp32 bytes at 8 bits, an eighth at 4); with a
+      # mesh each device dequantizes and applies only its share of them (FactorEngine.apply_blocks).
+      roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
+    else:
+      roots = factor_engine.roots_from_eigenbases(buckets, epsilon32)
     graft_state, filtered = graft_config.update(state.grafting, leaves, count, ~grads_finite, treedef)
     grafted = graft_config.directions(graft_state, filtered, count, treedef)
     filtered_views = engine.matrix_views(filtered, plan)
