@@ -409,7 +409,8 @@ def soap4(
       state_format, bits, mapping, quant_block, min_quant_order,
       bjorck_steps, mesh, mesh_axis: keyword-only, passed to
       :func:`~optax_shampoo4.scale_by_soap4` (same defaults).
-    moment_bits: bits of the stored Adam moments; only None (float32) for now.
+    moment_bits: keyword-only; None (float32), 8 or 4: bits of the stored
+      Adam moments (see :func:`~optax_shampoo4.scale_by_soap4`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -421,13 +422,10 @@ def soap4(
   """
   from optax_shampoo4.soap import scale_by_soap4
 
-  if moment_bits is not None:
-    raise ValueError(f"moment_bits must be None (float32 moments; quantized SOAP moments are not available "
-                     f"yet), got moment_bits={moment_bits!r}")
   soap = scale_by_soap4(b1, b2, eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
                         max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format,
                         bits=bits, mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
-                        bjorck_steps=bjorck_steps, mesh=mesh, mesh_axis=mesh_axis)
+                        bjorck_steps=bjorck_steps, mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits)
   validation.check_learning_rate(learning_rate)
   validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
   return optax.chain(

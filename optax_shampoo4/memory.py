@@ -10,6 +10,10 @@ import numpy as np
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import moments
 from optax_shampoo4 import quantization as qz
+from optax_shampoo4.soap import ScaleBySoap4State
+
+# State types holding moments as (codes, scales) field pairs.
+QUANTIZED_STATES = {**moments.QUANTIZED_STATES, ScaleBySoap4State: (("mu", "mu_scales"), ("nu", "nu_scales"))}
 
 PARTS = (
     "quantized_codes",  # packed uint8 codes of quantized matrices
@@ -65,36 +69,41 @@ def state_nbytes(state: Any) -> dict[str, int]:
       parts["dense_factors"] += _nbytes(stored)
 
   def is_bucket(node: Any) -> bool:
-    return isinstance(node, (fct.EigenFactors, fct.MatrixFactors, moments.QuantizedMoment,
-                             *moments.QUANTIZED_STATES))
+    return isinstance(node, (fct.EigenFactors, fct.MatrixFactors, moments.QuantizedMoment, *QUANTIZED_STATES))
 
-  for node in jax.tree.leaves(state, is_leaf=is_bucket):
-    if isinstance(node, fct.EigenFactors):
-      add_stored(node.eigvecs)
-      parts["eigenvalues"] += _nbytes(node.eigvals)
-      add_stored(node.root)
-    elif isinstance(node, fct.MatrixFactors):
-      add_stored(node.stats)
-      add_stored(node.root)
-    elif isinstance(node, moments.QuantizedMoment):
-      parts["moment_codes"] += _nbytes(node.codes)
-      parts["moment_scales"] += _nbytes(node.scales)
-    elif isinstance(node, tuple(moments.QUANTIZED_STATES)):
-      stored = [name for pair in moments.QUANTIZED_STATES[type(node)] for name in pair]
-      for name, tree in zip(node._fields, node):
-        for leaf in jax.tree.leaves(tree):
-          if name not in stored or np.ndim(leaf) == 0:
-            parts["other"] += _nbytes(leaf)  # step and failure counts, a small tensor's placeholder scale
-          elif name.endswith("_scales"):
-            parts["moment_scales"] += _nbytes(leaf)
-          elif leaf.dtype == np.uint8:
-            parts["moment_codes"] += _nbytes(leaf)
-          else:  # a small tensor's float32 moment
-            parts["first_order"] += _nbytes(leaf)
-    elif np.ndim(node) >= 1:
-      parts["first_order"] += _nbytes(node)
-    else:
-      parts["other"] += _nbytes(node)
+  def count(tree: Any) -> None:
+    for node in jax.tree.leaves(tree, is_leaf=is_bucket):
+      if isinstance(node, fct.EigenFactors):
+        add_stored(node.eigvecs)
+        parts["eigenvalues"] += _nbytes(node.eigvals)
+        add_stored(node.root)
+      elif isinstance(node, fct.MatrixFactors):
+        add_stored(node.stats)
+        add_stored(node.root)
+      elif isinstance(node, moments.QuantizedMoment):
+        parts["moment_codes"] += _nbytes(node.codes)
+        parts["moment_scales"] += _nbytes(node.scales)
+      elif isinstance(node, tuple(QUANTIZED_STATES)):
+        stored = [name for pair in QUANTIZED_STATES[type(node)] for name in pair]
+        for name, tree in zip(node._fields, node):
+          if name not in stored:
+            count(tree)  # counters, factor buckets
+            continue
+          for leaf in jax.tree.leaves(tree):
+            if np.ndim(leaf) == 0:
+              parts["other"] += _nbytes(leaf)  # a small tensor's placeholder scale
+            elif name.endswith("_scales"):
+              parts["moment_scales"] += _nbytes(leaf)
+            elif leaf.dtype == np.uint8:
+              parts["moment_codes"] += _nbytes(leaf)
+            else:  # a float32 moment (a small tensor's, or all of them without moment_bits)
+              parts["first_order"] += _nbytes(leaf)
+      elif np.ndim(node) >= 1:
+        parts["first_order"] += _nbytes(node)
+      else:
+        parts["other"] += _nbytes(node)
+
+  count(state)
   parts["preconditioner"] = sum(parts[p] for p in PARTS[:5])
   parts["total"] = sum(parts[p] for p in PARTS)
   return parts

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_shampoo4 import engine, linalg, optax_compat, partition, sharding, validation
+from optax_shampoo4 import engine, linalg, moment_storage, optax_compat, partition, sharding, validation
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import quantization as qz
 from optax_shampoo4.transform import _check_leaf_dtypes
@@ -41,7 +41,9 @@ class ScaleBySoap4State(NamedTuple):
     factors: ``{bucket name: EigenFactors}`` with ``root=None``: per factor its
       eigenvalues (float32) and eigenvectors (4-bit, or float32 for small
       orders and for ``state_format="fp32"``), stacked by order.
-    mu: Adam's first moment, a tree like the parameters (float32). For a
+    mu: Adam's first moment, a tree like the parameters (float32; with
+      ``moment_bits``, uint8 codes for tensors of at least
+      :data:`~optax_shampoo4.moments.MIN_QUANTIZED_SIZE` elements). For a
       preconditioned leaf it holds the moment in the rotated basis
       :math:`Q_L^\\top M Q_R` (block by block), in the leaf's shape.
     nu: Adam's second moment, same layout as ``mu``.
@@ -59,15 +61,15 @@ class ScaleBySoap4State(NamedTuple):
   nonfinite_steps: jax.Array
   skipped_stats: jax.Array
   failed_refreshes: jax.Array
+  mu_scales: Any = None
+  nu_scales: Any = None
 
 
-# The one place Adam's moments enter and leave the state: quantized moments plug in here.
-def _store_moment(moment: jax.Array) -> jax.Array:
-  return moment.astype(jnp.float32)
-
-
-def _load_moment(stored: jax.Array) -> jax.Array:
-  return stored
+# (codes or values, scales) -> float32 moment of a leaf; the scales are None for float32 moments.
+def _load_moment(stored: jax.Array, scales: Any, shape: tuple[int, ...], bits: int | None, kind: str) -> jax.Array:
+  if bits is None:
+    return stored
+  return moment_storage.load_moment(moment_storage.join_stored(stored, scales, shape, bits, kind))
 
 
 def _resolve(name: str, value: Any) -> Any:
@@ -75,7 +77,7 @@ def _resolve(name: str, value: Any) -> Any:
 
 
 def _validate(b1, b2, eps, shampoo_beta, precondition_every, max_order, max_precond_dim, state_format, bits,
-              mapping, quant_block, min_quant_order, bjorck_steps) -> None:
+              mapping, quant_block, min_quant_order, bjorck_steps, moment_bits) -> None:
   validation.check_range("b1", b1, 0.0, 1.0)
   validation.check_range("b2", b2, 0.0, 1.0)
   validation.check_range("eps", eps, 0.0, math.inf)
@@ -86,6 +88,7 @@ def _validate(b1, b2, eps, shampoo_beta, precondition_every, max_order, max_prec
   validation.check_int("max_precond_dim", max_precond_dim, 1)
   validation.check_int("min_quant_order", min_quant_order, 1)
   validation.check_int("quant_block", quant_block, 2)
+  moment_storage.check_moment_bits("moment_bits", moment_bits)
   if state_format not in FORMATS:
     raise ValueError(f"state_format must be one of {FORMATS}, got state_format={state_format!r}")
   qz.validate_mapping_bits(mapping, bits)
@@ -122,6 +125,7 @@ def scale_by_soap4(
     bjorck_steps: tuple[int, int] = (1, 1),
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
+    moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam in the (4-bit) eigenbasis of Shampoo's Kronecker factors (SOAP).
 
@@ -192,6 +196,10 @@ def scale_by_soap4(
       ``mesh_axis`` and refreshed under ``jax.shard_map`` (as
       :func:`~optax_shampoo4.scale_by_shampoo4`). Results do not depend on it.
     mesh_axis: the mesh axis the factors are split over.
+    moment_bits: None (float32 ``mu``/``nu``), 8 or 4: Adam's moments (in the
+      rotated basis) stored with the schemes of :mod:`optax_shampoo4.moments`
+      (block-wise codes; 4-bit second moments rank-1 normalized), dequantized,
+      updated and re-quantized inside each step (static).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` giving Adam's direction
@@ -220,7 +228,7 @@ def scale_by_soap4(
   quant_block = _resolve("quant_block", quant_block)
   min_quant_order = _resolve("min_quant_order", min_quant_order)
   _validate(b1, b2, eps, shampoo_beta, precondition_every, max_order, max_precond_dim, state_format, bits,
-            mapping, quant_block, min_quant_order, bjorck_steps)
+            mapping, quant_block, min_quant_order, bjorck_steps, moment_bits)
   sharding.validate_mesh(mesh, mesh_axis)
   config = soap_factor_config(bits, mapping, quant_block, bjorck_steps)
   # fp32: the same eigen buckets, none quantized.
@@ -242,12 +250,18 @@ def scale_by_soap4(
     if optax_compat.is_params_placeholder(params):
       # optax.tree.map_params: the moments are parameter-shaped, the factor buckets are not.
       zero = jnp.zeros([], jnp.int32)
-      return ScaleBySoap4State(zero, optax_compat.NON_PARAMS, params, params, zero, zero, zero)
+      scales = None if moment_bits is None else optax_compat.NON_PARAMS
+      return ScaleBySoap4State(zero, optax_compat.NON_PARAMS, params, params, zero, zero, zero, scales, scales)
     _check_leaf_dtypes(params, "scale_by_soap4")
     buckets = factor_engine.init_buckets(factor_engine.plan(params), 0.0, with_root=False)
-    zeros = jax.tree.map(lambda p: _store_moment(jnp.zeros(jnp.shape(p), jnp.float32)), params)
     zero = jnp.zeros([], jnp.int32)
-    return ScaleBySoap4State(zero, buckets, zeros, zeros, zero, zero, zero)
+    if moment_bits is None:
+      zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+      return ScaleBySoap4State(zero, buckets, zeros, zeros, zero, zero, zero)
+    shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.float32), params)
+    mu, mu_scales = moment_storage.init_moment_trees(shapes, moment_bits, "first")
+    nu, nu_scales = moment_storage.init_moment_trees(shapes, moment_bits, "second")
+    return ScaleBySoap4State(zero, buckets, mu, nu, zero, zero, zero, mu_scales, nu_scales)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -259,8 +273,12 @@ def scale_by_soap4(
     b1_, b2_, eps_ = (jnp.asarray(x, jnp.float32) for x in (b1, b2, eps))
     beta_s = b2_ if shampoo_beta is None else jnp.asarray(shampoo_beta, jnp.float32)
 
-    mu = [_in_view(_load_moment(x), lp) for x, lp in zip(treedef.flatten_up_to(state.mu), plan.leaves)]
-    nu = [_in_view(_load_moment(x), lp) for x, lp in zip(treedef.flatten_up_to(state.nu), plan.leaves)]
+    def loaded(stored, scales, kind):
+      scales = [None] * len(leaves) if scales is None else treedef.flatten_up_to(scales)
+      return [_in_view(_load_moment(x, sc, lp.shape, moment_bits, kind), lp)
+              for x, sc, lp in zip(treedef.flatten_up_to(stored), scales, plan.leaves)]
+
+    mu, nu = loaded(state.mu, state.mu_scales, "first"), loaded(state.nu, state.nu_scales, "second")
     rows = bases(state.factors)
 
     # Adam in the current basis (bases built from earlier gradients only).
@@ -301,17 +319,27 @@ def scale_by_soap4(
         refresh_due & grads_finite, refresh, no_refresh, (state.factors, new_mu, new_nu))
     buckets = factor_engine.keep_split(buckets)
 
-    def to_state(moments):
-      return jax.tree.unflatten(treedef, [_store_moment(x.reshape(lp.shape)) for x, lp in zip(moments, plan.leaves)])
+    def to_state(moments, codes, scales, kind):
+      """(stored moments, their scales): float32, or re-quantized where this step changed them."""
+      values = jax.tree.unflatten(treedef, [x.reshape(lp.shape) for x, lp in zip(moments, plan.leaves)])
+      if moment_bits is None:
+        return values, None
+      changed = jax.tree.map(lambda x: stepped & jnp.all(jnp.isfinite(x)), values)
+      return moment_storage.store_moment_trees(values, codes, scales, changed, moment_bits, kind,
+                                               moment_storage.rounding_key(count, moment_bits, kind))
 
+    mu_stored, mu_scales = to_state(new_mu, state.mu, state.mu_scales, "first")
+    nu_stored, nu_scales = to_state(new_nu, state.nu, state.nu_scales, "second")
     new_state = ScaleBySoap4State(
         count=count,
         factors=buckets,
-        mu=to_state(new_mu),
-        nu=to_state(new_nu),
+        mu=mu_stored,
+        nu=nu_stored,
         nonfinite_steps=state.nonfinite_steps + (~grads_finite).astype(jnp.int32),
         skipped_stats=state.skipped_stats + (refresh_due & ~grads_finite).astype(jnp.int32),
         failed_refreshes=state.failed_refreshes + failures,
+        mu_scales=mu_scales,
+        nu_scales=nu_scales,
     )
     return jax.tree.unflatten(treedef, outputs), new_state
 
