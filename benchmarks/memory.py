@@ -27,9 +27,10 @@ order per model: 1200, but 10000 for LLaMA-130M and 2048 for LLaMA-7B
 
 A second table per model crosses the first-order moments' storage
 (``moment_bits`` None = fp32, 8, 4; ``optax_shampoo4.moments``) with three
-families (AdamW, AdamW + 4-bit Shampoo, SGDM + 4-bit Shampoo), as ratios to
-``optax.adamw``'s whole state; the headline is AdamW + 4-bit Shampoo with
-8-bit moments (the paper's Table 13 pairs 4-bit Shampoo with 8-bit AdamW).
+families (AdamW, AdamW / SGDM + 4-bit Shampoo with and without stored inverse
+roots (``store_root=False``), 4-bit SOAP), as ratios to ``optax.adamw``'s
+whole state; the headline is AdamW + 4-bit Shampoo with 8-bit moments (the
+paper's Table 13 pairs 4-bit Shampoo with 8-bit AdamW).
 A third table per model covers SOAP (``s4.soap4``, its defaults: max order
 1024, dimensions above 10000 not rotated): its factor state in float32 (our
 ``"fp32"`` format: float32 eigenvectors and eigenvalues), in the SOAP
@@ -72,6 +73,11 @@ FAMILIES = {
         1e-3, max_order=max_order, moment_bits=bits),
     "SGDM+4-bit Shampoo": lambda max_order, bits: s4.sgdm_shampoo4(
         0.1, max_order=max_order, moment_bits=bits),
+    "AdamW+4-bit Shampoo, no root": lambda max_order, bits: s4.adamw_shampoo4(
+        1e-3, max_order=max_order, moment_bits=bits, store_root=False),
+    "SGDM+4-bit Shampoo, no root": lambda max_order, bits: s4.sgdm_shampoo4(
+        0.1, max_order=max_order, moment_bits=bits, store_root=False),
+    "4-bit SOAP": lambda max_order, bits: s4.soap4(moment_bits=bits),  # its own max order (1024)
 }
 MOMENT_BITS = (None, 8, 4)
 FP32 = "adamw+shampoo fp32"
@@ -158,9 +164,9 @@ def measure(model: str, max_order: int) -> dict:
 def print_moment_table(model: str, result: dict) -> None:
   table = result["moment_bits_vs_adamw"]
   print(f"  state / optax.adamw state, by moment bits ({model}):")
-  print(f"  {'family':22s} " + " ".join(f"{'m' + str(b) if b else 'fp32 m':>8s}" for b in MOMENT_BITS))
+  print(f"  {'family':30s} " + " ".join(f"{'m' + str(b) if b else 'fp32 m':>8s}" for b in MOMENT_BITS))
   for family, row in table.items():
-    print(f"  {family:22s} " + " ".join(f"{row[str(b)]:7.3f}x" for b in MOMENT_BITS))
+    print(f"  {family:30s} " + " ".join(f"{row[str(b)]:7.3f}x" for b in MOMENT_BITS))
 
 
 PRECOND_BITS = (3, 4, 8)
@@ -223,6 +229,10 @@ def paper_notes(results: dict) -> list[str]:
   headline = {m: r["moment_bits_vs_adamw"]["AdamW+4-bit Shampoo"] for m, r in results.items()}
   notes.append("AdamW + 4-bit Shampoo state / optax.adamw state with 8-bit (4-bit) moments: "
                + ", ".join(f"{m} {h['8']:.2f}x ({h['4']:.2f}x)" for m, h in headline.items()) + ".")
+  for family in ("AdamW+4-bit Shampoo, no root", "4-bit SOAP"):
+    row = {m: r["moment_bits_vs_adamw"][family] for m, r in results.items()}
+    notes.append(f"{family} / optax.adamw with 8-bit (4-bit) moments: "
+                 + ", ".join(f"{m} {h['8']:.2f}x ({h['4']:.2f}x)" for m, h in row.items()) + ".")
   if "llama_7b" in results:
     r = results["llama_7b"]
     st, n = r["states"], r["params"]
@@ -283,7 +293,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
   ax2.set_ylim(0, 9)
   ax2.legend(fontsize=8, ncol=2, loc="upper center")
   bars = [(family, bits) for family in FAMILIES for bits in MOMENT_BITS]
-  family_colors = dict(zip(FAMILIES, ["#777777", "#2ca02c", "#9467bd"]))
+  family_colors = dict(zip(FAMILIES, ["#777777", "#2ca02c", "#9467bd", "#17becf", "#e377c2", "#bcbd22"]))
   width = 0.8 / len(bars)
   for i, (family, bits) in enumerate(bars):
     ratio = [results[m]["moment_bits_vs_adamw"][family][str(bits)] for m in models]
@@ -292,9 +302,10 @@ def plot(results: dict, path: pathlib.Path) -> None:
             label=f"{family}, {'fp32' if bits is None else f'{bits}-bit'} moments")
   ax3.axhline(1.0, color="k", lw=1)
   ax3.axhline(0.6, color="k", ls="--", lw=1)
+  ax3.axhline(0.45, color="k", ls=":", lw=1)
   ax3.set_xticks(x, models, fontsize=8)
   ax3.set_ylabel("optimizer state / AdamW state")
-  ax3.set_title("Quantized first-order moments (moment_bits): whole state vs fp32 AdamW (dashed: 0.6x)")
+  ax3.set_title("Quantized first-order moments (moment_bits): whole state vs fp32 AdamW (dashed: 0.6x, dotted: 0.45x)")
   ax3.legend(fontsize=7, ncol=3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
