@@ -55,6 +55,11 @@ Method
   fires: rotate into the basis, Adam, rotate back), ``full`` refreshes every step (sort, fold the
   Gram matrices, one QR step, re-project the first moment); amortized as ``plain + (full -
   plain) / 10``. Compare ``ours soap4`` plain with ``ours eigen`` plain (4-bit Shampoo's step).
+  Also ``ours soap4 no bjorck`` (the stored basis used without the per-step Björck iteration,
+  ``bjorck_steps=(1, 0)``) and ``ours soap4 m8`` (8-bit Adam moments), see ``SOAP_VARIANTS``.
+* **Other variants** (``OTHER_VARIANTS``, the same three programs): ``ours eigen no root``
+  (``store_root=False``: the root formed from the eigenpairs at every step), ``ours eigen caspr``,
+  ``ours eigen 3-bit`` and ``ours naive jorge`` (Jorge's root update at every statistics refresh).
 * **Interleaving.** All compiled programs are timed round-robin: in each of ``--repeats`` rounds
   every program runs ``--steps`` calls (each call timed alone with ``block_until_ready``; fewer,
   but at least one, once its calls in that round took ``--budget`` seconds), the order rotating
@@ -208,10 +213,31 @@ REFRESH_VARIANTS = {
     "ours eigen adaptive tol=0": {"refresh_method": "adaptive", "refresh_tol": 0.0},
     "ours eigen adaptive tol=1": {"refresh_method": "adaptive", "refresh_tol": 1.0},
 }
-def _soap(state_format: str):
+# Other variants, same three programs: no stored root (formed from the eigenpairs at every step),
+# CASPR's combination, 3-bit eigenvectors, and Jorge's matmul-only root update (naive format: the
+# 4-bit root is refreshed at every statistics update, no decomposition, no Newton loop).
+OTHER_VARIANTS = {
+    "ours eigen no root": ("eigen", {"store_root": False}),
+    "ours eigen caspr": ("eigen", {"combine": "caspr"}),
+    "ours eigen 3-bit": ("eigen", {"bits": 3}),
+    "ours naive jorge": ("naive", {"root_method": "jorge"}),
+}
+
+
+def _soap(state_format: str, **options):
   def make(every):
-    return s4.soap4(LR, max_order=MAX_ORDER, state_format=state_format, precondition_every=every)
+    return s4.soap4(LR, max_order=MAX_ORDER, state_format=state_format, precondition_every=every, **options)
   return make
+
+
+# SOAP rows: (state format, options). "soap4 no bjorck": the stored 4-bit basis used without the
+# per-step Björck step (bjorck_steps=(1, 0)); "soap4 m8": 8-bit Adam moments.
+SOAP_VARIANTS = {
+    "soap32": ("fp32", {}),
+    "soap4": ("eigen", {}),
+    "soap4 no bjorck": ("eigen", {"bjorck_steps": (1, 0)}),
+    "soap4 m8": ("eigen", {"moment_bits": 8}),
+}
 
 
 def _distributed_shampoo(int8: bool):
@@ -242,15 +268,16 @@ def optimizer_families(skip_peers: bool, formats=("fp32", "naive", "eigen")) -> 
     families[f"ours {fmt}"] = {"kind": "ours", "variants": {
         "plain": lambda make=make: make(T1, T2), "stats": lambda make=make: make(1, HUGE),
         "full": lambda make=make: make(1, 1)}}
-  for name, refresh in REFRESH_VARIANTS.items():
-    make = _ours("eigen", **refresh)
+  variants = {name: ("eigen", refresh) for name, refresh in REFRESH_VARIANTS.items()} | OTHER_VARIANTS
+  for name, (fmt, options) in variants.items():
+    make = _ours(fmt, **options)
     families[name] = {"kind": "ours", "variants": {
         "plain": lambda make=make: make(T1, T2), "stats": lambda make=make: make(1, HUGE),
         "full": lambda make=make: make(1, 1)}}
   # SOAP: "plain" = a step without a basis refresh (interval 10, counter 6), "full" = one with it
   # (interval 1); amortized at SOAP's default interval 10.
-  for label, fmt in (("soap32", "fp32"), ("soap4", "eigen")):
-    make = _soap(fmt)
+  for label, (fmt, options) in SOAP_VARIANTS.items():
+    make = _soap(fmt, **options)
     families[f"ours {label}"] = {"kind": "ours", "amortize_p": 1.0 / SOAP_EVERY, "variants": {
         "plain": lambda make=make: make(SOAP_EVERY), "full": lambda make=make: make(1)}}
   if skip_peers:
