@@ -1,14 +1,18 @@
-"""Quickstart: AdamW vs. AdamW + 32-bit Shampoo vs. AdamW + 4-bit Shampoo.
+"""Quickstart: AdamW vs. AdamW + 32-bit / 4-bit Shampoo vs. 4-bit SOAP.
 
 Trains the same small Flax NNX MLP (64 -> 256 -> 256 -> 10) on scikit-learn's
-8x8 handwritten digits (shipped with scikit-learn, no download) with three
+8x8 handwritten digits (shipped with scikit-learn, no download) with four
 optimizers, from the same initialization and on the same minibatches:
 
 * ``adamw``: plain ``optax.adamw``;
 * ``shampoo32``: ``s4.adamw_shampoo4(..., state_format="fp32")``, Shampoo with
   dense float32 preconditioners (the paper's 32-bit baseline);
 * ``shampoo4``: ``s4.adamw_shampoo4(...)``, 4-bit Shampoo (quantized
-  eigenvectors, the paper's method).
+  eigenvectors, the paper's method);
+* ``soap4``: ``s4.soap4(...)``, Adam in the 4-bit eigenbasis of Shampoo's
+  factors (one 4-bit matrix per factor, no inverse root), with AdamW's
+  learning rate and weight decay (SOAP's own default rate, 3e-3, drives this
+  small problem's training loss to ~0 and overfits: test loss 0.36).
 
 It prints, for each optimizer, the final training loss, the test loss and
 accuracy, the bytes of the optimizer state and the wall time, and the memory
@@ -17,7 +21,9 @@ ratio of the 4-bit to the 32-bit Shampoo preconditioners. What to expect
 Shampoo (final training losses within ~2%) with a 7x smaller preconditioner;
 both end ~10-15% below AdamW's training loss at equal steps, usually with a
 slightly lower test loss; test accuracies (450 examples) differ by a few
-examples either way. Runs in well under two minutes on two CPU cores:
+examples either way. 4-bit SOAP (seed 0) ends with a training loss ~20x
+below AdamW's (2e-4 vs 5e-3), the same test loss and the best test accuracy,
+with half of 4-bit Shampoo's factor bytes. Runs in well under two minutes on two CPU cores:
 
   python examples/quickstart.py
   python examples/quickstart.py --steps 1000 --seed 1 --out losses.json
@@ -47,7 +53,7 @@ except ModuleNotFoundError:  # Running from a source checkout without `pip insta
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   import optax_shampoo4 as s4
 
-OPTIMIZERS = ("adamw", "shampoo32", "shampoo4")
+OPTIMIZERS = ("adamw", "shampoo32", "shampoo4", "soap4")
 
 # Shampoo refreshes its statistics every T1 steps and its inverse 4th roots
 # every T2 steps; until the first root refresh it just passes AdamW the raw
@@ -109,7 +115,9 @@ def minibatch_indices(num_examples: int, batch_size: int, steps: int, seed: int)
 
 def make_optimizer(name: str, learning_rate: float, weight_decay: float,
                    epsilon: float = EPSILON) -> optax.GradientTransformation:
-  """One of :data:`OPTIMIZERS`; all three share AdamW's hyperparameters."""
+  """One of :data:`OPTIMIZERS`; all four share AdamW's hyperparameters."""
+  if name == "soap4":
+    return s4.soap4(learning_rate, weight_decay=weight_decay, min_quant_order=MIN_QUANT_ORDER)
   if name == "adamw":
     return optax.adamw(learning_rate, weight_decay=weight_decay)
   shampoo = dict(stats_every=STATS_EVERY, root_every=ROOT_EVERY, epsilon=epsilon,
@@ -174,7 +182,7 @@ def train(name: str, args: argparse.Namespace, data, batches: np.ndarray) -> dic
 def describe_shampoo_factors(opt_state) -> str:
   """E.g. ``"4 x order 256 (4-bit), 1 x order 10 (fp32)"``; empty without Shampoo."""
   def is_shampoo(node) -> bool:
-    return isinstance(node, s4.ScaleByShampoo4State)
+    return isinstance(node, (s4.ScaleByShampoo4State, s4.ScaleBySoap4State))
 
   buckets = []
   for node in jax.tree.leaves(opt_state, is_leaf=is_shampoo):
@@ -192,7 +200,7 @@ def print_table(results: dict[str, dict]) -> None:
   rows = [header]
   for name, r in results.items():
     b = r["state_bytes"]
-    rows.append((name, f"{r['final_train_loss']:.4f}", f"{r['test_loss']:.4f}",
+    rows.append((name, f"{r['final_train_loss']:.2e}", f"{r['test_loss']:.4f}",
                  f"{100 * r['test_accuracy']:.2f}%", f"{b['total']:,}", f"{b['preconditioner']:,}",
                  f"{b['quantized_codes']:,}", f"{r['wall_time_s']:.1f}"))
   widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -210,6 +218,10 @@ def print_table(results: dict[str, dict]) -> None:
     fp32 = results["shampoo32"]["state_bytes"]["preconditioner"]
     q4 = results["shampoo4"]["state_bytes"]["preconditioner"]
     print(f"Shampoo preconditioner memory, 4-bit / 32-bit: {q4:,} / {fp32:,} bytes = {q4 / fp32:.3f}")
+  if "shampoo4" in results and "soap4" in results:
+    q4 = results["shampoo4"]["state_bytes"]["preconditioner"]
+    soap = results["soap4"]["state_bytes"]["preconditioner"]
+    print(f"4-bit SOAP factors / 4-bit Shampoo preconditioner: {soap:,} / {q4:,} bytes = {soap / q4:.3f}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -30,7 +30,7 @@ def test_quickstart_trains_and_4bit_state_is_smaller(tmp_path, capsys):
   # preconditioned (and, for shampoo4, quantized) path really runs.
   results = quickstart.main(["--steps", "40", "--seed", "1", "--out", str(out)])
 
-  assert set(results) == {"adamw", "shampoo32", "shampoo4"}
+  assert set(results) == {"adamw", "shampoo32", "shampoo4", "soap4"}
   for name, r in results.items():
     losses = r["losses"]
     assert len(losses) == 40
@@ -45,10 +45,13 @@ def test_quickstart_trains_and_4bit_state_is_smaller(tmp_path, capsys):
   assert results["shampoo4"]["state_bytes"]["quantized_codes"] > 0
   assert results["shampoo32"]["state_bytes"]["quantized_codes"] == 0
   assert precond4 < 0.25 * precond32
+  soap = results["soap4"]["state_bytes"]
+  assert soap["quantized_codes"] > 0 and soap["diagonals"] == 0  # one 4-bit matrix per factor, no root
+  assert soap["preconditioner"] < 0.6 * precond4
 
   assert json.loads(out.read_text())["results"]["shampoo4"]["losses"] == results["shampoo4"]["losses"]
   printed = capsys.readouterr().out
-  assert "4-bit / 32-bit" in printed
+  assert "4-bit / 32-bit" in printed and "4-bit SOAP factors" in printed
 
 
 def _load_example(name):
