@@ -58,6 +58,8 @@ SHAMPOO_VARIANTS = {
     "shampoo4_eigh": {"refresh_method": "eigh"},  # exact eigendecomposition at every refresh
     "shampoo4_adaptive": {"refresh_method": "adaptive"},
     "shampoo8": {"bits": 8},  # 8-bit eigenvectors, default refresh
+    "shampoo8_eigh": {"bits": 8, "refresh_method": "eigh"},
+    "shampoo8_tol3": {"bits": 8, "refresh_tol": 1e-3},
     "shampoo3": {"bits": 3},  # 3-bit eigenvectors, default refresh
     "shampoo4_caspr": {"combine": "caspr"},  # CASPR's combination of the 4-bit roots
     "naive4_jorge": {"state_format": "naive", "root_method": "jorge"},  # Jorge: 4-bit roots, no statistic
