@@ -58,6 +58,7 @@ def runs():
       "adamw": _train(optax.adamw(3e-3, weight_decay=0.0))[0],
       "fp32": _train(s4.adamw_shampoo4(state_format="fp32", **kwargs))[0],
       "eigen": _train(s4.adamw_shampoo4(**kwargs)),
+      "eigen8": _train(s4.adamw_shampoo4(bits=8, **kwargs))[0],
   }
 
 
@@ -67,7 +68,13 @@ def test_four_bit_tracks_32_bit(runs):
   assert any(isinstance(leaf, s4.QuantizedArray) for leaf in jax.tree.leaves(
       state, is_leaf=lambda x: isinstance(x, s4.QuantizedArray)))
   final_4, final_32 = four_bit[-10:].mean(), runs["fp32"][-10:].mean()
-  assert abs(final_4 - final_32) / final_32 < 0.1, (final_4, final_32)
+  # Measured: +1.2 % (library defaults; the paper's one-QR-step refresh: +0.6 % here, +12 % on cnn_digits).
+  assert abs(final_4 - final_32) / final_32 < 0.03, (final_4, final_32)
+
+
+def test_eight_bit_matches_32_bit(runs):
+  final_8, final_32 = runs["eigen8"][-10:].mean(), runs["fp32"][-10:].mean()
+  assert abs(final_8 - final_32) / final_32 < 0.005, (final_8, final_32)  # measured: 0.01 %
 
 
 def test_shampoo_beats_adamw_at_equal_steps(runs):
