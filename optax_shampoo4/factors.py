@@ -120,7 +120,7 @@ class FactorConfig:
   root_method: str = "eigen"
   refresh_method: str = "qr"
   qr_iterations: int = 1
-  refresh_tol: Any = 0.01
+  refresh_tol: Any = 1e-3
   initial_eigh: bool = False
   jorge_damping: Any = 1e-6
   sort_refreshed: bool = True

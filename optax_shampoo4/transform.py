@@ -18,7 +18,7 @@ from optax_shampoo4 import quantization as qz
 
 # Chosen by measurement (README, "Refresh methods"); the paper's refresh is refresh_method="qr".
 DEFAULT_REFRESH_METHOD = "adaptive"
-DEFAULT_REFRESH_TOL = 0.01
+DEFAULT_REFRESH_TOL = 1e-3
 COMBINES = ("shampoo", "caspr")
 # Defaults of the shape-fixing options, which default to None in the signatures (so that
 # optax.inject_hyperparams, which turns every int/float argument into an array, leaves them alone).

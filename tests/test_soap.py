@@ -6,7 +6,8 @@ steps only): call 1 builds the bases and returns zero; each later call takes
 an Adam step in the rotated basis; at call 1 and every ``f`` Adam steps the
 eigenpairs are sorted descending (``v`` permuted alike), the gradient's Gram
 matrix is folded in, one warm-started QR step refreshes the basis, and ``m``
-is re-projected into the new basis.
+is re-projected into the new basis, ``v`` with the squared change of basis
+(``project_nu=True``, the default).
 """
 
 import chex
@@ -55,12 +56,12 @@ def _soap(**kwargs):
 class NumpySoap:
   """Float64 SOAP of one matrix (``rotate_right=False``: identity basis on the right)."""
 
-  def __init__(self, shape, reproject=True, rotate_right=True):
+  def __init__(self, shape, reproject=True, rotate_right=True, project_nu=True):
     m, n = shape
     self.sides = [np.eye(m), np.eye(n) if rotate_right else None]  # eigenvectors as rows
     self.eigvals = [np.zeros(m), np.zeros(n) if rotate_right else None]
     self.mu, self.nu = np.zeros(shape), np.zeros(shape)
-    self.t, self.reproject = 0, reproject
+    self.t, self.reproject, self.project_nu = 0, reproject, project_nu
 
   def _forward(self, x, rows):
     left, right = rows
@@ -95,6 +96,8 @@ class NumpySoap:
         left = self.sides[0] @ old[0].T
         right = None if self.sides[1] is None else self.sides[1] @ old[1].T
         self.mu = self._forward(self.mu, (left, right))
+        if self.project_nu:  # v <- (C_L∘C_L) v (C_R∘C_R)ᵀ (v was permuted with the sort above)
+          self.nu = self._forward(self.nu, (left**2, None if right is None else right**2))
       else:  # the bug of some reimplementations: m stays in the old basis's coordinates
         pass
     return out
@@ -114,9 +117,10 @@ class NumpyAdam:
     return np.sqrt(1 - B2**s) / (1 - B1**s) * self.mu / (np.sqrt(self.nu) + EPS)
 
 
-def _numpy_updates(reproject=True):
+def _numpy_updates(reproject=True, project_nu=True):
   params = _params()
-  refs = {"w": NumpySoap((8, 8), reproject), "wide": NumpySoap((6, 24), reproject, rotate_right=False),
+  refs = {"w": NumpySoap((8, 8), reproject, project_nu=project_nu),
+          "wide": NumpySoap((6, 24), reproject, rotate_right=False, project_nu=project_nu),
           "b": NumpyAdam((5,))}
   history = []
   for step in range(STEPS):
@@ -178,6 +182,17 @@ def test_first_moment_reprojection_is_exercised(fp32_run, numpy_history):
   np.testing.assert_allclose(last, numpy_history[-1]["w"], rtol=1e-3, atol=1e-5)
   gap = np.linalg.norm(stale[-1]["w"] - numpy_history[-1]["w"]) / np.linalg.norm(numpy_history[-1]["w"])
   assert gap > 0.05
+
+
+def test_second_moment_projection_matches_reference_either_way(numpy_history):
+  """project_nu=False (v only permuted, as the SOAP reference) also equals its numpy reference, and differs."""
+  kept = _numpy_updates(project_nu=False)
+  run = _run(_soap(state_format="fp32", project_nu=False))
+  for step, ((updates, _), expected) in enumerate(zip(run, kept)):
+    np.testing.assert_allclose(np.asarray(updates["w"]), expected["w"], rtol=1e-3, atol=1e-5,
+                               err_msg=f"step {step + 1}")
+  gap = np.linalg.norm(kept[-1]["w"] - numpy_history[-1]["w"]) / np.linalg.norm(numpy_history[-1]["w"])
+  assert gap > 0.01
 
 
 def test_eigen_format_stores_4bit_eigenvectors_and_stays_close(eigen_run, fp32_run):
