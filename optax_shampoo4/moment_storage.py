@@ -131,10 +131,13 @@ def _encode(normalized: jax.Array, mapping: str, bits: int, key: jax.Array | Non
   between the two neighbouring codes, unbiased inside the codebook's range.
   """
   table = _table(mapping, bits)
+  # compare_all builds a [..., 2**bits] comparison: fine for 16 codes, ~60x slower than a binary search for 256
+  # on XLA:CPU (measured: 550 vs 9 ms for 0.5M values), as in quantization.quantize.
+  method = "compare_all" if bits <= 4 else "scan"
   if key is None:
-    index = jnp.searchsorted(jnp.asarray((table[1:] + table[:-1]) / 2.0), normalized, method="compare_all")
+    index = jnp.searchsorted(jnp.asarray((table[1:] + table[:-1]) / 2.0), normalized, method=method)
   else:
-    upper = jnp.clip(jnp.searchsorted(jnp.asarray(table), normalized, side="right", method="compare_all"),
+    upper = jnp.clip(jnp.searchsorted(jnp.asarray(table), normalized, side="right", method=method),
                      1, table.size - 1)
     low_value, high_value = jnp.asarray(table)[upper - 1], jnp.asarray(table)[upper]
     p_upper = jnp.clip((normalized - low_value) / (high_value - low_value), 0.0, 1.0)
