@@ -59,7 +59,7 @@ SHAMPOO_VARIANTS = {
     "shampoo4_adaptive": {"refresh_method": "adaptive"},
     "shampoo8": {"bits": 8},  # 8-bit eigenvectors, default refresh
     "shampoo8_eigh": {"bits": 8, "refresh_method": "eigh"},
-    "shampoo8_tol3": {"bits": 8, "refresh_tol": 1e-3},
+    "shampoo8_tol2": {"bits": 8, "refresh_tol": 1e-2},  # the adaptive tolerance before it was set to 1e-3
     "shampoo3": {"bits": 3},  # 3-bit eigenvectors, default refresh
     "shampoo4_caspr": {"combine": "caspr"},  # CASPR's combination of the 4-bit roots
     "naive4_jorge": {"state_format": "naive", "root_method": "jorge"},  # Jorge: 4-bit roots, no statistic
@@ -74,7 +74,14 @@ def optimizer_names(base: str, variants=DEFAULT_VARIANTS) -> tuple[str, ...]:
 
 
 # SOAP variant -> (state_format, bits) of s4.soap4.
-SOAP_FORMATS = {"soap32": ("fp32", None), "soap8": ("eigen", 8), "soap4": ("eigen", 4)}
+SOAP_FORMATS = {
+    "soap32": {"state_format": "fp32"},
+    "soap8": {"bits": 8},
+    "soap4": {"bits": 4},
+    "soap4_bjorck22": {"bits": 4, "bjorck_steps": (2, 2)},  # two Björck steps before refreshes and each rotation
+    "soap4_bjorck10": {"bits": 4, "bjorck_steps": (1, 0)},  # no per-step Björck
+    "soap8_keepnu": {"bits": 8, "project_nu": False},  # v only permuted at a refresh, as the SOAP reference
+}
 OPTIMIZERS = optimizer_names("adamw", SHAMPOO_VARIANTS) + optimizer_names("sgdm", SHAMPOO_VARIANTS)
 # Name suffix -> moment_bits (quantized first-order moments); no suffix: float32 moments.
 MOMENT_SUFFIXES = {"_m8": 8, "_m4": 4}
@@ -143,9 +150,8 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, weight_deca
   """
   name, moment_bits = split_moment_bits(name)
   if name in SOAP_FORMATS:
-    state_format, bits = SOAP_FORMATS[name]
-    return s4.soap4(learning_rate, weight_decay=weight_decay, state_format=state_format, bits=bits,
-                    min_quant_order=min_quant_order, max_order=max_order)
+    return s4.soap4(learning_rate, weight_decay=weight_decay, min_quant_order=min_quant_order,
+                    max_order=max_order, **SOAP_FORMATS[name])
   base, _, variant = name.partition("+")
   if base not in BASES or (variant and variant not in SHAMPOO_VARIANTS):
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")

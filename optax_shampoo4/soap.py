@@ -271,9 +271,8 @@ def scale_by_soap4(
     if moment_bits is None:
       zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
       return ScaleBySoap4State(zero, buckets, zeros, zeros, zero, zero, zero)
-    shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.float32), params)
-    mu, mu_scales = moment_storage.init_moment_trees(shapes, moment_bits, "first")
-    nu, nu_scales = moment_storage.init_moment_trees(shapes, moment_bits, "second")
+    mu, mu_scales = moment_storage.init_moment_trees(params, moment_bits, "first")
+    nu, nu_scales = moment_storage.init_moment_trees(params, moment_bits, "second")
     return ScaleBySoap4State(zero, buckets, mu, nu, zero, zero, zero, mu_scales, nu_scales)
 
   def update_fn(updates, state, params=None, **extra_args):
