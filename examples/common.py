@@ -77,7 +77,8 @@ def optimizer_names(base: str, variants=DEFAULT_VARIANTS) -> tuple[str, ...]:
 SOAP_FORMATS = {
     "soap32": {"state_format": "fp32"},
     "soap8": {"bits": 8},
-    "soap4": {"bits": 4},
+    "soap4": {"bits": 4},  # the default: 1/16 of each basis (largest eigenvalues) in 8 bits
+    "soap4_nohead": {"bits": 4, "head_fraction": 0.0},  # every basis row in 4 bits
     "soap4_bjorck22": {"bits": 4, "bjorck_steps": (2, 2)},  # two Björck steps before refreshes and each rotation
     "soap4_bjorck10": {"bits": 4, "bjorck_steps": (1, 0)},  # no per-step Björck
     "soap8_keepnu": {"bits": 8, "project_nu": False},  # v only permuted at a refresh, as the SOAP reference

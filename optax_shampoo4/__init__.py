@@ -8,7 +8,7 @@ from optax_shampoo4 import factors, grafting, linalg, moments, partition, quanti
 from optax_shampoo4.alias import adagrad_shampoo4, adamw_shampoo4, distributed_shampoo4, sgdm_shampoo4, soap4
 from optax_shampoo4.factors import EigenFactors, MatrixFactors
 from optax_shampoo4.memory import state_nbytes
-from optax_shampoo4.quantization import OffDiagQuantized, QuantizedArray
+from optax_shampoo4.quantization import OffDiagQuantized, QuantizedArray, SplitRowsQuantized
 from optax_shampoo4.sharding import state_sharding
 from optax_shampoo4.soap import ScaleBySoap4State, scale_by_soap4
 from optax_shampoo4.transform import ScaleByShampoo4State, scale_by_shampoo4
@@ -22,6 +22,7 @@ __all__ = [
     "QuantizedArray",
     "ScaleByShampoo4State",
     "ScaleBySoap4State",
+    "SplitRowsQuantized",
     "adagrad_shampoo4",
     "adamw_shampoo4",
     "distributed_shampoo4",

@@ -391,6 +391,7 @@ def soap4(
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
     project_nu: bool = True,
+    head_fraction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SOAP with a 4-bit eigenbasis, decoupled weight decay and a learning rate.
 
@@ -408,7 +409,7 @@ def soap4(
     mask: which parameters get weight decay (tree of bools or a callable).
     shampoo_beta, precondition_every, max_order, max_precond_dim,
       state_format, bits, mapping, quant_block, min_quant_order,
-      bjorck_steps, mesh, mesh_axis, project_nu: keyword-only, passed to
+      bjorck_steps, mesh, mesh_axis, project_nu, head_fraction: keyword-only, passed to
       :func:`~optax_shampoo4.scale_by_soap4` (same defaults).
     moment_bits: keyword-only; None (float32), 8 or 4: bits of the stored
       Adam moments (see :func:`~optax_shampoo4.scale_by_soap4`).
@@ -427,7 +428,7 @@ def soap4(
                         max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format,
                         bits=bits, mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
                         bjorck_steps=bjorck_steps, mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits,
-                        project_nu=project_nu)
+                        project_nu=project_nu, head_fraction=head_fraction)
   validation.check_learning_rate(learning_rate)
   validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
   return optax.chain(

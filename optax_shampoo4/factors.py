@@ -25,6 +25,7 @@ accepted refreshes is returned so the transform can count failures.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple, Union
 
 import jax
@@ -38,7 +39,7 @@ ROOT_METHODS = ("eigen", "newton", "jorge")
 REFRESH_METHODS = ("qr", "eigh", "adaptive")
 
 # A square matrix in the state: dense f32, quantized rows, or f32 diag + quantized off-diagonal.
-StoredMatrix = Union[jax.Array, qz.QuantizedArray, qz.OffDiagQuantized]
+StoredMatrix = Union[jax.Array, qz.QuantizedArray, qz.OffDiagQuantized, qz.SplitRowsQuantized]
 
 
 class EigenFactors(NamedTuple):
@@ -110,6 +111,13 @@ class FactorConfig:
       the gradients never visit); a float or a traced array.
     sort_refreshed: with ``"qr"``, sort the refreshed columns by descending
       eigenvalue (False keeps their order, for SOAP's second moment).
+    head_fraction: with quantized ``"eigen"`` buckets, the fraction of each
+      factor's eigenvectors (the first rows: the largest eigenvalues) stored
+      in ``head_bits`` bits instead of ``bits``
+      (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`, rectified
+      head first by :func:`~optax_shampoo4.linalg.bjorck_head_first`); 0
+      stores every row in ``bits`` bits.
+    head_bits: bits of the head rows (8).
   """
 
   state_format: str = "eigen"
@@ -124,6 +132,21 @@ class FactorConfig:
   initial_eigh: bool = False
   jorge_damping: Any = 1e-6
   sort_refreshed: bool = True
+  head_fraction: float = 0.0
+  head_bits: int = 8
+
+  def head_rows(self, order: int) -> int:
+    """Eigenvectors of a quantized factor of this order stored in ``head_bits`` bits (0: none)."""
+    if self.head_fraction <= 0 or self.head_bits <= self.bits or order < 2:
+      return 0
+    return min(order - 1, max(1, math.ceil(order * self.head_fraction)))
+
+  def store_eigvecs(self, rows: jax.Array, quantized: bool) -> StoredMatrix:
+    """Encodes eigenvectors ``[..., n, n]`` (one a row, descending eigenvalues) for the state."""
+    head = self.head_rows(rows.shape[-1])
+    if quantized and head:
+      return qz.quantize_split_rows(rows, head, self.head_bits, self.mapping, self.bits, self.quant_block)
+    return self.store(rows, quantized, False)
 
   def store(self, matrix: jax.Array, quantized: bool, separate_diag: bool) -> StoredMatrix:
     """Encodes float32 ``[..., n, n]`` for the state."""
@@ -136,6 +159,8 @@ class FactorConfig:
 
 def load(stored: StoredMatrix) -> jax.Array:
   """Decodes a stored matrix to float32 ``[..., n, n]``."""
+  if isinstance(stored, qz.SplitRowsQuantized):
+    return qz.dequantize_split_rows(stored)
   if isinstance(stored, qz.OffDiagQuantized):
     return qz.dequantize_offdiag(stored)
   if isinstance(stored, qz.QuantizedArray):
@@ -145,7 +170,21 @@ def load(stored: StoredMatrix) -> jax.Array:
 
 def is_quantized(stored: StoredMatrix) -> bool:
   """Whether a stored matrix is quantized (else dense float32)."""
-  return isinstance(stored, (qz.QuantizedArray, qz.OffDiagQuantized))
+  return isinstance(stored, (qz.QuantizedArray, qz.OffDiagQuantized, qz.SplitRowsQuantized))
+
+
+def rectified(stored: StoredMatrix, steps: int) -> jax.Array:
+  """Stored eigenvectors (rows) dequantized and Björck-rectified; dense float32 ones as they are.
+
+  Split rows (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`) are
+  rectified head first (:func:`~optax_shampoo4.linalg.bjorck_head_first`).
+  """
+  rows = load(stored)
+  if isinstance(stored, qz.SplitRowsQuantized):
+    return linalg.bjorck_head_first(rows, stored.head.shape[-2], steps)
+  if is_quantized(stored):
+    return linalg.bjorck(rows, steps)
+  return rows
 
 
 def _all_finite(x: jax.Array) -> jax.Array:
@@ -175,7 +214,7 @@ def init_bucket(
   eps = jnp.asarray(epsilon, jnp.float32)
   if config.state_format == "eigen":
     eigvals = jnp.full((size, order), eps, jnp.float32)
-    return EigenFactors(config.store(eye, quantized, separate_diag=False), eigvals, root)
+    return EigenFactors(config.store_eigvecs(eye, quantized), eigvals, root)
   if config.root_method == "jorge":  # Jorge keeps the root only, no statistic.
     return MatrixFactors(None, root)
   return MatrixFactors(config.store(eps * eye, quantized, separate_diag=True), root)
@@ -202,10 +241,7 @@ def _jorge_stats(config: FactorConfig, bucket: MatrixFactors, grams: jax.Array,
 
 def _rectified_eigvecs(bucket: EigenFactors, steps: int) -> jax.Array:
   """Dequantized eigenvectors (rows), Björck-rectified only if quantized."""
-  rows = load(bucket.eigvecs)
-  if is_quantized(bucket.eigvecs):
-    rows = linalg.bjorck(rows, steps)
-  return rows
+  return rectified(bucket.eigvecs, steps)
 
 
 def _is_identity(rows: jax.Array) -> jax.Array:
@@ -271,7 +307,7 @@ def update_stats(
     stat = stat + (1.0 - beta) * grams
     eigvecs, eigvals = refresh_eigenbasis(config, stat, cols)
     ok = _all_finite(eigvecs) & _all_finite(eigvals)
-    stored = config.store(linalg.transpose(eigvecs), is_quantized(bucket.eigvecs), False)
+    stored = config.store_eigvecs(linalg.transpose(eigvecs), is_quantized(bucket.eigvecs))
     new = EigenFactors(stored, eigvals, bucket.root)
   elif config.root_method == "jorge":
     return _jorge_stats(config, bucket, grams, beta)

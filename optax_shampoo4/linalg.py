@@ -68,6 +68,45 @@ def bjorck(v: jax.Array, steps: int = 1) -> jax.Array:
   return v
 
 
+def bjorck_head_first(v: jax.Array, head_rows: int, steps: int = 1) -> jax.Array:
+  """Björck on the first ``head_rows`` rows, then on the rest made orthogonal to them.
+
+  .. math::
+
+    H \\leftarrow \\mathrm{Björck}^{s}(H), \\quad
+    T \\leftarrow \\mathrm{Björck}^{s}(T - T H^\\top H)
+
+  for ``v = [H; T]`` (``H``: ``head_rows`` × n). Symmetric Björck spreads
+  each row's error over all rows; this block Gram–Schmidt order keeps the
+  head's (more precise) rows and removes their directions from the tail
+  exactly. For eigenvectors sorted by descending eigenvalue it stops the
+  (coarser) small-eigenvalue rows from picking up the dominant directions,
+  which would otherwise leak the largest eigenvalues into the smallest
+  coordinates. ``steps=0`` returns ``v`` unchanged.
+
+  Args:
+    v: ``[..., n, n]``, one vector a row.
+    head_rows: rows in the head, ``0 < head_rows < n`` (static).
+    steps: Björck iterations on each part (a static Python int >= 0).
+
+  Returns:
+    The rectified matrix, same shape.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_shampoo4 as s4
+    >>> v = jnp.array([[1.0, 0.0], [0.3, 1.0]])
+    >>> w = s4.linalg.bjorck_head_first(v, head_rows=1, steps=3)
+    >>> [[round(float(x), 6) for x in row] for row in w]  # the head row kept, the tail made orthogonal to it
+    [[1.0, 0.0], [0.0, 1.0]]
+  """
+  if steps == 0:
+    return v
+  head = bjorck(v[..., :head_rows, :], steps)
+  tail = v[..., head_rows:, :]
+  tail = tail - matmul(matmul(tail, transpose(head)), head)
+  return jnp.concatenate([head, bjorck(tail, steps)], axis=-2)
+
+
 def _q_one_at_a_time(m: jax.Array) -> jax.Array:
   # Unrolled, not lax.map: a while loop in the (untaken) refresh branch of the
   # step's lax.cond made every plain step slower on XLA:CPU (10.8 vs 7.0 ms, example-2 tree).

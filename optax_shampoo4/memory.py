@@ -62,6 +62,9 @@ def state_nbytes(state: Any) -> dict[str, int]:
     if isinstance(stored, qz.OffDiagQuantized):
       parts["diagonals"] += _nbytes(stored.diag)
       add_stored(stored.offdiag)
+    elif isinstance(stored, qz.SplitRowsQuantized):
+      add_stored(stored.head)
+      add_stored(stored.tail)
     elif isinstance(stored, qz.QuantizedArray):
       parts["quantized_codes"] += _nbytes(stored.codes)
       parts["quantized_scales"] += _nbytes(stored.scales)

@@ -347,3 +347,40 @@ def dequantize_offdiag(stored: OffDiagQuantized) -> jax.Array:
   offdiag = dequantize(stored.offdiag)
   n = offdiag.shape[-1]
   return jnp.where(jnp.eye(n, dtype=bool), stored.diag[..., None, :], offdiag)
+
+
+class SplitRowsQuantized(NamedTuple):
+  """A matrix whose first rows are stored in more bits than the rest.
+
+  For eigenvector matrices kept one eigenvector a row in descending eigenvalue
+  order: the ``head`` rows (largest eigenvalues) in ``head.bits`` bits, the
+  ``tail`` rows in ``tail.bits``. See :func:`quantize_split_rows`.
+  """
+
+  head: QuantizedArray  # rows [..., :r, :]
+  tail: QuantizedArray  # rows [..., r:, :]
+
+
+def quantize_split_rows(
+    m: jax.Array, head_rows: int, head_bits: int = 8, mapping: str = "linear2", bits: int = 4, block: int = 64
+) -> SplitRowsQuantized:
+  """Stores ``m`` ``[..., n, n]`` with rows ``[:head_rows]`` in ``head_bits`` bits, the rest in ``bits``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_shampoo4 as s4
+    >>> s = s4.quantization.quantize_split_rows(jnp.eye(4), head_rows=1, block=2)
+    >>> s.head.codes.shape, s.tail.codes.shape  # one row of 8-bit codes, three rows of packed 4-bit codes
+    ((1, 4), (3, 2))
+    >>> s4.quantization.dequantize_split_rows(s).tolist() == jnp.eye(4).tolist()
+    True
+  """
+  m = jnp.asarray(m, jnp.float32)
+  if m.ndim < 2 or not 0 < head_rows < m.shape[-2]:
+    raise ValueError(f"head_rows must be in (0, {m.shape[-2] if m.ndim >= 2 else 0}), got head_rows={head_rows!r}")
+  return SplitRowsQuantized(quantize(m[..., :head_rows, :], mapping, head_bits, block),
+                            quantize(m[..., head_rows:, :], mapping, bits, block))
+
+
+def dequantize_split_rows(stored: SplitRowsQuantized) -> jax.Array:
+  """The float32 matrix of a :class:`SplitRowsQuantized`."""
+  return jnp.concatenate([dequantize(stored.head), dequantize(stored.tail)], axis=-2)

@@ -199,7 +199,10 @@ def test_eigen_format_stores_4bit_eigenvectors_and_stays_close(eigen_run, fp32_r
   state = eigen_run[-1][1]
   bucket = state.factors["order8_q"]
   assert isinstance(bucket, s4.EigenFactors) and bucket.root is None
-  assert isinstance(bucket.eigvecs, s4.QuantizedArray) and bucket.eigvecs.bits == 4
+  # Order 8 with the default head_fraction 1/16: the first eigenvector in 8 bits, the other seven in 4.
+  assert isinstance(bucket.eigvecs, s4.SplitRowsQuantized)
+  assert (bucket.eigvecs.head.bits, bucket.eigvecs.head.shape[-2]) == (8, 1)
+  assert (bucket.eigvecs.tail.bits, bucket.eigvecs.tail.shape[-2]) == (4, 7)
   assert int(state.failed_refreshes) == 0
   # Stated bound (order 8, 4-bit blocks of 4, two refreshes): each step's update of the rotated
   # matrix within 30% (relative Frobenius) of the float32 format's, 15% on average over the steps
@@ -218,8 +221,8 @@ def test_eigen_format_stores_4bit_eigenvectors_and_stays_close(eigen_run, fp32_r
 def test_state_nbytes_reports_soap_parts(eigen_run):
   state = eigen_run[-1][1]
   nbytes = s4.state_nbytes(state)
-  # order 8, block 4: codes 8 x 4 bytes per factor, scales 8 x 2 floats, eigenvalues 8 floats.
-  assert nbytes["quantized_codes"] == 2 * 8 * 4
+  # order 8, block 4: codes 1 x 8 (8-bit head row) + 7 x 4 bytes per factor, scales 8 x 2 floats.
+  assert nbytes["quantized_codes"] == 2 * (1 * 8 + 7 * 4)
   assert nbytes["quantized_scales"] == 2 * 8 * 2 * 4
   assert nbytes["first_order"] == 2 * 4 * (64 + 6 * 24 + 5)
   assert nbytes["dense_factors"] == 6 * 6 * 4  # the order-6 left factor of "wide", float32
@@ -303,5 +306,5 @@ def test_orbax_round_trip_resumes_identically(tmp_path, eigen_soap):
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(tmp_path / "soap", jax.eval_shape(tx.init, params))
   chex.assert_trees_all_equal(restored, state)
-  assert type(restored.factors["order8_q"].eigvecs) is s4.QuantizedArray
+  assert type(restored.factors["order8_q"].eigvecs) is s4.SplitRowsQuantized
   chex.assert_trees_all_equal(update(_grads(4, params), restored, params)[0], history[4][0])
