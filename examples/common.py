@@ -245,6 +245,10 @@ def load_images(dataset: str = "auto", test_size: int | float = 0.2, split_seed:
   return dataset, x_train, y_train, x_test, y_test
 
 
+def _is_stored_codes(node: Any) -> bool:
+  return isinstance(node, (s4.QuantizedArray, s4.SplitRowsQuantized))
+
+
 def describe_shampoo_factors(opt_state: Any) -> str:
   """E.g. ``"4 x order 256 (4-bit), 1 x order 10 (fp32)"``; empty without Shampoo."""
   buckets = []
@@ -252,10 +256,12 @@ def describe_shampoo_factors(opt_state: Any) -> str:
     for bucket_name, bucket in node.factors.items():  # e.g. "order256_q", "order10_f32"
       order, kind = bucket_name.removeprefix("order").split("_")
       count = jax.tree.leaves(bucket)[0].shape[0]  # factors are stacked along axis 0
-      quantized = [leaf for leaf in jax.tree.leaves(bucket, is_leaf=lambda x: isinstance(x, s4.QuantizedArray))
-                   if isinstance(leaf, s4.QuantizedArray)]
-      bits = quantized[0].bits if quantized else 4
-      buckets.append((int(order), count, f"{bits}-bit" if kind == "q" else "fp32"))
+      stored = [leaf for leaf in jax.tree.leaves(bucket, is_leaf=_is_stored_codes) if _is_stored_codes(leaf)]
+      if stored and isinstance(stored[0], s4.SplitRowsQuantized):  # e.g. SOAP's 4-bit basis with 8-bit head rows
+        label = f"{stored[0].tail.bits}-bit, {stored[0].head.shape[-2]} rows {stored[0].head.bits}-bit"
+      else:
+        label = f"{stored[0].bits if stored else 4}-bit"
+      buckets.append((int(order), count, label if kind == "q" else "fp32"))
   return ", ".join(f"{c} x order {o} ({k})" for o, c, k in sorted(buckets, reverse=True))
 
 
