@@ -231,12 +231,14 @@ def _soap(state_format: str, **options):
 
 
 # SOAP rows: (state format, options). "soap4 no bjorck": the stored 4-bit basis used without the
-# per-step Björck step (bjorck_steps=(1, 0)); "soap4 m8": 8-bit Adam moments.
+# per-step Björck step (bjorck_steps=(1, 0)); "soap4 m8": 8-bit Adam moments; "soap4 no head": every
+# basis row in 4 bits (head_fraction=0).
 SOAP_VARIANTS = {
     "soap32": ("fp32", {}),
     "soap4": ("eigen", {}),
     "soap4 no bjorck": ("eigen", {"bjorck_steps": (1, 0)}),
     "soap4 m8": ("eigen", {"moment_bits": 8}),
+    "soap4 no head": ("eigen", {"head_fraction": 0.0}),
 }
 
 

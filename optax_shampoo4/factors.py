@@ -173,15 +173,16 @@ def is_quantized(stored: StoredMatrix) -> bool:
   return isinstance(stored, (qz.QuantizedArray, qz.OffDiagQuantized, qz.SplitRowsQuantized))
 
 
-def rectified(stored: StoredMatrix, steps: int) -> jax.Array:
+def rectified(stored: StoredMatrix, steps: int, tail_steps: int | None = None) -> jax.Array:
   """Stored eigenvectors (rows) dequantized and Björck-rectified; dense float32 ones as they are.
 
   Split rows (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`) are
-  rectified head first (:func:`~optax_shampoo4.linalg.bjorck_head_first`).
+  rectified head first (:func:`~optax_shampoo4.linalg.bjorck_head_first`,
+  ``tail_steps`` Björck steps on the tail; None: ``steps``).
   """
   rows = load(stored)
   if isinstance(stored, qz.SplitRowsQuantized):
-    return linalg.bjorck_head_first(rows, stored.head.shape[-2], steps)
+    return linalg.bjorck_head_first(rows, stored.head.shape[-2], steps, tail_steps)
   if is_quantized(stored):
     return linalg.bjorck(rows, steps)
   return rows

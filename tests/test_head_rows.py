@@ -66,6 +66,10 @@ def test_bjorck_head_first_matches_float64_block_gram_schmidt():
   batch = jnp.asarray(np.stack([v, v[::-1]]), jnp.float32)
   chex.assert_trees_all_close(la.bjorck_head_first(batch, head, 5)[0], got, atol=1e-6)
   np.testing.assert_array_equal(la.bjorck_head_first(batch, head, 0), batch)
+  # tail_steps=0 (SOAP's per-step rectification): the head rectified, the tail only projected.
+  projected = np.asarray(la.bjorck_head_first(jnp.asarray(v, jnp.float32), head, steps=5, tail_steps=0), np.float64)
+  np.testing.assert_allclose(projected, np.concatenate([h, t]), atol=2e-5)
+  np.testing.assert_allclose(projected[head:] @ projected[:head].T, 0.0, atol=2e-5)
 
 
 def _leak(rows, u, eigvals, coords):
