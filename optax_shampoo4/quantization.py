@@ -280,7 +280,10 @@ def quantize(
   normalized = blocks / safe[..., None]
   table = _codebook_numpy(mapping, bits)
   midpoints = jnp.asarray((table[1:] + table[:-1]) / 2.0)
-  method = "compare_all" if bits <= 4 else "scan"
+  # compare_all for up to 16 codes; for 256, an unrolled binary search: no while loop (one in an untaken
+  # refresh branch slows every step on XLA:CPU, see linalg.orthonormal_basis) and 2.3x faster than
+  # method="scan" (6.8 vs 15.4 ms for 1M values on 2 cores), 60x faster than compare_all.
+  method = "compare_all" if bits <= 4 else "scan_unrolled"
   codes = jnp.searchsorted(midpoints, normalized, method=method).astype(jnp.uint8)
   codes = codes.reshape(x.shape[:-1] + (n_blocks * block,))
   if bits == 4:
