@@ -190,7 +190,11 @@ def describe_shampoo_factors(opt_state) -> str:
       for bucket_name, bucket in node.factors.items():  # e.g. "order256_q", "order10_f32"
         order, kind = bucket_name.removeprefix("order").split("_")
         count = jax.tree.leaves(bucket)[0].shape[0]  # factors are stacked along axis 0
-        buckets.append((int(order), count, "4-bit" if kind == "q" else "fp32"))
+        label = "4-bit" if kind == "q" else "fp32"
+        eigvecs = getattr(bucket, "eigvecs", None)
+        if isinstance(eigvecs, s4.SplitRowsQuantized):  # SOAP: the largest-eigenvalue rows in 8 bits
+          label += f", {eigvecs.head.shape[-2]} rows 8-bit"
+        buckets.append((int(order), count, label))
   return ", ".join(f"{count} x order {order} ({kind})" for order, count, kind in sorted(buckets, reverse=True))
 
 
