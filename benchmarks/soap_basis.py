@@ -91,9 +91,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "soap_basis.json")
   args = parser.parse_args(argv)
   example = cnn_digits.parse_args([])
-  _, x_train, y_train, x_test, y_test = common.load_images(example.dataset, test_size=0.2)
-  mean, std = x_train.mean(), x_train.std()
-  x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+  _, x_train, y_train, x_test, y_test = cnn_digits.load_data(example.dataset)
   start = time.perf_counter()
   results: dict[str, dict[str, float]] = {name: {} for name in VARIANTS}
   for seed in args.seeds:

@@ -79,12 +79,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def load_data(dataset: str):
+  """``(dataset name, x_train, y_train, x_test, y_test)``, images standardized by the training set's mean and std."""
+  dataset, x_train, y_train, x_test, y_test = common.load_images(dataset, test_size=0.2)
+  mean, std = x_train.mean(), x_train.std()
+  return dataset, (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
   """Runs the comparison; returns ``{optimizer: results}`` (see :func:`common.train`)."""
   args = parse_args(argv)
-  dataset, x_train, y_train, x_test, y_test = common.load_images(args.dataset, test_size=0.2)
-  mean, std = x_train.mean(), x_train.std()
-  x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+  dataset, x_train, y_train, x_test, y_test = load_data(args.dataset)
   batches = common.minibatch_indices(len(x_train), args.batch_size, args.steps, args.seed)
   eval_every = args.eval_every or max(1, args.steps // 10)
   side = x_train.shape[1]
