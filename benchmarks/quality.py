@@ -373,6 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--reuse-all", action="store_true",
                       help="with --reuse-from: reuse every optimizer it holds (only when the library code is "
                            "unchanged since it was written)")
+  parser.add_argument("--retrain", nargs="+", default=[],
+                      help="with --reuse-from: optimizers trained again even where a run could be reused "
+                           "(e.g. --reuse-all --retrain soap4 soap8 after a change to the quantized SOAP)")
   parser.add_argument("--out-name", default="quality", help="the results are <out-dir>/<out-name>.json/.png")
   parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                       help="further flags passed to every example (e.g. --extra --epsilon 1e-6)")
@@ -416,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
             example, {}).get("lr_for", []))
         now = dict(e.partition("=")[::2] for e in soap_lr_flags[1:])
         old = {name: run for name, run in old.items() if earlier.get(name) == now.get(name)}
+      old = {name: run for name, run in old.items() if name not in args.retrain}
       to_train = [name for name in names if name not in old]
       argv_example = ["--seed", str(seed), "--out", str(out), "--optimizers", *to_train] + (
           ["--steps", str(args.steps)] if args.steps else []) + soap_lr_flags + args.extra

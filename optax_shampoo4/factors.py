@@ -284,7 +284,8 @@ def refresh_eigenbasis(
 
 
 def update_stats(
-    config: FactorConfig, bucket: Bucket, grams: jax.Array, beta: jax.Array
+    config: FactorConfig, bucket: Bucket, grams: jax.Array, beta: jax.Array,
+    row_order: jax.Array | None = None,
 ) -> tuple[Bucket, jax.Array]:
   """PU (paper Alg. 1) for every factor: fold ``grams`` ``[k, n, n]`` in.
 
@@ -292,19 +293,35 @@ def update_stats(
   :math:`A = \\beta V \\Lambda V^\\top + (1-\\beta) M`, then new
   eigenpairs of :math:`A` by ``config.refresh_method`` (the paper:
   :math:`P = \\mathrm{qr}(AV).Q`, :math:`\\lambda = \\mathrm{diag}(P^\\top A P)`),
-  sorted by descending eigenvalue; stores :math:`Q(P^\\top)`. The root is
-  left as it is (and may be ``None``, for users that keep no root). Other
-  formats: :math:`L = \\beta L + (1-\\beta)M`.
+  sorted by descending eigenvalue unless ``config.sort_refreshed`` is False;
+  stores :math:`Q(P^\\top)`. The root is left as it is (and may be ``None``,
+  for users that keep no root). Other formats: :math:`L = \\beta L + (1-\\beta)M`.
+
+  Args:
+    config: the factor settings.
+    bucket: the factors, stacked ``[k, ...]``.
+    grams: ``[k, n, n]``, this step's Gram matrices.
+    beta: EMA decay of the statistic.
+    row_order: ``"eigen"`` only, optional ``int[k, n]``: the eigenpairs
+      (rectified rows of :math:`V` and :math:`\\Lambda`) are reordered by it
+      before the refresh, so the refreshed columns come out in that order
+      (SOAP sorts this way). The permutation is applied to the decoded rows
+      and costs no extra decode and encode of the stored codes.
 
   Returns:
     The new bucket and ``bool[k]``: False where a factor's update was
-    rejected as non-finite (that factor keeps its previous value).
+    rejected as non-finite (that factor keeps its previous value, in its
+    previous order).
   """
   beta = jnp.asarray(beta, jnp.float32)
   if isinstance(bucket, EigenFactors):
     rows = _rectified_eigvecs(bucket, config.bjorck_steps[0])
+    eigvals = bucket.eigvals
+    if row_order is not None:
+      rows = jnp.take_along_axis(rows, row_order[:, :, None], axis=1)
+      eigvals = jnp.take_along_axis(eigvals, row_order, axis=1)
     cols = linalg.transpose(rows)
-    stat = beta * linalg.matmul(cols * bucket.eigvals[:, None, :], rows)
+    stat = beta * linalg.matmul(cols * eigvals[:, None, :], rows)
     stat = stat + (1.0 - beta) * grams
     eigvecs, eigvals = refresh_eigenbasis(config, stat, cols)
     ok = _all_finite(eigvecs) & _all_finite(eigvals)

@@ -336,11 +336,14 @@ def scale_by_soap4(
 
     def refresh(operand):
       buckets, mu, nu = operand
+      # Sorted by eigenvalue (descending) inside the refresh: the refreshed columns come out sorted, so
+      # the 8-bit head holds the largest eigenvalues' rows.
       order = {name: jnp.argsort(-b.eigvals, axis=-1) for name, b in buckets.items()}
-      buckets = {name: _permute_eigenpairs(b, order[name], config) for name, b in buckets.items()}
+      buckets, failures, accepted = factor_engine.refresh_stats(buckets, plan, matrices, beta_s, order)
       if not project_nu:
-        nu = [_permute(v, lp, order) if lp.preconditioned else v for v, lp in zip(nu, plan.leaves)]
-      buckets, failures = factor_engine.refresh_stats(buckets, plan, matrices, beta_s)
+        # A rejected factor kept its previous eigenpairs, in their previous order.
+        kept = {name: jnp.where(accepted[name][:, None], o, jnp.arange(o.shape[-1])) for name, o in order.items()}
+        nu = [_permute(v, lp, kept) if lp.preconditioned else v for v, lp in zip(nu, plan.leaves)]
       new_rows = bases(buckets)
       # C = Qₙₑ𝓌ᵀ Q_old per factor (rows are Qᵀ; the sort's permutation included): m is carried into the
       # new basis, m ← C_L m C_Rᵀ; with project_nu, v ← (C_L∘C_L) v (C_R∘C_R)ᵀ.
@@ -421,22 +424,3 @@ def _permute(matrix: jax.Array, leaf_plan: partition.LeafPlan, order: dict) -> j
     return block
 
   return engine.map_blocks(matrix, leaf_plan, permute_block)
-
-
-def _permute_eigenpairs(bucket: fct.EigenFactors, order: jax.Array, config: fct.FactorConfig) -> fct.EigenFactors:
-  """Eigenvalues and eigenvector rows reordered by ``order`` ``[k, n]``.
-
-  Exact on uniformly stored codes (whole rows move). Split rows
-  (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`) are decoded,
-  reordered and encoded again, so rows that move between the 8-bit head and
-  the 4-bit tail get that part's precision.
-  """
-
-  def take_rows(x):
-    return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
-
-  if isinstance(bucket.eigvecs, qz.SplitRowsQuantized):
-    eigvecs = config.store_eigvecs(take_rows(fct.load(bucket.eigvecs)), quantized=True)
-  else:
-    eigvecs = jax.tree.map(take_rows, bucket.eigvecs)
-  return bucket._replace(eigvecs=eigvecs, eigvals=take_rows(bucket.eigvals))

@@ -331,7 +331,7 @@ def scale_by_shampoo4(
 
     buckets, stats_failures = lax.cond(
         stats_due & grads_finite,
-        lambda b: factor_engine.refresh_stats(b, plan, matrices, beta32),
+        lambda b: factor_engine.refresh_stats(b, plan, matrices, beta32)[:2],
         engine.no_refresh, state.factors)
     root_due = _every(count, root_every)
     if start is not None:

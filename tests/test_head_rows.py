@@ -119,22 +119,58 @@ def test_soap_head_fraction_options():
       s4.soap4(head_fraction=bad)
 
 
-def test_permuting_split_rows_moves_rows_between_head_and_tail():
+def _eigen_bucket(config, u, eigvals, quantized):
+  return fct.EigenFactors(config.store_eigvecs(jnp.asarray(u, jnp.float32)[None], quantized),
+                          jnp.asarray(eigvals, jnp.float32)[None], None)
+
+
+def test_refresh_with_row_order_sorts_the_eigenpairs_before_the_qr_step():
+  # The statistic is exactly U diag(λ) Uᵀ with ascending λ; SOAP's refresh passes the descending order.
+  # One QR step from an exact eigenbasis returns that basis, so the refreshed rows must be U's rows
+  # reversed (float64 reference) and the eigenvalues descending.
   n = 32
+  rng = np.random.default_rng(3)
+  u = _haar(n, rng)  # rows are the eigenvectors
+  lam = np.arange(1.0, n + 1.0)
+  stat = u.T @ np.diag(lam) @ u
+  order = jnp.asarray(np.arange(n)[::-1].copy())[None]
+  dense = soap.soap_factor_config(4, "linear2", 8, (1, 1), head_fraction=1 / 8)
+  new, accepted = fct.update_stats(dense, _eigen_bucket(dense, u, lam, False), jnp.asarray(stat[None], jnp.float32),
+                                   0.5, row_order=order)
+  assert bool(accepted[0])
+  np.testing.assert_allclose(np.asarray(new.eigvals[0]), lam[::-1], rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(new.eigvecs[0]), u[::-1], atol=1e-4)
+  # Without the order the basis stays as it was (the check above is not vacuous).
+  same, _ = fct.update_stats(dense, _eigen_bucket(dense, u, lam, False), jnp.asarray(stat[None], jnp.float32), 0.5)
+  np.testing.assert_allclose(np.asarray(same.eigvecs[0]), u, atol=1e-4)
+
+  # Split storage: the rows of the largest eigenvalues, 4-bit before, come out as the 8-bit head.
+  new, _ = fct.update_stats(dense, _eigen_bucket(dense, u, lam, True), jnp.asarray(stat[None], jnp.float32), 0.5,
+                            row_order=order)
+  assert isinstance(new.eigvecs, s4.SplitRowsQuantized)
+  np.testing.assert_allclose(np.asarray(new.eigvals[0]), lam[::-1], rtol=0.05)
+  rows = np.asarray(fct.load(new.eigvecs)[0], np.float64)
+  head = new.eigvecs.head.shape[-2]
+  assert head == 4
+  # Up to sign each refreshed row is the eigenvector of its eigenvalue (one QR step from a 4-bit basis);
+  # the largest eigenvalues' rows, 4-bit before, are now the 8-bit head.
+  assert new.eigvecs.head.bits == 8 and new.eigvecs.tail.bits == 4
+  cos = np.abs(np.sum(rows * u[::-1], axis=1))
+  assert cos[:head].min() > 0.99 and cos[head:].min() > 0.95
+
+
+def test_rejected_refresh_keeps_the_eigenpairs_in_their_old_order():
+  n = 16
   config = soap.soap_factor_config(4, "linear2", 8, (1, 1), head_fraction=1 / 8)
-  u = _haar(n, np.random.default_rng(3)).astype(np.float32)
-  bucket = fct.EigenFactors(config.store_eigvecs(jnp.asarray(u)[None], True), jnp.arange(n, dtype=jnp.float32)[None],
-                            None)
-  order = jnp.argsort(-bucket.eigvals, axis=-1)  # reverses the rows: tail rows become the head
-  moved = soap._permute_eigenpairs(bucket, order, config)
-  assert isinstance(moved.eigvecs, s4.SplitRowsQuantized)
-  np.testing.assert_array_equal(moved.eigvals[0], np.arange(n)[::-1])
-  before, after = np.asarray(fct.load(bucket.eigvecs)[0]), np.asarray(fct.load(moved.eigvecs)[0])
-  # Rows re-encoded: 4-bit rows moved into the 8-bit head or kept in the tail keep their values exactly
-  # (their codes are values of the 8-bit codebook too), head rows moved into the tail get 4-bit precision.
-  np.testing.assert_allclose(after[:n - 4], before[::-1][:n - 4], atol=1e-6)
-  np.testing.assert_allclose(after[n - 4:], before[::-1][n - 4:], atol=0.06)
-  assert np.abs(after[n - 4:] - before[::-1][n - 4:]).max() > 1e-3
+  u = _haar(n, np.random.default_rng(5))
+  lam = np.arange(1.0, n + 1.0)
+  grams = np.full((1, n, n), np.nan, np.float32)
+  order = jnp.asarray(np.arange(n)[::-1].copy())[None]
+  new, accepted = fct.update_stats(config, _eigen_bucket(config, u, lam, False), jnp.asarray(grams), 0.5,
+                                   row_order=order)
+  assert not bool(accepted[0])
+  np.testing.assert_array_equal(np.asarray(new.eigvals[0]), lam)
+  np.testing.assert_allclose(np.asarray(new.eigvecs[0]), u, atol=1e-6)
 
 
 def test_soap_with_head_rows_runs_under_jit_and_stays_finite():
