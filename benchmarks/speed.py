@@ -72,6 +72,14 @@ Method
   diagonal put back), (b) the preconditioning ``L̂ G R̂`` products and grafting of all leaves from
   already-dense roots, (c) the whole ``scale_by_shampoo4`` non-refresh update, (d) AdamW alone.
 
+* **Scratch** (``scratch MiB``, ``plain_scratch_mib``): the temporary buffer XLA allocates at every
+  call of the plain program (``compiled.memory_analysis().temp_size_in_bytes``; it covers the
+  untaken refresh branch too). On CPU it comes from ``malloc``, and glibc serves requests above its
+  mmap threshold (at most 32 MiB) with a fresh mapping each call, page-faulted in as the step touches
+  it: a step whose scratch crosses 32 MiB pays for that on every call (4-bit SOAP's plain step was
+  17.6 vs 8.9 ms with ``MALLOC_MMAP_THRESHOLD_=1073741824`` at 49.6 MiB of scratch, before the
+  refreshes were sequenced bucket after bucket; see ``engine.after_previous``). The JSON records
+  any ``MALLOC_*`` variables set.
 * **OpenBLAS threads**: the script sets ``OPENBLAS_NUM_THREADS=1`` unless already set: jaxlib's
   CPU LAPACK (the QR of our eigen refresh) runs on scipy's OpenBLAS, whose own threads oversubscribe the cores
   next to XLA's pool (eigen statistics refresh 2-80 s a step instead of 0.34 s, tiny model, 2
@@ -345,13 +353,15 @@ def prepare_family(family: dict, params, grads_list, warmup: int) -> dict:
   warm_name = "full" if "full" in variants else "plain"
   with _quiet():
     state = variants[warm_name]().init(params)  # same state tree for every variant
-    compiled, compile_s = {}, {}
+    compiled, compile_s, scratch = {}, {}, {}
     for name, factory in variants.items():
       _progress(f"  compiling {name}")
       step = jax.jit(make_step(factory()))
       t0 = time.perf_counter()
       compiled[name] = step.lower(params, state, grads_list[0]).compile()
       compile_s[name] = time.perf_counter() - t0
+      analysis = compiled[name].memory_analysis()
+      scratch[name] = None if analysis is None else int(analysis.temp_size_in_bytes)
     _progress(f"  warm-up ({warm_name}, {warmup} steps)")
     for i in range(warmup):
       _, state = compiled[warm_name](params, state, grads_list[i % len(grads_list)])
@@ -362,7 +372,7 @@ def prepare_family(family: dict, params, grads_list, warmup: int) -> dict:
       bad = [x for x in jax.tree.leaves(out[0]) if not bool(jnp.all(jnp.isfinite(x)))]
       if bad:
         raise FloatingPointError(f"variant {name!r} produced non-finite parameters")
-  return {"state": state, "compiled": compiled, "compile_s": compile_s}
+  return {"state": state, "compiled": compiled, "compile_s": compile_s, "scratch_bytes": scratch}
 
 
 def time_interleaved(programs: dict, steps: int, repeats: int, budget_s: float = float("inf")) -> dict:
@@ -551,7 +561,7 @@ def profile_ours(params, grads_list, states: dict, steps: int, repeats: int, bud
 def print_table(rows: dict, compile_s: dict, errors: dict) -> None:
   print(f"\n{'optimizer':32s} {'compile s':>9s} {'plain ms':>9s} {'stats-refr. ms':>14s} "
         f"{'root-refr. ms':>13s} {'refresh step ms':>15s} {'amort. ms':>9s} {'plain/adamw':>11s} "
-        f"{'amort./adamw':>12s} {'refresh/adamw':>13s}")
+        f"{'amort./adamw':>12s} {'refresh/adamw':>13s} {'scratch MiB':>11s}")
 
   def f(x, fmt):
     width = int(fmt.split(".")[0])
@@ -563,7 +573,8 @@ def print_table(rows: dict, compile_s: dict, errors: dict) -> None:
           f"{f(r.get('refresh_stats_ms'), '14.2f')} {f(r.get('refresh_root_ms'), '13.2f')} "
           f"{f(r.get('refresh_step_ms'), '15.2f')} {f(r.get('amortized_ms'), '9.2f')} "
           f"{f(r['plain_vs_adamw'], '10.2f')}x {f(r.get('amortized_vs_adamw'), '11.2f')}x "
-          f"{f(r.get('refresh_step_vs_adamw'), '12.2f')}x".replace("-x", "- "))
+          f"{f(r.get('refresh_step_vs_adamw'), '12.2f')}x".replace("-x", "- ")
+          + f" {f(r.get('plain_scratch_mib'), '11.1f')}")
   for name, err in errors.items():
     print(f"{name:32s} FAILED: {err}")
   print(f"plain: a ({T1}, {T2}) step with no refresh; stats-/root-refr.: extra cost of a statistics "
@@ -677,6 +688,9 @@ def main(argv=None) -> dict:
            for name, p in prepared.items()}
   adamw_ms = times["adamw"]["plain"]["median_ms"]
   rows = {name: summarize(name, families[name], t, adamw_ms) for name, t in times.items()}
+  for name, p in prepared.items():  # XLA's per-call scratch of the plain program (see the module doc)
+    scratch_bytes = p["scratch_bytes"].get("plain")
+    rows[name]["plain_scratch_mib"] = None if scratch_bytes is None else scratch_bytes / 2**20
   compile_s = {name: p["compile_s"]["plain"] for name, p in prepared.items()}
   print_table(rows, compile_s, errors)
 
@@ -710,11 +724,13 @@ def main(argv=None) -> dict:
                       "machine": platform.machine(), "platform": platform.platform(),
                       "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
                       "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+                      "malloc": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                       "loadavg_before": load_before, "loadavg_after": load_after},
       "note": args.note,
       "method": __doc__.split("Method\n------\n", 1)[1],
       "rows": rows,
       "compile_s": {name: p["compile_s"] for name, p in prepared.items()},
+      "scratch_bytes": {name: p["scratch_bytes"] for name, p in prepared.items()},
       "times": times,
       "errors": errors,
       "profile": profile,

@@ -324,7 +324,7 @@ def after_previous(inputs: Any, done: Buckets) -> Any:
   glibc's mmap threshold (32 MiB) maps it afresh and page-faults it in at each
   step: on the speed benchmark's model this made 4-bit SOAP's *plain* step
   1.7x slower (49.6 MiB of scratch; 28.7 MiB in sequence). The dependence is
-  an exact ``+ 0·min(finite values of the previous result)`` on the float
+  an exact ``+ (−0)·|min(finite values of the previous result)|`` on the float
   leaves of ``inputs`` (optimization barriers are dropped before XLA:CPU
   schedules); integer leaves (codes) are left alone, their decoding waits
   for the float scales.
@@ -332,5 +332,6 @@ def after_previous(inputs: Any, done: Buckets) -> Any:
   if not done:
     return inputs
   previous = next(x for x in jax.tree.leaves(list(done.values())[-1]) if jnp.issubdtype(x.dtype, jnp.floating))
-  zero = 0.0 * jnp.min(jnp.where(jnp.isfinite(previous), previous, 0.0))
+  # -0.0 (x + -0.0 is x for every x, signed zeros included) that XLA cannot know to be constant.
+  zero = -0.0 * jnp.abs(jnp.min(jnp.where(jnp.isfinite(previous), previous, 0.0)))
   return jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, inputs)

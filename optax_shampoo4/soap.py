@@ -105,8 +105,8 @@ def _validate(b1, b2, eps, shampoo_beta, precondition_every, max_order, max_prec
 def soap_factor_config(bits: int, mapping: str, quant_block: int, bjorck_steps: tuple[int, int],
                        head_fraction: float = 0.0) -> fct.FactorConfig:
   """The factor settings of SOAP: the ``"eigen"`` format (new refresh options go here)."""
-  # No re-sort after the QR step: SOAP sorts (and permutes its second moment) before refreshing, and the
-  # refreshed columns must stay aligned with the second moment's coordinates.
+  # No re-sort after the QR step: SOAP sorts before the QR step (update_stats' row_order), and the
+  # refreshed columns must stay aligned with the carried moments' coordinates.
   return fct.FactorConfig("eigen", bits, mapping, quant_block, tuple(int(s) for s in bjorck_steps), "eigen",
                           sort_refreshed=False, head_fraction=float(head_fraction))
 
@@ -148,10 +148,12 @@ def scale_by_soap4(
   (``m``, ``v`` live in the rotated basis). Call 1 only builds the bases and
   returns a zero update (as the reference: the first gradient never
   preconditions itself). At call 1 and every ``precondition_every`` Adam
-  steps after it, *after* the step: the eigenvectors are sorted by
-  eigenvalue (descending, ``v`` permuted alike), the gradient's
+  steps after it, *after* the step: the gradient's
   :math:`G G^\\top` / :math:`G^\\top G` is folded in and the basis refreshed by
-  one warm-started QR step (:func:`~optax_shampoo4.factors.update_stats`:
+  one warm-started QR step, the eigenpairs sorted by descending eigenvalue
+  before it (:func:`~optax_shampoo4.factors.update_stats` with
+  ``row_order``, so the refreshed basis comes out sorted and the 8-bit
+  head of ``head_fraction`` holds the largest eigenvalues' rows:
   :math:`A = \\beta_s Q\\Lambda Q^\\top + (1-\\beta_s) G G^\\top`,
   :math:`Q \\leftarrow \\mathrm{qr}(A Q)`, :math:`\\lambda = \\mathrm{diag}(Q^\\top A Q)`),
   and ``m`` is re-projected, :math:`m \\leftarrow (Q_L'^\\top Q_L)\\, m\\,
