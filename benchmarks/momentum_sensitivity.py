@@ -13,6 +13,9 @@ This script separates "8 bits" from "any perturbation": per seed it trains
 * ``m8``: the library's 8-bit momentum (``moment_bits=8``) with its rounding stream and two others (the
   stochastic-rounding key folded with 1 and 2).
 
+``--lr`` sets SGDM's peak learning rate (the example's 0.1 spikes the loss above its initial value near the end
+of the warm-up; at 0.03 no minibatch loss exceeds the first), ``--runs`` a subset of the runs.
+
 For scale: 8-bit rounding errs by up to 3 % per value (the bound ``tests/test_moments.py`` checks), so
 ``noise 1e-2`` is a comparable perturbation and ``noise 1e-3`` a much smaller one. It prints per run the final training loss (mean minibatch loss over the last 30 steps, as the
 examples) and the largest minibatch loss, and writes JSON.

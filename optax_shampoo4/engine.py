@@ -111,8 +111,7 @@ class FactorEngine:
     real = _real_counts(plan)
     for key in plan.buckets:
       order = None if row_orders is None else row_orders[key.name]
-      bucket, bucket_grams = after_previous((buckets[key.name], grams[key]), new)
-      new[key.name], accepted[key.name] = update(bucket, bucket_grams, order, beta)
+      new[key.name], accepted[key.name] = update(after_previous(buckets[key.name], new), grams[key], order, beta)
       failures += jnp.sum(~accepted[key.name][:real[key.name]], dtype=jnp.int32)  # padding factors do not count
     return new, failures, accepted
 
@@ -322,16 +321,28 @@ def after_previous(inputs: Any, done: Buckets) -> Any:
   ``[k, n, n]`` float32 arrays each), not their maximum. XLA allocates that
   scratch at every call, untaken ``lax.cond`` branches included, and above
   glibc's mmap threshold (32 MiB) maps it afresh and page-faults it in at each
-  step: on the speed benchmark's model this made 4-bit SOAP's *plain* step
-  1.7x slower (49.6 MiB of scratch; 28.7 MiB in sequence). The dependence is
-  an exact ``+ (−0)·|min(finite values of the previous result)|`` on the float
-  leaves of ``inputs`` (optimization barriers are dropped before XLA:CPU
-  schedules); integer leaves (codes) are left alone, their decoding waits
-  for the float scales.
+  step: on the speed benchmark's model 4-bit SOAP's *plain* step had 49.6
+  MiB of scratch and took 16.9 ms, 28.4 MiB and 11.1 ms in sequence
+  (``benchmarks/speed.py``). Optimization barriers are dropped before XLA:CPU
+  schedules, so the dependence is data: ``+ z`` with
+  ``z = (-0)·|min(finite values of the previous result)|``, which XLA cannot
+  fold and which changes no value. It goes on the integer leaves (codes) where
+  there are any — their consumers are table lookups, so XLA fuses the float
+  arithmetic as it would without the dependence and results are bit-identical
+  (``tests/test_engine_schedule.py``) — else on the float leaves.
   """
   if not done:
     return inputs
   previous = next(x for x in jax.tree.leaves(list(done.values())[-1]) if jnp.issubdtype(x.dtype, jnp.floating))
   # -0.0 (x + -0.0 is x for every x, signed zeros included) that XLA cannot know to be constant.
   zero = -0.0 * jnp.abs(jnp.min(jnp.where(jnp.isfinite(previous), previous, 0.0)))
-  return jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, inputs)
+  leaves = jax.tree.leaves(inputs)
+  # Integer leaves (codes) where there are any: their consumers are table lookups, so XLA's fusion of the
+  # float arithmetic, hence its rounding, stays as without the dependence.
+  integer = any(jnp.issubdtype(x.dtype, jnp.integer) for x in leaves)
+  kind = jnp.integer if integer else jnp.floating
+
+  def gate(x):
+    return x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, kind) else x
+
+  return jax.tree.map(gate, inputs)
