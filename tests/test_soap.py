@@ -309,3 +309,29 @@ def test_orbax_round_trip_resumes_identically(tmp_path, eigen_soap):
   chex.assert_trees_all_equal(restored, state)
   assert type(restored.factors["order8_q"].eigvecs) is s4.SplitRowsQuantized
   chex.assert_trees_all_equal(update(_grads(4, params), restored, params)[0], history[4][0])
+
+
+def test_rejected_refresh_leaves_v_in_its_order_without_projection():
+  """project_nu=False permutes v with the sort only for factors whose refresh was accepted."""
+  tx = s4.scale_by_soap4(b2=0.9, precondition_every=1, state_format="fp32", project_nu=False)
+  params = {"w": jnp.zeros((8, 8))}
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  rng = np.random.default_rng(0)
+  scale = np.ones(8)
+  for heavy in (0, 5):  # the second refresh makes direction 5 dominant: the stored eigenvalues come out unsorted
+    scale[heavy] = 30.0
+    grads = {"w": jnp.asarray(rng.standard_normal((8, 8)) * scale[:, None], jnp.float32)}
+    _, state = step(grads, state, params)
+  (bucket,) = state.factors.values()
+  assert np.any(np.diff(np.asarray(bucket.eigvals), axis=-1) > 0)  # unsorted: the sort would move v
+  # Finite gradients whose Gram matrices overflow float32: both refreshes are rejected.
+  huge = {"w": jnp.asarray(rng.standard_normal((8, 8)) * 1e20, jnp.float32)}
+  _, after = step(huge, state, params)
+  assert int(after.failed_refreshes) == int(state.failed_refreshes) + 2
+  left, right = np.asarray(bucket.eigvecs, np.float64)  # rows of the (kept) left and right bases
+  rotated = left @ np.asarray(huge["w"], np.float64) @ right.T
+  expected = 0.9 * np.asarray(state.nu["w"], np.float64) + 0.1 * rotated**2
+  with np.errstate(over="ignore"):  # the squares overflow float32, as in the step
+    expected = expected.astype(np.float32)
+  np.testing.assert_allclose(np.asarray(after.nu["w"]), expected, rtol=1e-4)
