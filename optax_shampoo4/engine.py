@@ -85,7 +85,8 @@ class FactorEngine:
     return buckets
 
   def refresh_stats(self, buckets: Buckets, plan: partition.Plan, matrices: list, beta: jax.Array,
-                    row_orders: dict[str, jax.Array] | None = None) -> tuple[Buckets, jax.Array, Buckets]:
+                    row_orders: dict[str, jax.Array] | None = None
+                    ) -> tuple[Buckets, jax.Array, dict[str, jax.Array]]:
     """PU for every bucket: folds each block's Gram matrices into its factors.
 
     Args:
