@@ -76,8 +76,8 @@ Method
   call of the plain program (``compiled.memory_analysis().temp_size_in_bytes``; it covers the
   untaken refresh branch too). On CPU it comes from ``malloc``, and glibc serves requests above its
   mmap threshold (at most 32 MiB) with a fresh mapping each call, page-faulted in as the step touches
-  it: a step whose scratch crosses 32 MiB pays for that on every call (4-bit SOAP's plain step had
-  49.6 MiB of scratch and ran 2.7x 4-bit Shampoo's before the refreshes were sequenced bucket after
+  it: a step whose scratch crosses 32 MiB pays for that on every call (4-bit SOAP's plain step was
+  over 32 MiB and ran 2.7x 4-bit Shampoo's before the refreshes were sequenced bucket after
   bucket, see ``engine.after_previous``; ``MALLOC_MMAP_THRESHOLD_=1073741824`` in the environment
   raises the threshold). The JSON records any ``MALLOC_*`` variables set.
 * **OpenBLAS threads**: the script sets ``OPENBLAS_NUM_THREADS=1`` unless already set: jaxlib's

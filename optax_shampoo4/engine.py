@@ -312,7 +312,6 @@ def map_blocks(matrix: jax.Array, leaf_plan: partition.LeafPlan,
   return jnp.block(out_rows)
 
 
-
 def after_previous(inputs: Any, done: Buckets) -> Any:
   """``inputs`` unchanged, but scheduled after the last bucket refreshed in ``done``.
 
@@ -322,9 +321,9 @@ def after_previous(inputs: Any, done: Buckets) -> Any:
   ``[k, n, n]`` float32 arrays each), not their maximum. XLA allocates that
   scratch at every call, untaken ``lax.cond`` branches included, and above
   glibc's mmap threshold (32 MiB) maps it afresh and page-faults it in at each
-  step: on the speed benchmark's model 4-bit SOAP's *plain* step had 49.6
-  MiB of scratch and took 16.9 ms, 28.4 MiB and 11.1 ms in sequence
-  (``benchmarks/speed.py``). Optimization barriers are dropped before XLA:CPU
+  step: on the speed benchmark's model this took 4-bit SOAP's *plain* step
+  over 32 MiB and to 2.7x 4-bit Shampoo's; in sequence it has 28.4 MiB
+  (``benchmarks/speed.py``, ``scratch MiB``). Optimization barriers are dropped before XLA:CPU
   schedules, so the dependence is data: ``+ z`` with
   ``z = (-0)·|min(finite values of the previous result)|``, which XLA cannot
   fold and which changes no value. It goes on the integer leaves (codes) where

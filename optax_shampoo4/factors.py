@@ -180,9 +180,9 @@ def rectified(stored: StoredMatrix, steps: int, tail_steps: int | None = None) -
   rectified head first (:func:`~optax_shampoo4.linalg.bjorck_head_first`,
   ``tail_steps`` Björck steps on the tail; None: ``steps``).
   """
-  rows = load(stored)
   if isinstance(stored, qz.SplitRowsQuantized):
-    return linalg.bjorck_head_first(rows, stored.head.shape[-2], steps, tail_steps)
+    return linalg.bjorck_head_first_parts(qz.dequantize(stored.head), qz.dequantize(stored.tail), steps, tail_steps)
+  rows = load(stored)
   if is_quantized(stored):
     return linalg.bjorck(rows, steps)
   return rows

@@ -103,13 +103,24 @@ def bjorck_head_first(v: jax.Array, head_rows: int, steps: int = 1, tail_steps: 
     >>> [[round(float(x), 6) for x in row] for row in w]  # the head row kept, the tail made orthogonal to it
     [[1.0, 0.0], [0.0, 1.0]]
   """
-  tail_steps = steps if tail_steps is None else tail_steps
   if steps == 0:
     return v
-  head = bjorck(v[..., :head_rows, :], steps)
-  tail = v[..., head_rows:, :]
-  tail = tail - matmul(matmul(tail, transpose(head)), head)
-  return jnp.concatenate([head, bjorck(tail, tail_steps)], axis=-2)
+  return bjorck_head_first_parts(v[..., :head_rows, :], v[..., head_rows:, :], steps, tail_steps)
+
+
+def bjorck_head_first_parts(head: jax.Array, tail: jax.Array, steps: int = 1,
+                            tail_steps: int | None = None) -> jax.Array:
+  """:func:`bjorck_head_first` of ``[head; tail]`` given as its two row blocks (no split of a joined matrix).
+
+  For storage that keeps the parts apart
+  (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`): the result is
+  joined once, after the rectification.
+  """
+  tail_steps = steps if tail_steps is None else tail_steps
+  if steps > 0:
+    head = bjorck(head, steps)
+    tail = bjorck(tail - matmul(matmul(tail, transpose(head)), head), tail_steps)
+  return jnp.concatenate([head, tail], axis=-2)
 
 
 def _q_one_at_a_time(m: jax.Array) -> jax.Array:

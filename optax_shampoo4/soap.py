@@ -203,8 +203,9 @@ def scale_by_soap4(
       ``t1`` steps on both parts, and each step only rectifies the head
       (``t2`` steps) and projects it out of the 4-bit rows: their own Björck
       step would cost :math:`2n^3` per factor, most of the step, and is not
-      needed (cnn_digits, seeds 0–2, ``benchmarks/soap_basis.py``: −1.9 %
-      vs fp32 SOAP without it, −4.3 % with it).
+      needed (cnn_digits, seeds 0–2, ``benchmarks/soap_basis.py``, before
+      the sort moved into the refresh: −1.9 % vs fp32 SOAP without it,
+      −4.3 % with it).
     mesh: optional device mesh; the factor axis of each bucket is split over
       ``mesh_axis`` and refreshed under ``jax.shard_map`` (as
       :func:`~optax_shampoo4.scale_by_shampoo4`). Results do not depend on it.
@@ -235,7 +236,8 @@ def scale_by_soap4(
       and projecting them out of the rest removes their share of that leak
       (for eigenvalues :math:`\\propto i^{-2}`, order 128: about 95 % of it) for
       about 6 % more factor bytes at the default 1/16 (cnn_digits, seeds
-      0–2, ``benchmarks/soap_basis.py``: final loss vs fp32 SOAP +52.5 %
+      0–2, ``benchmarks/soap_basis.py``, before the sort moved into the
+      refresh: final loss vs fp32 SOAP +52.5 %
       with every row in 4 bits, −1.9 % with the 1/16 head, +39.8 % with the
       same head and symmetric Björck). 0 stores every row in 4 bits
       (static; None: 1/16).

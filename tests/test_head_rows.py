@@ -189,3 +189,14 @@ def test_soap_with_head_rows_runs_under_jit_and_stays_finite():
   # The stored bases stay nearly orthogonal: the 8-bit head rows within 8-bit error.
   rows = np.asarray(fct.rectified(soap_state.factors["order64_q"].eigvecs, 1)[0], np.float64)
   np.testing.assert_allclose(rows @ rows.T, np.eye(64), atol=0.05)
+
+
+@pytest.mark.parametrize("steps,tail_steps", [(0, None), (1, 0), (2, 1)])
+def test_head_first_on_parts_equals_head_first_on_the_joined_matrix(steps, tail_steps):
+  v = jnp.asarray(_haar(24, np.random.default_rng(7)) + 0.05 * np.random.default_rng(8).standard_normal((24, 24)),
+                  jnp.float32)
+  joined = la.bjorck_head_first(v, 3, steps, tail_steps)
+  parts = la.bjorck_head_first_parts(v[:3], v[3:], steps, tail_steps)
+  np.testing.assert_allclose(np.asarray(parts), np.asarray(joined), rtol=0, atol=1e-6)
+  if steps:
+    assert np.abs(np.asarray(joined) - np.asarray(v)).max() > 1e-3  # it did rectify
