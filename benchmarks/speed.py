@@ -229,6 +229,9 @@ OTHER_VARIANTS = {
     "ours eigen caspr": ("eigen", {"combine": "caspr"}),
     "ours eigen 3-bit": ("eigen", {"bits": 3}),
     "ours naive jorge": ("naive", {"root_method": "jorge"}),
+    # The memory headline's configurations: 8-bit Adam moments, with and without a stored root.
+    "ours eigen m8": ("eigen", {"moment_bits": 8}),
+    "ours eigen no root m8": ("eigen", {"store_root": False, "moment_bits": 8}),
 }
 
 
@@ -272,7 +275,11 @@ def _psgd_kron():
 
 def optimizer_families(skip_peers: bool, formats=("fp32", "naive", "eigen")) -> dict:
   """``{name: {"kind", "variants": {variant: () -> opt}, ...}}``; a variant may be missing."""
-  families = {"adamw": {"kind": "baseline", "variants": {"plain": lambda: optax.adamw(LR)}}}
+  families = {"adamw": {"kind": "baseline", "variants": {"plain": lambda: optax.adamw(LR)}},
+              # AdamW with 8-bit moments (s4.moments): the first-order cost of moment_bits=8.
+              "adamw m8": {"kind": "ours", "variants": {"plain": lambda: optax.chain(
+                  s4.moments.scale_by_adam(bits=8), optax.add_decayed_weights(1e-4),
+                  optax.scale_by_learning_rate(LR))}}}
   for fmt in formats:
     make = _ours(fmt)
     families[f"ours {fmt}"] = {"kind": "ours", "variants": {
