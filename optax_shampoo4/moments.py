@@ -25,8 +25,9 @@ and dtypes never change. The schemes (:data:`SCHEMES`):
   second moments round to the nearest code, whose noise would otherwise enter
   :math:`1/\sqrt{v}`. On an MLP on digits, 4-bit Adam's loss after 200 steps
   is 1.06x float32 Adam's with stochastic first moments and 1.89x with nearest
-  rounding. The random bits come from a key folded from the step count, so no
-  key lives in the state and runs are reproducible. See :data:`SCHEMES`.
+  rounding. The random bits are a counter-based hash of a key folded from the
+  step count and of each element's index (:func:`~optax_shampoo4.moment_storage.rounding_uniform`),
+  so no key lives in the state and runs are reproducible. See :data:`SCHEMES`.
 
 Tensors with fewer than :data:`MIN_QUANTIZED_SIZE` elements (biases, norms)
 stay float32: quantizing them saves little memory and costs a kernel launch each.
