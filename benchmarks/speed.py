@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.metadata
 import io
 import json
@@ -698,6 +699,14 @@ def main(argv=None) -> dict:
   for name, p in prepared.items():  # XLA's per-call scratch of the plain program (see the module doc)
     scratch_bytes = p["scratch_bytes"].get("plain")
     rows[name]["plain_scratch_mib"] = None if scratch_bytes is None else scratch_bytes / 2**20
+  # Release the timed executables before compiling more: each holds JIT code mappings, and the full run's
+  # 60-odd programs plus the sections below exceeded the kernel's map count (vm.max_map_count), which LLVM
+  # reports as "Cannot allocate memory".
+  del programs
+  for p in prepared.values():
+    p["compiled"].clear()
+  gc.collect()
+  jax.clear_caches()
   compile_s = {name: p["compile_s"]["plain"] for name, p in prepared.items()}
   print_table(rows, compile_s, errors)
 
