@@ -39,8 +39,8 @@ import numpy as np
 _LIMIT = 2.0  # values in [-_LIMIT, _LIMIT] get their own buckets
 _MAX_WINDOW = 2  # comparisons per element after the lookup
 _SIDES = ("left", "right")
-# Up to this many values, comparing against every one is faster on XLA:CPU than the lookup (measured for 15
-# and 255 values over 1M elements: 0.4 vs 1.3 ms, and 3.7 ms (binary search) vs 0.9 ms).
+# Up to this many values, comparing against every one is faster on XLA:CPU than the lookup (the 4-bit tables);
+# for the 8-bit ones the lookup is ~8x faster than a binary search (benchmarks/moment_store_parts.py).
 _COMPARE_ALL_MAX = 16
 
 
