@@ -72,18 +72,19 @@ def adamw_shampoo4(
   where :math:`\\tilde G` is the output of :func:`scale_by_shampoo4` and
   :math:`\\hat m, \\hat v` are bias-corrected (the paper's AdamW + Shampoo).
 
+  Keyword-only arguments ``max_order``, ``beta``, ``epsilon``, ``stats_every``, ``root_every``,
+  ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
+  ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
+  ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
+  ``start_preconditioning_step``, ``combine``, ``store_root``: passed to :func:`scale_by_shampoo4` (same
+  defaults).
+
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps: Adam's moment decays and denominator epsilon.
     weight_decay: decoupled weight decay :math:`\\lambda`.
     mask: which parameters get weight decay (tree of bools or a callable), as
       in :func:`optax.adamw`.
-    max_order, beta, epsilon, stats_every, root_every, state_format, bits,
-      mapping, quant_block, min_quant_order, bjorck_steps, root_method,
-      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, grafting,
-      grafting_eps, grafting_beta2, grafting_per_block,
-      start_preconditioning_step, combine, store_root: keyword-only, passed to
-      :func:`scale_by_shampoo4` (same defaults).
     moment_bits: keyword-only; None keeps the base optimizer's state in
       float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
 
@@ -153,18 +154,19 @@ def sgdm_shampoo4(
   The decay term is added after preconditioning, so it is not preconditioned
   (reference code ``ShampooSGD``).
 
+  Keyword-only arguments ``max_order``, ``beta``, ``epsilon``, ``stats_every``, ``root_every``,
+  ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
+  ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
+  ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
+  ``start_preconditioning_step``, ``combine``, ``store_root``: passed to :func:`scale_by_shampoo4` (same
+  defaults).
+
   Args:
     learning_rate: a float or an optax schedule.
     momentum: :math:`\\mu`.
     nesterov: use Nesterov momentum.
     weight_decay: coupled L2 coefficient :math:`\\lambda`.
     mask: which parameters get weight decay.
-    max_order, beta, epsilon, stats_every, root_every, state_format, bits,
-      mapping, quant_block, min_quant_order, bjorck_steps, root_method,
-      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, grafting,
-      grafting_eps, grafting_beta2, grafting_per_block,
-      start_preconditioning_step, combine, store_root: keyword-only, passed to
-      :func:`scale_by_shampoo4` (same defaults).
     moment_bits: keyword-only; None keeps the base optimizer's state in
       float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
 
@@ -219,16 +221,17 @@ def adagrad_shampoo4(
 ) -> optax.GradientTransformationExtraArgs:
   """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
 
+  Keyword-only arguments ``max_order``, ``beta``, ``epsilon``, ``stats_every``, ``root_every``,
+  ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
+  ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
+  ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
+  ``start_preconditioning_step``, ``combine``, ``store_root``: passed to :func:`scale_by_shampoo4` (same
+  defaults).
+
   Args:
     learning_rate: a float or an optax schedule.
     initial_accumulator_value: initial sum of squares.
     eps: added inside the square root.
-    max_order, beta, epsilon, stats_every, root_every, state_format, bits,
-      mapping, quant_block, min_quant_order, bjorck_steps, root_method,
-      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, grafting,
-      grafting_eps, grafting_beta2, grafting_per_block,
-      start_preconditioning_step, combine, store_root: keyword-only, passed to
-      :func:`scale_by_shampoo4` (same defaults).
     moment_bits: keyword-only; None keeps the base optimizer's state in
       float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
 
@@ -306,6 +309,12 @@ def distributed_shampoo4(
   ``use_bias_correction``, ``weight_decay_type=DECOUPLED``). With ``momentum=0``
   the last step is the identity.
 
+  Keyword-only arguments ``max_order``, ``beta``, ``epsilon``, ``stats_every``, ``root_every``,
+  ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
+  ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
+  ``store_root``: passed to :func:`scale_by_shampoo4`; here ``stats_every=10`` and ``root_every=100``
+  (Meta's AlgoPerf submission refreshed its roots every 100 steps).
+
   Args:
     learning_rate: a float or an optax schedule.
     b1: decay of the filtered gradient :math:`M` (Meta's ``betas[0]``); 0 turns
@@ -322,12 +331,6 @@ def distributed_shampoo4(
     start_preconditioning_step: :math:`t_0`; None means ``root_every`` (Meta's
       default: the precondition frequency).
     use_bias_correction: divide :math:`M` by :math:`1-b_1^t`.
-    max_order, beta, epsilon, stats_every, root_every, state_format, bits,
-      mapping, quant_block, min_quant_order, bjorck_steps, root_method,
-      refresh_method, qr_iterations, refresh_tol, mesh, mesh_axis, store_root:
-      keyword-only, passed to :func:`scale_by_shampoo4`; here
-      ``stats_every=10`` and ``root_every=100`` (Meta's AlgoPerf submission
-      refreshed its roots every 100 steps).
     moment_bits: keyword-only; None keeps the heavy-ball momentum in float32,
       8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`); the grafting
       accumulators inside :func:`scale_by_shampoo4` stay float32.
@@ -402,15 +405,16 @@ def soap4(
   reference's (lr 3e-3, betas 0.95, eps 1e-8, weight decay 0.01, a basis
   refresh every 10 steps).
 
+  Keyword-only arguments ``shampoo_beta``, ``precondition_every``, ``max_order``, ``max_precond_dim``,
+  ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``, ``mesh``,
+  ``mesh_axis``, ``project_nu``, ``head_fraction``: passed to :func:`~optax_shampoo4.scale_by_soap4` (same
+  defaults).
+
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps: Adam's moment decays and denominator epsilon.
     weight_decay: decoupled weight decay :math:`\\lambda`.
     mask: which parameters get weight decay (tree of bools or a callable).
-    shampoo_beta, precondition_every, max_order, max_precond_dim,
-      state_format, bits, mapping, quant_block, min_quant_order,
-      bjorck_steps, mesh, mesh_axis, project_nu, head_fraction: keyword-only, passed to
-      :func:`~optax_shampoo4.scale_by_soap4` (same defaults).
     moment_bits: keyword-only; None (float32), 8 or 4: bits of the stored
       Adam moments (see :func:`~optax_shampoo4.scale_by_soap4`).
 
