@@ -82,7 +82,8 @@ html_theme_options = {
     "use_download_button": False,
     "use_fullscreen_button": False,
 }
-html_static_path = []
+html_static_path = ["_static"]
+html_favicon = "_static/favicon.svg"
 html_last_updated_fmt = None
 
 # Notebooks (the repository's copies are the source of truth).
