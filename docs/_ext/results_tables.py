@@ -66,8 +66,8 @@ def quality_rows(runs, reference_suffix):
 
 
 def plot_quality(summary, path, title):
-  """Final training loss of every optimizer relative to each example's first optimizer (its baseline), with the
-  seeds' range as error bars."""
+  """Final training loss of every optimizer relative to each example's first optimizer (its baseline): the mean
+  over seeds as a dot, the seeds' range as error bars."""
   fig, axes = plt.subplots(1, len(EXAMPLES), figsize=(4.2 * len(EXAMPLES), 3.8))
   for ax, example in zip(axes, EXAMPLES):
     runs = summary.get(example, {})
@@ -78,12 +78,12 @@ def plot_quality(summary, path, title):
     means = [runs[n]["final_train_loss"]["mean"] / base for n in names]
     lows = [m - runs[n]["final_train_loss"]["min"] / base for m, n in zip(means, names)]
     highs = [runs[n]["final_train_loss"]["max"] / base - m for m, n in zip(means, names)]
-    ax.barh(range(len(names)), means, xerr=[lows, highs], color="tab:blue", alpha=0.8)
+    ax.errorbar(means, range(len(names)), xerr=[lows, highs], fmt="o", color="tab:blue", capsize=3)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(1.0, color="gray", lw=0.8)
     ax.set_title(example, fontsize=10)
-    ax.set_xlabel("final training loss / first row's")
+    ax.set_xlabel("final training loss / first row's mean")
   fig.suptitle(title, fontsize=11)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
