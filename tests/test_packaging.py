@@ -87,14 +87,16 @@ def test_distributions_carry_license_types_and_metadata(dists):
 
 def test_wheel_runs_the_quickstart_in_a_fresh_environment(dists, tmp_path):
   wheel, _ = dists
-  venv = tmp_path / "venv"
-  _run([sys.executable, "-m", "venv", str(venv)], timeout=300)
-  python = venv / "bin" / "python"
-  _run([str(python), "-m", "pip", "install", "--quiet", str(wheel)], timeout=1500)
+  # Outside the repository and without PYTHONPATH: neither pip nor Python may see the checkout (its metadata
+  # would make pip skip the wheel as "already satisfied").
+  env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
   workdir = tmp_path / "elsewhere"
   workdir.mkdir()
+  venv = tmp_path / "venv"
+  _run([sys.executable, "-m", "venv", str(venv)], cwd=workdir, env=env, timeout=300)
+  python = venv / "bin" / "python"
+  _run([str(python), "-m", "pip", "install", "--quiet", str(wheel)], cwd=workdir, env=env, timeout=1500)
   (workdir / "quickstart.py").write_text(QUICKSTART)
-  env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
   result = _run([str(python), "quickstart.py"], cwd=workdir, env=env, timeout=600)
   imported_from = result.stdout.split("imported from ", 1)[1].split("\n", 1)[0]
   assert str(venv) in imported_from and str(ROOT) not in imported_from, result.stdout
