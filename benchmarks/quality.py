@@ -194,7 +194,7 @@ def moment_targets(summary: dict[str, dict]) -> dict[str, dict]:
   out = {}
   for name in summary:
     variant = variants.parse(name)
-    reference_name = variant.float32_moments
+    reference_name = variants.with_moment_bits(name, None)
     if variant.moment_bits is None or reference_name not in summary:
       continue
     quantized, reference = (np.nan_to_num(np.array(summary[n]["final_train_loss"]["per_seed"]), nan=np.inf)

@@ -14,7 +14,7 @@ A name is built from three parts:
 
 :func:`parse` turns a name into a :class:`Variant` (and raises ``ValueError`` for anything else),
 :data:`NAMES` lists every name, :func:`make` builds the optimizer. :data:`LEGACY_NAMES` maps the row
-labels of earlier ``benchmarks/speed.py`` runs (``"ours eigen"``, ``"ours soap4 no head"``, ...), which
+labels of earlier ``benchmarks/speed.py`` and ``memory.py`` runs (``"ours eigen"``, ``"soap 4-bit (ours)"``, ...), which
 the result files in ``benchmarks/results/`` still hold, to these names.
 
 Example::
@@ -73,7 +73,7 @@ MOMENT_SUFFIXES = {"_m8": 8, "_m4": 4}
 # The Shampoo variants an example runs by default.
 DEFAULT_SHAMPOO = ("shampoo32", "naive4", "shampoo4")
 
-# Row labels of earlier benchmarks/speed.py runs (benchmarks/results/speed*.json) -> registry names.
+# Row labels of earlier benchmark runs (benchmarks/results/speed*.json, memory.json) -> registry names.
 LEGACY_NAMES = {
     "adamw m8": "adamw_m8",
     "ours fp32": "adamw+shampoo32",
@@ -95,6 +95,20 @@ LEGACY_NAMES = {
     "ours soap4 no bjorck": "soap4_bjorck10",
     "ours soap4 m8": "soap4_m8",
     "ours soap4 no head": "soap4_nohead",
+    # benchmarks/memory.py (memory.json): optimizers, moment-table families, SOAP table
+    "adamw+shampoo fp32": "adamw+shampoo32",
+    "adamw+shampoo naive 4-bit": "adamw+naive4",
+    "adamw+shampoo 4-bit (ours)": "adamw+shampoo4",
+    "adamw+shampoo 8-bit (ours)": "adamw+shampoo8",
+    "AdamW": "adamw",
+    "AdamW+4-bit Shampoo": "adamw+shampoo4",
+    "SGDM+4-bit Shampoo": "sgdm+shampoo4",
+    "AdamW+4-bit Shampoo, no root": "adamw+shampoo4_noroot",
+    "SGDM+4-bit Shampoo, no root": "sgdm+shampoo4_noroot",
+    "4-bit SOAP": "soap4",
+    "soap fp32": "soap32",
+    "soap 8-bit": "soap8",
+    "soap 4-bit (ours)": "soap4",
 }
 
 
@@ -128,10 +142,6 @@ class Variant(NamedTuple):
   def name(self) -> str:
     return format_name(self.base, self.preconditioner, self.moment_bits)
 
-  @property
-  def float32_moments(self) -> str:
-    """The name of the same variant with float32 moments."""
-    return format_name(self.base, self.preconditioner, None)
 
 
 def format_name(base: str | None, preconditioner: str | None, moment_bits: int | None) -> str:
@@ -164,6 +174,12 @@ def parse(name: str) -> Variant:
       f"unknown optimizer name={name!r}: want <base>[+<shampoo variant>][<moment suffix>] or "
       f"<soap variant>[<moment suffix>] with base in {BASES}, shampoo variant in {tuple(SHAMPOO_VARIANTS)}, "
       f"soap variant in {tuple(SOAP_VARIANTS)}, moment suffix in {tuple(MOMENT_SUFFIXES)}")
+
+
+def with_moment_bits(name: str, moment_bits: int | None) -> str:
+  """The same variant with other moments: ``("adamw+shampoo4_m8", None) -> "adamw+shampoo4"``."""
+  variant = parse(name)
+  return format_name(variant.base, variant.preconditioner, moment_bits)
 
 
 def canonical(name: str) -> str:

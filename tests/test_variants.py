@@ -52,7 +52,8 @@ def test_names_are_unique_and_round_trip():
     parsed = variants.parse(name)
     assert parsed.name == name == variants.canonical(name)
     assert variants.format_name(*parsed) == name
-    assert variants.parse(parsed.float32_moments).moment_bits is None
+    assert variants.parse(variants.with_moment_bits(name, None)).moment_bits is None
+    assert variants.with_moment_bits(variants.with_moment_bits(name, 4), parsed.moment_bits) == name
   # Every base x Shampoo variant, every SOAP variant, each with float32 and 8- / 4-bit moments.
   stems = len(variants.BASES) * (1 + len(variants.SHAMPOO_VARIANTS)) + len(variants.SOAP_VARIANTS)
   assert len(variants.NAMES) == stems * (1 + len(variants.MOMENT_SUFFIXES))
@@ -109,7 +110,8 @@ def test_program_comparison_sees_one_option():
 
 
 def test_result_files_use_registry_names():
-  """The committed results still read: quality runs by registry name, speed rows by registry or legacy label."""
+  """The committed results still read: quality runs by registry name, speed and memory rows by registry or legacy
+  label."""
   results = ROOT / "benchmarks" / "results"
   for path in results.glob("quality*.json"):
     for example, by_seed in json.loads(path.read_text())["runs"].items():
@@ -119,4 +121,7 @@ def test_result_files_use_registry_names():
     for row in json.loads(path.read_text())["rows"]:
       if row not in PEERS:
         variants.canonical(row)
+  for model in json.loads((results / "memory.json").read_text())["models"].values():
+    for row in [*model["states"], *model["moment_bits_vs_adamw"], *model.get("soap", {}).get("states", {})]:
+      variants.canonical(row)
   assert set(variants.LEGACY_NAMES.values()) <= set(variants.NAMES)
