@@ -48,40 +48,23 @@ import pathlib
 import sys
 
 import jax
-import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import optax_shampoo4 as s4  # noqa: E402
 from benchmarks.model_shapes import MODELS, PAPER_MAX_ORDER  # noqa: E402
 
-OPTIMIZERS = {
-    "adamw": lambda max_order: optax.adamw(1e-3),
-    "adamw+shampoo fp32": lambda max_order: s4.adamw_shampoo4(
-        1e-3, max_order=max_order, state_format="fp32"),
-    "adamw+shampoo naive 4-bit": lambda max_order: s4.adamw_shampoo4(
-        1e-3, max_order=max_order, state_format="naive"),
-    "adamw+shampoo 4-bit (ours)": lambda max_order: s4.adamw_shampoo4(1e-3, max_order=max_order),
-    "adamw+shampoo 8-bit (ours)": lambda max_order: s4.adamw_shampoo4(
-        1e-3, max_order=max_order, bits=8),
-}
-# Families x moment bits (None = fp32 moments), for the moment table.
-FAMILIES = {
-    "AdamW": lambda max_order, bits: optax.chain(
-        s4.moments.scale_by_adam(bits=bits), optax.add_decayed_weights(1e-4), optax.scale_by_learning_rate(1e-3)),
-    "AdamW+4-bit Shampoo": lambda max_order, bits: s4.adamw_shampoo4(
-        1e-3, max_order=max_order, moment_bits=bits),
-    "SGDM+4-bit Shampoo": lambda max_order, bits: s4.sgdm_shampoo4(
-        0.1, max_order=max_order, moment_bits=bits),
-    "AdamW+4-bit Shampoo, no root": lambda max_order, bits: s4.adamw_shampoo4(
-        1e-3, max_order=max_order, moment_bits=bits, store_root=False),
-    "SGDM+4-bit Shampoo, no root": lambda max_order, bits: s4.sgdm_shampoo4(
-        0.1, max_order=max_order, moment_bits=bits, store_root=False),
-    "4-bit SOAP": lambda max_order, bits: s4.soap4(moment_bits=bits),  # its own max order (1024)
-}
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+import variants  # noqa: E402  (examples/variants.py: the optimizer names)
+
+# The optimizers of the first table, by their names in examples/variants.py (earlier memory.json files use
+# other labels; variants.LEGACY_NAMES maps them).
+OPTIMIZERS = ("adamw", "adamw+shampoo32", "adamw+naive4", "adamw+shampoo4", "adamw+shampoo8")
+# Families x moment bits (None = fp32 moments), for the moment table; SOAP at its own max order (1024).
+FAMILIES = ("adamw", "adamw+shampoo4", "sgdm+shampoo4", "adamw+shampoo4_noroot", "sgdm+shampoo4_noroot", "soap4")
 MOMENT_BITS = (None, 8, 4)
-FP32 = "adamw+shampoo fp32"
-OURS = "adamw+shampoo 4-bit (ours)"
+FP32 = "adamw+shampoo32"
+OURS = "adamw+shampoo4"
 PAPER_RATIO = 32 / 4.5  # the paper's "≈ 7x" (App. G)
 MIB = 2.0**20
 
@@ -97,20 +80,24 @@ TABLE13 = {
 }
 
 
-SOAP_OPTIMIZERS = {
-    "adamw": lambda: optax.adamw(1e-3),
-    "soap fp32": lambda: s4.soap4(state_format="fp32"),
-    "soap 8-bit": lambda: s4.soap4(bits=8),
-    "soap 4-bit (ours)": lambda: s4.soap4(),
-}
-SOAP_OURS = "soap 4-bit (ours)"
+SOAP_OPTIMIZERS = ("adamw", "soap32", "soap8", "soap4")  # SOAP at its defaults (max order 1024)
+SOAP_OURS = "soap4"
+
+
+def make(name: str, max_order: int | None = None, moment_bits: int | None = None):
+  """The optimizer ``name`` (examples/variants.py) with ``moment_bits``; Shampoo at ``max_order``.
+
+  Learning rate and weight decay do not change the state's bytes.
+  """
+  shampoo = {} if max_order is None else {"max_order": max_order}
+  return variants.make(variants.with_moment_bits(name, moment_bits), 1e-3, 1e-4, shampoo=shampoo)
 
 
 def measure_soap(model: str) -> dict:
   """SOAP state bytes by part (``jax.eval_shape``) and the factor-state ratios."""
   params = MODELS[model]()
-  states = {name: s4.state_nbytes(jax.eval_shape(make().init, params)) for name, make in SOAP_OPTIMIZERS.items()}
-  fp32 = states["soap fp32"]
+  states = {name: s4.state_nbytes(jax.eval_shape(make(name).init, params)) for name in SOAP_OPTIMIZERS}
+  fp32 = states["soap32"]
   # The reference keeps L and Q_L dense in float32: twice our fp32 eigenvector bytes, no eigenvalues.
   reference_factors = 2 * fp32["dense_factors"]
   ratios = {}
@@ -142,8 +129,7 @@ def measure(model: str, max_order: int) -> dict:
   """State bytes by part for every optimizer on one model's parameter shapes."""
   params = MODELS[model]()
   n_params = int(sum(x.size for x in jax.tree.leaves(params)))
-  states = {name: s4.state_nbytes(jax.eval_shape(make(max_order).init, params))
-            for name, make in OPTIMIZERS.items()}
+  states = {name: s4.state_nbytes(jax.eval_shape(make(name, max_order).init, params)) for name in OPTIMIZERS}
   adamw, fp32 = states["adamw"]["total"], states[FP32]
   ratios = {}
   for name, parts in states.items():
@@ -154,9 +140,9 @@ def measure(model: str, max_order: int) -> dict:
         "fp32_precond_over_precond": fp32["preconditioner"] / pre if pre else None,
         "precond_bits_per_fp32_element": 32.0 * pre / fp32["preconditioner"] if pre else None,
     }
-  moments = {family: {str(bits): s4.state_nbytes(jax.eval_shape(make(max_order, bits).init, params))["total"] / adamw
-                      for bits in MOMENT_BITS}
-             for family, make in FAMILIES.items()}
+  moments = {family: {str(bits): s4.state_nbytes(jax.eval_shape(make(family, max_order, bits).init, params))["total"]
+                      / adamw for bits in MOMENT_BITS}
+             for family in FAMILIES}
   return {"params": n_params, "max_order": max_order, "states": states, "ratios": ratios,
           "moment_bits_vs_adamw": moments}
 
@@ -226,10 +212,10 @@ def paper_notes(results: dict) -> list[str]:
   comps = {m: r["ratios"][OURS]["fp32_precond_over_precond"] for m, r in results.items()}
   notes.append("Ours, fp32 / 4-bit preconditioner bytes: "
                + ", ".join(f"{m} {c:.2f}x" for m, c in comps.items()) + ".")
-  headline = {m: r["moment_bits_vs_adamw"]["AdamW+4-bit Shampoo"] for m, r in results.items()}
+  headline = {m: r["moment_bits_vs_adamw"]["adamw+shampoo4"] for m, r in results.items()}
   notes.append("AdamW + 4-bit Shampoo state / optax.adamw state with 8-bit (4-bit) moments: "
                + ", ".join(f"{m} {h['8']:.2f}x ({h['4']:.2f}x)" for m, h in headline.items()) + ".")
-  for family in ("AdamW+4-bit Shampoo, no root", "4-bit SOAP"):
+  for family in ("adamw+shampoo4_noroot", "soap4"):
     row = {m: r["moment_bits_vs_adamw"][family] for m, r in results.items()}
     notes.append(f"{family} / optax.adamw with 8-bit (4-bit) moments: "
                  + ", ".join(f"{m} {h['8']:.2f}x ({h['4']:.2f}x)" for m, h in row.items()) + ".")
@@ -237,7 +223,7 @@ def paper_notes(results: dict) -> list[str]:
     r = results["llama_7b"]
     st, n = r["states"], r["params"]
     ours, fp32 = st[OURS]["preconditioner"], st[FP32]["preconditioner"]
-    adam8 = r["moment_bits_vs_adamw"]["AdamW"]["8"] * st["adamw"]["total"]  # our 8-bit AdamW, measured
+    adam8 = r["moment_bits_vs_adamw"]["adamw"]["8"] * st["adamw"]["total"]  # our 8-bit AdamW, measured
     delta = TABLE13["8-bit AdamW + 4-bit Shampoo, batch 64"] - TABLE13["8-bit AdamW, batch 64"]
     notes += [
         f"Table 13 (LLaMA2-7B, max order 2048, A800 81,920 MB): 8-bit AdamW 60,135 MB at batch 64; "

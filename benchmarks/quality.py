@@ -45,16 +45,23 @@ reference next to its own SGDM and SGDM + 4-bit Shampoo rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import pathlib
 import platform
+import sys
 import time
 
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import common  # noqa: E402  (examples/common.py)
+import variants  # noqa: E402  (examples/variants.py: the optimizer names)
+
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "examples" / "outputs" / "quality"
 
@@ -68,8 +75,6 @@ EXAMPLES = {
 }
 RELATIVE_TOLERANCE = 0.02  # "4-bit within 2% of 32-bit"
 RELATIVE_TOLERANCE_8BIT = 0.01  # "8-bit within 1% of 32-bit"
-# Shampoo variants (suffixes of examples/common.py's optimizer names) run by default.
-DEFAULT_VARIANTS = ("shampoo32", "naive4", "shampoo4")
 # Optimizers whose results do not depend on the eigen format's settings: --reuse-from may take them
 # from an earlier quality.json with the same example settings instead of training them again.
 REUSABLE = ("", "shampoo32", "naive4")
@@ -87,21 +92,8 @@ SOAP_RUNS = {
 }
 
 
-def json_safe(tree):
-  """NaN / Inf (a diverged run) as null, so the JSON is standard."""
-  if isinstance(tree, dict):
-    return {str(key): json_safe(value) for key, value in tree.items()}
-  if isinstance(tree, (list, tuple)):
-    return [json_safe(value) for value in tree]
-  if isinstance(tree, (float, np.floating)):
-    return float(tree) if np.isfinite(tree) else None
-  if isinstance(tree, np.integer):
-    return int(tree)
-  return tree
-
-
 def null_to_nan(tree):
-  """Inverse of :func:`json_safe` for the per-run results (their only nulls are diverged losses)."""
+  """Inverse of ``common.json_safe`` for the per-run results (their only nulls are diverged losses)."""
   if isinstance(tree, dict):
     return {key: null_to_nan(value) for key, value in tree.items()}
   if isinstance(tree, list):
@@ -122,13 +114,10 @@ def roles(optimizers: list[str]) -> dict[str, str]:
   Roles: ``base`` (first order), ``fp32`` (32-bit Shampoo), ``naive`` (naive 4-bit), ``eigen`` (4-bit,
   library defaults), ``paper`` (4-bit with the paper's refresh, ``+shampoo4_qr``), ``eigen8`` (8-bit).
   """
-  base = next(name for name in optimizers if "+" not in name)
+  base = next(name for name in optimizers if variants.parse(name).family == "first_order")
   wanted = {"base": base, "fp32": f"{base}+shampoo32", "naive": f"{base}+naive4", "eigen": f"{base}+shampoo4",
             "paper": f"{base}+shampoo4_qr", "eigen8": f"{base}+shampoo8"}
   return {role: name for role, name in wanted.items() if name in optimizers}
-  """``{"base": "sgdm", "fp32": "sgdm+shampoo32", "naive": ..., "eigen": ...}``."""
-  base = next((name for name in optimizers if "+" not in name), optimizers[0])
-  return {"base": base, "fp32": f"{base}+shampoo32", "naive": f"{base}+naive4", "eigen": f"{base}+shampoo4"}
 
 
 def summarize(runs: dict[int, dict[str, dict]], metrics) -> dict[str, dict]:
@@ -196,18 +185,27 @@ def targets(runs: dict[int, dict[str, dict]], summary: dict[str, dict], metrics)
   ahead("eigen_ahead_of_naive4", "eigen", "naive")
   if "eigen_ahead_of_naive4" in out:
     out["eigen_ahead_of_naive4"]["naive4_diverged_seeds"] = int(np.sum(~np.isfinite(per_seed["naive"])))
-  for name in summary:  # quantized moments vs the same optimizer with float32 moments
-    for suffix in ("_m8", "_m4"):
-      fp32_name = name[: -len(suffix)]
-      if name.endswith(suffix) and fp32_name in summary:
-        quantized, reference = (np.nan_to_num(np.array(summary[n]["final_train_loss"]["per_seed"]), nan=np.inf)
-                                for n in (name, fp32_name))
-        out[f"{name}_vs_fp32_moments"] = {
-            "met": bool(suffix == "_m4" or quantized.mean() <= (1 + RELATIVE_TOLERANCE_8BIT) * reference.mean()),
-            "target": "within 1%" if suffix == "_m8" else "reported only",
-            "relative_gap": _gap(quantized.mean(), reference.mean()),
-            "per_seed_relative_gap": [_gap(a, b) for a, b in zip(quantized, reference)],
-        }
+  out.update(moment_targets(summary))
+  return out
+
+
+def moment_targets(summary: dict[str, dict]) -> dict[str, dict]:
+  """Each optimizer with quantized moments vs the same one with float32 moments: 8-bit within 1%, 4-bit reported."""
+  out = {}
+  for name in summary:
+    variant = variants.parse(name)
+    reference_name = variants.with_moment_bits(name, None)
+    if variant.moment_bits is None or reference_name not in summary:
+      continue
+    quantized, reference = (np.nan_to_num(np.array(summary[n]["final_train_loss"]["per_seed"]), nan=np.inf)
+                            for n in (name, reference_name))
+    eight_bit = variant.moment_bits == 8
+    out[f"{name}_vs_fp32_moments"] = {
+        "met": bool(not eight_bit or quantized.mean() <= (1 + RELATIVE_TOLERANCE_8BIT) * reference.mean()),
+        "target": "within 1%" if eight_bit else "reported only",
+        "relative_gap": _gap(quantized.mean(), reference.mean()),
+        "per_seed_relative_gap": [_gap(a, b) for a, b in zip(quantized, reference)],
+    }
   return out
 
 
@@ -232,10 +230,12 @@ def soap_targets(runs: dict[int, dict[str, dict]], summary: dict[str, dict], met
   return out
 
 
-def print_soap_targets(all_targets: dict[str, dict]) -> None:
-  def pct(gap):
-    return f"{gap:+.2%}" if np.isfinite(gap) else "n/a"
+def pct(gap: float) -> str:
+  """A relative gap as a signed percentage; ``n/a`` where a side diverged."""
+  return f"{gap:+.2%}" if np.isfinite(gap) else "n/a"
 
+
+def print_soap_targets(all_targets: dict[str, dict]) -> None:
   for example, t in all_targets.items():
     a = t["soap4_within_3pct_of_soap32"]
     parts = [f"4-bit vs 32-bit SOAP {pct(a['relative_gap'])} ({'met' if a['met'] else 'NOT met'})"]
@@ -272,9 +272,6 @@ def print_tables(summaries: dict[str, dict], all_targets: dict[str, dict], num_s
     print_soap_targets(all_targets)
     return
   for example, t in all_targets.items():
-    def pct(gap):
-      return f"{gap:+.2%}" if np.isfinite(gap) else "n/a"
-
     parts = []
     for target, entry in t.items():
       seeds = f", {entry['seeds_ahead']}/{entry['seeds']} seeds" if "seeds_ahead" in entry else ""
@@ -335,37 +332,15 @@ def plot(path: pathlib.Path, runs: dict[str, dict[int, dict]], settings: dict) -
   plt.close(fig)
 
 
-def _reusable_runs(previous, example: str, seed: int, names: list[str], base: str,
-                   reuse_all: bool = False) -> dict[str, dict]:
-  """The runs of ``names`` that ``previous`` (an earlier quality.json) holds and that may be reused.
-
-  Only the optimizers of :data:`REUSABLE` unless ``reuse_all`` (the earlier file was written by the
-  same code, e.g. a second pass adding rows to a first).
-  """
-  if previous is None:
-    return {}
-  held = previous.get("runs", {}).get(example, {}).get(str(seed), {})
-  allowed = {f"{base}+{variant}" if variant else base for variant in REUSABLE}
-  return {name: null_to_nan(held[name]) for name in names if (reuse_all or name in allowed) and name in held}
-
-
-def _same_settings(a: dict, b: dict) -> bool:
-  """Example settings equal up to the optimizer list, seed, output path and per-optimizer learning rates.
-
-  (A run is never reused for an optimizer that either side's ``--lr-for`` names, see :func:`main`.)
-  """
-  ignore = {"optimizers", "seed", "out", "lr_for"}
-  return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
-
-
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The flags, with the defaults that depend on ``--soap`` filled in and ``--variants`` checked."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   parser.add_argument("--steps", type=int, default=None, help="steps for every example (default: each example's own)")
   parser.add_argument("--examples", nargs="+", choices=list(EXAMPLES), default=list(EXAMPLES))
-  parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+  parser.add_argument("--variants", nargs="+", default=list(variants.DEFAULT_SHAMPOO),
                       help="Shampoo variants next to each example's first-order baseline, as suffixes of "
-                           "examples/common.py's names (e.g. shampoo32 shampoo4 shampoo4_qr shampoo8)")
+                           "examples/variants.py's names (e.g. shampoo32 shampoo4 shampoo4_qr shampoo8 shampoo4_m8)")
   parser.add_argument("--reuse-from", type=pathlib.Path, default=None,
                       help="an earlier quality.json: take the first-order, shampoo32 and naive4 runs of the "
                            "same seeds from it when its example settings match (they do not depend on the "
@@ -386,86 +361,159 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--from-runs", action="store_true",
                       help="no training: rebuild the table, JSON and PNG from the per-run files in --runs-dir")
   args = parser.parse_args(argv)
+  for name in [f"{BASES[example]}+{variant}" for example in args.examples for variant in args.variants]:
+    try:
+      variants.parse(name)
+    except ValueError as error:
+      parser.error(f"--variants: {error}")
   if args.runs_dir is None:
     args.runs_dir = RUNS.parent / "quality_soap" if args.soap else RUNS
   if args.soap and args.out_name == "quality":
     args.out_name = "quality_soap"
+  return args
 
-  import jax
 
-  start = time.perf_counter()
-  runs, summaries, all_targets, steps, configs = {}, {}, {}, {}, {}
+# ----------------------------------------------------------------------------- collecting the runs
+
+
+def example_optimizers(example: str, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+  """``(optimizer names, --lr-for flags)`` that ``example`` runs."""
+  if args.soap:
+    names, learning_rates = SOAP_RUNS[example]
+    return list(names), (["--lr-for", *learning_rates] if learning_rates else [])
+  return list(variants.optimizer_names(BASES[example], args.variants)), []
+
+
+def _learning_rates(lr_for: list[str]) -> dict[str, str]:
+  """``["soap4=3e-3", ...]`` -> ``{"soap4": "3e-3", ...}``."""
+  return dict(entry.partition("=")[::2] for entry in lr_for)
+
+
+def _registry_runs(held: dict[str, dict]) -> dict[str, dict]:
+  """An earlier file's runs by registry name: legacy spellings translated, names no longer registered left out."""
+  runs = {}
+  for name, run in held.items():
+    with contextlib.suppress(ValueError):
+      runs[variants.canonical(name)] = run
+  return runs
+
+
+def reusable_runs(previous: dict | None, example: str, seed: int, names: list[str], lr_flags: list[str],
+                  args: argparse.Namespace) -> dict[str, dict]:
+  """The runs of ``names`` that ``previous`` (an earlier quality.json) holds and that may be reused.
+
+  Only the optimizers of :data:`REUSABLE` unless ``--reuse-all`` (the earlier file was written by the same
+  code, e.g. a second pass adding rows to a first); never one that ``--retrain`` names, nor one that either
+  side's ``--lr-for`` gives a different learning rate.
+  """
+  if previous is None:
+    return {}
+  held = _registry_runs(previous.get("runs", {}).get(example, {}).get(str(seed), {}))
+  allowed = {f"{BASES[example]}+{variant}" if variant else BASES[example] for variant in REUSABLE}
+  earlier = _learning_rates(previous["settings"]["example_configs"].get(example, {}).get("lr_for", []))
+  now = _learning_rates(lr_flags[1:])
+  return {name: null_to_nan(held[name]) for name in names
+          if name in held and (args.reuse_all or name in allowed) and name not in args.retrain
+          and earlier.get(name) == now.get(name)}
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+  """Example settings equal up to the optimizer list, seed, output path and per-optimizer learning rates.
+
+  (A run is never reused for an optimizer that either side's ``--lr-for`` names, see :func:`reusable_runs`.)
+  """
+  ignore = {"optimizers", "seed", "out", "lr_for"}
+  return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+
+
+def run_seed(module, example: str, seed: int, names: list[str], lr_flags: list[str], previous: dict | None,
+             args: argparse.Namespace) -> tuple[dict[str, dict], dict, list[str]]:
+  """Trains (or reuses) every optimizer of ``example`` on one seed: ``(runs, example config, reused names)``."""
+  out = args.runs_dir / f"{example}_seed{seed}.json"
+  old = reusable_runs(previous, example, seed, names, lr_flags, args)
+  to_train = [name for name in names if name not in old]
+  argv = ["--seed", str(seed), "--out", str(out), "--optimizers", *to_train] + (
+      ["--steps", str(args.steps)] if args.steps else []) + lr_flags + args.extra
+  print(f"\n=== {example} seed {seed}: {' '.join(argv)}" + (f" (reusing {', '.join(old)})" if old else ""),
+        flush=True)
+  if to_train:
+    trained = module.main(argv)
+    config = json.loads(out.read_text())["config"]
+  else:  # everything reused: the earlier run's settings (same by construction)
+    trained, config = {}, dict(previous["settings"]["example_configs"][example])
+  if old and not _same_settings(previous["settings"]["example_configs"][example], config):
+    raise SystemExit(f"--reuse-from: {example}'s settings differ from the earlier run's; run without it")
+  return {name: old[name] if name in old else trained[name] for name in names}, config, list(old)
+
+
+def collect(args: argparse.Namespace) -> tuple[dict, dict, list[str]]:
+  """``(runs {example: {seed: {optimizer: results}}}, example configs, reused runs)``: trained, reused from
+  ``--reuse-from`` or, with ``--from-runs``, read back from the per-run files."""
+  runs, configs, reused = {}, {}, []
   previous = json.loads(args.reuse_from.read_text()) if args.reuse_from else None
-  reused = []
   for example in args.examples:
+    names, lr_flags = example_optimizers(example, args)
     module = None if args.from_runs else load_example(example)
     runs[example] = {}
-    base = BASES[example]
-    names = [base] + [f"{base}+{variant}" for variant in args.variants]
-    soap_lr_flags = []
-    if args.soap:
-      names, learning_rates = SOAP_RUNS[example]
-      soap_lr_flags = ["--lr-for", *learning_rates] if learning_rates else []
     for seed in args.seeds:
-      out = args.runs_dir / f"{example}_seed{seed}.json"
       if args.from_runs:
-        written = json.loads(out.read_text())
-        runs[example][seed] = null_to_nan(written["results"])
-        configs[example] = written["config"]
+        written = json.loads((args.runs_dir / f"{example}_seed{seed}.json").read_text())
+        runs[example][seed], configs[example] = null_to_nan(written["results"]), written["config"]
         continue
-      old = _reusable_runs(previous, example, seed, names, base, args.reuse_all)
-      if old:  # reuse a run only if --lr-for gave its optimizer the same learning rate (or none) both times
-        earlier = dict(e.partition("=")[::2] for e in previous["settings"]["example_configs"].get(
-            example, {}).get("lr_for", []))
-        now = dict(e.partition("=")[::2] for e in soap_lr_flags[1:])
-        old = {name: run for name, run in old.items() if earlier.get(name) == now.get(name)}
-      old = {name: run for name, run in old.items() if name not in args.retrain}
-      to_train = [name for name in names if name not in old]
-      argv_example = ["--seed", str(seed), "--out", str(out), "--optimizers", *to_train] + (
-          ["--steps", str(args.steps)] if args.steps else []) + soap_lr_flags + args.extra
-      print(f"\n=== {example} seed {seed}: {' '.join(argv_example)}"
-            + (f" (reusing {', '.join(old)})" if old else ""), flush=True)
-      if to_train:
-        trained = module.main(argv_example)
-        config = json.loads(out.read_text())["config"]
-      else:  # everything reused: the earlier run's settings (same by construction)
-        trained, config = {}, dict(previous["settings"]["example_configs"][example])
-      if old and not _same_settings(previous["settings"]["example_configs"][example], config):
-        raise SystemExit(f"--reuse-from: {example}'s settings differ from the earlier run's; run without it")
-      reused += [f"{example}/{seed}/{name}" for name in old]
-      runs[example][seed] = {name: (old[name] if name in old else trained[name]) for name in names}
+      runs[example][seed], config, old = run_seed(module, example, seed, names, lr_flags, previous, args)
       configs[example] = dict(config, optimizers=names)
-    steps[example] = configs[example]["steps"]
-    summaries[example] = summarize(runs[example], EXAMPLES[example])
-    all_targets[example] = (soap_targets if args.soap else targets)(runs[example], summaries[example],
-                                                                    EXAMPLES[example])
+      reused += [f"{example}/{seed}/{name}" for name in old]
+  return runs, configs, reused
 
-  settings = {
-      "seeds": args.seeds, "steps": steps,
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def run_settings(args: argparse.Namespace, runs: dict, configs: dict, reused: list[str],
+                 wall_time_s: float | None) -> dict:
+  """The ``settings`` entry of the JSON: seeds, steps, each example's flags, the machine, reuse."""
+  import jax
+
+  return {
+      "seeds": args.seeds, "steps": {example: config["steps"] for example, config in configs.items()},
       "steps_note": "each example's default steps" if args.steps is None else f"--steps {args.steps} for all",
       "extra_flags": args.extra,
       "example_configs": {e: {k: v for k, v in c.items() if k not in ("seed", "out")} for e, c in configs.items()},
       "final_train_loss": "mean minibatch loss over the last 10% of steps, same minibatches for every optimizer",
       "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, this process pinned to "
                  f"{len(os.sched_getaffinity(0))}; jax backend {jax.default_backend()}",
-      "total_wall_time_s": None if args.from_runs else time.perf_counter() - start,
+      "total_wall_time_s": wall_time_s,
       "sum_train_time_s": sum(r["train_time_s"] for by_seed in runs.values() for by_opt in by_seed.values()
                               for r in by_opt.values()),
       "rebuilt_from_runs": args.from_runs,
       "reused_runs": {"from": str(args.reuse_from.name) if args.reuse_from else None, "runs": reused},
   }
+
+
+def report(args: argparse.Namespace, runs: dict, settings: dict) -> dict:
+  """Summaries and targets per example; prints the tables, writes the JSON and the PNG; returns the JSON's dict."""
+  summaries = {example: summarize(by_seed, EXAMPLES[example]) for example, by_seed in runs.items()}
+  check = soap_targets if args.soap else targets
+  all_targets = {example: check(runs[example], summaries[example], EXAMPLES[example]) for example in runs}
   print()
   print_tables(summaries, all_targets, len(args.seeds))
   args.out_dir.mkdir(parents=True, exist_ok=True)
   result = {"settings": settings, "summary": summaries, "targets": all_targets,
-            "runs": {e: {str(s): {name: {k: v for k, v in r.items()} for name, r in by_opt.items()}
-                         for s, by_opt in by_seed.items()} for e, by_seed in runs.items()}}
+            "runs": {e: {str(s): dict(by_opt) for s, by_opt in by_seed.items()} for e, by_seed in runs.items()}}
   json_path, png_path = args.out_dir / f"{args.out_name}.json", args.out_dir / f"{args.out_name}.png"
-  json_path.write_text(json.dumps(json_safe(result), indent=1))
+  json_path.write_text(json.dumps(common.json_safe(result), indent=1))
   plot(png_path, runs, settings)
-  print(f"\nwrote {json_path} and {png_path}"
-        + ("" if args.from_runs else f" ({settings['total_wall_time_s'] / 60:.1f} min)"))
+  wall = settings["total_wall_time_s"]
+  print(f"\nwrote {json_path} and {png_path}" + ("" if wall is None else f" ({wall / 60:.1f} min)"))
   return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse_args(argv)
+  start = time.perf_counter()
+  runs, configs, reused = collect(args)
+  wall_time_s = None if args.from_runs else time.perf_counter() - start
+  return report(args, runs, run_settings(args, runs, configs, reused, wall_time_s))
 
 
 if __name__ == "__main__":

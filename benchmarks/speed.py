@@ -17,9 +17,10 @@ with random parameters and fixed random gradients. A second table times *whole t
 steps* (forward + backward + update) of example 2's model on real byte batches (``--train-batches``),
 because that is what a user waits for: the optimizer's share shrinks as the batch grows. Optimizers: ``optax.adamw`` (the baseline:
 every ratio is against its median step time), ours (``s4.adamw_shampoo4`` in the ``fp32``,
-``naive`` and ``eigen`` state formats, max order 1024 so no dimension is split; the eigen format
-also with each statistics-refresh method, see ``REFRESH_VARIANTS``: ``refresh_stats`` is then the
-cost of one refresh by that method and ``amortized`` its per-step cost at T1/T2 = 100/500), and the peers
+``naive`` and ``eigen`` state formats, rows ``adamw+shampoo32``, ``adamw+naive4``, ``adamw+shampoo4``:
+every row of ours is named as in ``examples/variants.py``; max order 1024 so no dimension is split;
+the eigen format also with each statistics-refresh method, see ``SHAMPOO_ROWS``: ``refresh_stats`` is
+then the cost of one refresh by that method and ``amortized`` its per-step cost at T1/T2 = 100/500), and the peers
 ``precondition.distributed_shampoo`` (fp32 and its int8/int16 ``best_effort_memory_usage_reduction``
 mode; block size 1024 = our max order; RMSProp-normalized grafting) and ``psgdax.kron``.
 
@@ -50,16 +51,18 @@ Method
   fired with probability ``p`` from a PRNG key in the state (fixed here): ``plain`` is ``p = 0``,
   ``full`` is ``p = 1``, and its amortized cost uses ``p = 1/100`` (one update per T1 steps, as
   often as our statistics refresh; psgdax's default schedule anneals ``p`` from 1 to 0.03).
-* **SOAP** (``ours soap32`` / ``ours soap4``: ``s4.soap4`` with a float32 / 4-bit eigenbasis, max
+* **SOAP** (``soap32`` / ``soap4``: ``s4.soap4`` with a float32 / 4-bit eigenbasis, max
   order 1024): ``plain`` has the basis-refresh interval 10 (SOAP's default; at counter 6 no refresh
   fires: rotate into the basis, Adam, rotate back), ``full`` refreshes every step (sort, fold the
   Gram matrices, one QR step, re-project the first moment); amortized as ``plain + (full -
-  plain) / 10``. Compare ``ours soap4`` plain with ``ours eigen`` plain (4-bit Shampoo's step).
-  Also ``ours soap4 no bjorck`` (the stored basis used without the per-step Björck iteration,
-  ``bjorck_steps=(1, 0)``) and ``ours soap4 m8`` (8-bit Adam moments), see ``SOAP_VARIANTS``.
-* **Other variants** (``OTHER_VARIANTS``, the same three programs): ``ours eigen no root``
-  (``store_root=False``: the root formed from the eigenpairs at every step), ``ours eigen caspr``,
-  ``ours eigen 3-bit`` and ``ours naive jorge`` (Jorge's root update at every statistics refresh).
+  plain) / 10``. Compare ``soap4`` plain with ``adamw+shampoo4`` plain (4-bit Shampoo's step).
+  Also ``soap4_bjorck10`` (the stored basis used without the per-step Björck iteration,
+  ``bjorck_steps=(1, 0)``), ``soap4_m8`` (8-bit Adam moments) and ``soap4_nohead``, see ``SOAP_ROWS``.
+* **Other variants** (``SHAMPOO_ROWS``, the same three programs): ``adamw+shampoo4_noroot``
+  (``store_root=False``: the root formed from the eigenpairs at every step), ``adamw+shampoo4_caspr``,
+  ``adamw+shampoo3`` and ``adamw+naive4_jorge`` (Jorge's root update at every statistics refresh).
+  Rows of earlier runs (``benchmarks/results/speed*.json``) carry the older labels (``ours eigen``,
+  ``ours soap4 no head``, ...); ``variants.LEGACY_NAMES`` maps them, and ``--only`` accepts them.
 * **Interleaving.** All compiled programs are timed round-robin: in each of ``--repeats`` rounds
   every program runs ``--steps`` calls (each call timed alone with ``block_until_ready``; fewer,
   but at least one, once its calls in that round took ``--budget`` seconds), the order rotating
@@ -123,6 +126,9 @@ import optax_shampoo4 as s4  # noqa: E402
 from optax_shampoo4 import factors as fct  # noqa: E402
 from optax_shampoo4 import partition  # noqa: E402
 from optax_shampoo4 import transform as s4_transform  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+import variants  # noqa: E402  (examples/variants.py: the optimizer names)
 
 HUGE = 2**30
 T1, T2 = 100, 500
@@ -204,54 +210,42 @@ def _peer_shim() -> None:
   _src.clipping = _clipping
 
 
-def _ours(state_format: str, **refresh):
+# Our rows by their names in examples/variants.py. The state formats (--formats picks among them):
+FORMATS = {"fp32": "adamw+shampoo32", "naive": "adamw+naive4", "eigen": "adamw+shampoo4"}
+# Further Shampoo rows, the same three programs: the eigen format's refresh methods (the paper's one QR step,
+# four QR steps, an exact eigh at every statistics update, and the adaptive rule at its two extremes: tolerance 0
+# decomposes at every update, its worst case; 1 always keeps the basis, its best case; the default tolerance lies
+# in between, data-dependent); no stored root (formed from the eigenpairs at every step); CASPR's combination;
+# 3-bit eigenvectors; Jorge's matmul-only root update (naive format: the 4-bit root is refreshed at every
+# statistics update, no decomposition, no Newton loop); and the memory headline's configurations, 8-bit Adam
+# moments with and without a stored root.
+SHAMPOO_ROWS = ("adamw+shampoo4_qr", "adamw+shampoo4_qr4", "adamw+shampoo4_eigh", "adamw+shampoo4_adaptive_tol0",
+                "adamw+shampoo4_adaptive_tol1", "adamw+shampoo4_noroot", "adamw+shampoo4_caspr", "adamw+shampoo3",
+                "adamw+naive4_jorge", "adamw+shampoo4_m8", "adamw+shampoo4_noroot_m8")
+# SOAP rows: float32 and 4-bit eigenbasis; the stored 4-bit basis used without the per-step Björck step
+# (bjorck_steps=(1, 0)); 8-bit Adam moments; every basis row in 4 bits (head_fraction=0).
+SOAP_ROWS = ("soap32", "soap4", "soap4_bjorck10", "soap4_m8", "soap4_nohead")
+PEERS = ("distributed_shampoo", "distributed_shampoo int8", "psgdax kron")
+WEIGHT_DECAY = 1e-4  # optax.adamw's and s4.adamw_shampoo4's default
+SOAP_WEIGHT_DECAY = 1e-2  # s4.soap4's default
+
+
+def _shampoo(name: str):
   def make(t1, t2):
-    return s4.adamw_shampoo4(LR, max_order=MAX_ORDER, state_format=state_format,
-                             stats_every=t1, root_every=t2, **refresh)
+    return variants.make(name, LR, WEIGHT_DECAY,
+                         shampoo={"max_order": MAX_ORDER, "stats_every": t1, "root_every": t2})
   return make
 
 
-# Refresh methods of the eigen format, timed next to the default ("ours eigen"):
-# the paper's one QR step, four QR steps, an exact eigh at every statistics update, and the
-# adaptive rule at its two extremes (tolerance 0: eigh at every update, its worst case; tolerance 1:
-# the basis is always kept, its best case; the default tolerance lies in between, data-dependent).
-REFRESH_VARIANTS = {
-    "ours eigen qr (paper)": {"refresh_method": "qr"},
-    "ours eigen qr x4": {"refresh_method": "qr", "qr_iterations": 4},
-    "ours eigen eigh": {"refresh_method": "eigh"},
-    "ours eigen adaptive tol=0": {"refresh_method": "adaptive", "refresh_tol": 0.0},
-    "ours eigen adaptive tol=1": {"refresh_method": "adaptive", "refresh_tol": 1.0},
-}
-# Other variants, same three programs: no stored root (formed from the eigenpairs at every step),
-# CASPR's combination, 3-bit eigenvectors, and Jorge's matmul-only root update (naive format: the
-# 4-bit root is refreshed at every statistics update, no decomposition, no Newton loop).
-OTHER_VARIANTS = {
-    "ours eigen no root": ("eigen", {"store_root": False}),
-    "ours eigen caspr": ("eigen", {"combine": "caspr"}),
-    "ours eigen 3-bit": ("eigen", {"bits": 3}),
-    "ours naive jorge": ("naive", {"root_method": "jorge"}),
-    # The memory headline's configurations: 8-bit Adam moments, with and without a stored root.
-    "ours eigen m8": ("eigen", {"moment_bits": 8}),
-    "ours eigen no root m8": ("eigen", {"store_root": False, "moment_bits": 8}),
-}
-
-
-def _soap(state_format: str, **options):
+def _soap(name: str):
   def make(every):
-    return s4.soap4(LR, max_order=MAX_ORDER, state_format=state_format, precondition_every=every, **options)
+    return variants.make(name, LR, SOAP_WEIGHT_DECAY, soap={"max_order": MAX_ORDER, "precondition_every": every})
   return make
 
 
-# SOAP rows: (state format, options). "soap4 no bjorck": the stored 4-bit basis used without the
-# per-step Björck step (bjorck_steps=(1, 0)); "soap4 m8": 8-bit Adam moments; "soap4 no head": every
-# basis row in 4 bits (head_fraction=0).
-SOAP_VARIANTS = {
-    "soap32": ("fp32", {}),
-    "soap4": ("eigen", {}),
-    "soap4 no bjorck": ("eigen", {"bjorck_steps": (1, 0)}),
-    "soap4 m8": ("eigen", {"moment_bits": 8}),
-    "soap4 no head": ("eigen", {"head_fraction": 0.0}),
-}
+def _refresh_programs(make) -> dict:
+  """The three programs of a (T1, T2) optimizer: no refresh, a statistics refresh, both refreshes."""
+  return {"plain": lambda: make(T1, T2), "stats": lambda: make(1, HUGE), "full": lambda: make(1, 1)}
 
 
 def _distributed_shampoo(int8: bool):
@@ -274,46 +268,38 @@ def _psgd_kron():
   return make
 
 
-def optimizer_families(skip_peers: bool, formats=("fp32", "naive", "eigen")) -> dict:
+def optimizer_families(skip_peers: bool, formats=tuple(FORMATS)) -> dict:
   """``{name: {"kind", "variants": {variant: () -> opt}, ...}}``; a variant may be missing."""
-  families = {"adamw": {"kind": "baseline", "variants": {"plain": lambda: optax.adamw(LR)}},
+  families = {"adamw": {"kind": "baseline", "variants": {"plain": lambda: variants.make("adamw", LR, WEIGHT_DECAY)}},
               # AdamW with 8-bit moments (s4.moments): the first-order cost of moment_bits=8.
-              "adamw m8": {"kind": "ours", "variants": {"plain": lambda: optax.chain(
-                  s4.moments.scale_by_adam(bits=8), optax.add_decayed_weights(1e-4),
-                  optax.scale_by_learning_rate(LR))}}}
-  for fmt in formats:
-    make = _ours(fmt)
-    families[f"ours {fmt}"] = {"kind": "ours", "variants": {
-        "plain": lambda make=make: make(T1, T2), "stats": lambda make=make: make(1, HUGE),
-        "full": lambda make=make: make(1, 1)}}
-  variants = {name: ("eigen", refresh) for name, refresh in REFRESH_VARIANTS.items()} | OTHER_VARIANTS
-  for name, (fmt, options) in variants.items():
-    make = _ours(fmt, **options)
-    families[name] = {"kind": "ours", "variants": {
-        "plain": lambda make=make: make(T1, T2), "stats": lambda make=make: make(1, HUGE),
-        "full": lambda make=make: make(1, 1)}}
+              "adamw_m8": {"kind": "ours", "variants": {"plain": lambda: variants.make("adamw_m8", LR, WEIGHT_DECAY)}}}
+  for name in [FORMATS[fmt] for fmt in formats] + list(SHAMPOO_ROWS):
+    families[name] = {"kind": "ours", "variants": _refresh_programs(_shampoo(name))}
   # SOAP: "plain" = a step without a basis refresh (interval 10, counter 6), "full" = one with it
   # (interval 1); amortized at SOAP's default interval 10.
-  for label, (fmt, options) in SOAP_VARIANTS.items():
-    make = _soap(fmt, **options)
-    families[f"ours {label}"] = {"kind": "ours", "amortize_p": 1.0 / SOAP_EVERY, "variants": {
+  for name in SOAP_ROWS:
+    make = _soap(name)
+    families[name] = {"kind": "ours", "amortize_p": 1.0 / SOAP_EVERY, "variants": {
         "plain": lambda make=make: make(SOAP_EVERY), "full": lambda make=make: make(1)}}
-  if skip_peers:
-    return families
-  for name, int8 in (("distributed_shampoo", False), ("distributed_shampoo int8", True)):
+  if not skip_peers:
+    families.update(peer_families())
+  return families
+
+
+def peer_families() -> dict:
+  """distributed_shampoo (fp32 and int8) and PSGD-Kron; a peer that fails to load is recorded as an error."""
+  families = {}
+  for name, int8 in zip(PEERS[:2], (False, True)):
     try:
-      make = _distributed_shampoo(int8)
-      families[name] = {"kind": "peer", "variants": {
-          "plain": lambda make=make: make(T1, T2), "stats": lambda make=make: make(1, HUGE),
-          "full": lambda make=make: make(1, 1)}}
+      families[name] = {"kind": "peer", "variants": _refresh_programs(_distributed_shampoo(int8))}
     except Exception as e:  # noqa: BLE001 - a peer failing must not stop the benchmark
       families[name] = {"kind": "peer", "error": _error_text(e), "variants": {}}
   try:
     make = _psgd_kron()
-    families["psgdax kron"] = {"kind": "peer", "amortize_p": 1.0 / T1, "variants": {
-        "plain": lambda make=make: make(0.0), "full": lambda make=make: make(1.0)}}
+    families[PEERS[2]] = {"kind": "peer", "amortize_p": 1.0 / T1, "variants": {
+        "plain": lambda: make(0.0), "full": lambda: make(1.0)}}
   except Exception as e:  # noqa: BLE001
-    families["psgdax kron"] = {"kind": "peer", "error": _error_text(e), "variants": {}}
+    families[PEERS[2]] = {"kind": "peer", "error": _error_text(e), "variants": {}}
   return families
 
 
@@ -471,9 +457,10 @@ def train_step_section(batch_sizes, refresh_rows: dict, warmup: int, steps: int,
       return optax.apply_updates(params, updates), state, loss
     return step
 
-  makers = {"adamw": (lambda: optax.adamw(LR), lambda: optax.adamw(LR))}
-  for fmt in ("fp32", "naive", "eigen"):
-    makers[f"ours {fmt}"] = (lambda fmt=fmt: _ours(fmt)(T1, T2), lambda fmt=fmt: _ours(fmt)(1, 1))
+  makers = {"adamw": (lambda: variants.make("adamw", LR, WEIGHT_DECAY),) * 2}
+  for name in FORMATS.values():
+    make = _shampoo(name)
+    makers[name] = (lambda make=make: make(T1, T2), lambda make=make: make(1, 1))
   programs = {}
   for batch in batch_sizes:
     starts = rng.integers(0, corpus.size - 65, size=(warmup + 1, batch))
@@ -508,10 +495,10 @@ def train_step_section(batch_sizes, refresh_rows: dict, warmup: int, steps: int,
 def print_train_table(section: dict) -> None:
   print(f"\nWhole training step of example 2 (transformer_lm.py, {section['params'] / 1e6:.2f}M params): "
         f"forward + backward + update, (T1, T2) = ({T1}, {T2})")
-  print(f"{'optimizer':16s} {'batch':>5s} {'plain ms':>9s} {'amort. ms':>9s} {'plain/adamw':>11s} "
+  print(f"{'optimizer':18s} {'batch':>5s} {'plain ms':>9s} {'amort. ms':>9s} {'plain/adamw':>11s} "
         f"{'amort./adamw':>12s}")
   for r in section["rows"].values():
-    print(f"{r['optimizer']:16s} {r['batch']:5d} {r['plain_ms']:9.2f} {r['amortized_ms']:9.2f} "
+    print(f"{r['optimizer']:18s} {r['batch']:5d} {r['plain_ms']:9.2f} {r['amortized_ms']:9.2f} "
           f"{r['plain_vs_adamw']:10.2f}x {r['amortized_vs_adamw']:11.2f}x")
 
 
@@ -567,7 +554,7 @@ def profile_ours(params, grads_list, states: dict, steps: int, repeats: int, bud
 
 
 def print_table(rows: dict, compile_s: dict, errors: dict) -> None:
-  print(f"\n{'optimizer':32s} {'compile s':>9s} {'plain ms':>9s} {'stats-refr. ms':>14s} "
+  print(f"\n{'optimizer':36s} {'compile s':>9s} {'plain ms':>9s} {'stats-refr. ms':>14s} "
         f"{'root-refr. ms':>13s} {'refresh step ms':>15s} {'amort. ms':>9s} {'plain/adamw':>11s} "
         f"{'amort./adamw':>12s} {'refresh/adamw':>13s} {'scratch MiB':>11s}")
 
@@ -577,14 +564,14 @@ def print_table(rows: dict, compile_s: dict, errors: dict) -> None:
 
   for name, r in rows.items():
     label = name if name == "adamw" else f"{name} {T1}/{T2}" if "stats_step_ms" in r else name
-    print(f"{label:32s} {f(compile_s.get(name), '9.2f')} {f(r['plain_ms'], '9.2f')} "
+    print(f"{label:36s} {f(compile_s.get(name), '9.2f')} {f(r['plain_ms'], '9.2f')} "
           f"{f(r.get('refresh_stats_ms'), '14.2f')} {f(r.get('refresh_root_ms'), '13.2f')} "
           f"{f(r.get('refresh_step_ms'), '15.2f')} {f(r.get('amortized_ms'), '9.2f')} "
           f"{f(r['plain_vs_adamw'], '10.2f')}x {f(r.get('amortized_vs_adamw'), '11.2f')}x "
           f"{f(r.get('refresh_step_vs_adamw'), '12.2f')}x".replace("-x", "- ")
           + f" {f(r.get('plain_scratch_mib'), '11.1f')}")
   for name, err in errors.items():
-    print(f"{name:32s} FAILED: {err}")
+    print(f"{name:36s} FAILED: {err}")
   print(f"plain: a ({T1}, {T2}) step with no refresh; stats-/root-refr.: extra cost of a statistics "
         f"(T1) / root (T2) refresh;\nrefresh step: T1 = T2 = 1 (both every step; PSGD: update "
         f"probability 1); amort.: plain + stats-refr./{T1} + root-refr./{T2}\n(PSGD: plain + "
@@ -628,7 +615,7 @@ def plot(rows: dict, compile_s: dict, path: pathlib.Path, title: str) -> None:
   plt.close(fig)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10, help="timed calls per program per round")
   parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
@@ -638,12 +625,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--model-size", default="tiny", choices=list(MODEL_SIZES))
   parser.add_argument("--skip-peers", action="store_true")
   parser.add_argument("--skip-profile", action="store_true")
-  parser.add_argument("--formats", nargs="+", default=["fp32", "naive", "eigen"],
-                      choices=["fp32", "naive", "eigen"], help="our state formats to time (the profile needs "
-                      "eigen and naive)")
+  parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS),
+                      help="our state formats to time (the profile needs eigen and naive)")
   parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
-                      help="time only these optimizer rows (AdamW, the baseline, always), e.g. "
-                           "--only 'ours eigen' 'ours soap4'")
+                      help="time only these optimizer rows (AdamW, the baseline, always), by their names in "
+                           "examples/variants.py or the peers' (the labels of earlier runs, e.g. 'ours eigen', "
+                           "are accepted too), e.g. --only adamw+shampoo4 soap4")
   parser.add_argument("--train-batches", type=int, nargs="*", default=[4, 16],
                       help="batch sizes for the whole-training-step table (none: skip it)")
   parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
@@ -653,23 +640,16 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   if args.warmup < 1:
     parser.error("--warmup must be >= 1 (distributed_shampoo refreshes at count 0)")
-
-  load_before = os.getloadavg()
-  cfg = MODEL_SIZES[args.model_size]
-  key = jax.random.key(0)
-  pkey, *gkeys = jax.random.split(key, NUM_WARMUP_GRADS + 1)
-  params = decoder_params(pkey, **cfg)
-  grads_list = [random_like(k, params) for k in gkeys]
-  n_params = int(sum(x.size for x in jax.tree.leaves(params)))
-  print(f"model {args.model_size}: {cfg}, {n_params / 1e6:.2f}M parameters; device {jax.devices()[0]}; "
-        f"jax {jax.__version__}, optax {optax.__version__}")
-
-  families = optimizer_families(args.skip_peers, args.formats)
   if args.only:
-    unknown = set(args.only) - set(families)
-    if unknown:
-      parser.error(f"--only: unknown rows {sorted(unknown)}; choose from {list(families)}")
-    families = {name: f for name, f in families.items() if name == "adamw" or name in args.only}
+    args.only = [variants.LEGACY_NAMES.get(name, name) for name in args.only]
+    known = set(optimizer_families(skip_peers=True)) | set(PEERS)
+    if set(args.only) - known:
+      parser.error(f"--only: unknown rows {sorted(set(args.only) - known)}; choose from {sorted(known)}")
+  return args
+
+
+def prepare_all(families: dict, params, grads_list, warmup: int) -> tuple[dict, dict]:
+  """``(prepared, errors)``: each family's warmed state and compiled programs; a failing peer goes to errors."""
   prepared, errors = {}, {}
   for name, family in families.items():
     if "error" in family:
@@ -678,7 +658,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     _progress(f"{name}:")
     try:
-      prepared[name] = prepare_family(family, params, grads_list, args.warmup)
+      prepared[name] = prepare_family(family, params, grads_list, warmup)
     except Exception as e:  # noqa: BLE001 - record a failing peer, keep going
       if family["kind"] != "peer":
         raise
@@ -687,7 +667,11 @@ def main(argv=None) -> dict:
       continue
     print(f"{name}: warm-up + compile {time.perf_counter() - t0:.1f}s "
           f"({', '.join(f'{k} {v:.2f}s' for k, v in prepared[name]['compile_s'].items())})")
+  return prepared, errors
 
+
+def optimizer_table(families: dict, prepared: dict, params, grads_list, args) -> tuple[dict, dict]:
+  """Times every prepared program interleaved: ``(rows, times)``; then releases the executables."""
   programs = {(name, v): (fn, (params, p["state"], grads_list[0]))
               for name, p in prepared.items() for v, fn in p["compiled"].items()}
   _progress(f"timing {len(programs)} programs: {args.repeats} rounds x {args.steps} calls")
@@ -707,41 +691,80 @@ def main(argv=None) -> dict:
     p["compiled"].clear()
   gc.collect()
   jax.clear_caches()
-  compile_s = {name: p["compile_s"]["plain"] for name, p in prepared.items()}
-  print_table(rows, compile_s, errors)
+  return rows, times
 
+
+def later_sections(args, prepared: dict, rows: dict, params, grads_list) -> tuple[dict | None, dict | None]:
+  """``(profile, train_step)``: the profile of our non-refresh step and the whole-training-step table."""
   profile = None
-  if not args.skip_profile and {"eigen", "naive"} <= set(args.formats) and all(
-      f"ours {fmt}" in prepared for fmt in ("eigen", "naive")):
-    states = {fmt: prepared[f"ours {fmt}"]["state"] for fmt in ("eigen", "naive")}
+  profiled = {fmt: FORMATS[fmt] for fmt in ("eigen", "naive")}
+  if not args.skip_profile and all(name in prepared for name in profiled.values()):
+    states = {fmt: prepared[name]["state"] for fmt, name in profiled.items()}
     _progress("profiling our non-refresh step")
     profile = profile_ours(params, grads_list, states, args.steps, args.repeats, args.budget)
     print_profile(profile)
-
   train = None
   if args.train_batches:
     _progress("whole training steps")
     train = train_step_section(args.train_batches, rows, args.warmup, args.steps, args.repeats,
                                args.budget)
     print_train_table(train)
+  return profile, train
 
-  load_after = os.getloadavg()
+
+def environment(load_before, load_after) -> dict:
+  """Versions, device, thread and allocator settings, load averages."""
+  return {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
+          "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version(),
+          "peers": _peer_versions(), "backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()],
+          "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+          "machine": platform.machine(), "platform": platform.platform(),
+          "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+          "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+          "malloc": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+          "loadavg_before": load_before, "loadavg_after": load_after}
+
+
+def write_outputs(args, result: dict, title: str) -> None:
+  """The JSON at ``--out`` and the bar chart at ``--png`` (default: next to it)."""
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2))
+  print(f"\nwrote {out}")
+  png = out.with_suffix(".png") if args.png is None else (pathlib.Path(args.png) if args.png else None)
+  if png:
+    plot(result["rows"], {name: c["plain"] for name, c in result["compile_s"].items()}, png, title)
+    print(f"wrote {png}")
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  load_before = os.getloadavg()
+  cfg = MODEL_SIZES[args.model_size]
+  pkey, *gkeys = jax.random.split(jax.random.key(0), NUM_WARMUP_GRADS + 1)
+  params = decoder_params(pkey, **cfg)
+  grads_list = [random_like(k, params) for k in gkeys]
+  n_params = int(sum(x.size for x in jax.tree.leaves(params)))
+  print(f"model {args.model_size}: {cfg}, {n_params / 1e6:.2f}M parameters; device {jax.devices()[0]}; "
+        f"jax {jax.__version__}, optax {optax.__version__}")
+
+  families = optimizer_families(args.skip_peers, args.formats)
+  if args.only:
+    families = {name: f for name, f in families.items() if name == "adamw" or name in args.only}
+  prepared, errors = prepare_all(families, params, grads_list, args.warmup)
+  rows, times = optimizer_table(families, prepared, params, grads_list, args)
+  compile_s = {name: p["compile_s"]["plain"] for name, p in prepared.items()}
+  print_table(rows, compile_s, errors)
+  profile, train = later_sections(args, prepared, rows, params, grads_list)
+
   result = {
       "settings": {"model_size": args.model_size, "model": cfg, "params": n_params,
                    "steps": args.steps, "repeats": args.repeats, "budget_s": args.budget,
                    "warmup": args.warmup,
                    "T1": T1, "T2": T2, "huge": HUGE, "learning_rate": LR, "max_order": MAX_ORDER,
                    "peer_block_size": MAX_ORDER, "skip_peers": args.skip_peers},
-      "environment": {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
-                      "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version(),
-                      "peers": _peer_versions(), "backend": jax.default_backend(),
-                      "devices": [str(d) for d in jax.devices()],
-                      "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-                      "machine": platform.machine(), "platform": platform.platform(),
-                      "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-                      "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
-                      "malloc": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-                      "loadavg_before": load_before, "loadavg_after": load_after},
+      "environment": environment(load_before, os.getloadavg()),
       "note": args.note,
       "method": __doc__.split("Method\n------\n", 1)[1],
       "rows": rows,
@@ -752,16 +775,9 @@ def main(argv=None) -> dict:
       "profile": profile,
       "train_step": train,
   }
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
-  print(f"\nwrote {out}")
-  png = out.with_suffix(".png") if args.png is None else (pathlib.Path(args.png) if args.png else None)
-  if png:
-    title = (f"{args.model_size} decoder ({n_params / 1e6:.1f}M params), {jax.devices()[0].device_kind}, "
-             f"AdamW {adamw_ms:.2f} ms/step")
-    plot(rows, compile_s, png, title)
-    print(f"wrote {png}")
+  adamw_ms = times["adamw"]["plain"]["median_ms"]
+  write_outputs(args, result, f"{args.model_size} decoder ({n_params / 1e6:.1f}M params), "
+                              f"{jax.devices()[0].device_kind}, AdamW {adamw_ms:.2f} ms/step")
   return result
 
 

