@@ -25,12 +25,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
+import transformer_lm  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_shampoo4 as s4  # noqa: E402
-import transformer_lm  # noqa: E402
 
 CONTEXT, BATCH = 16, 8
 
