@@ -259,11 +259,9 @@ def state_sharding(abstract_state: Any, mesh: Mesh, axis: str = "data",
     keys = _path_keys(path)
     for param_keys, sharding in param_entries:
       if param_keys and keys[-len(param_keys):] == param_keys and hasattr(sharding, "shard_shape"):
-        try:
-          sharding.shard_shape(leaf.shape)
-        except ValueError:
-          continue
-        return sharding
+        mirrored = moment_sharding(sharding, leaf.shape)
+        if mirrored is not None:
+          return mirrored
     return replicated
 
   def assign(path, node):
@@ -272,6 +270,28 @@ def state_sharding(abstract_state: Any, mesh: Mesh, axis: str = "data",
     return for_other_leaf(path, node)
 
   return jax.tree_util.tree_map_with_path(assign, abstract_state, is_leaf=_is_bucket)
+
+
+def moment_sharding(param_sharding: Any, shape: tuple[int, ...]) -> Any:
+  """The sharding of a state leaf of ``shape`` that mirrors a parameter laid out as ``param_sharding``.
+
+  Float32 moments have the parameter's shape and take its sharding.
+  Quantized moments (``moment_bits=8|4``) are blocked and packed along the
+  last axis only: their codes and block scales keep the parameter's leading
+  axes, so they take the parameter's layout of those axes (and of the last
+  one where it divides evenly). None for scalars (a small tensor's
+  placeholder scale) and where the layout does not divide the shape.
+  """
+  if not shape:
+    return None
+  if isinstance(param_sharding, NamedSharding):
+    spec = tuple(param_sharding.spec)[:len(shape)]
+    param_sharding = NamedSharding(param_sharding.mesh, PartitionSpec(*spec))
+  try:
+    param_sharding.shard_shape(tuple(shape))
+  except (ValueError, IndexError):
+    return None
+  return param_sharding
 
 
 def convert_state(state: Any, tx: Any, params: Any, shardings: Any = None) -> Any:

@@ -468,3 +468,42 @@ def test_distributed_example_trains(capsys):
   assert (after["per_device"], after["factors_per_device"]) == (
       result["state_bytes_per_device"], result["factor_bytes_per_device"])
   assert "per-device optimizer state" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bits", [8, pytest.param(4, marks=pytest.mark.slow)])
+def test_quantized_moments_are_sharded_like_their_parameters(bits):
+  """``moment_bits=8|4``: codes and block scales split like the parameter (FSDP).
+
+  On an auto mesh: under explicit sharding the moments' codebook lookup (a gather with split indices) needs an
+  ``out_sharding`` that optax_shampoo4.moment_storage does not give yet.
+  """
+  mesh = _mesh(kind="auto")
+  params = {"w": jnp.ones((64, 128)), "b": jnp.zeros((16,))}
+  split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  param_shardings = {"w": split, "b": replicated}
+  kwargs = dict(learning_rate=1e-2, moment_bits=bits, **CONFIG)
+  tx8, tx1 = s4.adamw_shampoo4(mesh=mesh, **kwargs), s4.adamw_shampoo4(**kwargs)
+  shardings = s4.state_sharding(jax.eval_shape(tx8.init, params), mesh, params_sharding=param_shardings)
+  params8 = jax.device_put(params, param_shardings)
+  state8 = jax.block_until_ready(jax.jit(tx8.init, out_shardings=shardings)(params8))
+  adam = state8[1]
+  codes = [adam.mu["w"], adam.nu["w"]]
+  assert all(c.dtype == np.uint8 for c in codes)  # really quantized
+  block_scales = [x for x in (adam.mu_scales["w"], adam.nu_scales["w"]) if x.ndim == 2]
+  for leaf in codes + block_scales:
+    assert _full_spec(leaf.sharding, leaf.ndim)[0] == "data"
+    assert all(s.data.shape[0] == leaf.shape[0] // NUM_DEVICES for s in leaf.addressable_shards)
+  for leaf in (adam.mu_scales["b"], adam.nu_scales["b"]):  # a small tensor's scalar placeholder
+    assert leaf.ndim == 0 and leaf.sharding.spec == P()
+
+  update8 = jax.jit(tx8.update, out_shardings=(param_shardings, shardings))
+  update1 = jax.jit(tx1.update)
+  counts = _bucket_counts(jax.eval_shape(tx1.init, params))
+  cpu0 = CPUS[0]
+  params1 = jax.device_put(params, cpu0)
+  for step, g in enumerate(_grads(params, 2, seed=3), start=1):
+    out8, new8 = jax.block_until_ready(update8(jax.device_put(g, param_shardings), state8, params8))
+    out1, _ = jax.block_until_ready(update1(jax.device_put(g, cpu0), _unpadded(state8, counts, cpu0), params1))
+    assert _max_rel_diff(_to_host(out8), _to_host(out1)) <= UPDATE_RTOL, f"step {step}"
+    assert _signature(new8) == _signature(state8), f"step {step}"  # the layout survives the step
+    state8 = new8
