@@ -507,3 +507,13 @@ def test_quantized_moments_are_sharded_like_their_parameters(bits):
     assert _max_rel_diff(_to_host(out8), _to_host(out1)) <= UPDATE_RTOL, f"step {step}"
     assert _signature(new8) == _signature(state8), f"step {step}"  # the layout survives the step
     state8 = new8
+
+
+def test_arrays_on_another_explicit_mesh_raise_naming_the_axes():
+  """The transform's mesh and the arrays' (explicit) mesh must have the same axes."""
+  tx = s4.scale_by_shampoo4(mesh=_mesh(kind="explicit"), **CONFIG)
+  other = _mesh(kind="explicit", names=("batch",))
+  params = jax.device_put(_params(), NamedSharding(other, P()))
+  state = jax.device_put(tx.init(_params()), NamedSharding(other, P()))
+  with pytest.raises(ValueError, match=r"'batch': 8.*'data': 8"):
+    jax.jit(tx.update)(params, state)
