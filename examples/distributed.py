@@ -23,6 +23,16 @@ on the GPUs:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/distributed.py
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/distributed.py --devices 4 --steps 100
+
+The mesh comes from ``jax.make_mesh``: explicit axis types by default (JAX's
+own default), ``--mesh-kind auto`` for an ``AxisType.Auto`` mesh. Several
+hosts are several processes joined by ``jax.distributed.initialize``; on one
+machine ``--processes N`` starts N local processes (``optax_shampoo4.launch``:
+coordinator on 127.0.0.1, gloo CPU collectives, ``--devices-per-process``
+virtual CPU devices each), and every process feeds its own rows of each
+global batch (``jax.make_array_from_process_local_data``):
+
+  python examples/distributed.py --processes 2 --devices-per-process 2 --steps 100
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ try:
 except ModuleNotFoundError:  # Running from a source checkout without `pip install -e .`.
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   import optax_shampoo4 as s4
+from optax_shampoo4 import launch
 
 # Refresh the statistics every T1 steps and the inverse roots every T2 steps:
 # often, as this run is short (see examples/quickstart.py).
@@ -114,12 +125,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--lr", type=float, default=1e-3)
   parser.add_argument("--weight-decay", type=float, default=1e-4)
   parser.add_argument("--log-every", type=int, default=25, help="print the loss every N steps")
+  parser.add_argument("--mesh-kind", choices=("explicit", "auto"), default="explicit",
+                      help="axis types of the mesh (jax.make_mesh's default: explicit)")
+  parser.add_argument("--processes", type=int, default=None,
+                      help="start this many local processes joined by jax.distributed (see the module doc)")
+  parser.add_argument("--devices-per-process", type=int, default=2, help="CPU devices per process (--processes)")
+  parser.add_argument("--timeout", type=float, default=1800, help="seconds before --processes runs are stopped")
   return parser.parse_args(argv)
+
+
+def run_processes(args: argparse.Namespace, argv: list[str]) -> dict:
+  """Starts ``args.processes`` copies of this script (without ``--processes``); prints process 0's output."""
+  skip = {"--processes", "--devices-per-process", "--timeout"}
+  rest = [a for i, a in enumerate(argv) if a not in skip and (i == 0 or argv[i - 1] not in skip)]
+  results = launch.launch([sys.executable, str(pathlib.Path(__file__).resolve()), *rest], args.processes,
+                          args.devices_per_process, timeout=args.timeout)
+  print(results[0].stdout, end="")
+  for r in results:
+    if r.returncode != 0:
+      raise RuntimeError(f"process {r.process_id} ended with {r.returncode}:\n{r.stderr[-3000:]}")
+  return {"processes": args.processes, "stdout": results[0].stdout}
 
 
 def main(argv: list[str] | None = None) -> dict:
   """Trains; returns the losses, device count, state bytes and final metrics."""
   args = parse_args(argv)
+  if args.processes is not None:
+    return run_processes(args, sys.argv[1:] if argv is None else list(argv))
+  launch.initialize_from_env()  # joins the other processes when started by --processes
   devices = jax.devices()
   num_devices = len(devices) if args.devices is None else args.devices
   if not 1 <= num_devices <= len(devices):
@@ -128,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of the device "
                      f"count ({num_devices})")
   devices = devices[:num_devices]
-  mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
+  axis_type = {"explicit": jax.sharding.AxisType.Explicit, "auto": jax.sharding.AxisType.Auto}[args.mesh_kind]
+  mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(axis_type,), devices=devices)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))  # examples split over the devices
 
@@ -171,11 +204,12 @@ def main(argv: list[str] | None = None) -> dict:
 
   def report_bytes(opt_state, when: str) -> dict[str, int]:
     factors = shampoo_factors(opt_state)
-    sizes = {"per_device": bytes_on_device(opt_state, devices[0]), "total": bytes_total(opt_state),
-             "factors_per_device": bytes_on_device(factors, devices[0]),
+    device = jax.local_devices()[0]
+    sizes = {"per_device": bytes_on_device(opt_state, device), "total": bytes_total(opt_state),
+             "factors_per_device": bytes_on_device(factors, device),
              "factors_total": bytes_total(factors)}
     print(f"per-device optimizer state ({when}): {sizes['per_device']:,} of {sizes['total']:,} "
-          f"bytes on {devices[0]} (Shampoo factors {sizes['factors_per_device']:,} of "
+          f"bytes on {device} (Shampoo factors {sizes['factors_per_device']:,} of "
           f"{sizes['factors_total']:,}; Adam moments and counters replicated)")
     return sizes
 
@@ -192,8 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
   start = time.perf_counter()
   losses = []
   for i, index in enumerate(batches, start=1):
-    x = jax.device_put(x_train[index], batch_sharding)
-    y = jax.device_put(y_train[index], batch_sharding)
+    # This process's rows of the global batch (all of them with one process).
+    local = args.batch_size // jax.process_count()
+    rows = index[jax.process_index() * local:(jax.process_index() + 1) * local]
+    x = jax.make_array_from_process_local_data(batch_sharding, x_train[rows])
+    y = jax.make_array_from_process_local_data(batch_sharding, y_train[rows])
     params, opt_state, loss = train_step(params, opt_state, x, y)
     losses.append(loss)
     if i % args.log_every == 0 or i == args.steps:

@@ -30,7 +30,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec
 
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import linalg, partition, sharding
@@ -107,7 +106,8 @@ class FactorEngine:
 
     update = sharding.shard_over_factors(fold, self.mesh, self.mesh_axis, 3, 1)
     # Replicated grams: each device then slices its own factors, no resharding.
-    grams = sharding.replicate(gram_matrices(plan, matrices), self.mesh)
+    grams = sharding.replicate(gram_matrices(plan, sharding.replicate_if_explicit(matrices, self.mesh)),
+                               self.mesh)
     new, accepted, failures = {}, {}, jnp.zeros([], jnp.int32)
     real = _real_counts(plan)
     for key in plan.buckets:
@@ -199,9 +199,7 @@ class FactorEngine:
         results.append(whole[:, :m])
       return results
 
-    spmd = jax.shard_map(on_each_device, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec()),
-                         out_specs=PartitionSpec(), check_vma=False)
-    results = spmd(stored, matrices)
+    results = sharding.shard_map_replicated(on_each_device, self.mesh, stored, matrices)
     where = {block: (g, position) for g, group in enumerate(schedule.groups)
              for position, (_, block) in enumerate(group.blocks)}
 
@@ -210,8 +208,8 @@ class FactorEngine:
       g, position = where[b]
       return results[g][position]
 
-    return [map_blocks(matrix, lp, computed) if lp.preconditioned else None
-            for matrix, lp in zip(matrices, plan.leaves)]
+    return sharding.like_inputs([map_blocks(matrix, lp, computed) if lp.preconditioned else None
+                                 for matrix, lp in zip(matrices, plan.leaves)], matrices, self.mesh)
 
   def keep_split(self, buckets: Buckets) -> Buckets:
     """Keeps the returned buckets split over the mesh (identity without one)."""

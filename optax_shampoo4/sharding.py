@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from optax_shampoo4 import factors as fct
 
@@ -45,26 +45,154 @@ def validate_mesh(mesh: Any, mesh_axis: Any) -> int:
   return int(mesh.shape[mesh_axis])
 
 
+def layout_mesh(mesh: Mesh, *trees: Any) -> Mesh:
+  """``mesh`` with the axis types of the arrays it will lay out (explicit or auto sharding).
+
+  Under explicit sharding (the default axis type of ``jax.make_mesh``) an
+  array's layout is part of its type, and ``shard_map`` / layout changes must
+  name the mesh those types carry; elsewhere (``AxisType.Auto`` meshes,
+  ``Mesh(np.array(devices))``, arrays on one device) the layouts are hints to
+  XLA. The types are read from the context mesh (``jax.set_mesh``), else from
+  the first array of ``trees`` that lives on a mesh with an explicit axis;
+  with neither, every axis is taken as ``Auto``.
+
+  Raises:
+    ValueError: if those arrays live on a mesh whose axis names or sizes
+      differ from ``mesh``'s (naming the axes).
+  """
+  found = [jax.sharding.get_abstract_mesh()]
+  found += [jax.typeof(leaf).sharding.mesh for leaf in jax.tree.leaves(trees) if hasattr(leaf, "dtype")]
+  for typed in found:
+    if typed.empty or not any(t == AxisType.Explicit for t in typed.axis_types):
+      continue
+    if tuple(typed.axis_names) != tuple(mesh.axis_names) or tuple(typed.axis_sizes) != tuple(mesh.axis_sizes):
+      raise ValueError(
+          f"the arrays live on a mesh with axes {dict(zip(typed.axis_names, typed.axis_sizes))}, but the "
+          f"optimizer was built with mesh= of axes {dict(zip(mesh.axis_names, mesh.axis_sizes))}; "
+          "build it with the mesh the arrays are on")
+    types = tuple(typed.axis_types)
+    break
+  else:
+    types = (AxisType.Auto,) * len(mesh.axis_names)
+  if tuple(getattr(mesh, "axis_types", ())) == types:
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=types)
+
+
+def is_explicit(mesh: Mesh) -> bool:
+  """Whether any axis of ``mesh`` has explicit sharding (layouts are part of array types)."""
+  return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
+def constrain(tree: Any, mesh: Mesh, spec: PartitionSpec) -> Any:
+  """Lays every leaf of ``tree`` out as ``spec`` on ``mesh`` (a :func:`layout_mesh`).
+
+  Explicit axes are resharded (``jax.sharding.reshard``, the layout becomes
+  the leaves' type); auto axes get ``with_sharding_constraint``.
+  """
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+
+  def keep(kind):
+    def on_axes(entry):
+      names = entry if isinstance(entry, tuple) else (entry,)
+      kept = tuple(n for n in names if n is not None and types[n] == kind)
+      return kept if isinstance(entry, tuple) else (kept[0] if kept else None)
+    return PartitionSpec(*(on_axes(entry) for entry in spec))
+
+  if is_explicit(mesh):
+    tree = jax.sharding.reshard(tree, NamedSharding(mesh, keep(AxisType.Explicit)))
+  if any(t == AxisType.Auto for t in mesh.axis_types):
+    tree = jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, keep(AxisType.Auto)))
+  return tree
+
+
+def like(tree: Any, reference: Any, mesh: Mesh) -> Any:
+  """Explicit sharding: ``tree``'s leaves resharded to the types of ``reference``'s (same structure).
+
+  So that, e.g., both branches of a ``lax.cond`` return the same types.
+  Identity on auto meshes.
+  """
+  if not is_explicit(mesh):
+    return tree
+  return jax.tree.map(lambda x, ref: jax.sharding.reshard(x, NamedSharding(mesh, jax.typeof(ref).sharding.spec)),
+                      tree, reference)
+
+
+def like_inputs(outputs: Any, inputs: Any, mesh: Mesh | None) -> Any:
+  """Explicit sharding: ``outputs`` in the layouts of ``inputs`` (same structure); otherwise unchanged.
+
+  E.g. the preconditioned blocks take the layout of the gradients they came
+  from (FSDP: split like the parameters), so they combine with them.
+  """
+  if mesh is None:
+    return outputs
+  return like(outputs, inputs, layout_mesh(mesh, inputs))
+
+
 def shard_over_factors(fn: Callable, mesh: Mesh | None, mesh_axis: str, num_sharded: int,
                        num_replicated: int) -> Callable:
   """Runs ``fn`` on each device's slice of the factor axis (identity if no mesh).
 
   ``fn`` takes ``num_sharded`` pytrees whose leaves have the factor axis first,
   then ``num_replicated`` replicated arguments, and returns pytrees with the
-  factor axis first.
+  factor axis first. Works on auto and explicit meshes: under explicit
+  sharding the operands are resharded to the layout ``shard_map`` needs, and
+  the first result gets the types of the first operand when it has its tree
+  structure (e.g. a refreshed bucket), the others are replicated.
   """
   if mesh is None:
     return fn
-  in_specs = (PartitionSpec(mesh_axis),) * num_sharded + (PartitionSpec(),) * num_replicated
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(mesh_axis),
-                       check_vma=False)
+
+  def run(*args):
+    layout = layout_mesh(mesh, args)
+    in_specs = (PartitionSpec(mesh_axis),) * num_sharded + (PartitionSpec(),) * num_replicated
+    if is_explicit(layout):
+      args = tuple(arg if arg is None else constrain(arg, layout, spec) for arg, spec in zip(args, in_specs))
+    out = jax.shard_map(fn, mesh=layout, in_specs=in_specs, out_specs=PartitionSpec(mesh_axis),
+                        check_vma=False)(*args)
+    if not is_explicit(layout):
+      return out
+    parts = list(out) if isinstance(out, tuple) else [out]
+    first = parts[0]
+    if jax.tree.structure(first) == jax.tree.structure(args[0]):
+      parts[0] = like(first, args[0], layout)
+    else:
+      parts[0] = constrain(first, layout, PartitionSpec())
+    parts[1:] = [constrain(part, layout, PartitionSpec()) for part in parts[1:]]
+    return tuple(parts) if isinstance(out, tuple) else parts[0]
+
+  return run
+
+
+def shard_map_replicated(fn: Callable, mesh: Mesh, *args: Any) -> Any:
+  """``jax.shard_map(fn)`` with every operand and result replicated, on auto or explicit meshes.
+
+  ``fn`` runs on every device with whole operands (e.g. to compute its own
+  share of some work from ``lax.axis_index`` and all-gather it).
+  """
+  layout = layout_mesh(mesh, args)
+  if is_explicit(layout):
+    args = constrain(args, layout, PartitionSpec())
+  return jax.shard_map(fn, mesh=layout, in_specs=(PartitionSpec(),) * len(args), out_specs=PartitionSpec(),
+                       check_vma=False)(*args)
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
   """Asks XLA to gather ``tree`` onto every device (identity if no mesh)."""
   if mesh is None:
     return tree
-  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec()))
+  return constrain(tree, layout_mesh(mesh, tree), PartitionSpec())
+
+
+def replicate_if_explicit(tree: Any, mesh: Mesh | None) -> Any:
+  """Explicit sharding: ``tree`` replicated (so any op may consume it); otherwise unchanged.
+
+  On auto meshes XLA chooses the layouts of intermediate results itself.
+  """
+  if mesh is None:
+    return tree
+  layout = layout_mesh(mesh, tree)
+  return constrain(tree, layout, PartitionSpec()) if is_explicit(layout) else tree
 
 
 def split_factors(tree: Any, mesh: Mesh | None, mesh_axis: str) -> Any:
@@ -75,7 +203,7 @@ def split_factors(tree: Any, mesh: Mesh | None, mesh_axis: str) -> Any:
   """
   if mesh is None:
     return tree
-  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec(mesh_axis)))
+  return constrain(tree, layout_mesh(mesh, tree), PartitionSpec(mesh_axis))
 
 
 def _is_bucket(node: Any) -> bool:
@@ -131,11 +259,9 @@ def state_sharding(abstract_state: Any, mesh: Mesh, axis: str = "data",
     keys = _path_keys(path)
     for param_keys, sharding in param_entries:
       if param_keys and keys[-len(param_keys):] == param_keys and hasattr(sharding, "shard_shape"):
-        try:
-          sharding.shard_shape(leaf.shape)
-        except ValueError:
-          continue
-        return sharding
+        mirrored = moment_sharding(sharding, leaf.shape)
+        if mirrored is not None:
+          return mirrored
     return replicated
 
   def assign(path, node):
@@ -144,6 +270,28 @@ def state_sharding(abstract_state: Any, mesh: Mesh, axis: str = "data",
     return for_other_leaf(path, node)
 
   return jax.tree_util.tree_map_with_path(assign, abstract_state, is_leaf=_is_bucket)
+
+
+def moment_sharding(param_sharding: Any, shape: tuple[int, ...]) -> Any:
+  """The sharding of a state leaf of ``shape`` that mirrors a parameter laid out as ``param_sharding``.
+
+  Float32 moments have the parameter's shape and take its sharding.
+  Quantized moments (``moment_bits=8|4``) are blocked and packed along the
+  last axis only: their codes and block scales keep the parameter's leading
+  axes, so they take the parameter's layout of those axes (and of the last
+  one where it divides evenly). None for scalars (a small tensor's
+  placeholder scale) and where the layout does not divide the shape.
+  """
+  if not shape:
+    return None
+  if isinstance(param_sharding, NamedSharding):
+    spec = tuple(param_sharding.spec)[:len(shape)]
+    param_sharding = NamedSharding(param_sharding.mesh, PartitionSpec(*spec))
+  try:
+    param_sharding.shard_shape(tuple(shape))
+  except (ValueError, IndexError):
+    return None
+  return param_sharding
 
 
 def convert_state(state: Any, tx: Any, params: Any, shardings: Any = None) -> Any:

@@ -52,8 +52,12 @@ CONFIG = dict(max_order=16, min_quant_order=16, quant_block=8)
 NO_REFRESH = dict(stats_every=1000, root_every=1000)
 
 
-def _mesh(n=NUM_DEVICES):
-  return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=CPUS[:n])
+MESH_KINDS = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
+
+
+def _mesh(n=NUM_DEVICES, kind="auto"):
+  """``n`` devices on one "data" axis; ``kind``: a key of MESH_KINDS (explicit: ``jax.make_mesh``'s default)."""
+  return jax.make_mesh((n,), ("data",), axis_types=(MESH_KINDS[kind],), devices=CPUS[:n])
 
 
 def _params():
@@ -227,9 +231,9 @@ def _unpadded(state, counts, device):
 
 
 @functools.cache
-def _compiled_eigen():
+def _compiled_eigen(kind="auto"):
   """The eigen-format update on 8 devices and on one, each compiled once, and a state with random roots."""
-  mesh = _mesh()
+  mesh = _mesh(kind=kind)
   params = _params()
   tx8 = s4.scale_by_shampoo4(mesh=mesh, **CONFIG, **NO_REFRESH)
   tx1 = s4.scale_by_shampoo4(**CONFIG, **NO_REFRESH)
@@ -246,9 +250,10 @@ def _compiled_eigen():
   return dict(update8=update8, update1=update1, state8=state8, state1=state1, grads8=grads8, grads1=grads1)
 
 
-def test_split_update_equals_single_device():
+@pytest.mark.parametrize("kind", MESH_KINDS)
+def test_split_update_equals_single_device(kind):
   """Random roots in every real factor, no refresh due: the split products equal one device's."""
-  run = _compiled_eigen()
+  run = _compiled_eigen(kind)
   out8, new8 = jax.block_until_ready(run["update8"](run["grads8"], run["state8"]))
   out1, _ = jax.block_until_ready(run["update1"](run["grads1"], run["state1"]))
   assert _max_rel_diff(out8, out1) <= 1e-5
@@ -282,14 +287,14 @@ def _adamw(mesh):
 
 
 @functools.cache
-def _resume_programs(devices):
+def _resume_programs(devices, kind="auto"):
   """``(tx, state shardings, param shardings, jitted update)`` for a mesh of ``devices``, built once."""
   abstract_params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in RESUME_SHAPES.items()}
   if devices == 1:
     tx = _adamw(None)
     single = jax.sharding.SingleDeviceSharding(CPUS[0])
     return tx, single, single, jax.jit(tx.update)
-  mesh = _mesh(devices)
+  mesh = _mesh(devices, kind)
   tx = _adamw(mesh)
   state_shardings = s4.state_sharding(jax.eval_shape(tx.init, abstract_params), mesh)
   param_shardings = NamedSharding(mesh, P())
@@ -306,7 +311,8 @@ def _restore(path, abstract_tree):
     return checkpointer.restore(path, abstract_tree)
 
 
-def test_resume_on_8_4_1_8_devices_follows_the_single_device_run(tmp_path):
+@pytest.mark.parametrize("kind", MESH_KINDS)
+def test_resume_on_8_4_1_8_devices_follows_the_single_device_run(tmp_path, kind):
   steps = sum(n for _, n in PHASES)
   rng = np.random.default_rng(5)
   grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in RESUME_SHAPES.items()} for _ in range(steps)]
@@ -325,7 +331,7 @@ def test_resume_on_8_4_1_8_devices_follows_the_single_device_run(tmp_path):
 
   params, state, saved_tx, step, sizes = params0, None, None, 0, []
   for phase, (devices, num_steps) in enumerate(PHASES):
-    tx, state_shardings, param_shardings, update = _resume_programs(devices)
+    tx, state_shardings, param_shardings, update = _resume_programs(devices, kind)
     if state is None:
       state = jax.jit(tx.init, out_shardings=state_shardings)(params)
     else:

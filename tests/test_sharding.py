@@ -74,9 +74,23 @@ def _params():
   return {"w": jnp.ones((16, 16)), "u": jnp.ones((8, 16)), "b": jnp.zeros((16,))}
 
 
-def _mesh(shape=(NUM_DEVICES,), names=("data",)):
-  return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+# Both kinds of mesh: "auto" (layouts are hints to XLA, as in Mesh(np.array(devices))) and "explicit" (the
+# default of jax.make_mesh: layouts are part of the arrays' types and shard_map checks them).
+MESH_KINDS = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
+
+
+def _mesh(shape=(NUM_DEVICES,), names=("data",), kind="auto"):
+  return jax.make_mesh(shape, names, axis_types=(MESH_KINDS[kind],) * len(shape),
                        devices=CPUS[:math.prod(shape)])
+
+
+def _kind_params(values, default_explicit=()):
+  """``pytest.param``s over ``values`` x mesh kinds; auto keeps the plain id (``[eigen]``), explicit ones get
+  ``-explicit`` and run in the slow run unless listed in ``default_explicit``."""
+  out = [pytest.param((v, "auto"), id=v) for v in values]
+  out += [pytest.param((v, "explicit"), id=f"{v}-explicit",
+                       marks=() if v in default_explicit else pytest.mark.slow) for v in values]
+  return out
 
 
 def _grads(params, steps, seed=0):
@@ -198,12 +212,13 @@ class Run:
   forced: list  # (single-device update, state) from the sharded input state, per step
   free: list  # (single-device update, state) of a free single-device run, per step
   update1: object  # jax.jit of the single-device update
+  mesh_kind: str = "auto"  # a key of MESH_KINDS
 
 
 @functools.cache
-def _run(state_format):
-  """Runs (once per format and session) the sharded trajectory and its references."""
-  mesh = _mesh()
+def _run(state_format, kind="auto"):
+  """Runs (once per format, mesh kind and session) the sharded trajectory and its references."""
+  mesh = _mesh(kind=kind)
   params = _params()
   tx8 = s4.scale_by_shampoo4(state_format=state_format, mesh=mesh, **CONFIG)
   tx1 = s4.scale_by_shampoo4(state_format=state_format, **CONFIG)
@@ -226,17 +241,17 @@ def _run(state_format):
     states.append(state8)
     updates.append(_to_host(u8))
   return Run(state_format, mesh, tx8, update8, shardings, counts, grads, states, updates,
-             forced, free, update1)
+             forced, free, update1, kind)
 
 
-@pytest.fixture(params=FORMATS)
+@pytest.fixture(params=_kind_params(FORMATS, default_explicit=("eigen",)))
 def run(request):
-  return _run(request.param)
+  return _run(*request.param)
 
 
-@pytest.fixture
-def eigen_run():
-  return _run("eigen")
+@pytest.fixture(params=_kind_params(["eigen"], default_explicit=("eigen",)))
+def eigen_run(request):
+  return _run(*request.param)
 
 
 def test_sharded_update_matches_single_device_step_by_step(run):
@@ -246,9 +261,9 @@ def test_sharded_update_matches_single_device_step_by_step(run):
                          f"{run.state_format}, step {step + 1}")
 
 
-@pytest.mark.parametrize("state_format", ["naive", "fp32"])  # not eigen: see the module doc
-def test_sharded_trajectory_matches_single_device(state_format):
-  run = _run(state_format)
+@pytest.mark.parametrize("case", _kind_params(["naive", "fp32"]))  # not eigen: see the module doc
+def test_sharded_trajectory_matches_single_device(case):
+  run = _run(*case)
   for step in range(STEPS):
     update1, state1 = run.free[step]
     _assert_step_matches(run.updates[step], update1, run.states[step + 1], state1, run.counts,
@@ -291,7 +306,7 @@ def test_factor_leaves_are_split_over_the_devices(run):
   if run.state_format != "fp32":
     assert np.dtype(np.uint8) in kinds  # 4-bit codes are among the split leaves
   for keys, leaf in leaves:
-    assert leaf.sharding.spec == P("data"), keys
+    assert _full_spec(leaf.sharding, leaf.ndim) == ("data",) + (None,) * (leaf.ndim - 1), keys
     shards = leaf.addressable_shards
     assert len(shards) == NUM_DEVICES and {s.device for s in shards} == set(CPUS[:NUM_DEVICES])
     rows = leaf.shape[0] // NUM_DEVICES
@@ -303,11 +318,17 @@ def test_factor_leaves_are_split_over_the_devices(run):
   # Everything else (step count, failure counters) is replicated.
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     if ".factors[" not in jax.tree_util.keystr(path):
-      assert leaf.sharding.spec == P()
+      assert _full_spec(leaf.sharding, leaf.ndim) == (None,) * leaf.ndim
+
+
+def _full_spec(sharding, ndim):
+  """The sharding's spec with one entry per dimension (explicit meshes spell trailing Nones, auto ones may not)."""
+  spec = tuple(sharding.spec)
+  return spec + (None,) * (ndim - len(spec))
 
 
 def _signature(state):
-  return [(jax.tree_util.keystr(p), jax.typeof(x), x.sharding)
+  return [(jax.tree_util.keystr(p), jax.typeof(x), x.sharding.mesh, _full_spec(x.sharding, x.ndim))
           for p, x in jax.tree_util.tree_flatten_with_path(state)[0]]
 
 
@@ -330,9 +351,10 @@ def test_out_shardings_pin_the_state_layout(eigen_run):
     assert _max_rel_diff(out, run.updates[step - 1]) <= 1e-6
 
 
-def test_fsdp_params_sharded_along_first_axis():
+@pytest.mark.parametrize("kind", MESH_KINDS)
+def test_fsdp_params_sharded_along_first_axis(kind):
   """Params, grads and Adam's moments split over "data" along their first axis."""
-  mesh = _mesh()
+  mesh = _mesh(kind=kind)
   params = _params()
   split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   param_shardings = {k: split if p.shape[0] % NUM_DEVICES == 0 else replicated
@@ -352,7 +374,7 @@ def test_fsdp_params_sharded_along_first_axis():
     for k, leaf in moments.items():
       assert leaf.sharding == param_shardings[k], k
       assert all(s.data.shape[0] == leaf.shape[0] // NUM_DEVICES for s in leaf.addressable_shards)
-  assert all(leaf.sharding.spec == P("data") for _, leaf in _bucket_leaves(state8))
+  assert all(_full_spec(leaf.sharding, leaf.ndim)[0] == "data" for _, leaf in _bucket_leaves(state8))
 
   counts = _bucket_counts(jax.eval_shape(tx1.init, params))
   update8 = jax.jit(tx8.update, out_shardings=(param_shardings, shardings))
@@ -376,14 +398,14 @@ def test_fsdp_params_sharded_along_first_axis():
 def test_two_dimensional_mesh_splits_factors_over_data(eigen_run):
   """A ("data", "model") = (4, 2) mesh: factors split over "data", copied over "model"."""
   run = eigen_run
-  mesh = _mesh((4, 2), ("data", "model"))
+  mesh = _mesh((4, 2), ("data", "model"), kind=run.mesh_kind)
   params = _params()
   tx = s4.scale_by_shampoo4(mesh=mesh, mesh_axis="data", **CONFIG)
   shardings = s4.state_sharding(jax.eval_shape(tx.init, params), mesh, axis="data")
   state = jax.block_until_ready(jax.jit(tx.init, out_shardings=shardings)(params))
   for keys, leaf in _bucket_leaves(state):
     assert leaf.shape[0] % 4 == 0 and leaf.shape[0] % 8, keys  # padded to 4, not 8
-    assert leaf.sharding.spec == P("data"), keys
+    assert _full_spec(leaf.sharding, leaf.ndim)[0] == "data", keys
     rows = leaf.shape[0] // 4
     assert all(s.data.shape[0] == rows for s in leaf.addressable_shards), keys
   # Gradients split over "model" along their last axis (tensor-parallel style).
@@ -446,3 +468,52 @@ def test_distributed_example_trains(capsys):
   assert (after["per_device"], after["factors_per_device"]) == (
       result["state_bytes_per_device"], result["factor_bytes_per_device"])
   assert "per-device optimizer state" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bits", [8, pytest.param(4, marks=pytest.mark.slow)])
+def test_quantized_moments_are_sharded_like_their_parameters(bits):
+  """``moment_bits=8|4``: codes and block scales split like the parameter (FSDP).
+
+  On an auto mesh: under explicit sharding the moments' codebook lookup (a gather with split indices) needs an
+  ``out_sharding`` that optax_shampoo4.moment_storage does not give yet.
+  """
+  mesh = _mesh(kind="auto")
+  params = {"w": jnp.ones((64, 128)), "b": jnp.zeros((16,))}
+  split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  param_shardings = {"w": split, "b": replicated}
+  kwargs = dict(learning_rate=1e-2, moment_bits=bits, **CONFIG)
+  tx8, tx1 = s4.adamw_shampoo4(mesh=mesh, **kwargs), s4.adamw_shampoo4(**kwargs)
+  shardings = s4.state_sharding(jax.eval_shape(tx8.init, params), mesh, params_sharding=param_shardings)
+  params8 = jax.device_put(params, param_shardings)
+  state8 = jax.block_until_ready(jax.jit(tx8.init, out_shardings=shardings)(params8))
+  adam = state8[1]
+  codes = [adam.mu["w"], adam.nu["w"]]
+  assert all(c.dtype == np.uint8 for c in codes)  # really quantized
+  block_scales = [x for x in (adam.mu_scales["w"], adam.nu_scales["w"]) if x.ndim == 2]
+  for leaf in codes + block_scales:
+    assert _full_spec(leaf.sharding, leaf.ndim)[0] == "data"
+    assert all(s.data.shape[0] == leaf.shape[0] // NUM_DEVICES for s in leaf.addressable_shards)
+  for leaf in (adam.mu_scales["b"], adam.nu_scales["b"]):  # a small tensor's scalar placeholder
+    assert leaf.ndim == 0 and leaf.sharding.spec == P()
+
+  update8 = jax.jit(tx8.update, out_shardings=(param_shardings, shardings))
+  update1 = jax.jit(tx1.update)
+  counts = _bucket_counts(jax.eval_shape(tx1.init, params))
+  cpu0 = CPUS[0]
+  params1 = jax.device_put(params, cpu0)
+  for step, g in enumerate(_grads(params, 2, seed=3), start=1):
+    out8, new8 = jax.block_until_ready(update8(jax.device_put(g, param_shardings), state8, params8))
+    out1, _ = jax.block_until_ready(update1(jax.device_put(g, cpu0), _unpadded(state8, counts, cpu0), params1))
+    assert _max_rel_diff(_to_host(out8), _to_host(out1)) <= UPDATE_RTOL, f"step {step}"
+    assert _signature(new8) == _signature(state8), f"step {step}"  # the layout survives the step
+    state8 = new8
+
+
+def test_arrays_on_another_explicit_mesh_raise_naming_the_axes():
+  """The transform's mesh and the arrays' (explicit) mesh must have the same axes."""
+  tx = s4.scale_by_shampoo4(mesh=_mesh(kind="explicit"), **CONFIG)
+  other = _mesh(kind="explicit", names=("batch",))
+  params = jax.device_put(_params(), NamedSharding(other, P()))
+  state = jax.device_put(tx.init(_params()), NamedSharding(other, P()))
+  with pytest.raises(ValueError, match=r"'batch': 8.*'data': 8"):
+    jax.jit(tx.update)(params, state)

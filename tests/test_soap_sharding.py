@@ -39,9 +39,10 @@ def _grads(params, seed=0):
   return [{k: rng.standard_normal(p.shape).astype(np.float32) for k, p in params.items()} for _ in range(STEPS)]
 
 
-def _mesh():
-  return jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=CPUS[:NUM_DEVICES])
+def _mesh(kind="auto"):
+  """An 8-device mesh; ``kind``: "auto" or "explicit" (the default axis type of ``jax.make_mesh``)."""
+  axis_type = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}[kind]
+  return jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(axis_type,), devices=CPUS[:NUM_DEVICES])
 
 
 def _to_host(tree):
@@ -61,16 +62,19 @@ def _assert_close(got, want, what):
     np.testing.assert_allclose(got[key], want[key], rtol=0, atol=RTOL * scale, err_msg=f"{what}, leaf {key}")
 
 
-def _transforms(state_format):
-  mesh = _mesh()
+def _transforms(state_format, kind="auto"):
+  mesh = _mesh(kind)
   sharded = s4.scale_by_soap4(state_format=state_format, mesh=mesh, **CONFIG)
   single = s4.scale_by_soap4(state_format=state_format, **CONFIG)
   return mesh, sharded, single
 
 
-@pytest.mark.parametrize("state_format", ["fp32", "eigen"])
-def test_sharded_soap_matches_single_device(state_format):
-  mesh, sharded, single = _transforms(state_format)
+@pytest.mark.parametrize("state_format, kind", [
+    pytest.param("fp32", "auto", id="fp32"), pytest.param("eigen", "auto", id="eigen"),
+    pytest.param("fp32", "explicit", id="fp32-explicit", marks=pytest.mark.slow),
+    pytest.param("eigen", "explicit", id="eigen-explicit", marks=pytest.mark.slow)])
+def test_sharded_soap_matches_single_device(state_format, kind):
+  mesh, sharded, single = _transforms(state_format, kind)
   params = _params()
   grads = _grads(params)
   device = CPUS[0]
