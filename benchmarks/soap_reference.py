@@ -76,6 +76,7 @@ def scale_by_soap_reference(
     b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8, shampoo_beta: float | None = None,
     precondition_every: int = 10, max_precond_dim: int = 10000, statistic: str = "dense",
     basis_quantizer: Callable[[jax.Array], jax.Array] = _identity,
+    statistic_quantizer: Callable[[jax.Array], jax.Array] = _identity,
 ) -> optax.GradientTransformation:
   r"""SOAP's normalized direction :math:`c_t N` (no learning rate, no weight decay, no sign).
 
@@ -86,7 +87,9 @@ def scale_by_soap_reference(
   :math:`Q \mathrm{diag}(\lambda) Q^\top + (1-\beta_s)\,\mathrm{offdiag}_Q(GG^\top)`
   is rebuilt for the power step) or ``"refresh"`` (the library's current
   ``soap4``: :math:`A = \beta_s Q\Lambda Q^\top + (1-\beta_s) G G^\top` at
-  refresh steps only; pass ``shampoo_beta`` per refresh).
+  refresh steps only; pass ``shampoo_beta`` per refresh). ``statistic_quantizer``
+  maps the dense statistic after each fold to what a low-bit store gives back
+  (a low-bit dense accumulator); ``basis_quantizer`` does the same for each new basis.
   """
   beta_s = b2 if shampoo_beta is None else shampoo_beta
 
@@ -130,19 +133,22 @@ def scale_by_soap_reference(
     m_new, v_new = jnp.where(started, m_new, m), jnp.where(started, v_new, v)
     if all(b is None for b in q):
       return direction, m_new, v_new, s, q
-    m_orig = project_back(m_new, q)
     s, dense = _fold(s, g, q, step, started)
     refresh = started & (step % precondition_every == 0)
     q_new, v_new = lax.cond(refresh, _qr_refresh, lambda d, q, v: (q, v), dense, q, v_new)
     q_new = lax.cond(started, lambda: q_new, lambda: _first_bases(dense))
     s = _after_refresh(s, dense, q_new, refresh | ~started)
-    return direction, project(m_orig, q_new), v_new, s, q_new
+    # The reference maps m back and forth at every step; with an orthonormal basis that is the identity
+    # except at a basis change, which is the only place it is done here (a quantized basis is only
+    # nearly orthonormal, and the round trip would multiply m by Q^T Q at every step).
+    m_new = lax.cond(refresh, lambda: project(project_back(m_new, q), q_new), lambda: m_new)
+    return direction, m_new, v_new, s, q_new
 
   def _fold(s, g, q, step, started):
     """Folds ``g`` into the statistic; returns it and the dense matrices a refresh would use."""
     outers = [outer_product(g, k) if qk is not None else None for k, qk in enumerate(q)]
     if statistic == "dense":
-      s = tuple(None if sk is None else sk + (1 - beta_s) * (o - sk) for sk, o in zip(s, outers))
+      s = tuple(None if sk is None else statistic_quantizer(sk + (1 - beta_s) * (o - sk)) for sk, o in zip(s, outers))
       return s, s
     dense = []
     for sk, o, qk in zip(s, outers, q):
