@@ -12,6 +12,8 @@ and what a low-bit store does to the statistic and to each new basis:
   own gradient (no extra memory over ``refresh``);
 * ``dense_q8`` / ``dense_q4``: the dense accumulator stored in 8 bits (dynamic tree) / 4 bits (linear-2),
   blocks of 64 along rows;
+* ``*+h<k>fp32_t4`` / ``*+h<k>b8_t4``: the ``k`` leading eigenvectors (largest eigenvalues) in float32 /
+  8 bits, the others in 4 bits made exactly orthogonal to them (then QR);
 * ``*+b4`` / ``*+b8``: the basis stored in 4 / 8 bits (linear-2, blocks of 64 along each eigenvector), as
   the library's quantized eigenvectors, with one Björck step; ``m`` is re-projected only at basis
   changes.
@@ -54,6 +56,20 @@ def basis_quantizer(bits: int, bjorck_steps: int = 1):
   return lambda q: s4.linalg.bjorck(rows(q.T).T, steps=bjorck_steps)
 
 
+def head_tail_quantizer(head: int, head_bits: int | None, tail_bits: int = 4):
+  """Leading ``head`` columns (largest eigenvalues) in ``head_bits`` (None: float32), the rest in
+  ``tail_bits``, the tail then made exactly orthogonal to the stored head and orthonormalized by QR."""
+  tail_q = rows_quantizer(tail_bits, "linear2")
+  head_q = (lambda m: m) if head_bits is None else rows_quantizer(head_bits, "linear2")
+
+  def apply(q):
+    h = s4.linalg.bjorck(head_q(q[:, :head].T).T, steps=0 if head_bits is None else 2)
+    t = tail_q(q[:, head:].T).T
+    t = t - s4.linalg.matmul(h, s4.linalg.matmul(h.T, t))
+    return jax.numpy.concatenate([h, s4.linalg.orthonormal_basis(t)], axis=1) if t.shape[1] else h
+  return apply
+
+
 VARIANTS = {
     "dense": dict(),
     "refresh": dict(statistic="refresh"),
@@ -66,6 +82,11 @@ VARIANTS = {
     "refresh_b0.6+b4": dict(statistic="refresh", shampoo_beta=0.6, basis_quantizer=basis_quantizer(4)),
     "eigen+b4": dict(statistic="eigen", basis_quantizer=basis_quantizer(4)),
     "eigen+b8": dict(statistic="eigen", basis_quantizer=basis_quantizer(8)),
+    "dense+h8fp32_t4": dict(basis_quantizer=head_tail_quantizer(8, None)),
+    "dense+h16fp32_t4": dict(basis_quantizer=head_tail_quantizer(16, None)),
+    "dense+h4fp32_t4": dict(basis_quantizer=head_tail_quantizer(4, None)),
+    "dense+h8b8_t4": dict(basis_quantizer=head_tail_quantizer(8, 8)),
+    "refresh+h8fp32_t4": dict(statistic="refresh", basis_quantizer=head_tail_quantizer(8, None)),
 }
 
 
