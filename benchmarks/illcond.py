@@ -246,8 +246,7 @@ def run_one(trainer, problem: Problem, loss: Callable, lr: float) -> dict[str, A
   curve = np.asarray(losses, np.float64)
   stable = bool(np.isfinite(f) and f <= f0 and np.all(np.isfinite(curve)) and curve.max() <= 10 * f0)
   metric = (f - problem.fstar if problem.fstar is not None else f) if stable else math.inf
-  return {"lr": lr, "metric": metric, "final_loss": f, "stable": stable,
-          "curve": np.asarray(losses, np.float64)[:: max(1, len(losses) // 60)].tolist()}
+  return {"lr": lr, "metric": metric, "final_loss": f, "stable": stable}
 
 
 def sweep(trainer, problems: list[Problem], loss: Callable) -> list[dict]:
