@@ -1,0 +1,112 @@
+"""Helpers that run a library optimizer next to a float64 reference transcription, step for step.
+
+``library_meta_twin`` maps a :class:`reference_meta_shampoo.MetaConfig` to the
+``distributed_shampoo4(state_format="fp32", ...)`` call with the same semantics,
+or raises ``NotImplementedError`` listing the reference semantics the library
+has no option for; ``library_soap_twin`` does the same for
+:class:`reference_soap.SoapConfig` and ``soap4``. ``max_relative_deviation``
+runs both on the same minibatches and returns, per call, the largest parameter
+deviation relative to the reference's displacement from the initial point.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import reference_meta_shampoo as meta
+import reference_soap as soap
+
+import optax_shampoo4 as s4
+
+
+def missing_meta_semantics(cfg: meta.MetaConfig, shapes: list[tuple[int, ...]]) -> list[str]:
+  """The parts of ``cfg`` that ``distributed_shampoo4`` cannot express today."""
+  missing = []
+  if cfg.b2 == 1.0:
+    missing.append("beta=1.0: Meta's default sums the outer products (AdaGrad); the library's beta must be < 1")
+  for shape in shapes:
+    squeezed = tuple(n for n in shape if n != 1)
+    merged = meta.merge_small_dims(shape, cfg.max_preconditioner_dim, cfg.target_dimensionality)
+    if merged != squeezed:
+      missing.append(f"merge_small_dims: Meta reshapes {shape} to {merged}; the library does not merge dimensions")
+    if len(merged) == 1:
+      missing.append(f"1-D preconditioning: Meta gives the {merged} vector one full n x n factor with exponent -1/2; "
+                     "the library passes rank-1 tensors through with the grafted direction only")
+  if cfg.grafting is None:
+    missing.append("no grafting: the library always grafts (frobenius / sgd / adagrad / rmsprop / adam)")
+  return missing
+
+
+def library_meta_twin(cfg: meta.MetaConfig, shapes: list[tuple[int, ...]]) -> optax.GradientTransformation:
+  """``distributed_shampoo4`` with ``cfg``'s semantics.
+
+  Meta's epsilon is absolute, its factors start at zero and are bias-corrected
+  at root time; the library's epsilon is relative (``epsilon * lambda_max``) and
+  its statistic starts at ``epsilon * I`` without bias correction. With grafting,
+  a scalar factor on the statistic is absorbed by the grafted norm, so the two
+  agree whenever ``epsilon`` is negligible against every factor's spectrum
+  (the tests use 1e-12 and full-rank factors); otherwise they differ, and the
+  library has no option to match (absolute epsilon, zero-init + bias correction).
+  """
+  missing = missing_meta_semantics(cfg, shapes)
+  if missing:
+    raise NotImplementedError("; ".join(missing))
+  _, g_beta2, g_eps = cfg.grafting
+  return s4.distributed_shampoo4(
+      cfg.lr, b1=cfg.b1, b2=g_beta2, eps=g_eps, weight_decay=cfg.weight_decay, grafting="adam",
+      use_bias_correction=cfg.use_bias_correction, beta=cfg.b2, epsilon=cfg.epsilon, stats_every=1,
+      root_every=cfg.precondition_frequency, start_preconditioning_step=cfg.start, state_format="fp32",
+      max_order=int(cfg.max_preconditioner_dim))
+
+
+def missing_soap_semantics(cfg: soap.SoapConfig) -> list[str]:
+  """The reference SOAP semantics ``soap4(state_format="fp32")`` cannot express today."""
+  missing = [
+      "statistic folded from every gradient into a dense accumulator (soap4 folds only at refresh steps, "
+      "into the eigen-pair A = b Q diag(l) Q^T + (1-b) G G^T, which drops the off-diagonal part of Q^T A Q)",
+      "first basis from an exact eigh of the first statistic",
+      "second moment only permuted at a basis change (project_nu=False is the nearest option)",
+  ]
+  if cfg.weight_decay > 0.0:
+    missing.append("weight decay applied after the step, W <- (W - lr*c*N)(1 - lr*wd) (soap4: W - lr(c*N + wd*W))")
+  return missing
+
+
+def library_soap_twin(cfg: soap.SoapConfig) -> optax.GradientTransformation:
+  missing = missing_soap_semantics(cfg)
+  if missing:
+    raise NotImplementedError("; ".join(missing))
+  raise AssertionError("unreachable")  # pragma: no cover
+
+
+def max_relative_deviation(opt: optax.GradientTransformation, history: list[dict], params0: dict,
+                           loss_fn, batches) -> np.ndarray:
+  """Per call: ``max |W_lib - W_ref| / max |W_ref - W_0|`` over leaves, the library in float32.
+
+  ``history`` is a reference run (params after each call) on ``batches[call]``;
+  ``loss_fn(params, batch)`` is differentiated with ``jax.grad``.
+  """
+  params = {k: jnp.asarray(v, jnp.float32) for k, v in params0.items()}
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  deviations = []
+  for call, ref in enumerate(history):
+    batch = {key: jnp.asarray(value[call], jnp.float32) for key, value in batches.items()}
+    params, state = step(params, state, batch)
+    dev = 0.0
+    for name, value in params.items():
+      moved = np.max(np.abs(ref[name] - params0[name]))
+      diff = np.max(np.abs(np.asarray(value, np.float64) - ref[name]))
+      dev = max(dev, diff / moved if moved > 0 else (0.0 if diff == 0 else math.inf))
+    deviations.append(dev)
+  return np.asarray(deviations)
