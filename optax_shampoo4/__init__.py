@@ -9,9 +9,9 @@ from optax_shampoo4.alias import adagrad_shampoo4, adamw_shampoo4, distributed_s
 from optax_shampoo4.factors import EigenFactors, MatrixFactors
 from optax_shampoo4.memory import state_nbytes
 from optax_shampoo4.quantization import OffDiagQuantized, QuantizedArray, SplitRowsQuantized
+from optax_shampoo4.shampoo import ScaleByShampoo4State, scale_by_shampoo4
 from optax_shampoo4.sharding import state_sharding
 from optax_shampoo4.soap import ScaleBySoap4State, scale_by_soap4
-from optax_shampoo4.transform import ScaleByShampoo4State, scale_by_shampoo4
 
 __version__ = "0.1.0"
 

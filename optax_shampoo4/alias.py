@@ -16,7 +16,7 @@ import jax
 import optax
 
 from optax_shampoo4 import moments, validation
-from optax_shampoo4.transform import DEFAULT_REFRESH_METHOD, DEFAULT_REFRESH_TOL, scale_by_shampoo4
+from optax_shampoo4.shampoo import DEFAULT_REFRESH_METHOD, DEFAULT_REFRESH_TOL, scale_by_shampoo4
 
 _SHAMPOO_ARGS = tuple(inspect.signature(scale_by_shampoo4).parameters)
 
