@@ -6,24 +6,21 @@ paper's recipes (reference code ``ShampooAdamW`` / ``ShampooSGD``). The
 Shampoo options are explicit keyword-only arguments (not ``**kwargs``) so that
 ``optax.inject_hyperparams`` can inject ``beta``/``epsilon``; the
 shape-fixing ones default to None, which it leaves alone, so no
-``static_args`` are needed.
+``static_args`` are needed. Each alias forwards its options by keyword to
+the transforms it chains, which validate them (:mod:`optax_shampoo4.options`);
+the alias checks only what it adds (learning rate, weight decay, momentum,
+``moment_bits``).
 """
 
-import inspect
 from typing import Any, Callable
 
 import jax
 import optax
 
-from optax_shampoo4 import moments, validation
-from optax_shampoo4.shampoo import DEFAULT_REFRESH_METHOD, DEFAULT_REFRESH_TOL, scale_by_shampoo4
-
-_SHAMPOO_ARGS = tuple(inspect.signature(scale_by_shampoo4).parameters)
-
-
-def _shampoo_from(arguments: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
-  """``scale_by_shampoo4`` built from an alias's own (same-named) arguments."""
-  return scale_by_shampoo4(**{name: arguments[name] for name in _SHAMPOO_ARGS if name in arguments})
+from optax_shampoo4 import moments, options, validation
+from optax_shampoo4.options import DEFAULT_REFRESH_METHOD, DEFAULT_REFRESH_TOL
+from optax_shampoo4.shampoo import scale_by_shampoo4
+from optax_shampoo4.soap import scale_by_soap4
 
 
 def adamw_shampoo4(
@@ -95,13 +92,15 @@ def adamw_shampoo4(
     >>> opt = s4.adamw_shampoo4(1e-3, weight_decay=1e-2, stats_every=10, root_every=10)
     >>> state = opt.init({"w": jnp.zeros((8, 8))})
   """
-  shampoo = _shampoo_from(locals())
-  moments.check_moment_bits("moment_bits", moment_bits)
-  validation.check_learning_rate(learning_rate)
-  validation.check_range("b1", b1, 0.0, 1.0)
-  validation.check_range("b2", b2, 0.0, 1.0)
-  validation.check_range("eps", eps, 0.0, float("inf"))
-  validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
+  shampoo = scale_by_shampoo4(
+      max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
+      state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
+      min_quant_order=min_quant_order, bjorck_steps=bjorck_steps, root_method=root_method,
+      refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
+      mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
+      grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
+      combine=combine, store_root=store_root)
+  options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
       moments.scale_by_adam(b1=b1, b2=b2, eps=eps, bits=moment_bits),
@@ -171,13 +170,16 @@ def sgdm_shampoo4(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
-  shampoo = _shampoo_from(locals())
-  moments.check_moment_bits("moment_bits", moment_bits)
-  validation.check_learning_rate(learning_rate)
-  validation.check_range("momentum", momentum, 0.0, 1.0)
-  validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
-  if not isinstance(nesterov, bool):
-    raise TypeError(f"nesterov must be a bool, got nesterov={nesterov!r}")
+  shampoo = scale_by_shampoo4(
+      max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
+      state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
+      min_quant_order=min_quant_order, bjorck_steps=bjorck_steps, root_method=root_method,
+      refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
+      mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
+      grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
+      combine=combine, store_root=store_root)
+  options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
+  validation.check_range("momentum", momentum, 0.0, 1.0)  # moments.trace checks it as `decay`, in [0, 1]
   return optax.chain(
       shampoo,
       optax.add_decayed_weights(weight_decay, mask),
@@ -235,11 +237,15 @@ def adagrad_shampoo4(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
-  shampoo = _shampoo_from(locals())
-  moments.check_moment_bits("moment_bits", moment_bits)
-  validation.check_learning_rate(learning_rate)
-  validation.check_range("initial_accumulator_value", initial_accumulator_value, 0.0, float("inf"))
-  validation.check_range("eps", eps, 0.0, float("inf"))
+  shampoo = scale_by_shampoo4(
+      max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
+      state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
+      min_quant_order=min_quant_order, bjorck_steps=bjorck_steps, root_method=root_method,
+      refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
+      mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
+      grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
+      combine=combine, store_root=store_root)
+  options.check_alias_options(learning_rate, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
       moments.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps, bits=moment_bits),
@@ -311,7 +317,9 @@ def distributed_shampoo4(
     b1: decay of the filtered gradient :math:`M` (Meta's ``betas[0]``); 0 turns
       the filtering off.
     b2: :math:`\\beta_2` of the ``"rmsprop"`` / ``"adam"`` grafting.
-    eps: :math:`\\varepsilon` of the grafted method.
+    eps: :math:`\\varepsilon` of the grafted method (passed as
+      ``grafting_eps``); in the other aliases ``eps`` is the base optimizer's
+      (Adam's, Adagrad's) and Shampoo's own damping is always ``epsilon``.
     weight_decay: decoupled weight decay :math:`\\lambda`.
     mask: which parameters get weight decay, as in :func:`optax.adamw`.
     momentum: heavy-ball momentum :math:`\\mu` on the search direction (0: none).
@@ -345,12 +353,8 @@ def distributed_shampoo4(
     Distributed Shampoo Optimizer for Training Neural Networks At-Scale
     <https://arxiv.org/abs/2309.06497>`_, 2023.
   """
-  validation.check_learning_rate(learning_rate)
-  validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
-  validation.check_range("momentum", momentum, 0.0, 1.0)
-  moments.check_moment_bits("moment_bits", moment_bits)
-  if not isinstance(nesterov, bool):
-    raise TypeError(f"nesterov must be a bool, got nesterov={nesterov!r}")
+  options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
+  validation.check_range("momentum", momentum, 0.0, 1.0)  # moments.trace checks it as `decay`, in [0, 1]
   shampoo = scale_by_shampoo4(
       max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
       state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
@@ -422,15 +426,12 @@ def soap4(
     >>> opt = s4.soap4(3e-3, precondition_every=10)
     >>> state = opt.init({"w": jnp.zeros((8, 8))})
   """
-  from optax_shampoo4.soap import scale_by_soap4
-
   soap = scale_by_soap4(b1, b2, eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
                         max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format,
                         bits=bits, mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
                         bjorck_steps=bjorck_steps, mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits,
                         project_nu=project_nu, head_fraction=head_fraction)
-  validation.check_learning_rate(learning_rate)
-  validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
+  options.check_alias_options(learning_rate, weight_decay=weight_decay)
   return optax.chain(
       soap,
       optax.add_decayed_weights(weight_decay, mask),

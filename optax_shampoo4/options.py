@@ -292,7 +292,7 @@ def _head_fraction(value: Any) -> float:
   return float(value)
 
 
-def check_alias_options(learning_rate: Any, weight_decay: Any, moment_bits: Any) -> None:
+def check_alias_options(learning_rate: Any, *, weight_decay: Any = 0.0, moment_bits: Any = None) -> None:
   """Checks the options an alias adds to its transforms (the rest are checked where they are used).
 
   ``moment_bits`` is forwarded as ``bits`` to :mod:`optax_shampoo4.moments`,
