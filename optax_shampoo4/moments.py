@@ -1,9 +1,9 @@
 r"""Quantized first-order moments: 8- and 4-bit Adam, momentum and Adagrad states.
 
 Each moment tensor lives in the optimizer state as uint8 codes plus float32
-scales (:class:`QuantizedMoment`); every step dequantizes it, updates it in
+scales (:class:`~optax_shampoo4.moment_storage.QuantizedMoment`); every step dequantizes it, updates it in
 float32 and quantizes it again, all inside the jitted update, so state shapes
-and dtypes never change. The schemes (:data:`SCHEMES`):
+and dtypes never change. The schemes (:data:`~optax_shampoo4.moment_storage.SCHEMES`):
 
 * **8 bits** (Dettmers et al. 2022): block-wise absmax along the last axis,
   blocks of 256, the signed dynamic tree codebook for the first moment and the
@@ -27,9 +27,9 @@ and dtypes never change. The schemes (:data:`SCHEMES`):
   is 1.06x float32 Adam's with stochastic first moments and 1.89x with nearest
   rounding. The random bits are a counter-based hash of a key folded from the
   step count and of each element's index (:func:`~optax_shampoo4.moment_storage.rounding_uniform`),
-  so no key lives in the state and runs are reproducible. See :data:`SCHEMES`.
+  so no key lives in the state and runs are reproducible. See :data:`~optax_shampoo4.moment_storage.SCHEMES`.
 
-Tensors with fewer than :data:`MIN_QUANTIZED_SIZE` elements (biases, norms)
+Tensors with fewer than :data:`~optax_shampoo4.moment_storage.MIN_QUANTIZED_SIZE` elements (biases, norms)
 stay float32: quantizing them saves little memory and costs a kernel launch each.
 
 Failure policy: the update is computed from the new float32 moments, so a
@@ -55,25 +55,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_shampoo4 import validation
-from optax_shampoo4.moment_storage import (  # noqa: F401 (re-exported: the storage API of moments)
-  KINDS,
-  MIN_QUANTIZED_SIZE,
-  MOMENT_BITS,
-  RANK1,
-  SCHEMES,
-  QuantizedMoment,
-  Scheme,
-  check_moment_bits,
-  init_moment_trees,
-  join_stored,
-  load_moment,
-  moment_layout,
-  rounding_key,
-  split_stored,
-  store_moment,
-  store_moment_trees,
-)
+from optax_shampoo4 import moment_storage, validation
+
+
+def _load(codes: Any, scales: Any, shape: tuple[int, ...], bits: int, kind: str) -> jax.Array:
+  """The float32 moment of one leaf from its stored codes and scales."""
+  return moment_storage.load_moment(moment_storage.join_stored(codes, scales, shape, bits, kind))
 
 
 def _all_finite(*arrays: jax.Array) -> jax.Array:
@@ -123,7 +110,8 @@ def scale_by_adam(
     v \\leftarrow Q(\\beta_2 D(v) + (1-\\beta_2) g^2), \\quad
     u = \\frac{\\hat m}{\\sqrt{\\hat v + \\epsilon_{root}} + \\epsilon}
 
-  with :math:`D, Q` = :func:`load_moment`, :func:`store_moment`, and
+  with :math:`D, Q` = :func:`~optax_shampoo4.moment_storage.load_moment`,
+  :func:`~optax_shampoo4.moment_storage.store_moment`, and
   :math:`\\hat m, \\hat v` the bias-corrected float32 moments before
   quantization. Updates keep the gradient's dtype.
 
@@ -143,7 +131,7 @@ def scale_by_adam(
     >>> state[0].mu["w"].dtype, state[0].mu["b"].dtype  # the bias is too small to quantize
     (dtype('uint8'), dtype('float32'))
   """
-  check_moment_bits("bits", bits)
+  moment_storage.check_moment_bits("bits", bits)
   validation.check_range("b1", b1, 0.0, 1.0)
   validation.check_range("b2", b2, 0.0, 1.0)
   validation.check_range("eps", eps, 0.0, float("inf"))
@@ -152,8 +140,8 @@ def scale_by_adam(
     return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
 
   def init_fn(params):
-    mu, mu_scales = init_moment_trees(params, bits, "first")
-    nu, nu_scales = init_moment_trees(params, bits, "second")
+    mu, mu_scales = moment_storage.init_moment_trees(params, bits, "first")
+    nu, nu_scales = moment_storage.init_moment_trees(params, bits, "second")
     return QuantizedAdamState(jnp.zeros([], jnp.int32), mu, mu_scales, nu, nu_scales, jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -166,16 +154,16 @@ def scale_by_adam(
 
     def leaf(g, mu_codes, mu_scales, nu_codes, nu_scales):
       g32 = g.astype(jnp.float32)
-      mu = (1 - b1) * g32 + b1 * load_moment(join_stored(mu_codes, mu_scales, g.shape, bits, "first"))
-      nu = (1 - b2) * (g32 * g32) + b2 * load_moment(join_stored(nu_codes, nu_scales, g.shape, bits, "second"))
+      mu = (1 - b1) * g32 + b1 * _load(mu_codes, mu_scales, g.shape, bits, "first")
+      nu = (1 - b2) * (g32 * g32) + b2 * _load(nu_codes, nu_scales, g.shape, bits, "second")
       step = (mu / correction1) / (jnp.sqrt(nu / correction2 + eps_root) + eps)
       return step.astype(g.dtype), mu, nu, _all_finite(mu, nu)
 
     steps, mu, nu, finite = _map_moments(leaf, updates, state.mu, state.mu_scales, state.nu, state.nu_scales)
-    mu, mu_scales = store_moment_trees(mu, state.mu, state.mu_scales, finite, bits, "first",
-                                rounding_key(count, bits, "first"))
-    nu, nu_scales = store_moment_trees(nu, state.nu, state.nu_scales, finite, bits, "second",
-                                rounding_key(count, bits, "second"))
+    mu, mu_scales = moment_storage.store_moment_trees(mu, state.mu, state.mu_scales, finite, bits, "first",
+                                moment_storage.rounding_key(count, bits, "first"))
+    nu, nu_scales = moment_storage.store_moment_trees(nu, state.nu, state.nu_scales, finite, bits, "second",
+                                moment_storage.rounding_key(count, bits, "second"))
     return steps, QuantizedAdamState(count, mu, mu_scales, nu, nu_scales,
                                      _count_failures(state.nonfinite_count, finite))
 
@@ -213,7 +201,7 @@ def trace(
     >>> opt.init({"w": jnp.zeros((64, 128))}).trace["w"].shape  # two 4-bit codes a byte
     (64, 64)
   """
-  check_moment_bits("bits", bits)
+  moment_storage.check_moment_bits("bits", bits)
   validation.check_range("decay", decay, 0.0, 1.0, high_inclusive=True)
   if not isinstance(nesterov, bool):
     raise TypeError(f"nesterov must be a bool, got nesterov={nesterov!r}")
@@ -221,7 +209,7 @@ def trace(
     return optax.trace(decay=decay, nesterov=nesterov)
 
   def init_fn(params):
-    return QuantizedTraceState(jnp.zeros([], jnp.int32), *init_moment_trees(params, bits, "first"),
+    return QuantizedTraceState(jnp.zeros([], jnp.int32), *moment_storage.init_moment_trees(params, bits, "first"),
                                jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -232,13 +220,13 @@ def trace(
 
     def leaf(g, codes, scales):
       g32 = g.astype(jnp.float32)
-      buffer = g32 + decay * load_moment(join_stored(codes, scales, g.shape, bits, "first"))
+      buffer = g32 + decay * _load(codes, scales, g.shape, bits, "first")
       step = g32 + decay * buffer if nesterov else buffer
       return step.astype(g.dtype), buffer, _all_finite(buffer)
 
     steps, buffers, finite = _map_moments(leaf, updates, state.trace, state.trace_scales)
-    codes, scales = store_moment_trees(buffers, state.trace, state.trace_scales, finite, bits, "first",
-                                rounding_key(count, bits, "first"))
+    codes, scales = moment_storage.store_moment_trees(buffers, state.trace, state.trace_scales, finite, bits, "first",
+                                moment_storage.rounding_key(count, bits, "first"))
     return steps, QuantizedTraceState(count, codes, scales, _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -275,7 +263,7 @@ def scale_by_rss(
   Returns:
     An :class:`optax.GradientTransformation`.
   """
-  check_moment_bits("bits", bits)
+  moment_storage.check_moment_bits("bits", bits)
   validation.check_range("initial_accumulator_value", initial_accumulator_value, 0.0, float("inf"))
   validation.check_range("eps", eps, 0.0, float("inf"))
   if bits is None:
@@ -283,7 +271,7 @@ def scale_by_rss(
 
   def init_fn(params):
     return QuantizedRssState(jnp.zeros([], jnp.int32),
-                             *init_moment_trees(params, bits, "second", initial_accumulator_value),
+                             *moment_storage.init_moment_trees(params, bits, "second", initial_accumulator_value),
                              jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -294,21 +282,13 @@ def scale_by_rss(
 
     def leaf(g, codes, scales):
       g32 = g.astype(jnp.float32)
-      total = g32 * g32 + load_moment(join_stored(codes, scales, g.shape, bits, "second"))
+      total = g32 * g32 + _load(codes, scales, g.shape, bits, "second")
       step = jnp.where(total > 0, jax.lax.rsqrt(total + eps), 0.0) * g32
       return step.astype(g.dtype), total, _all_finite(total)
 
     steps, sums, finite = _map_moments(leaf, updates, state.sum_of_squares, state.sum_of_squares_scales)
-    codes, scales = store_moment_trees(sums, state.sum_of_squares, state.sum_of_squares_scales, finite, bits, "second",
-                                rounding_key(count, bits, "second"))
+    codes, scales = moment_storage.store_moment_trees(sums, state.sum_of_squares, state.sum_of_squares_scales, finite, bits, "second",
+                                moment_storage.rounding_key(count, bits, "second"))
     return steps, QuantizedRssState(count, codes, scales, _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-# The quantized states and, for each, its (codes field, scales field) pairs (used by memory.state_nbytes).
-QUANTIZED_STATES = {
-    QuantizedAdamState: (("mu", "mu_scales"), ("nu", "nu_scales")),
-    QuantizedTraceState: (("trace", "trace_scales"),),
-    QuantizedRssState: (("sum_of_squares", "sum_of_squares_scales"),),
-}

@@ -36,7 +36,7 @@ class ScaleBySoap4State(NamedTuple):
       orders and for ``state_format="fp32"``), stacked by order.
     mu: Adam's first moment, a tree like the parameters (float32; with
       ``moment_bits``, uint8 codes for tensors of at least
-      :data:`~optax_shampoo4.moments.MIN_QUANTIZED_SIZE` elements). For a
+      :data:`~optax_shampoo4.moment_storage.MIN_QUANTIZED_SIZE` elements). For a
       preconditioned leaf it holds the moment in the rotated basis
       :math:`Q_L^\\top M Q_R` (block by block), in the leaf's shape.
     nu: Adam's second moment, same layout as ``mu``.
