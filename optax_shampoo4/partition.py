@@ -344,7 +344,9 @@ def make_schedule(plan: Plan, num_shards: int, tolerance: float = 1.05, split_ro
   groups = []
   for shape in sorted(by_shape):
     blocks = tuple(by_shape[shape])
-    chunks = _choose_chunks(len(blocks), shape[0], num_shards, tolerance) if split_rows else 1
+    # Row chunks are rows of the left factor: blocks without one stay whole.
+    splittable = split_rows and blocks[0][1].left is not None
+    chunks = _choose_chunks(len(blocks), shape[0], num_shards, tolerance) if splittable else 1
     per_shard = -(-len(blocks) * chunks // num_shards)
     groups.append(BlockGroup(shape, blocks, chunks, per_shard))
   return Schedule(tuple(groups), num_shards)
