@@ -1,7 +1,7 @@
-"""Ready-made optimizers: 4-bit Shampoo in front of a first-order method.
+r"""Ready-made optimizers: 4-bit Shampoo in front of a first-order method.
 
 Each alias chains :func:`~optax_shampoo4.scale_by_shampoo4` (the grafted,
-preconditioned gradient :math:`\\tilde G`) with the base optimizer of the
+preconditioned gradient :math:`\tilde G`) with the base optimizer of the
 paper's recipes (reference code ``ShampooAdamW`` / ``ShampooSGD``). The
 Shampoo options are explicit keyword-only arguments (not ``**kwargs``) so that
 ``optax.inject_hyperparams`` can inject ``beta``/``epsilon``; the
@@ -57,22 +57,22 @@ def adamw_shampoo4(
     store_root: bool = True,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
+  r"""AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
 
   .. math::
 
-    m \\leftarrow \\beta_1 m + (1-\\beta_1)\\tilde G, \\quad
-    v \\leftarrow \\beta_2 v + (1-\\beta_2)\\tilde G^2, \\quad
-    W \\leftarrow W - \\eta\\Big(\\frac{\\hat m}{\\sqrt{\\hat v} + \\varepsilon}
-      + \\lambda W\\Big)
+    m \leftarrow \beta_1 m + (1-\beta_1)\tilde G, \quad
+    v \leftarrow \beta_2 v + (1-\beta_2)\tilde G^2, \quad
+    W \leftarrow W - \eta\Big(\frac{\hat m}{\sqrt{\hat v} + \varepsilon}
+      + \lambda W\Big)
 
-  where :math:`\\tilde G` is the output of :func:`scale_by_shampoo4` and
-  :math:`\\hat m, \\hat v` are bias-corrected (the paper's AdamW + Shampoo).
+  where :math:`\tilde G` is the output of :func:`scale_by_shampoo4` and
+  :math:`\hat m, \hat v` are bias-corrected (the paper's AdamW + Shampoo).
 
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps: Adam's moment decays and denominator epsilon.
-    weight_decay: decoupled weight decay :math:`\\lambda`.
+    weight_decay: decoupled weight decay :math:`\lambda`.
     mask: which parameters get weight decay (tree of bools or a callable), as
       in :func:`optax.adamw`.
     max_order, beta, epsilon, stats_every, root_every, state_format, bits,
@@ -142,21 +142,21 @@ def sgdm_shampoo4(
     store_root: bool = True,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
+  r"""SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
 
   .. math::
 
-    d = \\tilde G + \\lambda W, \\quad b \\leftarrow \\mu b + d, \\quad
-    W \\leftarrow W - \\eta\\,(d + \\mu b \\text{ if nesterov else } b)
+    d = \tilde G + \lambda W, \quad b \leftarrow \mu b + d, \quad
+    W \leftarrow W - \eta\,(d + \mu b \text{ if nesterov else } b)
 
   The decay term is added after preconditioning, so it is not preconditioned
   (reference code ``ShampooSGD``).
 
   Args:
     learning_rate: a float or an optax schedule.
-    momentum: :math:`\\mu`.
+    momentum: :math:`\mu`.
     nesterov: use Nesterov momentum.
-    weight_decay: coupled L2 coefficient :math:`\\lambda`.
+    weight_decay: coupled L2 coefficient :math:`\lambda`.
     mask: which parameters get weight decay.
     max_order, beta, epsilon, stats_every, root_every, state_format, bits,
       mapping, quant_block, min_quant_order, bjorck_steps, root_method,
@@ -288,22 +288,22 @@ def distributed_shampoo4(
     store_root: bool = True,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Distributed Shampoo's update rule (Shi et al. 2023) on the 4-bit Shampoo state.
+  r"""Distributed Shampoo's update rule (Shi et al. 2023) on the 4-bit Shampoo state.
 
   At step :math:`t` (from 1), with raw gradient :math:`G` and the grafted
   method's accumulator :math:`A` (Adam grafting shown):
 
   .. math::
 
-    L, R &\\leftarrow \\text{statistics of } G \\text{ (every } T_1 \\text{ steps; roots every } T_2) \\\\
-    A &\\leftarrow b_2 A + (1-b_2) G^2, \\qquad
-    M \\leftarrow b_1 M + (1-b_1) G, \\qquad X = M / (1-b_1^t) \\\\
-    P_g &= X / (\\sqrt{A/(1-b_2^t)} + \\varepsilon), \\qquad
-    P = \\begin{cases} P_g & t < t_0 \\\\
-      \\hat L X \\hat R\\;\\|P_g\\|_F / \\|\\hat L X \\hat R\\|_F & t \\ge t_0 \\end{cases}
-      \\ \\text{(norms per block)} \\\\
-    D &= P + \\lambda W, \\qquad B \\leftarrow \\mu B + D, \\qquad
-    W \\leftarrow W - \\eta\\,(D + \\mu B \\text{ if nesterov else } B)
+    L, R &\leftarrow \text{statistics of } G \text{ (every } T_1 \text{ steps; roots every } T_2) \\
+    A &\leftarrow b_2 A + (1-b_2) G^2, \qquad
+    M \leftarrow b_1 M + (1-b_1) G, \qquad X = M / (1-b_1^t) \\
+    P_g &= X / (\sqrt{A/(1-b_2^t)} + \varepsilon), \qquad
+    P = \begin{cases} P_g & t < t_0 \\
+      \hat L X \hat R\;\|P_g\|_F / \|\hat L X \hat R\|_F & t \ge t_0 \end{cases}
+      \ \text{(norms per block)} \\
+    D &= P + \lambda W, \qquad B \leftarrow \mu B + D, \qquad
+    W \leftarrow W - \eta\,(D + \mu B \text{ if nesterov else } B)
 
   so the first moment is shared between Shampoo and the grafted method (only
   the second moment is grafted), the weight decay is decoupled and the
@@ -316,13 +316,13 @@ def distributed_shampoo4(
     learning_rate: a float or an optax schedule.
     b1: decay of the filtered gradient :math:`M` (Meta's ``betas[0]``); 0 turns
       the filtering off.
-    b2: :math:`\\beta_2` of the ``"rmsprop"`` / ``"adam"`` grafting.
-    eps: :math:`\\varepsilon` of the grafted method (passed as
+    b2: :math:`\beta_2` of the ``"rmsprop"`` / ``"adam"`` grafting.
+    eps: :math:`\varepsilon` of the grafted method (passed as
       ``grafting_eps``); in the other aliases ``eps`` is the base optimizer's
       (Adam's, Adagrad's) and Shampoo's own damping is always ``epsilon``.
-    weight_decay: decoupled weight decay :math:`\\lambda`.
+    weight_decay: decoupled weight decay :math:`\lambda`.
     mask: which parameters get weight decay, as in :func:`optax.adamw`.
-    momentum: heavy-ball momentum :math:`\\mu` on the search direction (0: none).
+    momentum: heavy-ball momentum :math:`\mu` on the search direction (0: none).
     nesterov: Nesterov form of that momentum.
     grafting: the grafted method, ``"adam"`` (default), ``"rmsprop"``,
       ``"adagrad"``, ``"sgd"`` or ``"frobenius"``.
@@ -397,9 +397,9 @@ def soap4(
     project_nu: bool = True,
     head_fraction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """SOAP with a 4-bit eigenbasis, decoupled weight decay and a learning rate.
+  r"""SOAP with a 4-bit eigenbasis, decoupled weight decay and a learning rate.
 
-  .. math:: W \\leftarrow W - \\eta\\,(N + \\lambda W)
+  .. math:: W \leftarrow W - \eta\,(N + \lambda W)
 
   where :math:`N` is the output of :func:`~optax_shampoo4.scale_by_soap4`
   (Adam in the eigenbasis of Shampoo's factors). The defaults are the SOAP
@@ -409,7 +409,7 @@ def soap4(
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps: Adam's moment decays and denominator epsilon.
-    weight_decay: decoupled weight decay :math:`\\lambda`.
+    weight_decay: decoupled weight decay :math:`\lambda`.
     mask: which parameters get weight decay (tree of bools or a callable).
     shampoo_beta, precondition_every, max_order, max_precond_dim,
       state_format, bits, mapping, quant_block, min_quant_order,

@@ -117,7 +117,7 @@ class FactorEngine:
                                bucket_multiple=self.num_shards, max_precond_dim=self.max_precond_dim)
 
   def init_buckets(self, plan: partition.Plan, epsilon: jax.Array, with_root: bool = True) -> Buckets:
-    """Fresh buckets (statistic :math:`\\epsilon I`, root :math:`I`).
+    r"""Fresh buckets (statistic :math:`\epsilon I`, root :math:`I`).
 
     With ``with_root=False`` the buckets keep no inverse root (``root=None``):
     for optimizers that use the eigenbasis itself (SOAP).
@@ -129,7 +129,7 @@ class FactorEngine:
     return buckets
 
   def init_factors(self, params: Any, epsilon: Any, owner: str, with_root: bool = True) -> Any:
-    """Fresh buckets for ``params`` (:meth:`init_buckets` of their plan), after checking their dtypes.
+    r"""Fresh buckets for ``params`` (:meth:`init_buckets` of their plan), after checking their dtypes.
 
     ``optax.tree.map_params`` calls ``init`` on a placeholder that hides the
     parameter shapes; the buckets are then one opaque non-parameter leaf,
@@ -137,7 +137,7 @@ class FactorEngine:
 
     Args:
       params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
-      epsilon: the initial statistic is :math:`\\epsilon I`.
+      epsilon: the initial statistic is :math:`\epsilon I`.
       owner: the transformation's name, for error messages.
       with_root: keep an inverse root per factor (see :meth:`init_buckets`).
     """
@@ -219,12 +219,12 @@ class FactorEngine:
 
   def apply_blocks(self, plan: partition.Plan, matrices: list, stored: dict[str, fct.StoredMatrix],
                    fn: Callable[[Any, jax.Array, Any], jax.Array], split_rows: bool = True) -> list:
-    """``fn(left rows, block, right)`` for every block, each device on its share.
+    r"""``fn(left rows, block, right)`` for every block, each device on its share.
 
     For a block ``G`` (m×n) with left factor ``A`` (m×m) and right factor
     ``B`` (n×n), taken from ``stored`` (e.g. the roots), ``fn(A[r0:r1], G, B)``
     must return rows ``r0:r1`` of the block's result (m×n overall), as
-    :math:`\\hat L G \\hat R` does; a side without a factor (SOAP's
+    :math:`\hat L G \hat R` does; a side without a factor (SOAP's
     ``max_precond_dim``) is passed as None. Without a mesh ``fn`` gets whole
     factors, block by block (``r0, r1 = 0, m``). With a mesh the blocks follow
     :meth:`schedule`: blocks of one shape are stacked, cut into row chunks
@@ -403,9 +403,8 @@ def after_previous(inputs: Any, done: Buckets) -> Any:
   ``[k, n, n]`` float32 arrays each), not their maximum. XLA allocates that
   scratch at every call, untaken ``lax.cond`` branches included, and above
   glibc's mmap threshold (32 MiB) maps it afresh and page-faults it in at each
-  step: on the speed benchmark's model this took 4-bit SOAP's *plain* step
-  over 32 MiB and to 2.7x 4-bit Shampoo's; in sequence it has 28.4 MiB
-  (``benchmarks/speed.py``, ``scratch MiB``). Optimization barriers are dropped before XLA:CPU
+  step (the scratch per step is measured by ``benchmarks/speed.py``,
+  ``scratch MiB``; see the README). Optimization barriers are dropped before XLA:CPU
   schedules, so the dependence is data: ``+ z`` with
   ``z = (-0)·|min(finite values of the previous result)|``, which XLA cannot
   fold and which changes no value. It goes on the integer leaves (codes) where

@@ -202,12 +202,12 @@ def block_cost(rows: int, cols: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BlockGroup:
-  """The preconditioned blocks of one shape ``(m, n)``, cut into work items.
+  r"""The preconditioned blocks of one shape ``(m, n)``, cut into work items.
 
   Each block's output rows are cut into ``chunks`` chunks of ``rows`` rows (the
   last one padded past ``m``); item ``j`` is chunk ``j % chunks`` of block
-  ``j // chunks``. Rows ``[r0, r0 + rows)`` of :math:`\\hat L G \\hat R` are
-  :math:`\\hat L_{r_0:r_0+rows,:} G \\hat R`, so an item needs only those rows
+  ``j // chunks``. Rows ``[r0, r0 + rows)`` of :math:`\hat L G \hat R` are
+  :math:`\hat L_{r_0:r_0+rows,:} G \hat R`, so an item needs only those rows
   of the left root, and costs ``rows·n·(m + n)`` multiply-adds. Every device
   takes ``per_shard`` consecutive items; items past the real ones are padding.
 
@@ -309,7 +309,7 @@ def _choose_chunks(num_blocks: int, rows: int, num_shards: int, tolerance: float
 
 
 def make_schedule(plan: Plan, num_shards: int, tolerance: float = 1.05, split_rows: bool = True) -> Schedule:
-  """Splits the every-step ``L̂ G R̂`` products of ``plan`` over ``num_shards`` devices.
+  r"""Splits the every-step ``L̂ G R̂`` products of ``plan`` over ``num_shards`` devices.
 
   Blocks are grouped by shape; each group's blocks are cut into the fewest
   row chunks that bring its per-device share within ``tolerance`` of an even
@@ -322,7 +322,7 @@ def make_schedule(plan: Plan, num_shards: int, tolerance: float = 1.05, split_ro
     num_shards: number of devices sharing the work (1: one device does all).
     tolerance: allowed per-group overshoot over an even split.
     split_rows: False keeps every block whole (one chunk), for products that
-      need whole left factors (CASPR's :math:`\\hat L^2 G`).
+      need whole left factors (CASPR's :math:`\hat L^2 G`).
 
   Returns:
     A :class:`Schedule`.

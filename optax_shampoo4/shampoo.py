@@ -250,7 +250,7 @@ def make_engine(opts: options.ShampooOptions) -> engine.FactorEngine:
 
 
 def init(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, params: Any) -> ScaleByShampoo4State:
-  """The initial state: statistics :math:`\\epsilon I`, roots :math:`I`, zero counters."""
+  r"""The initial state: statistics :math:`\epsilon I`, roots :math:`I`, zero counters."""
   zero = jnp.zeros([], jnp.int32)
   graft_state = opts.grafting.init(params)
   buckets = factor_engine.init_factors(params, opts.epsilon, "scale_by_shampoo4", with_root=opts.store_root)
@@ -300,7 +300,7 @@ def refresh(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, bu
 
 def precondition_blocks(opts: options.ShampooOptions, factor_engine: engine.FactorEngine,
                         buckets: engine.Buckets, plan: partition.Plan, matrices: list) -> list:
-  """Per leaf, :math:`\\hat L X \\hat R` (or CASPR's combination) of every block of its matrix view.
+  r"""Per leaf, :math:`\hat L X \hat R` (or CASPR's combination) of every block of its matrix view.
 
   The roots are gathered still quantized (a quarter of the float32 bytes at 8
   bits, an eighth at 4); with a mesh each device dequantizes and applies only

@@ -27,7 +27,7 @@ soap_factor_config = options.soap_factor_config  # SOAP's FactorConfig from its 
 
 
 class ScaleBySoap4State(NamedTuple):
-  """State of :func:`scale_by_soap4`.
+  r"""State of :func:`scale_by_soap4`.
 
   Attributes:
     count: ``int32[]``, number of ``update`` calls so far.
@@ -38,7 +38,7 @@ class ScaleBySoap4State(NamedTuple):
       ``moment_bits``, uint8 codes for tensors of at least
       :data:`~optax_shampoo4.moment_storage.MIN_QUANTIZED_SIZE` elements). For a
       preconditioned leaf it holds the moment in the rotated basis
-      :math:`Q_L^\\top M Q_R` (block by block), in the leaf's shape.
+      :math:`Q_L^\top M Q_R` (block by block), in the leaf's shape.
     nu: Adam's second moment, same layout as ``mu``.
     nonfinite_steps: ``int32[]``, steps whose gradient held a NaN or Inf in any
       leaf (zero update; moments and factors untouched).
@@ -274,7 +274,7 @@ def update(opts: options.SoapOptions, factor_engine: engine.FactorEngine, update
 
 
 def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets: engine.Buckets) -> dict:
-  """Per bucket, the eigenvectors as rows (:math:`Q^\\top`), dequantized, rectified and gathered.
+  r"""Per bucket, the eigenvectors as rows (:math:`Q^\top`), dequantized, rectified and gathered.
 
   With an 8-bit head, each step rectifies the head and projects it out of the
   4-bit rows; the 4-bit rows' own Björck (:math:`2n^3` per factor, most of the
@@ -308,7 +308,7 @@ def store_moments(opts: options.SoapOptions, step: engine.Step, stepped: jax.Arr
 
 def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine, step: engine.Step, rows: dict,
                   mu: list, nu: list, stepped: jax.Array, adam_step: jax.Array) -> tuple[list, list, list]:
-  """``(outputs, mu, nu)``: Adam's step on the rotated gradient :math:`Q_L^\\top G Q_R`, rotated back.
+  r"""``(outputs, mu, nu)``: Adam's step on the rotated gradient :math:`Q_L^\top G Q_R`, rotated back.
 
   Where the step does not count (``stepped`` False: the first call, or a
   non-finite gradient) the output is zero and the moments are kept.
@@ -364,10 +364,10 @@ def _no_refresh(operand: tuple) -> tuple:
 
 def rotate(factor_engine: engine.FactorEngine, plan: partition.Plan, matrices: list, rows: dict,
            forward: bool) -> list:
-  """Per preconditioned leaf, every block rotated: :math:`R_L X R_R^\\top` (``forward``) or :math:`R_L^\\top X R_R`.
+  r"""Per preconditioned leaf, every block rotated: :math:`R_L X R_R^\top` (``forward``) or :math:`R_L^\top X R_R`.
 
   ``rows`` holds per factor the matrix :math:`R` (the basis as rows,
-  :math:`Q^\\top`, or a change of basis). The products are split over the
+  :math:`Q^\top`, or a change of basis). The products are split over the
   mesh (:meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`; the
   backward one in whole blocks, as it needs whole columns of :math:`R_L`).
   Other leaves give None.
@@ -385,7 +385,7 @@ def rotate_moments(factor_engine: engine.FactorEngine, plan: partition.Plan, mom
 
 
 def forward_product(left_rows: jax.Array | None, block: jax.Array, right: jax.Array | None) -> jax.Array:
-  """:math:`R_L X R_R^\\top` of one block (rows of it, given rows of :math:`R_L`); a None side is the identity."""
+  r""":math:`R_L X R_R^\top` of one block (rows of it, given rows of :math:`R_L`); a None side is the identity."""
   if left_rows is not None:
     block = linalg.matmul(left_rows, block)
   if right is not None:
@@ -394,7 +394,7 @@ def forward_product(left_rows: jax.Array | None, block: jax.Array, right: jax.Ar
 
 
 def backward_product(left: jax.Array | None, block: jax.Array, right: jax.Array | None) -> jax.Array:
-  """:math:`R_L^\\top X R_R` of one block; a None side is the identity."""
+  r""":math:`R_L^\top X R_R` of one block; a None side is the identity."""
   if left is not None:
     block = linalg.matmul(linalg.transpose(left), block)
   if right is not None:

@@ -116,7 +116,7 @@ def state_sharding(abstract_state: Any, mesh: Mesh, axis: str = "data",
 
 
 def convert_state(state: Any, tx: Any, params: Any, shardings: Any = None) -> Any:
-  """Converts an optimizer state to the factor layout of ``tx``: resume on another mesh.
+  r"""Converts an optimizer state to the factor layout of ``tx``: resume on another mesh.
 
   A transform built with ``mesh=`` pads every bucket's factor axis to a
   multiple of the mesh axis size, so states of the same optimizer on N and on
@@ -125,7 +125,7 @@ def convert_state(state: Any, tx: Any, params: Any, shardings: Any = None) -> An
   them are never used to precondition. This keeps the first
   ``min(k_old, k_new)`` factors of every bucket (all real ones, and possibly
   some old padding) and fills the remaining padding slots with fresh factors
-  (statistic :math:`\\epsilon I`, root :math:`I`), so the converted state
+  (statistic :math:`\epsilon I`, root :math:`I`), so the converted state
   continues the trajectory exactly as the old one would. Works on any state
   of the library's optimizers, chained ones included (e.g. ``adamw_shampoo4``).
 
@@ -273,6 +273,10 @@ def state_nbytes(state: Any) -> dict[str, int]:
   """
   parts = dict.fromkeys(PARTS, 0)
 
+  def add_codes(node: Any, kind: str) -> None:  # a QuantizedArray or a QuantizedMoment
+    parts[f"{kind}_codes"] += _nbytes(node.codes)
+    parts[f"{kind}_scales"] += _nbytes(node.scales)
+
   def add_stored(stored: Any) -> None:
     if stored is None:  # a part this format does not keep (SOAP's root, Jorge's statistic)
       return
@@ -283,8 +287,7 @@ def state_nbytes(state: Any) -> dict[str, int]:
       add_stored(stored.head)
       add_stored(stored.tail)
     elif isinstance(stored, qz.QuantizedArray):
-      parts["quantized_codes"] += _nbytes(stored.codes)
-      parts["quantized_scales"] += _nbytes(stored.scales)
+      add_codes(stored, "quantized")
     else:
       parts["dense_factors"] += _nbytes(stored)
 
@@ -302,8 +305,7 @@ def state_nbytes(state: Any) -> dict[str, int]:
         add_stored(node.stats)
         add_stored(node.root)
       elif isinstance(node, moment_storage.QuantizedMoment):
-        parts["moment_codes"] += _nbytes(node.codes)
-        parts["moment_scales"] += _nbytes(node.scales)
+        add_codes(node, "moment")
       elif quantized_fields(node):
         stored = [name for pair in quantized_fields(node) for name in pair]
         for name, tree in zip(node._fields, node):
