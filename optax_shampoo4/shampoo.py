@@ -22,10 +22,6 @@ from optax_shampoo4 import engine, linalg, options, partition
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import grafting as grafting_lib
 
-# Kept under their historical names (``from optax_shampoo4.shampoo import DEFAULT_REFRESH_METHOD``).
-DEFAULT_REFRESH_METHOD = options.DEFAULT_REFRESH_METHOD
-DEFAULT_REFRESH_TOL = options.DEFAULT_REFRESH_TOL
-
 
 class ScaleByShampoo4State(NamedTuple):
   """State of :func:`scale_by_shampoo4`.

@@ -141,7 +141,10 @@ def scale_by_soap4(
       (static; None: 1024).
     max_precond_dim: matrix dimensions above this are not rotated (static;
       None: 10000, the reference's value, which leaves vocabularies alone).
-    state_format: ``"eigen"`` (quantized eigenvectors) or ``"fp32"``.
+    state_format: ``"eigen"`` (float32 eigenvalues plus quantized
+      eigenvectors) or ``"fp32"`` (the same eigen-pairs with float32
+      eigenvectors; not Shampoo's ``"fp32"``, which stores dense statistics,
+      see :mod:`optax_shampoo4.options`).
     bits: bits per quantized eigenvector element: 4, 8, or 3 (eight codes
       packed in three bytes); None: 4.
     mapping: codebook, ``"linear2"``, ``"dynamic_tree"`` or ``"linear"``.
