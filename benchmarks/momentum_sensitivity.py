@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import cnn_digits  # noqa: E402
 import common  # noqa: E402
 
-from optax_shampoo4 import moments  # noqa: E402
+from optax_shampoo4 import moment_storage, moments  # noqa: E402
 
 DIVERGED = 5.0  # a minibatch loss above this (the loss starts at 2.3) counts as a blow-up
 ULP_NOISE = 1e-6  # ~8 float32 ulps: "the same fp32 optimizer, computed in another order"
@@ -83,7 +83,7 @@ def noisy_trace(decay: float, relative: float, stream: int) -> optax.GradientTra
     new = jax.tree.map(lambda g, b: g + decay * b, updates, buffers)
     leaves, treedef = jax.tree.flatten(new)
     keys = jax.random.split(jax.random.fold_in(jax.random.key(1000 + stream), count), len(leaves))
-    stored = [x * (1 + relative * jax.random.normal(k, x.shape)) if x.size >= moments.MIN_QUANTIZED_SIZE else x
+    stored = [x * (1 + relative * jax.random.normal(k, x.shape)) if x.size >= moment_storage.MIN_QUANTIZED_SIZE else x
               for x, k in zip(leaves, keys)]
     return new, (count + 1, treedef.unflatten(stored))
 
@@ -110,8 +110,8 @@ def make_optimizer(kind, stream: int, steps: int, lr: float = 0.1,
     # Another rounding stream: the key function is read when the step is traced, so main() restores it
     # after training.
     if stream:
-      original = moments.rounding_key
-      moments.rounding_key = lambda count, bits, kind_: jax.random.fold_in(original(count, bits, kind_), stream)
+      original = moment_storage.rounding_key
+      moment_storage.rounding_key = lambda count, bits, kind_: jax.random.fold_in(original(count, bits, kind_), stream)
     return common.make_optimizer(f"{base}_m8", schedule, 5e-4, momentum=0.9)
   trace = moments.trace  # the aliases build their momentum with moments.trace
   moments.trace = lambda decay, nesterov=False, bits=None: noisy_trace(decay, kind, stream)
@@ -160,7 +160,7 @@ def train_runs(args: argparse.Namespace, runs: list) -> dict:
   """``{seed: {run name: row}}`` from training every run of every seed."""
   example = cnn_digits.parse_args([])
   _, x_train, y_train, x_test, y_test = cnn_digits.load_data(example.dataset)
-  original_key = moments.rounding_key
+  original_key = moment_storage.rounding_key
   results: dict[str, dict[str, dict]] = {}
   for seed in args.seeds:
     batches = common.minibatch_indices(len(x_train), example.batch_size, example.steps, seed)
@@ -173,7 +173,7 @@ def train_runs(args: argparse.Namespace, runs: list) -> dict:
                               lambda m: cnn_digits.evaluate(m, x_test, y_test), steps=example.steps,
                               eval_every=example.steps)
       finally:
-        moments.rounding_key = original_key
+        moment_storage.rounding_key = original_key
       losses = np.asarray(run["train_losses"], np.float64)
       finite = bool(np.all(np.isfinite(losses)))
       blowups = np.nonzero(~np.isfinite(losses) | (losses > DIVERGED))[0]

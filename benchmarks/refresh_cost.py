@@ -36,7 +36,7 @@ from benchmarks.hlo_flops import dot_flops  # noqa: E402
 from benchmarks.speed import MODEL_SIZES, decoder_params  # noqa: E402
 from optax_shampoo4 import engine  # noqa: E402
 from optax_shampoo4 import factors as fct  # noqa: E402
-from optax_shampoo4.transform import DEFAULT_REFRESH_METHOD, DEFAULT_REFRESH_TOL  # noqa: E402
+from optax_shampoo4.options import DEFAULT_REFRESH_METHOD, DEFAULT_REFRESH_TOL  # noqa: E402
 
 METHODS = {
     "eigen, qr (the paper)": dict(refresh_method="qr"),

@@ -4,14 +4,25 @@ A composable :class:`optax.GradientTransformation` whose preconditioner state
 is stored as 4-bit quantized eigenvector matrices (Wang et al., NeurIPS 2024).
 """
 
-from optax_shampoo4 import factors, grafting, linalg, moments, partition, quantization, roots, sharding
+from optax_shampoo4 import (
+    factors,
+    grafting,
+    linalg,
+    moment_storage,
+    moments,
+    options,
+    partition,
+    quantization,
+    roots,
+    sharding,
+    state_utils,
+)
 from optax_shampoo4.alias import adagrad_shampoo4, adamw_shampoo4, distributed_shampoo4, sgdm_shampoo4, soap4
 from optax_shampoo4.factors import EigenFactors, MatrixFactors
-from optax_shampoo4.memory import state_nbytes
 from optax_shampoo4.quantization import OffDiagQuantized, QuantizedArray, SplitRowsQuantized
-from optax_shampoo4.sharding import state_sharding
+from optax_shampoo4.shampoo import ScaleByShampoo4State, scale_by_shampoo4
 from optax_shampoo4.soap import ScaleBySoap4State, scale_by_soap4
-from optax_shampoo4.transform import ScaleByShampoo4State, scale_by_shampoo4
+from optax_shampoo4.state_utils import convert_state, state_nbytes, state_sharding
 
 __version__ = "0.1.0"
 
@@ -25,11 +36,14 @@ __all__ = [
     "SplitRowsQuantized",
     "adagrad_shampoo4",
     "adamw_shampoo4",
+    "convert_state",
     "distributed_shampoo4",
     "factors",
     "grafting",
     "linalg",
+    "moment_storage",
     "moments",
+    "options",
     "partition",
     "quantization",
     "roots",
@@ -38,6 +52,7 @@ __all__ = [
     "sharding",
     "sgdm_shampoo4",
     "soap4",
+    "state_utils",
     "state_sharding",
     "state_nbytes",
 ]

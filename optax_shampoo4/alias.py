@@ -1,29 +1,26 @@
-"""Ready-made optimizers: 4-bit Shampoo in front of a first-order method.
+r"""Ready-made optimizers: 4-bit Shampoo in front of a first-order method.
 
 Each alias chains :func:`~optax_shampoo4.scale_by_shampoo4` (the grafted,
-preconditioned gradient :math:`\\tilde G`) with the base optimizer of the
+preconditioned gradient :math:`\tilde G`) with the base optimizer of the
 paper's recipes (reference code ``ShampooAdamW`` / ``ShampooSGD``). The
 Shampoo options are explicit keyword-only arguments (not ``**kwargs``) so that
 ``optax.inject_hyperparams`` can inject ``beta``/``epsilon``; the
 shape-fixing ones default to None, which it leaves alone, so no
-``static_args`` are needed.
+``static_args`` are needed. Each alias forwards its options by keyword to
+the transforms it chains, which validate them (:mod:`optax_shampoo4.options`);
+the alias checks only what it adds (learning rate, weight decay, momentum,
+``moment_bits``).
 """
 
-import inspect
 from typing import Any, Callable
 
 import jax
 import optax
 
-from optax_shampoo4 import moments, validation
-from optax_shampoo4.transform import DEFAULT_REFRESH_METHOD, DEFAULT_REFRESH_TOL, scale_by_shampoo4
-
-_SHAMPOO_ARGS = tuple(inspect.signature(scale_by_shampoo4).parameters)
-
-
-def _shampoo_from(arguments: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
-  """``scale_by_shampoo4`` built from an alias's own (same-named) arguments."""
-  return scale_by_shampoo4(**{name: arguments[name] for name in _SHAMPOO_ARGS if name in arguments})
+from optax_shampoo4 import moments, options, validation
+from optax_shampoo4.options import DEFAULT_REFRESH_METHOD, DEFAULT_REFRESH_TOL
+from optax_shampoo4.shampoo import scale_by_shampoo4
+from optax_shampoo4.soap import scale_by_soap4
 
 
 def adamw_shampoo4(
@@ -39,38 +36,38 @@ def adamw_shampoo4(
     epsilon: jax.typing.ArrayLike = 1e-6,
     stats_every: int = 100,
     root_every: int = 500,
-    state_format: str = "eigen",
+    state_format: options.StateFormat = "eigen",
     bits: int | None = None,
-    mapping: str = "linear2",
+    mapping: options.Mapping = "linear2",
     quant_block: int | None = None,
     min_quant_order: int | None = None,
     bjorck_steps: tuple[int, int] = (1, 4),
-    root_method: str | None = None,
-    refresh_method: str = DEFAULT_REFRESH_METHOD,
+    root_method: options.RootMethod | None = None,
+    refresh_method: options.RefreshMethod = DEFAULT_REFRESH_METHOD,
     qr_iterations: int | None = None,
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
-    grafting: str = "frobenius",
+    grafting: options.GraftingType = "frobenius",
     grafting_eps: jax.typing.ArrayLike | None = None,
     grafting_beta2: jax.typing.ArrayLike | None = None,
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
-    combine: str = "shampoo",
+    combine: options.Combine = "shampoo",
     store_root: bool = True,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
+  r"""AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
 
   .. math::
 
-    m \\leftarrow \\beta_1 m + (1-\\beta_1)\\tilde G, \\quad
-    v \\leftarrow \\beta_2 v + (1-\\beta_2)\\tilde G^2, \\quad
-    W \\leftarrow W - \\eta\\Big(\\frac{\\hat m}{\\sqrt{\\hat v} + \\varepsilon}
-      + \\lambda W\\Big)
+    m \leftarrow \beta_1 m + (1-\beta_1)\tilde G, \quad
+    v \leftarrow \beta_2 v + (1-\beta_2)\tilde G^2, \quad
+    W \leftarrow W - \eta\Big(\frac{\hat m}{\sqrt{\hat v} + \varepsilon}
+      + \lambda W\Big)
 
-  where :math:`\\tilde G` is the output of :func:`scale_by_shampoo4` and
-  :math:`\\hat m, \\hat v` are bias-corrected (the paper's AdamW + Shampoo).
+  where :math:`\tilde G` is the output of :func:`scale_by_shampoo4` and
+  :math:`\hat m, \hat v` are bias-corrected (the paper's AdamW + Shampoo).
 
   Keyword-only arguments ``max_order``, ``beta``, ``epsilon``, ``stats_every``, ``root_every``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
@@ -82,7 +79,7 @@ def adamw_shampoo4(
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps: Adam's moment decays and denominator epsilon.
-    weight_decay: decoupled weight decay :math:`\\lambda`.
+    weight_decay: decoupled weight decay :math:`\lambda`.
     mask: which parameters get weight decay (tree of bools or a callable), as
       in :func:`optax.adamw`.
     moment_bits: keyword-only; None keeps the base optimizer's state in
@@ -96,13 +93,15 @@ def adamw_shampoo4(
     >>> opt = s4.adamw_shampoo4(1e-3, weight_decay=1e-2, stats_every=10, root_every=10)
     >>> state = opt.init({"w": jnp.zeros((8, 8))})
   """
-  shampoo = _shampoo_from(locals())
-  moments.check_moment_bits("moment_bits", moment_bits)
-  validation.check_learning_rate(learning_rate)
-  validation.check_range("b1", b1, 0.0, 1.0)
-  validation.check_range("b2", b2, 0.0, 1.0)
-  validation.check_range("eps", eps, 0.0, float("inf"))
-  validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
+  shampoo = scale_by_shampoo4(
+      max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
+      state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
+      min_quant_order=min_quant_order, bjorck_steps=bjorck_steps, root_method=root_method,
+      refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
+      mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
+      grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
+      combine=combine, store_root=store_root)
+  options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
       moments.scale_by_adam(b1=b1, b2=b2, eps=eps, bits=moment_bits),
@@ -123,33 +122,33 @@ def sgdm_shampoo4(
     epsilon: jax.typing.ArrayLike = 1e-6,
     stats_every: int = 100,
     root_every: int = 500,
-    state_format: str = "eigen",
+    state_format: options.StateFormat = "eigen",
     bits: int | None = None,
-    mapping: str = "linear2",
+    mapping: options.Mapping = "linear2",
     quant_block: int | None = None,
     min_quant_order: int | None = None,
     bjorck_steps: tuple[int, int] = (1, 4),
-    root_method: str | None = None,
-    refresh_method: str = DEFAULT_REFRESH_METHOD,
+    root_method: options.RootMethod | None = None,
+    refresh_method: options.RefreshMethod = DEFAULT_REFRESH_METHOD,
     qr_iterations: int | None = None,
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
-    grafting: str = "frobenius",
+    grafting: options.GraftingType = "frobenius",
     grafting_eps: jax.typing.ArrayLike | None = None,
     grafting_beta2: jax.typing.ArrayLike | None = None,
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
-    combine: str = "shampoo",
+    combine: options.Combine = "shampoo",
     store_root: bool = True,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
+  r"""SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
 
   .. math::
 
-    d = \\tilde G + \\lambda W, \\quad b \\leftarrow \\mu b + d, \\quad
-    W \\leftarrow W - \\eta\\,(d + \\mu b \\text{ if nesterov else } b)
+    d = \tilde G + \lambda W, \quad b \leftarrow \mu b + d, \quad
+    W \leftarrow W - \eta\,(d + \mu b \text{ if nesterov else } b)
 
   The decay term is added after preconditioning, so it is not preconditioned
   (reference code ``ShampooSGD``).
@@ -163,9 +162,9 @@ def sgdm_shampoo4(
 
   Args:
     learning_rate: a float or an optax schedule.
-    momentum: :math:`\\mu`.
+    momentum: :math:`\mu`.
     nesterov: use Nesterov momentum.
-    weight_decay: coupled L2 coefficient :math:`\\lambda`.
+    weight_decay: coupled L2 coefficient :math:`\lambda`.
     mask: which parameters get weight decay.
     moment_bits: keyword-only; None keeps the base optimizer's state in
       float32, 8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`).
@@ -173,13 +172,16 @@ def sgdm_shampoo4(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
-  shampoo = _shampoo_from(locals())
-  moments.check_moment_bits("moment_bits", moment_bits)
-  validation.check_learning_rate(learning_rate)
-  validation.check_range("momentum", momentum, 0.0, 1.0)
-  validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
-  if not isinstance(nesterov, bool):
-    raise TypeError(f"nesterov must be a bool, got nesterov={nesterov!r}")
+  shampoo = scale_by_shampoo4(
+      max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
+      state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
+      min_quant_order=min_quant_order, bjorck_steps=bjorck_steps, root_method=root_method,
+      refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
+      mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
+      grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
+      combine=combine, store_root=store_root)
+  options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
+  validation.check_range("momentum", momentum, 0.0, 1.0)  # moments.trace checks it as `decay`, in [0, 1]
   return optax.chain(
       shampoo,
       optax.add_decayed_weights(weight_decay, mask),
@@ -198,24 +200,24 @@ def adagrad_shampoo4(
     epsilon: jax.typing.ArrayLike = 1e-6,
     stats_every: int = 100,
     root_every: int = 500,
-    state_format: str = "eigen",
+    state_format: options.StateFormat = "eigen",
     bits: int | None = None,
-    mapping: str = "linear2",
+    mapping: options.Mapping = "linear2",
     quant_block: int | None = None,
     min_quant_order: int | None = None,
     bjorck_steps: tuple[int, int] = (1, 4),
-    root_method: str | None = None,
-    refresh_method: str = DEFAULT_REFRESH_METHOD,
+    root_method: options.RootMethod | None = None,
+    refresh_method: options.RefreshMethod = DEFAULT_REFRESH_METHOD,
     qr_iterations: int | None = None,
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
-    grafting: str = "frobenius",
+    grafting: options.GraftingType = "frobenius",
     grafting_eps: jax.typing.ArrayLike | None = None,
     grafting_beta2: jax.typing.ArrayLike | None = None,
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
-    combine: str = "shampoo",
+    combine: options.Combine = "shampoo",
     store_root: bool = True,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -238,11 +240,15 @@ def adagrad_shampoo4(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
-  shampoo = _shampoo_from(locals())
-  moments.check_moment_bits("moment_bits", moment_bits)
-  validation.check_learning_rate(learning_rate)
-  validation.check_range("initial_accumulator_value", initial_accumulator_value, 0.0, float("inf"))
-  validation.check_range("eps", eps, 0.0, float("inf"))
+  shampoo = scale_by_shampoo4(
+      max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
+      state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
+      min_quant_order=min_quant_order, bjorck_steps=bjorck_steps, root_method=root_method,
+      refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
+      mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
+      grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
+      combine=combine, store_root=store_root)
+  options.check_alias_options(learning_rate, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
       moments.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps, bits=moment_bits),
@@ -260,24 +266,24 @@ def distributed_shampoo4(
     momentum: jax.typing.ArrayLike = 0.0,
     nesterov: bool = False,
     *,
-    grafting: str = "adam",
+    grafting: options.GraftingType = "adam",
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
-    combine: str = "shampoo",
+    combine: options.Combine = "shampoo",
     use_bias_correction: bool = True,
     max_order: int | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     epsilon: jax.typing.ArrayLike = 1e-6,
     stats_every: int = 10,
     root_every: int = 100,
-    state_format: str = "eigen",
+    state_format: options.StateFormat = "eigen",
     bits: int | None = None,
-    mapping: str = "linear2",
+    mapping: options.Mapping = "linear2",
     quant_block: int | None = None,
     min_quant_order: int | None = None,
     bjorck_steps: tuple[int, int] = (1, 4),
-    root_method: str | None = None,
-    refresh_method: str = DEFAULT_REFRESH_METHOD,
+    root_method: options.RootMethod | None = None,
+    refresh_method: options.RefreshMethod = DEFAULT_REFRESH_METHOD,
     qr_iterations: int | None = None,
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
@@ -285,22 +291,22 @@ def distributed_shampoo4(
     store_root: bool = True,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Distributed Shampoo's update rule (Shi et al. 2023) on the 4-bit Shampoo state.
+  r"""Distributed Shampoo's update rule (Shi et al. 2023) on the 4-bit Shampoo state.
 
   At step :math:`t` (from 1), with raw gradient :math:`G` and the grafted
   method's accumulator :math:`A` (Adam grafting shown):
 
   .. math::
 
-    L, R &\\leftarrow \\text{statistics of } G \\text{ (every } T_1 \\text{ steps; roots every } T_2) \\\\
-    A &\\leftarrow b_2 A + (1-b_2) G^2, \\qquad
-    M \\leftarrow b_1 M + (1-b_1) G, \\qquad X = M / (1-b_1^t) \\\\
-    P_g &= X / (\\sqrt{A/(1-b_2^t)} + \\varepsilon), \\qquad
-    P = \\begin{cases} P_g & t < t_0 \\\\
-      \\hat L X \\hat R\\;\\|P_g\\|_F / \\|\\hat L X \\hat R\\|_F & t \\ge t_0 \\end{cases}
-      \\ \\text{(norms per block)} \\\\
-    D &= P + \\lambda W, \\qquad B \\leftarrow \\mu B + D, \\qquad
-    W \\leftarrow W - \\eta\\,(D + \\mu B \\text{ if nesterov else } B)
+    L, R &\leftarrow \text{statistics of } G \text{ (every } T_1 \text{ steps; roots every } T_2) \\
+    A &\leftarrow b_2 A + (1-b_2) G^2, \qquad
+    M \leftarrow b_1 M + (1-b_1) G, \qquad X = M / (1-b_1^t) \\
+    P_g &= X / (\sqrt{A/(1-b_2^t)} + \varepsilon), \qquad
+    P = \begin{cases} P_g & t < t_0 \\
+      \hat L X \hat R\;\|P_g\|_F / \|\hat L X \hat R\|_F & t \ge t_0 \end{cases}
+      \ \text{(norms per block)} \\
+    D &= P + \lambda W, \qquad B \leftarrow \mu B + D, \qquad
+    W \leftarrow W - \eta\,(D + \mu B \text{ if nesterov else } B)
 
   so the first moment is shared between Shampoo and the grafted method (only
   the second moment is grafted), the weight decay is decoupled and the
@@ -319,11 +325,13 @@ def distributed_shampoo4(
     learning_rate: a float or an optax schedule.
     b1: decay of the filtered gradient :math:`M` (Meta's ``betas[0]``); 0 turns
       the filtering off.
-    b2: :math:`\\beta_2` of the ``"rmsprop"`` / ``"adam"`` grafting.
-    eps: :math:`\\varepsilon` of the grafted method.
-    weight_decay: decoupled weight decay :math:`\\lambda`.
+    b2: :math:`\beta_2` of the ``"rmsprop"`` / ``"adam"`` grafting.
+    eps: :math:`\varepsilon` of the grafted method (passed as
+      ``grafting_eps``); in the other aliases ``eps`` is the base optimizer's
+      (Adam's, Adagrad's) and Shampoo's own damping is always ``epsilon``.
+    weight_decay: decoupled weight decay :math:`\lambda`.
     mask: which parameters get weight decay, as in :func:`optax.adamw`.
-    momentum: heavy-ball momentum :math:`\\mu` on the search direction (0: none).
+    momentum: heavy-ball momentum :math:`\mu` on the search direction (0: none).
     nesterov: Nesterov form of that momentum.
     grafting: the grafted method, ``"adam"`` (default), ``"rmsprop"``,
       ``"adagrad"``, ``"sgd"`` or ``"frobenius"``.
@@ -348,12 +356,8 @@ def distributed_shampoo4(
     Distributed Shampoo Optimizer for Training Neural Networks At-Scale
     <https://arxiv.org/abs/2309.06497>`_, 2023.
   """
-  validation.check_learning_rate(learning_rate)
-  validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
-  validation.check_range("momentum", momentum, 0.0, 1.0)
-  moments.check_moment_bits("moment_bits", moment_bits)
-  if not isinstance(nesterov, bool):
-    raise TypeError(f"nesterov must be a bool, got nesterov={nesterov!r}")
+  options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
+  validation.check_range("momentum", momentum, 0.0, 1.0)  # moments.trace checks it as `decay`, in [0, 1]
   shampoo = scale_by_shampoo4(
       max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
       state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
@@ -384,9 +388,9 @@ def soap4(
     precondition_every: int | None = None,
     max_order: int | None = None,
     max_precond_dim: int | None = None,
-    state_format: str = "eigen",
+    state_format: options.SoapStateFormat = "eigen",
     bits: int | None = None,
-    mapping: str = "linear2",
+    mapping: options.Mapping = "linear2",
     quant_block: int | None = None,
     min_quant_order: int | None = None,
     bjorck_steps: tuple[int, int] = (1, 1),
@@ -396,9 +400,9 @@ def soap4(
     project_nu: bool = True,
     head_fraction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """SOAP with a 4-bit eigenbasis, decoupled weight decay and a learning rate.
+  r"""SOAP with a 4-bit eigenbasis, decoupled weight decay and a learning rate.
 
-  .. math:: W \\leftarrow W - \\eta\\,(N + \\lambda W)
+  .. math:: W \leftarrow W - \eta\,(N + \lambda W)
 
   where :math:`N` is the output of :func:`~optax_shampoo4.scale_by_soap4`
   (Adam in the eigenbasis of Shampoo's factors). The defaults are the SOAP
@@ -413,7 +417,7 @@ def soap4(
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps: Adam's moment decays and denominator epsilon.
-    weight_decay: decoupled weight decay :math:`\\lambda`.
+    weight_decay: decoupled weight decay :math:`\lambda`.
     mask: which parameters get weight decay (tree of bools or a callable).
     moment_bits: keyword-only; None (float32), 8 or 4: bits of the stored
       Adam moments (see :func:`~optax_shampoo4.scale_by_soap4`).
@@ -426,15 +430,12 @@ def soap4(
     >>> opt = s4.soap4(3e-3, precondition_every=10)
     >>> state = opt.init({"w": jnp.zeros((8, 8))})
   """
-  from optax_shampoo4.soap import scale_by_soap4
-
   soap = scale_by_soap4(b1, b2, eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
                         max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format,
                         bits=bits, mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
                         bjorck_steps=bjorck_steps, mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits,
                         project_nu=project_nu, head_fraction=head_fraction)
-  validation.check_learning_rate(learning_rate)
-  validation.check_range("weight_decay", weight_decay, 0.0, float("inf"))
+  options.check_alias_options(learning_rate, weight_decay=weight_decay)
   return optax.chain(
       soap,
       optax.add_decayed_weights(weight_decay, mask),

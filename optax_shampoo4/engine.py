@@ -1,6 +1,6 @@
 """The factor engine shared by every optimizer of the library.
 
-Shampoo (:mod:`optax_shampoo4.transform`) and SOAP (:mod:`optax_shampoo4.soap`)
+Shampoo (:mod:`optax_shampoo4.shampoo`) and SOAP (:mod:`optax_shampoo4.soap`)
 keep the same kind of state: per preconditioned block ``G`` (m×n) a left factor
 of order m and a right factor of order n, bucketed by order and storage kind
 (:mod:`optax_shampoo4.partition`), each bucket in one of the formats of
@@ -15,9 +15,13 @@ that an optimizer is only its own step:
   ``shard_map`` when a mesh is given, with the per-factor failure policy;
 * :meth:`FactorEngine.refresh_roots`: the inverse-root update (PIRU);
 * :meth:`FactorEngine.apply_blocks`: the every-step per-block products
-  (Shampoo's ``L̂ G R̂``), split over the mesh by a static
-  :class:`~optax_shampoo4.partition.Schedule` so that each device computes
-  only its share of the blocks, then all-gathered;
+  (Shampoo's ``L̂ G R̂``, CASPR's combination, SOAP's rotations), split over
+  the mesh by a static :class:`~optax_shampoo4.partition.Schedule` so that
+  each device computes only its share of the blocks, then all-gathered;
+* :meth:`FactorEngine.init_factors`, :meth:`FactorEngine.start_step` and
+  :func:`failure_counts`: the parts every optimizer's ``init`` / ``update``
+  shares (the ``optax.tree.map_params`` placeholder, the step prologue, the
+  failure counters of the state);
 * :func:`map_blocks`: apply a per-block function to a parameter's matrix view
   and reassemble it.
 """
@@ -25,17 +29,57 @@ that an optimizer is only its own step:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
 from optax_shampoo4 import factors as fct
-from optax_shampoo4 import linalg, partition, sharding
+from optax_shampoo4 import linalg, optax_compat, options, partition, sharding
 from optax_shampoo4 import quantization as qz
 
 Buckets = dict[str, fct.Bucket]
+
+
+class Step(NamedTuple):
+  """What every optimizer step starts from (:meth:`FactorEngine.start_step`).
+
+  Attributes:
+    leaves: the gradient leaves, in tree order.
+    treedef: the gradient tree's structure.
+    plan: the static plan of the gradient tree.
+    count: ``int32[]``, this step's number (the state's count plus one, saturating).
+    matrices: per leaf, its float32 matrix view (None for passthrough leaves).
+    grads_finite: ``bool[]``, whether every gradient element is finite.
+  """
+
+  leaves: list
+  treedef: Any
+  plan: partition.Plan
+  count: jax.Array
+  matrices: list
+  grads_finite: jax.Array
+
+
+def failure_counts(state: Any, grads_finite: jax.Array, refresh_due: jax.Array,
+                   failures: jax.Array) -> dict[str, jax.Array]:
+  """The state's failure counters after a step, as keyword arguments of the new state.
+
+  Args:
+    state: the previous state (with ``nonfinite_steps``, ``skipped_stats``, ``failed_refreshes``).
+    grads_finite: whether this step's gradient was finite.
+    refresh_due: whether this step was due to refresh the statistics.
+    failures: factor refreshes rejected as non-finite in this step.
+
+  Returns:
+    ``{"nonfinite_steps", "skipped_stats", "failed_refreshes"}``.
+  """
+  nonfinite = ~grads_finite
+  return dict(nonfinite_steps=state.nonfinite_steps + nonfinite.astype(jnp.int32),
+              skipped_stats=state.skipped_stats + (refresh_due & nonfinite).astype(jnp.int32),
+              failed_refreshes=state.failed_refreshes + failures)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +116,7 @@ class FactorEngine:
                                bucket_multiple=self.num_shards, max_precond_dim=self.max_precond_dim)
 
   def init_buckets(self, plan: partition.Plan, epsilon: jax.Array, with_root: bool = True) -> Buckets:
-    """Fresh buckets (statistic :math:`\\epsilon I`, root :math:`I`).
+    r"""Fresh buckets (statistic :math:`\epsilon I`, root :math:`I`).
 
     With ``with_root=False`` the buckets keep no inverse root (``root=None``):
     for optimizers that use the eigenbasis itself (SOAP).
@@ -82,6 +126,31 @@ class FactorEngine:
       bucket = fct.init_bucket(self.config, key.order, size, key.quantized, epsilon)
       buckets[key.name] = bucket if with_root else bucket._replace(root=None)
     return buckets
+
+  def init_factors(self, params: Any, epsilon: Any, owner: str, with_root: bool = True) -> Any:
+    r"""Fresh buckets for ``params`` (:meth:`init_buckets` of their plan), after checking their dtypes.
+
+    ``optax.tree.map_params`` calls ``init`` on a placeholder that hides the
+    parameter shapes; the buckets are then one opaque non-parameter leaf,
+    :data:`~optax_shampoo4.optax_compat.NON_PARAMS`.
+
+    Args:
+      params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+      epsilon: the initial statistic is :math:`\epsilon I`.
+      owner: the transformation's name, for error messages.
+      with_root: keep an inverse root per factor (see :meth:`init_buckets`).
+    """
+    if optax_compat.is_params_placeholder(params):
+      return optax_compat.NON_PARAMS
+    options.check_param_dtypes(params, owner)
+    return self.init_buckets(self.plan(params), epsilon, with_root=with_root)
+
+  def start_step(self, updates: Any, count: jax.Array) -> Step:
+    """The prologue of every step: flatten, plan, count, matrix views, finiteness."""
+    leaves, treedef = jax.tree.flatten(updates)
+    plan = self.plan(updates)
+    return Step(leaves, treedef, plan, optax.safe_increment(count), matrix_views(leaves, plan),
+                all_finite(leaves))
 
   def refresh_stats(self, buckets: Buckets, plan: partition.Plan, matrices: list, beta: jax.Array,
                     row_orders: dict[str, jax.Array] | None = None
@@ -144,31 +213,35 @@ class FactorEngine:
         self.mesh, self.mesh_axis, 1, 1)
     return {name: self.gathered(form(bucket, epsilon)) for name, bucket in buckets.items()}
 
-  def schedule(self, plan: partition.Plan) -> partition.Schedule:
+  def schedule(self, plan: partition.Plan, split_rows: bool = True) -> partition.Schedule:
     """The static split of the every-step block products over the mesh."""
-    return partition.make_schedule(plan, self.num_shards)
+    return partition.make_schedule(plan, self.num_shards, split_rows=split_rows)
 
   def apply_blocks(self, plan: partition.Plan, matrices: list, stored: dict[str, fct.StoredMatrix],
-                   fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]) -> list:
-    """``fn(left rows, block, right)`` for every block, each device on its share.
+                   fn: Callable[[Any, jax.Array, Any], jax.Array], split_rows: bool = True) -> list:
+    r"""``fn(left rows, block, right)`` for every block, each device on its share.
 
     For a block ``G`` (m×n) with left factor ``A`` (m×m) and right factor
     ``B`` (n×n), taken from ``stored`` (e.g. the roots), ``fn(A[r0:r1], G, B)``
     must return rows ``r0:r1`` of the block's result (m×n overall), as
-    :math:`\\hat L G \\hat R` does. Without a mesh ``fn`` gets whole factors,
-    block by block (``r0, r1 = 0, m``). With a mesh the blocks follow
+    :math:`\hat L G \hat R` does; a side without a factor (SOAP's
+    ``max_precond_dim``) is passed as None. Without a mesh ``fn`` gets whole
+    factors, block by block (``r0, r1 = 0, m``). With a mesh the blocks follow
     :meth:`schedule`: blocks of one shape are stacked, cut into row chunks
-    where that balances the work, and each device gathers its items' factors
-    from ``stored`` (which should be replicated and may be quantized),
-    dequantizes only those rows, runs ``fn`` batched over its items under
-    ``jax.shard_map`` and all-gathers the results. Every device thus does
-    ``1/N`` of the products (within :attr:`~optax_shampoo4.partition.Schedule.balance`).
+    where that balances the work (never with ``split_rows=False``, for an
+    ``fn`` that needs whole left factors), and each device gathers its
+    items' factors from ``stored`` (which should be replicated and may be
+    quantized), dequantizes only those rows, runs ``fn`` batched over its
+    items under ``jax.shard_map`` and all-gathers the results. Every device
+    thus does ``1/N`` of the products (within
+    :attr:`~optax_shampoo4.partition.Schedule.balance`).
 
     Args:
       plan: the plan of the tree.
       matrices: per leaf, its float32 matrix view (None for passthrough leaves).
       stored: ``{bucket name: stacked [k, order, order] matrices}``, quantized or not.
       fn: the per-block function on float32 arrays.
+      split_rows: whether ``fn`` may get rows of the left factor (else whole ones).
 
     Returns:
       Per leaf, the float32 result in the matrix view's shape (None for passthrough leaves).
@@ -177,13 +250,26 @@ class FactorEngine:
       factors = {name: fct.load(matrix) for name, matrix in stored.items()}
 
       def whole(block, b):
-        return fn(factors[b.left.bucket.name][b.left.index], block,
-                  factors[b.right.bucket.name][b.right.index])
+        return fn(_factor(factors, b.left), block, _factor(factors, b.right))
 
       return [map_blocks(matrix, lp, whole) if lp.preconditioned else None
               for matrix, lp in zip(matrices, plan.leaves)]
+    schedule = self.schedule(plan, split_rows)
+    results = self._apply_on_mesh(schedule, stored, matrices, fn)
+    where = {block: (g, position) for g, group in enumerate(schedule.groups)
+             for position, (_, block) in enumerate(group.blocks)}
 
-    schedule = self.schedule(plan)
+    def computed(block, b):
+      del block
+      g, position = where[b]
+      return results[g][position]
+
+    return sharding.like_inputs([map_blocks(matrix, lp, computed) if lp.preconditioned else None
+                                 for matrix, lp in zip(matrices, plan.leaves)], matrices, self.mesh)
+
+  def _apply_on_mesh(self, schedule: partition.Schedule, stored: dict, matrices: list,
+                     fn: Callable) -> list[jax.Array]:
+    """Per group of ``schedule``, ``fn`` of its blocks, ``[blocks, m, n]``, computed in shares and gathered."""
     axis, num_shards = self.mesh_axis, self.num_shards
 
     def on_each_device(stored, matrices):
@@ -199,17 +285,7 @@ class FactorEngine:
         results.append(whole[:, :m])
       return results
 
-    results = sharding.shard_map_replicated(on_each_device, self.mesh, stored, matrices)
-    where = {block: (g, position) for g, group in enumerate(schedule.groups)
-             for position, (_, block) in enumerate(group.blocks)}
-
-    def computed(block, b):
-      del block
-      g, position = where[b]
-      return results[g][position]
-
-    return sharding.like_inputs([map_blocks(matrix, lp, computed) if lp.preconditioned else None
-                                 for matrix, lp in zip(matrices, plan.leaves)], matrices, self.mesh)
+    return sharding.shard_map_replicated(on_each_device, self.mesh, stored, matrices)
 
   def keep_split(self, buckets: Buckets) -> Buckets:
     """Keeps the returned buckets split over the mesh (identity without one)."""
@@ -267,9 +343,15 @@ def _group_products(group: partition.BlockGroup, items: jax.Array, stored: dict,
   blocks = [matrices[leaf][b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] for leaf, b in group.blocks]
   stacked = jnp.stack(blocks + [jnp.zeros((m, n), jnp.float32)])  # the last one for padding items
   local_blocks = jnp.take(stacked, items[:, 0], axis=0)
-  left = load_rows(stored[group.left.name], items[:, 1], items[:, 3], group.rows)
-  right = fct.load(jax.tree.map(lambda x: jnp.take(x, items[:, 2], axis=0), stored[group.right.name]))
+  left = None if group.left is None else load_rows(stored[group.left.name], items[:, 1], items[:, 3], group.rows)
+  right = None if group.right is None else fct.load(
+      jax.tree.map(lambda x: jnp.take(x, items[:, 2], axis=0), stored[group.right.name]))
   return jax.vmap(fn)(left, local_blocks, right)
+
+
+def _factor(factors: dict[str, jax.Array], side: partition.FactorSlot | None) -> jax.Array | None:
+  """The factor of one side of a block (None for a side without one)."""
+  return None if side is None else factors[side.bucket.name][side.index]
 
 
 def load_rows(stored: fct.StoredMatrix, slots: jax.Array, first_rows: jax.Array, num_rows: int) -> jax.Array:
@@ -319,9 +401,8 @@ def after_previous(inputs: Any, done: Buckets) -> Any:
   ``[k, n, n]`` float32 arrays each), not their maximum. XLA allocates that
   scratch at every call, untaken ``lax.cond`` branches included, and above
   glibc's mmap threshold (32 MiB) maps it afresh and page-faults it in at each
-  step: on the speed benchmark's model this took 4-bit SOAP's *plain* step
-  over 32 MiB and to 2.7x 4-bit Shampoo's; in sequence it has 28.4 MiB
-  (``benchmarks/speed.py``, ``scratch MiB``). Optimization barriers are dropped before XLA:CPU
+  step (the scratch per step is measured by ``benchmarks/speed.py``,
+  ``scratch MiB``; see the README). Optimization barriers are dropped before XLA:CPU
   schedules, so the dependence is data: ``+ z`` with
   ``z = (-0)·|min(finite values of the previous result)|``, which XLA cannot
   fold and which changes no value. It goes on the integer leaves (codes) where

@@ -1,12 +1,12 @@
-"""Grafting: the step size of the Shampoo direction, borrowed from another optimizer.
+r"""Grafting: the step size of the Shampoo direction, borrowed from another optimizer.
 
-Shampoo's preconditioned direction :math:`P_S = \\hat L X \\hat R` has a good
+Shampoo's preconditioned direction :math:`P_S = \hat L X \hat R` has a good
 direction but a poorly scaled norm, so it is rescaled to the norm of a simpler
 optimizer's direction :math:`P_g` (the *grafted* method):
 
 .. math::
 
-  P = P_S \\, \\frac{\\|P_g\\|_F}{\\|P_S\\|_F + 10^{-12}}
+  P = P_S \, \frac{\|P_g\|_F}{\|P_S\|_F + 10^{-12}}
 
 with the norms per parameter tensor or per preconditioned block. ``X`` is what
 Shampoo preconditions: the gradient, or its bias-corrected EMA (Distributed
@@ -18,9 +18,9 @@ Shampoo's "filtered gradient", see ``filter_beta`` in
 =============  ==========================================================  ==========================
 ``frobenius``  :math:`X` (the 4-bit Shampoo paper; norms per tensor)        none
 ``sgd``        :math:`X` (Distributed Shampoo; norms per block)             none
-``adagrad``    :math:`X / (\\sqrt{A} + \\epsilon_g)`                          :math:`A + G^2`
-``rmsprop``    :math:`X / (\\sqrt{A} + \\epsilon_g)`                          :math:`\\beta_2 A + (1-\\beta_2) G^2`
-``adam``       :math:`X / (\\sqrt{A / (1-\\beta_2^t)} + \\epsilon_g)`         :math:`\\beta_2 A + (1-\\beta_2) G^2`
+``adagrad``    :math:`X / (\sqrt{A} + \epsilon_g)`                          :math:`A + G^2`
+``rmsprop``    :math:`X / (\sqrt{A} + \epsilon_g)`                          :math:`\beta_2 A + (1-\beta_2) G^2`
+``adam``       :math:`X / (\sqrt{A / (1-\beta_2^t)} + \epsilon_g)`         :math:`\beta_2 A + (1-\beta_2) G^2`
 =============  ==========================================================  ==========================
 
 The accumulator sees the raw gradient :math:`G`; only the second moment is
@@ -70,12 +70,12 @@ class GraftingState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Grafting:
-  """A resolved grafting configuration (see the module docstring).
+  r"""A resolved grafting configuration (see the module docstring).
 
   Attributes:
     kind: one of :data:`GRAFTING_TYPES`.
-    eps: :math:`\\epsilon_g` (may be traced).
-    beta2: :math:`\\beta_2` of ``rmsprop`` / ``adam`` (may be traced).
+    eps: :math:`\epsilon_g` (may be traced).
+    beta2: :math:`\beta_2` of ``rmsprop`` / ``adam`` (may be traced).
     per_block: take the norms per preconditioned block instead of per tensor.
     b1: None, or the EMA decay :math:`\beta_1` of the filtered gradient :math:`X` (may be traced).
     bias_correction: divide the filtered gradient by :math:`1-\beta_1^t`.

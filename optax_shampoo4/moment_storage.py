@@ -201,10 +201,10 @@ def store_moment(
 
   Example:
     >>> import jax.numpy as jnp, optax_shampoo4 as s4
-    >>> stored = s4.moments.store_moment(jnp.ones((64, 128)), bits=4, kind="second")
+    >>> stored = s4.moment_storage.store_moment(jnp.ones((64, 128)), bits=4, kind="second")
     >>> stored.codes.dtype, stored.codes.shape, stored.scales.shape  # rank-1: 64 row and 128 column maxima
     (dtype('uint8'), (64, 64), (192,))
-    >>> float(s4.moments.load_moment(stored).max())
+    >>> float(s4.moment_storage.load_moment(stored).max())
     1.0
   """
   check_moment_bits("bits", bits)

@@ -1,9 +1,9 @@
 r"""Quantized first-order moments: 8- and 4-bit Adam, momentum and Adagrad states.
 
 Each moment tensor lives in the optimizer state as uint8 codes plus float32
-scales (:class:`QuantizedMoment`); every step dequantizes it, updates it in
+scales (:class:`~optax_shampoo4.moment_storage.QuantizedMoment`); every step dequantizes it, updates it in
 float32 and quantizes it again, all inside the jitted update, so state shapes
-and dtypes never change. The schemes (:data:`SCHEMES`):
+and dtypes never change. The schemes (:data:`~optax_shampoo4.moment_storage.SCHEMES`):
 
 * **8 bits** (Dettmers et al. 2022): block-wise absmax along the last axis,
   blocks of 256, the signed dynamic tree codebook for the first moment and the
@@ -23,13 +23,12 @@ and dtypes never change. The schemes (:data:`SCHEMES`):
   :math:`m`), so momentum never decays; the transforms therefore round first
   moments *stochastically* (unbiased), and 8-bit second moments too. 4-bit
   second moments round to the nearest code, whose noise would otherwise enter
-  :math:`1/\sqrt{v}`. On an MLP on digits, 4-bit Adam's loss after 200 steps
-  is 1.06x float32 Adam's with stochastic first moments and 1.89x with nearest
-  rounding. The random bits are a counter-based hash of a key folded from the
+  :math:`1/\sqrt{v}` (the effect of the rounding on training: README,
+  "Quantized moments"). The random bits are a counter-based hash of a key folded from the
   step count and of each element's index (:func:`~optax_shampoo4.moment_storage.rounding_uniform`),
-  so no key lives in the state and runs are reproducible. See :data:`SCHEMES`.
+  so no key lives in the state and runs are reproducible. See :data:`~optax_shampoo4.moment_storage.SCHEMES`.
 
-Tensors with fewer than :data:`MIN_QUANTIZED_SIZE` elements (biases, norms)
+Tensors with fewer than :data:`~optax_shampoo4.moment_storage.MIN_QUANTIZED_SIZE` elements (biases, norms)
 stay float32: quantizing them saves little memory and costs a kernel launch each.
 
 Failure policy: the update is computed from the new float32 moments, so a
@@ -55,25 +54,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_shampoo4 import validation
-from optax_shampoo4.moment_storage import (  # noqa: F401 (re-exported: the storage API of moments)
-  KINDS,
-  MIN_QUANTIZED_SIZE,
-  MOMENT_BITS,
-  RANK1,
-  SCHEMES,
-  QuantizedMoment,
-  Scheme,
-  check_moment_bits,
-  init_moment_trees,
-  join_stored,
-  load_moment,
-  moment_layout,
-  rounding_key,
-  split_stored,
-  store_moment,
-  store_moment_trees,
-)
+from optax_shampoo4 import moment_storage, validation
+
+
+def _load(codes: Any, scales: Any, shape: tuple[int, ...], bits: int, kind: str) -> jax.Array:
+  """The float32 moment of one leaf from its stored codes and scales."""
+  return moment_storage.load_moment(moment_storage.join_stored(codes, scales, shape, bits, kind))
+
+
+def _store(values: Any, codes: Any, scales: Any, finite: Any, bits: int, kind: str, count: jax.Array) -> tuple:
+  """``(codes, scales)`` of the new moments, rounded with this step's key; non-finite leaves keep the old."""
+  return moment_storage.store_moment_trees(values, codes, scales, finite, bits, kind,
+                                           moment_storage.rounding_key(count, bits, kind))
 
 
 def _all_finite(*arrays: jax.Array) -> jax.Array:
@@ -115,22 +107,23 @@ def scale_by_adam(
     *,
     bits: int | None = 8,
 ) -> optax.GradientTransformation:
-  """Adam's rescaling with its moments stored in ``bits`` bits.
+  r"""Adam's rescaling with its moments stored in ``bits`` bits.
 
   .. math::
 
-    m \\leftarrow Q(\\beta_1 D(m) + (1-\\beta_1) g), \\quad
-    v \\leftarrow Q(\\beta_2 D(v) + (1-\\beta_2) g^2), \\quad
-    u = \\frac{\\hat m}{\\sqrt{\\hat v + \\epsilon_{root}} + \\epsilon}
+    m \leftarrow Q(\beta_1 D(m) + (1-\beta_1) g), \quad
+    v \leftarrow Q(\beta_2 D(v) + (1-\beta_2) g^2), \quad
+    u = \frac{\hat m}{\sqrt{\hat v + \epsilon_{root}} + \epsilon}
 
-  with :math:`D, Q` = :func:`load_moment`, :func:`store_moment`, and
-  :math:`\\hat m, \\hat v` the bias-corrected float32 moments before
+  with :math:`D, Q` = :func:`~optax_shampoo4.moment_storage.load_moment`,
+  :func:`~optax_shampoo4.moment_storage.store_moment`, and
+  :math:`\hat m, \hat v` the bias-corrected float32 moments before
   quantization. Updates keep the gradient's dtype.
 
   Args:
     b1, b2: decay rates of the first and second moments.
     eps: added to the denominator.
-    eps_root: added to :math:`\\hat v` inside the square root.
+    eps_root: added to :math:`\hat v` inside the square root.
     bits: 8 or 4; None gives exactly :func:`optax.scale_by_adam`.
 
   Returns:
@@ -143,7 +136,7 @@ def scale_by_adam(
     >>> state[0].mu["w"].dtype, state[0].mu["b"].dtype  # the bias is too small to quantize
     (dtype('uint8'), dtype('float32'))
   """
-  check_moment_bits("bits", bits)
+  moment_storage.check_moment_bits("bits", bits)
   validation.check_range("b1", b1, 0.0, 1.0)
   validation.check_range("b2", b2, 0.0, 1.0)
   validation.check_range("eps", eps, 0.0, float("inf"))
@@ -152,8 +145,8 @@ def scale_by_adam(
     return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
 
   def init_fn(params):
-    mu, mu_scales = init_moment_trees(params, bits, "first")
-    nu, nu_scales = init_moment_trees(params, bits, "second")
+    mu, mu_scales = moment_storage.init_moment_trees(params, bits, "first")
+    nu, nu_scales = moment_storage.init_moment_trees(params, bits, "second")
     return QuantizedAdamState(jnp.zeros([], jnp.int32), mu, mu_scales, nu, nu_scales, jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -166,16 +159,14 @@ def scale_by_adam(
 
     def leaf(g, mu_codes, mu_scales, nu_codes, nu_scales):
       g32 = g.astype(jnp.float32)
-      mu = (1 - b1) * g32 + b1 * load_moment(join_stored(mu_codes, mu_scales, g.shape, bits, "first"))
-      nu = (1 - b2) * (g32 * g32) + b2 * load_moment(join_stored(nu_codes, nu_scales, g.shape, bits, "second"))
+      mu = (1 - b1) * g32 + b1 * _load(mu_codes, mu_scales, g.shape, bits, "first")
+      nu = (1 - b2) * (g32 * g32) + b2 * _load(nu_codes, nu_scales, g.shape, bits, "second")
       step = (mu / correction1) / (jnp.sqrt(nu / correction2 + eps_root) + eps)
       return step.astype(g.dtype), mu, nu, _all_finite(mu, nu)
 
     steps, mu, nu, finite = _map_moments(leaf, updates, state.mu, state.mu_scales, state.nu, state.nu_scales)
-    mu, mu_scales = store_moment_trees(mu, state.mu, state.mu_scales, finite, bits, "first",
-                                rounding_key(count, bits, "first"))
-    nu, nu_scales = store_moment_trees(nu, state.nu, state.nu_scales, finite, bits, "second",
-                                rounding_key(count, bits, "second"))
+    mu, mu_scales = _store(mu, state.mu, state.mu_scales, finite, bits, "first", count)
+    nu, nu_scales = _store(nu, state.nu, state.nu_scales, finite, bits, "second", count)
     return steps, QuantizedAdamState(count, mu, mu_scales, nu, nu_scales,
                                      _count_failures(state.nonfinite_count, finite))
 
@@ -194,13 +185,13 @@ class QuantizedTraceState(NamedTuple):
 def trace(
     decay: jax.typing.ArrayLike, nesterov: bool = False, *, bits: int | None = 8
 ) -> optax.GradientTransformation:
-  """Momentum :math:`b \\leftarrow Q(g + \\mu D(b))`, stored in ``bits`` bits.
+  r"""Momentum :math:`b \leftarrow Q(g + \mu D(b))`, stored in ``bits`` bits.
 
-  Returns :math:`b` (or :math:`g + \\mu b` with ``nesterov``), in the
+  Returns :math:`b` (or :math:`g + \mu b` with ``nesterov``), in the
   gradient's dtype; ``bits=None`` gives exactly :func:`optax.trace`.
 
   Args:
-    decay: the momentum :math:`\\mu`.
+    decay: the momentum :math:`\mu`.
     nesterov: use Nesterov momentum.
     bits: 8 or 4; None for float32 (optax).
 
@@ -213,7 +204,7 @@ def trace(
     >>> opt.init({"w": jnp.zeros((64, 128))}).trace["w"].shape  # two 4-bit codes a byte
     (64, 64)
   """
-  check_moment_bits("bits", bits)
+  moment_storage.check_moment_bits("bits", bits)
   validation.check_range("decay", decay, 0.0, 1.0, high_inclusive=True)
   if not isinstance(nesterov, bool):
     raise TypeError(f"nesterov must be a bool, got nesterov={nesterov!r}")
@@ -221,7 +212,7 @@ def trace(
     return optax.trace(decay=decay, nesterov=nesterov)
 
   def init_fn(params):
-    return QuantizedTraceState(jnp.zeros([], jnp.int32), *init_moment_trees(params, bits, "first"),
+    return QuantizedTraceState(jnp.zeros([], jnp.int32), *moment_storage.init_moment_trees(params, bits, "first"),
                                jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -232,13 +223,12 @@ def trace(
 
     def leaf(g, codes, scales):
       g32 = g.astype(jnp.float32)
-      buffer = g32 + decay * load_moment(join_stored(codes, scales, g.shape, bits, "first"))
+      buffer = g32 + decay * _load(codes, scales, g.shape, bits, "first")
       step = g32 + decay * buffer if nesterov else buffer
       return step.astype(g.dtype), buffer, _all_finite(buffer)
 
     steps, buffers, finite = _map_moments(leaf, updates, state.trace, state.trace_scales)
-    codes, scales = store_moment_trees(buffers, state.trace, state.trace_scales, finite, bits, "first",
-                                rounding_key(count, bits, "first"))
+    codes, scales = _store(buffers, state.trace, state.trace_scales, finite, bits, "first", count)
     return steps, QuantizedTraceState(count, codes, scales, _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -259,7 +249,7 @@ def scale_by_rss(
     *,
     bits: int | None = 8,
 ) -> optax.GradientTransformation:
-  """Adagrad's rescaling :math:`g / \\sqrt{s + \\epsilon}`, :math:`s \\leftarrow Q(D(s) + g^2)`.
+  r"""Adagrad's rescaling :math:`g / \sqrt{s + \epsilon}`, :math:`s \leftarrow Q(D(s) + g^2)`.
 
   The accumulator is stored as a ``"second"`` moment (non-negative, never
   rounded to 0 once positive). A sum rounded to the nearest code every step
@@ -275,7 +265,7 @@ def scale_by_rss(
   Returns:
     An :class:`optax.GradientTransformation`.
   """
-  check_moment_bits("bits", bits)
+  moment_storage.check_moment_bits("bits", bits)
   validation.check_range("initial_accumulator_value", initial_accumulator_value, 0.0, float("inf"))
   validation.check_range("eps", eps, 0.0, float("inf"))
   if bits is None:
@@ -283,7 +273,7 @@ def scale_by_rss(
 
   def init_fn(params):
     return QuantizedRssState(jnp.zeros([], jnp.int32),
-                             *init_moment_trees(params, bits, "second", initial_accumulator_value),
+                             *moment_storage.init_moment_trees(params, bits, "second", initial_accumulator_value),
                              jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -294,21 +284,12 @@ def scale_by_rss(
 
     def leaf(g, codes, scales):
       g32 = g.astype(jnp.float32)
-      total = g32 * g32 + load_moment(join_stored(codes, scales, g.shape, bits, "second"))
+      total = g32 * g32 + _load(codes, scales, g.shape, bits, "second")
       step = jnp.where(total > 0, jax.lax.rsqrt(total + eps), 0.0) * g32
       return step.astype(g.dtype), total, _all_finite(total)
 
     steps, sums, finite = _map_moments(leaf, updates, state.sum_of_squares, state.sum_of_squares_scales)
-    codes, scales = store_moment_trees(sums, state.sum_of_squares, state.sum_of_squares_scales, finite, bits, "second",
-                                rounding_key(count, bits, "second"))
+    codes, scales = _store(sums, state.sum_of_squares, state.sum_of_squares_scales, finite, bits, "second", count)
     return steps, QuantizedRssState(count, codes, scales, _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-# The quantized states and, for each, its (codes field, scales field) pairs (used by memory.state_nbytes).
-QUANTIZED_STATES = {
-    QuantizedAdamState: (("mu", "mu_scales"), ("nu", "nu_scales")),
-    QuantizedTraceState: (("trace", "trace_scales"),),
-    QuantizedRssState: (("sum_of_squares", "sum_of_squares_scales"),),
-}

@@ -202,12 +202,12 @@ def block_cost(rows: int, cols: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BlockGroup:
-  """The preconditioned blocks of one shape ``(m, n)``, cut into work items.
+  r"""The preconditioned blocks of one shape ``(m, n)``, cut into work items.
 
   Each block's output rows are cut into ``chunks`` chunks of ``rows`` rows (the
   last one padded past ``m``); item ``j`` is chunk ``j % chunks`` of block
-  ``j // chunks``. Rows ``[r0, r0 + rows)`` of :math:`\\hat L G \\hat R` are
-  :math:`\\hat L_{r_0:r_0+rows,:} G \\hat R`, so an item needs only those rows
+  ``j // chunks``. Rows ``[r0, r0 + rows)`` of :math:`\hat L G \hat R` are
+  :math:`\hat L_{r_0:r_0+rows,:} G \hat R`, so an item needs only those rows
   of the left root, and costs ``rows·n·(m + n)`` multiply-adds. Every device
   takes ``per_shard`` consecutive items; items past the real ones are padding.
 
@@ -229,12 +229,16 @@ class BlockGroup:
     return -(-self.shape[0] // self.chunks)
 
   @property
-  def left(self) -> BucketKey:
-    return self.blocks[0][1].left.bucket
+  def left(self) -> BucketKey | None:
+    """The bucket of the blocks' left factors (None: that side is not preconditioned)."""
+    side = self.blocks[0][1].left
+    return None if side is None else side.bucket
 
   @property
-  def right(self) -> BucketKey:
-    return self.blocks[0][1].right.bucket
+  def right(self) -> BucketKey | None:
+    """The bucket of the blocks' right factors (None: that side is not preconditioned)."""
+    side = self.blocks[0][1].right
+    return None if side is None else side.bucket
 
   @property
   def item_cost(self) -> int:
@@ -245,13 +249,14 @@ class BlockGroup:
     """Per device, its items as ``(block position, left slot, right slot, first row)``.
 
     Padding items have block position ``len(blocks)`` (a zero block) and the
-    slots of the first block.
+    slots of the first block; a side without a factor has slot 0 (unused).
     """
-    pad_block = (len(self.blocks), self.blocks[0][1].left.index, self.blocks[0][1].right.index, 0)
+    first = self.blocks[0][1]
+    pad_block = (len(self.blocks), _slot(first.left), _slot(first.right), 0)
     flat = []
     for position, (_, block) in enumerate(self.blocks):
       for chunk in range(self.chunks):
-        flat.append((position, block.left.index, block.right.index, chunk * self.rows))
+        flat.append((position, _slot(block.left), _slot(block.right), chunk * self.rows))
     flat += [pad_block] * (num_shards * self.per_shard - len(flat))
     return [flat[d * self.per_shard:(d + 1) * self.per_shard] for d in range(num_shards)]
 
@@ -285,6 +290,10 @@ class Schedule:
     return self.shard_cost * self.num_shards / max(self.total_cost, 1)
 
 
+def _slot(side: FactorSlot | None) -> int:
+  return 0 if side is None else side.index
+
+
 def _choose_chunks(num_blocks: int, rows: int, num_shards: int, tolerance: float) -> int:
   """The fewest row chunks per block whose per-device rows are within ``tolerance`` of ideal."""
 
@@ -299,8 +308,8 @@ def _choose_chunks(num_blocks: int, rows: int, num_shards: int, tolerance: float
   return min(candidates, key=lambda c: (per_device_rows(c), c))
 
 
-def make_schedule(plan: Plan, num_shards: int, tolerance: float = 1.05) -> Schedule:
-  """Splits the every-step ``L̂ G R̂`` products of ``plan`` over ``num_shards`` devices.
+def make_schedule(plan: Plan, num_shards: int, tolerance: float = 1.05, split_rows: bool = True) -> Schedule:
+  r"""Splits the every-step ``L̂ G R̂`` products of ``plan`` over ``num_shards`` devices.
 
   Blocks are grouped by shape; each group's blocks are cut into the fewest
   row chunks that bring its per-device share within ``tolerance`` of an even
@@ -312,6 +321,8 @@ def make_schedule(plan: Plan, num_shards: int, tolerance: float = 1.05) -> Sched
     plan: the plan of the gradient tree.
     num_shards: number of devices sharing the work (1: one device does all).
     tolerance: allowed per-group overshoot over an even split.
+    split_rows: False keeps every block whole (one chunk), for products that
+      need whole left factors (CASPR's :math:`\hat L^2 G`).
 
   Returns:
     A :class:`Schedule`.
@@ -333,7 +344,9 @@ def make_schedule(plan: Plan, num_shards: int, tolerance: float = 1.05) -> Sched
   groups = []
   for shape in sorted(by_shape):
     blocks = tuple(by_shape[shape])
-    chunks = _choose_chunks(len(blocks), shape[0], num_shards, tolerance)
+    # Row chunks are rows of the left factor: blocks without one stay whole.
+    splittable = split_rows and blocks[0][1].left is not None
+    chunks = _choose_chunks(len(blocks), shape[0], num_shards, tolerance) if splittable else 1
     per_shard = -(-len(blocks) * chunks // num_shards)
     groups.append(BlockGroup(shape, blocks, chunks, per_shard))
   return Schedule(tuple(groups), num_shards)

@@ -15,7 +15,7 @@ results. Checked here on 8 virtual CPU devices (``tests/conftest.py``):
   the gated refresh branches) are the schedule's, and at most 0.3x the
   single-device program's on 8 devices;
 * a run that moves 8 -> 4 -> 1 -> 8 devices through orbax checkpoints and
-  :func:`s4.sharding.convert_state` follows the single-device run.
+  :func:`s4.convert_state` follows the single-device run.
 
 As in ``tests/test_sharding.py``, every result is blocked on before the next
 program starts (XLA's in-process CPU collectives can deadlock otherwise).
@@ -339,7 +339,7 @@ def test_resume_on_8_4_1_8_devices_follows_the_single_device_run(tmp_path, kind)
       target = jax.eval_shape(saved_tx.init, abstract_params)
       restored = _restore(tmp_path / f"phase{phase - 1}", {"params": abstract_params, "opt_state": target})
       params = restored["params"]
-      state = s4.sharding.convert_state(restored["opt_state"], tx, abstract_params, state_shardings)
+      state = s4.convert_state(restored["opt_state"], tx, abstract_params, state_shardings)
     state = jax.block_until_ready(state)
     sizes.append(jax.tree.leaves(state[0].factors["order16_q"])[0].shape[0])
     params = jax.device_put(params, param_shardings)

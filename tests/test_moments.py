@@ -17,6 +17,7 @@ from jax import lax
 import optax_shampoo4 as s4
 
 M = s4.moments
+MS = s4.moment_storage
 KEY = jax.random.PRNGKey(0)
 SHAMPOO = dict(stats_every=2, root_every=3, min_quant_order=8, quant_block=4)
 STATIC = ("max_order", "stats_every", "root_every", "bits", "quant_block", "min_quant_order")
@@ -93,11 +94,11 @@ BLOCK_BOUNDS = {(8, "first"): 0.00704, (8, "second"): 0.00352, (4, "first"): 0.1
 @pytest.mark.parametrize("bits,kind", list(BLOCK_BOUNDS))
 def test_block_round_trip_matches_numpy_within_stated_bound(bits, kind):
   x = _heavy_tailed((48, 700), seed=bits, positive=kind == "second")  # 700: a partial last block
-  stored = M.store_moment(x, bits, kind)
-  scheme = M.SCHEMES[bits, kind]
-  assert isinstance(stored, M.QuantizedMoment) and stored.block == scheme.block
+  stored = MS.store_moment(x, bits, kind)
+  scheme = MS.SCHEMES[bits, kind]
+  assert isinstance(stored, MS.QuantizedMoment) and stored.block == scheme.block
   assert stored.codes.dtype == jnp.uint8 and stored.codes.shape == (48, 700 * bits // 8)
-  got = np.asarray(M.load_moment(stored))
+  got = np.asarray(MS.load_moment(stored))
   want, scale = _numpy_block(x, scheme.mapping, bits, scheme.block, positive_floor=kind == "second")
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
   error = np.abs(got - x) / scale
@@ -106,10 +107,10 @@ def test_block_round_trip_matches_numpy_within_stated_bound(bits, kind):
 
 def test_rank1_second_moment_round_trip_matches_numpy_within_stated_bound():
   v = _heavy_tailed((96, 301), seed=3, positive=True)
-  stored = M.store_moment(v, 4, "second")
-  assert stored.block == M.RANK1 and stored.codes.shape == (96, 151)
+  stored = MS.store_moment(v, 4, "second")
+  assert stored.block == MS.RANK1 and stored.codes.shape == (96, 151)
   assert stored.scales.shape == (96 + 301,)  # row maxima, then column maxima
-  got = np.asarray(M.load_moment(stored))
+  got = np.asarray(MS.load_moment(stored))
   want, normalizer = _numpy_rank1(v)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   # Values at least one code step up are within half a step (1/32 of min(r_i, c_j)); smaller ones are
@@ -126,7 +127,7 @@ def test_second_moment_never_negative_and_positive_never_zero(bits):
   v[0, :5] = [1e-30, 1e-20, 1e-10, 1.0, 1e30]  # ~60 decades in one row (and block)
   for tensor in (v, v.reshape(-1)):  # rank-1 (4 bits) and block-wise
     for key in (None, KEY):
-      got = np.asarray(M.load_moment(M.store_moment(tensor, bits, "second", key=key)))
+      got = np.asarray(MS.load_moment(MS.store_moment(tensor, bits, "second", key=key)))
       assert got.min() >= 0 and np.all(got[tensor > 0] > 0)
       if bits == 8:  # 4 bits: Li et al.'s zero-free codebook stores an exact 0 as 1/16 of its normalizer
         np.testing.assert_array_equal(got > 0, tensor > 0)
@@ -136,14 +137,14 @@ def test_second_moment_never_negative_and_positive_never_zero(bits):
 @pytest.mark.parametrize("kind", ["first", "second"])
 def test_zeros_huge_and_tiny_values(bits, kind):
   zeros = jnp.zeros((64, 128))
-  np.testing.assert_array_equal(M.load_moment(M.store_moment(zeros, bits, kind)), 0.0)
+  np.testing.assert_array_equal(MS.load_moment(MS.store_moment(zeros, bits, kind)), 0.0)
   rng = np.random.default_rng(0)
   x = rng.random((64, 128)).astype(np.float32) + 0.5
   if kind == "first":
     x *= np.sign(rng.standard_normal(x.shape))
   x[:32] *= 1e30
   x[32:] *= 1e-30
-  got = np.asarray(M.load_moment(M.store_moment(x, bits, kind)))
+  got = np.asarray(MS.load_moment(MS.store_moment(x, bits, kind)))
   assert np.all(np.isfinite(got))
   relative = np.abs(got - x) / np.abs(x)  # values within [0.5, 1.5] x their row scale: tight everywhere
   assert relative.max() < (0.5 if bits == 4 else 0.03), relative.max()
@@ -152,17 +153,17 @@ def test_zeros_huge_and_tiny_values(bits, kind):
 def test_small_tensors_stay_float32():
   for shape in [(), (7,), (63, 65)]:  # 63 * 65 = 4095 < MIN_QUANTIZED_SIZE
     x = jnp.ones(shape, jnp.bfloat16)
-    stored = M.store_moment(x, 8, "first")
-    assert not isinstance(stored, M.QuantizedMoment) and stored.dtype == jnp.float32
-  assert isinstance(M.store_moment(jnp.ones((64, 64)), 8, "first"), M.QuantizedMoment)
+    stored = MS.store_moment(x, 8, "first")
+    assert not isinstance(stored, MS.QuantizedMoment) and stored.dtype == jnp.float32
+  assert isinstance(MS.store_moment(jnp.ones((64, 64)), 8, "first"), MS.QuantizedMoment)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbouring_code(bits):
   x = jnp.asarray(_heavy_tailed((32, 128), seed=11))
   keys = jax.random.split(KEY, 256)
-  draws = jax.jit(jax.vmap(lambda k: M.load_moment(M.store_moment(x, bits, "first", key=k))))(keys)
-  scheme = M.SCHEMES[bits, "first"]
+  draws = jax.jit(jax.vmap(lambda k: MS.load_moment(MS.store_moment(x, bits, "first", key=k))))(keys)
+  scheme = MS.SCHEMES[bits, "first"]
   _, scale = _numpy_block(np.asarray(x), scheme.mapping, bits, scheme.block)
   table = _numpy_table(scheme.mapping, bits)
   widest_gap = np.diff(table).max()
@@ -203,7 +204,7 @@ def test_invalid_arguments_raise_value_errors_naming_them():
   with pytest.raises(ValueError, match="b2"):
     M.scale_by_adam(b2=1.0)
   with pytest.raises(ValueError, match="kind"):
-    M.store_moment(jnp.ones(8), 8, kind="third")
+    MS.store_moment(jnp.ones(8), 8, kind="third")
 
 
 # An MLP on 256 digits: two 64x64-or-larger weights are quantized, the output layer (640) stays float32.

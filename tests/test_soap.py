@@ -227,7 +227,7 @@ def test_state_nbytes_reports_soap_parts(eigen_run):
   assert nbytes["quantized_scales"] == 2 * 8 * 2 * 4
   assert nbytes["first_order"] == 2 * 4 * (64 + 6 * 24 + 5)
   assert nbytes["dense_factors"] == 6 * 6 * 4  # the order-6 left factor of "wide", float32
-  assert nbytes["total"] == sum(nbytes[p] for p in s4.memory.PARTS)
+  assert nbytes["total"] == sum(nbytes[p] for p in s4.state_utils.PARTS)
 
 
 def test_nonfinite_gradient_gives_zero_update_and_keeps_state(eigen_soap):

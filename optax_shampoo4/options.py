@@ -1,0 +1,332 @@
+r"""The options of the optimizers, resolved and validated once.
+
+Every factory (:func:`~optax_shampoo4.scale_by_shampoo4`,
+:func:`~optax_shampoo4.scale_by_soap4`) turns its keyword arguments into a
+frozen :class:`ShampooOptions` / :class:`SoapOptions` with ``from_kwargs``:
+each ``None`` default is replaced by its value (the ``DEFAULT_*`` constants
+below) and every argument is checked, so a bad one raises a ``ValueError`` or
+``TypeError`` naming the argument and its value at construction, never under
+``jit``. The step functions then read resolved attributes only.
+
+Shape-fixing options (``max_order``, ``bits``, ``quant_block``, ...) default
+to None in the signatures because :func:`optax.inject_hyperparams` turns every
+int/float argument into an array, but leaves None alone; options marked *may
+be injected* (``beta``, ``stats_every``, ...) may be arrays, even traced ones,
+and are checked only when concrete.
+
+**Names that mean different things in different places.**
+
+* ``state_format="fp32"``: in Shampoo, dense float32 statistics and roots
+  (:class:`~optax_shampoo4.factors.MatrixFactors`, the paper's 32-bit
+  baseline); in SOAP, the same eigen-pairs as its ``"eigen"`` format
+  (:class:`~optax_shampoo4.factors.EigenFactors`) with float32
+  eigenvectors. In both, "fp32" means *nothing quantized*.
+* ``"eigen"`` names a ``state_format`` (store eigenvalues plus quantized
+  eigenvectors) and a ``root_method`` (form :math:`\hat L = V(\Lambda +
+  \epsilon\lambda_{\max} I)^{-1/4}V^\top` from those stored eigenpairs);
+  ``root_method="eigen"`` needs ``state_format="eigen"``.
+* ``eps``: the denominator constant of the *base* method of an alias
+  (Adam's in :func:`~optax_shampoo4.adamw_shampoo4` and
+  :func:`~optax_shampoo4.soap4`, Adagrad's in
+  :func:`~optax_shampoo4.adagrad_shampoo4`, the grafted Adam's or
+  RMSprop's, i.e. ``grafting_eps``, in
+  :func:`~optax_shampoo4.distributed_shampoo4`); ``epsilon`` is always
+  Shampoo's relative damping of the statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Any, Literal, get_args
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_shampoo4 import factors as fct
+from optax_shampoo4 import grafting as grafting_lib
+from optax_shampoo4 import moment_storage, sharding, validation
+from optax_shampoo4 import quantization as qz
+
+StateFormat = Literal["eigen", "naive", "fp32"]
+SoapStateFormat = Literal["eigen", "fp32"]
+RootMethod = Literal["eigen", "newton", "jorge"]
+RefreshMethod = Literal["qr", "eigh", "adaptive"]
+Combine = Literal["shampoo", "caspr"]
+Mapping = Literal["linear2", "dynamic_tree", "linear"]
+GraftingType = Literal["frobenius", "sgd", "adagrad", "rmsprop", "adam"]
+
+COMBINES = get_args(Combine)
+SOAP_FORMATS = get_args(SoapStateFormat)
+
+# Chosen by measurement (README, "Refresh methods"); the paper's refresh is refresh_method="qr".
+DEFAULT_REFRESH_METHOD: RefreshMethod = "adaptive"
+DEFAULT_REFRESH_TOL = 1e-3
+DEFAULT_QR_ITERATIONS = 1
+# Defaults of the shape-fixing options, which default to None in the signatures.
+DEFAULT_MAX_ORDER = 1024
+DEFAULT_BITS = 4
+DEFAULT_QUANT_BLOCK = 64
+DEFAULT_MIN_QUANT_ORDER = 64
+# SOAP's (the reference's precondition_frequency and max_precond_dim).
+DEFAULT_PRECONDITION_EVERY = 10
+DEFAULT_MAX_PRECOND_DIM = 10000
+DEFAULT_HEAD_FRACTION = 1 / 16
+
+
+def _static(name: str, value: Any, default: int, minimum: int) -> int:
+  return validation.static_int(name, value, default, minimum)
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}")
+
+
+def _check_bool(name: str, value: Any) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool, got {name}={value!r}")
+  return bool(value)
+
+
+def _bjorck_steps(value: Any) -> tuple[int, int]:
+  if (not isinstance(value, (tuple, list)) or len(value) != 2
+      or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in value)):
+    raise ValueError(f"bjorck_steps must be a pair of ints >= 0, got bjorck_steps={value!r}")
+  return (int(value[0]), int(value[1]))
+
+
+def _root_method(root_method: Any, state_format: str) -> RootMethod:
+  """The resolved root method (None: ``"eigen"`` for the eigen format, else ``"newton"``)."""
+  if root_method is None:
+    return "eigen" if state_format == "eigen" else "newton"
+  if root_method not in fct.ROOT_METHODS:
+    raise ValueError(f"root_method must be one of {fct.ROOT_METHODS} or None, got root_method={root_method!r}")
+  if root_method == "eigen" and state_format != "eigen":
+    raise ValueError(
+        f"root_method='eigen' needs state_format='eigen' (the {state_format!r} format keeps no "
+        f"eigenvectors; it uses 'newton'), got root_method={root_method!r}")
+  if root_method == "jorge" and state_format == "eigen":
+    raise ValueError(
+        "root_method='jorge' keeps only the inverse roots (no eigenvectors): use it with "
+        f"state_format='naive' (4-bit root) or 'fp32', got state_format={state_format!r}")
+  return root_method
+
+
+def _check_store_root(store_root: Any, state_format: str, root_method: str) -> bool:
+  store_root = _check_bool("store_root", store_root)
+  if not store_root and (state_format != "eigen" or root_method != "eigen"):
+    raise ValueError(
+        "store_root=False forms the roots from stored eigenvectors: it needs state_format='eigen' and "
+        f"root_method='eigen' (or None), got state_format={state_format!r}, root_method={root_method!r}")
+  return store_root
+
+
+def _quantization(bits: Any, mapping: Any, quant_block: Any, min_quant_order: Any) -> tuple[int, str, int, int]:
+  """``(bits, mapping, quant_block, min_quant_order)`` resolved and checked."""
+  bits = _static("bits", bits, DEFAULT_BITS, 1)
+  quant_block = _static("quant_block", quant_block, DEFAULT_QUANT_BLOCK, 2)
+  min_quant_order = _static("min_quant_order", min_quant_order, DEFAULT_MIN_QUANT_ORDER, 1)
+  qz.validate_mapping_bits(mapping, bits)
+  qz.validate_block(quant_block, bits, "quant_block")
+  return bits, mapping, quant_block, min_quant_order
+
+
+@dataclasses.dataclass(frozen=True)
+class ShampooOptions:
+  """The resolved options of :func:`~optax_shampoo4.scale_by_shampoo4` (see its arguments).
+
+  Build with :meth:`from_kwargs`. ``beta``, ``epsilon``, ``stats_every``,
+  ``root_every``, ``refresh_tol``, ``start_preconditioning_step`` and the
+  grafting floats may be (injected) arrays; everything else is static.
+  """
+
+  max_order: int
+  beta: Any
+  epsilon: Any
+  stats_every: Any
+  root_every: Any
+  state_format: StateFormat
+  bits: int
+  mapping: Mapping
+  quant_block: int
+  min_quant_order: int
+  bjorck_steps: tuple[int, int]
+  root_method: RootMethod
+  refresh_method: RefreshMethod
+  qr_iterations: int
+  refresh_tol: Any
+  mesh: jax.sharding.Mesh | None
+  mesh_axis: str
+  grafting: grafting_lib.Grafting
+  start_preconditioning_step: Any
+  combine: Combine
+  store_root: bool
+
+  @classmethod
+  def from_kwargs(cls, *, max_order=None, beta=0.95, epsilon=1e-6, stats_every=100, root_every=500,
+                  state_format="eigen", bits=None, mapping="linear2", quant_block=None, min_quant_order=None,
+                  bjorck_steps=(1, 4), root_method=None, refresh_method=DEFAULT_REFRESH_METHOD,
+                  qr_iterations=None, refresh_tol=DEFAULT_REFRESH_TOL, mesh=None, mesh_axis="data",
+                  grafting="frobenius", grafting_eps=None, grafting_beta2=None, grafting_per_block=None,
+                  start_preconditioning_step=None, filter_beta=None, filter_bias_correction=True,
+                  combine="shampoo", store_root=True) -> ShampooOptions:
+    """Resolves every None default and checks every argument (the factory's keywords)."""
+    max_order = _static("max_order", max_order, DEFAULT_MAX_ORDER, 1)
+    bits, mapping, quant_block, min_quant_order = _quantization(bits, mapping, quant_block, min_quant_order)
+    validation.check_traceable_int("stats_every", stats_every, 1)
+    validation.check_traceable_int("root_every", root_every, 1)
+    _check_choice("state_format", state_format, fct.FORMATS)
+    validation.check_range("beta", beta, 0.0, 1.0)
+    validation.check_range("epsilon", epsilon, 0.0, math.inf)
+    root_method = _root_method(root_method, state_format)
+    _check_choice("refresh_method", refresh_method, fct.REFRESH_METHODS)
+    qr_iterations = _static("qr_iterations", qr_iterations, DEFAULT_QR_ITERATIONS, 1)
+    validation.check_range("refresh_tol", refresh_tol, 0.0, 1.0, high_inclusive=True)
+    _check_choice("combine", combine, COMBINES)
+    if start_preconditioning_step is not None:
+      validation.check_traceable_int("start_preconditioning_step", start_preconditioning_step, 0)
+    sharding.validate_mesh(mesh, mesh_axis)
+    return cls(max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
+               state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
+               min_quant_order=min_quant_order, bjorck_steps=_bjorck_steps(bjorck_steps),
+               root_method=root_method, refresh_method=refresh_method, qr_iterations=qr_iterations,
+               refresh_tol=refresh_tol, mesh=mesh, mesh_axis=mesh_axis,
+               grafting=grafting_lib.resolve(grafting, grafting_eps, grafting_beta2, grafting_per_block,
+                                             filter_beta, filter_bias_correction),
+               start_preconditioning_step=start_preconditioning_step, combine=combine,
+               store_root=_check_store_root(store_root, state_format, root_method))
+
+  def factor_config(self) -> fct.FactorConfig:
+    """The factor maths' settings (:class:`~optax_shampoo4.factors.FactorConfig`)."""
+    return fct.FactorConfig(self.state_format, self.bits, self.mapping, self.quant_block, self.bjorck_steps,
+                            self.root_method, refresh_method=self.refresh_method,
+                            qr_iterations=self.qr_iterations, refresh_tol=self.refresh_tol,
+                            jorge_damping=self.epsilon)
+
+
+@dataclasses.dataclass(frozen=True)
+class SoapOptions:
+  """The resolved options of :func:`~optax_shampoo4.scale_by_soap4` (see its arguments).
+
+  Build with :meth:`from_kwargs`. ``b1``, ``b2``, ``eps``, ``shampoo_beta``
+  and ``precondition_every`` may be (injected) arrays; everything else is
+  static. ``shampoo_beta`` stays None when it means ``b2``.
+  """
+
+  b1: Any
+  b2: Any
+  eps: Any
+  shampoo_beta: Any
+  precondition_every: Any
+  max_order: int
+  max_precond_dim: int
+  state_format: SoapStateFormat
+  bits: int
+  mapping: Mapping
+  quant_block: int
+  min_quant_order: int
+  bjorck_steps: tuple[int, int]
+  mesh: jax.sharding.Mesh | None
+  mesh_axis: str
+  moment_bits: int | None
+  project_nu: bool
+  head_fraction: float
+
+  @classmethod
+  def from_kwargs(cls, *, b1=0.95, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_every=None,
+                  max_order=None, max_precond_dim=None, state_format="eigen", bits=None, mapping="linear2",
+                  quant_block=None, min_quant_order=None, bjorck_steps=(1, 1), mesh=None, mesh_axis="data",
+                  moment_bits=None, project_nu=True, head_fraction=None) -> SoapOptions:
+    """Resolves every None default and checks every argument (the factory's keywords)."""
+    validation.check_range("b1", b1, 0.0, 1.0)
+    validation.check_range("b2", b2, 0.0, 1.0)
+    validation.check_range("eps", eps, 0.0, math.inf)
+    if shampoo_beta is not None:
+      validation.check_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
+    precondition_every = DEFAULT_PRECONDITION_EVERY if precondition_every is None else precondition_every
+    validation.check_traceable_int("precondition_every", precondition_every, 1)
+    max_order = _static("max_order", max_order, DEFAULT_MAX_ORDER, 1)
+    max_precond_dim = _static("max_precond_dim", max_precond_dim, DEFAULT_MAX_PRECOND_DIM, 1)
+    bits, mapping, quant_block, min_quant_order = _quantization(bits, mapping, quant_block, min_quant_order)
+    moment_storage.check_moment_bits("moment_bits", moment_bits)
+    _check_choice("state_format", state_format, SOAP_FORMATS)
+    sharding.validate_mesh(mesh, mesh_axis)
+    return cls(b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
+               max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
+               mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
+               bjorck_steps=_bjorck_steps(bjorck_steps), mesh=mesh, mesh_axis=mesh_axis,
+               moment_bits=moment_bits, project_nu=_check_bool("project_nu", project_nu),
+               head_fraction=_head_fraction(head_fraction))
+
+  @property
+  def quantized_from(self) -> int:
+    """Smallest quantized factor order: ``min_quant_order``, or never for ``state_format="fp32"``."""
+    return self.min_quant_order if self.state_format == "eigen" else sys.maxsize
+
+  def factor_config(self) -> fct.FactorConfig:
+    """SOAP's factor settings (:func:`soap_factor_config`)."""
+    return soap_factor_config(self.bits, self.mapping, self.quant_block, self.bjorck_steps, self.head_fraction)
+
+
+def soap_factor_config(bits: int, mapping: str, quant_block: int, bjorck_steps: tuple[int, int],
+                       head_fraction: float = 0.0) -> fct.FactorConfig:
+  """SOAP's factors: the ``"eigen"`` format with eigen roots, refreshed by one QR step, not re-sorted.
+
+  SOAP sorts the eigenpairs before the QR step (``row_order`` of
+  :func:`~optax_shampoo4.factors.update_stats`), so the refreshed columns
+  stay aligned with the carried moments' coordinates.
+  """
+  return fct.FactorConfig("eigen", bits, mapping, quant_block, tuple(int(s) for s in bjorck_steps), "eigen",
+                          sort_refreshed=False, head_fraction=float(head_fraction))
+
+
+def _head_fraction(value: Any) -> float:
+  if value is None:
+    return DEFAULT_HEAD_FRACTION
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise TypeError(f"head_fraction must be a float in [0, 1), got head_fraction={value!r}")
+  validation.check_range("head_fraction", value, 0.0, 1.0)
+  return float(value)
+
+
+def check_alias_options(learning_rate: Any, *, weight_decay: Any = 0.0, moment_bits: Any = None) -> None:
+  """Checks the options an alias adds to its transforms (the rest are checked where they are used).
+
+  ``moment_bits`` is forwarded as ``bits`` to :mod:`optax_shampoo4.moments`,
+  so it is checked here under the alias' name.
+  """
+  validation.check_learning_rate(learning_rate)
+  validation.check_range("weight_decay", weight_decay, 0.0, math.inf)
+  moment_storage.check_moment_bits("moment_bits", moment_bits)
+
+
+def check_param_dtypes(params: Any, owner: str) -> None:
+  """Raises TypeError unless every leaf of ``params`` is a real floating-point array (or its shape struct).
+
+  Args:
+    params: the parameter tree given to ``init``.
+    owner: the name of the transformation, for the message (e.g. ``"scale_by_shampoo4"``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optax_shampoo4 import options
+    >>> options.check_param_dtypes({"w": jnp.zeros(3)}, "scale_by_shampoo4")
+    >>> options.check_param_dtypes({"n": jnp.zeros(3, jnp.int32)}, "scale_by_shampoo4")
+    Traceback (most recent call last):
+    ...
+    TypeError: scale_by_shampoo4 supports real floating-point parameters only; the leaf at ['n'] has dtype int32. Route it to another optimizer with optax.partition or optax.masked.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float, np.generic)):
+      raise TypeError(
+          f"{owner}.init needs parameter arrays (or jax.ShapeDtypeStruct); got "
+          f"{type(leaf).__name__} at {jax.tree_util.keystr(path) or 'the root'}")
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"{owner} supports real floating-point parameters only; the leaf at "
+          f"{jax.tree_util.keystr(path)} has dtype {dtype}. Route it to another optimizer "
+          f"with optax.partition or optax.masked.")
