@@ -74,9 +74,10 @@ def _polar64(v):
 
 
 @pytest.mark.parametrize("mapping", ["linear2", "dynamic_tree"])
-def test_bjorck_converges_from_4bit_haar(mapping):
+@sweep(0)
+def test_bjorck_converges_from_4bit_haar(mapping, seed):
   n = 256
-  u = _haar(n, np.random.default_rng(0))
+  u = _haar(n, np.random.default_rng(seed))
   v = qz.dequantize(qz.quantize(jnp.asarray(u, jnp.float32), mapping, 4, 64))
   polar = _polar64(v)
   iterates = [v]
@@ -110,8 +111,9 @@ def test_bjorck_zero_steps_is_identity():
   np.testing.assert_array_equal(la.bjorck(v[0], 0), v[0])
 
 
-def test_bjorck_batched_and_transpose():
-  rng = np.random.default_rng(2)
+@sweep(2)
+def test_bjorck_batched_and_transpose(seed):
+  rng = np.random.default_rng(seed)
   # Singular values in (0.7, 1.3), inside the (0, √3) basin.
   v = np.stack([(_haar(32, rng) * rng.uniform(0.7, 1.3, 32)) @ _haar(32, rng) for _ in range(3)])
   v = jnp.asarray(v, jnp.float32)
@@ -146,9 +148,10 @@ def _iterate_qr_refresh(a, v):
 
 
 @pytest.mark.parametrize("start", ["identity", "random"])
-def test_qr_refresh_iterated_converges_to_eigh(start):
+@sweep(3)
+def test_qr_refresh_iterated_converges_to_eigh(start, seed):
   n = 32
-  rng = np.random.default_rng(3)
+  rng = np.random.default_rng(seed)
   eigvals = 2.0 * 0.85 ** np.arange(n)  # well separated: ratio 0.85
   a32, a64 = _spd(rng.permutation(eigvals), rng)
   v0 = np.eye(n) if start == "identity" else _haar(n, rng)
@@ -169,9 +172,10 @@ def test_qr_refresh_iterated_converges_to_eigh(start):
   np.testing.assert_allclose(lam64, np.diag(p64.T @ a64 @ p64), atol=1e-6 * w_ref.max())
 
 
-def test_qr_refresh_single_step():
+@sweep(4)
+def test_qr_refresh_single_step(seed):
   n = 48
-  rng = np.random.default_rng(4)
+  rng = np.random.default_rng(seed)
   a32, a64 = _spd(rng.uniform(0.01, 3.0, n), rng)
   v = _haar(n, rng).astype(np.float32)
   p, lam = _qr_refresh(jnp.asarray(a32), jnp.asarray(v))
@@ -188,9 +192,10 @@ def test_qr_refresh_single_step():
   np.testing.assert_allclose(np.asarray(lam, np.float64), np.diag(p64.T @ a64 @ p64), rtol=1e-5, atol=1e-6)
 
 
-def test_qr_refresh_fixed_point_at_eigenvectors():
+@sweep(5)
+def test_qr_refresh_fixed_point_at_eigenvectors(seed):
   n = 48
-  rng = np.random.default_rng(5)
+  rng = np.random.default_rng(seed)
   eigvals = np.linspace(3.0, 0.1, n)
   a32, a64 = _spd(eigvals, rng)
   w_ref, u_ref = np.linalg.eigh(a64)
@@ -202,8 +207,9 @@ def test_qr_refresh_fixed_point_at_eigenvectors():
   np.testing.assert_allclose(np.asarray(lam, np.float64), w_ref[::-1], rtol=1e-5)
 
 
-def test_qr_refresh_batched():
-  rng = np.random.default_rng(6)
+@sweep(6)
+def test_qr_refresh_batched(seed):
+  rng = np.random.default_rng(seed)
   a = np.stack([_spd(rng.uniform(0.1, 2.0, 16), rng)[0] for _ in range(3)])
   v = np.stack([_haar(16, rng) for _ in range(3)]).astype(np.float32)
   p, lam = _qr_refresh(jnp.asarray(a), jnp.asarray(v))
@@ -224,9 +230,10 @@ def test_qr_refresh_batched():
 @pytest.mark.parametrize("epsilon", [0.0, 1e-6])
 @pytest.mark.parametrize("p", [2, 4])
 @pytest.mark.parametrize("cond", [1e0, 1e2, 1e4, 1e6])
-def test_inverse_root_from_eig_vs_float64(cond, p, epsilon):
+@sweep(7)
+def test_inverse_root_from_eig_vs_float64(cond, p, epsilon, seed):
   n = 64
-  rng = np.random.default_rng(7)
+  rng = np.random.default_rng(seed)
   u = _haar(n, rng).astype(np.float32)
   eigvals = rng.permutation(np.logspace(0, -np.log10(cond), n)).astype(np.float32)
   out = _from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(epsilon), p=p)
@@ -237,9 +244,10 @@ def test_inverse_root_from_eig_vs_float64(cond, p, epsilon):
   assert _rel(out, ref) < 1e-5
 
 
-def test_inverse_root_from_eig_negative_and_zero_eigenvalues():
+@sweep(8)
+def test_inverse_root_from_eig_negative_and_zero_eigenvalues(seed):
   n = 64
-  rng = np.random.default_rng(8)
+  rng = np.random.default_rng(seed)
   u = _haar(n, rng).astype(np.float32)
   eigvals = rng.uniform(0.1, 2.0, n).astype(np.float32)
   eigvals[[3, 7]] = [-1e-3, 0.0]  # rounding noise of a PSD matrix
@@ -254,9 +262,10 @@ def test_inverse_root_from_eig_negative_and_zero_eigenvalues():
   chex.assert_tree_all_finite(_from_eig(jnp.asarray(u), jnp.zeros(n), jnp.float32(0.0), p=4))
 
 
-def test_inverse_root_from_eig_batched_uses_per_matrix_max():
+@sweep(9)
+def test_inverse_root_from_eig_batched_uses_per_matrix_max(seed):
   n = 16
-  rng = np.random.default_rng(9)
+  rng = np.random.default_rng(seed)
   u = np.stack([_haar(n, rng) for _ in range(3)]).astype(np.float32)
   scales = np.array([1.0, 1e3, 1e-3])
   eigvals = (rng.uniform(1e-3, 1.0, (3, n)) * scales[:, None]).astype(np.float32)
@@ -281,9 +290,10 @@ NEWTON_TOL = {1e0: 1e-5, 1e2: 1e-5, 1e4: 2e-4, 1e6: 2e-2}
 
 @pytest.mark.parametrize("p", [2, 4])
 @pytest.mark.parametrize("cond", [1e0, 1e2, 1e4, 1e6])
-def test_inverse_root_newton_vs_float64(cond, p):
+@sweep(10)
+def test_inverse_root_newton_vs_float64(cond, p, seed):
   n = 64
-  rng = np.random.default_rng(10)
+  rng = np.random.default_rng(seed)
   a32, a64 = _spd(np.logspace(0, -np.log10(cond), n), rng)
   out = _newton(jnp.asarray(a32), jnp.float32(0.0), p=p)
   chex.assert_shape(out, (n, n))
@@ -293,9 +303,10 @@ def test_inverse_root_newton_vs_float64(cond, p):
 
 
 @pytest.mark.parametrize("p", [2, 4])
-def test_inverse_root_newton_damping(p):
+@sweep(11)
+def test_inverse_root_newton_damping(p, seed):
   n = 64
-  rng = np.random.default_rng(11)
+  rng = np.random.default_rng(seed)
   # A dominant top eigenvalue, so power iteration's λmax is exact.
   eigvals = np.concatenate([[1.0], np.logspace(-1, -6, n - 1)])
   a32, a64 = _spd(eigvals, rng)
@@ -315,9 +326,10 @@ def test_inverse_root_newton_1x1_returns_one():
   np.testing.assert_array_equal(batched, np.ones((3, 1, 1)))
 
 
-def test_inverse_root_newton_batched_different_convergence():
+@sweep(12)
+def test_inverse_root_newton_batched_different_convergence(seed):
   n = 64
-  rng = np.random.default_rng(12)
+  rng = np.random.default_rng(seed)
   easy = 4.0 * np.eye(n, dtype=np.float32)  # converges in a few steps
   hard, hard64 = _spd(np.logspace(0, -4, n), rng)  # needs many more
   a = jnp.asarray(np.stack([easy, hard]))
@@ -337,9 +349,10 @@ def test_inverse_root_newton_batched_different_convergence():
 # ----------------------------------------------------------------------------
 
 
-def test_power_iteration_random_spd():
+@sweep(13)
+def test_power_iteration_random_spd(seed):
   n, batch = 64, 6
-  rng = np.random.default_rng(13)
+  rng = np.random.default_rng(seed)
   g = rng.standard_normal((batch, n, n))
   a = (g @ np.swapaxes(g, -1, -2) / n).astype(np.float32)
   lam_max = np.linalg.eigvalsh(a.astype(np.float64))[..., -1]
@@ -353,9 +366,10 @@ def test_power_iteration_random_spd():
     assert 0.85 * lam_max[i] < single <= lam_max[i] * (1 + 1e-5)
 
 
-def test_power_iteration_exact_with_dominant_eigenvalue():
+@sweep(14)
+def test_power_iteration_exact_with_dominant_eigenvalue(seed):
   n = 64
-  rng = np.random.default_rng(14)
+  rng = np.random.default_rng(seed)
   diag = rng.uniform(0.0, 1.0, n)
   diag[17] = 10.0
   est = _power(jnp.asarray(np.diag(diag), jnp.float32))
@@ -371,8 +385,9 @@ def test_power_iteration_zero_matrix():
   np.testing.assert_array_equal(est, 0.0)
 
 
-def test_orthonormal_basis_matches_numpy_qr():
-  rng = np.random.default_rng(7)
+@sweep(7)
+def test_orthonormal_basis_matches_numpy_qr(seed):
+  rng = np.random.default_rng(seed)
   m = rng.standard_normal((2, 3, 20, 20)).astype(np.float32)
   q = np.asarray(jax.jit(la.orthonormal_basis)(jnp.asarray(m)), np.float64)
   chex.assert_shape(q, m.shape)
@@ -406,8 +421,9 @@ def _assert_eigpairs_match(vecs, vals, a64, vec_atol):
   np.testing.assert_allclose(v * signs, u, atol=vec_atol)
 
 
-def test_eigh_descending_matches_numpy_float64():
-  rng = np.random.default_rng(20)
+@sweep(20)
+def test_eigh_descending_matches_numpy_float64(seed):
+  rng = np.random.default_rng(seed)
   a32, a64 = _spd_batch(3, 24, rng)
   vecs, vals = _eigh(jnp.asarray(a32))
   chex.assert_shape((vecs, vals), ((3, 24, 24), (3, 24)))
@@ -419,8 +435,9 @@ def test_eigh_descending_matches_numpy_float64():
   np.testing.assert_allclose(nested_vals[0], vals[:2], rtol=1e-6)
 
 
-def test_eigh_where_decomposes_only_where_needed():
-  rng = np.random.default_rng(21)
+@sweep(21)
+def test_eigh_where_decomposes_only_where_needed(seed):
+  rng = np.random.default_rng(seed)
   a32, a64 = _spd_batch(3, 16, rng)
   keep_vecs = rng.standard_normal((3, 16, 16)).astype(np.float32)
   keep_vals = rng.standard_normal((3, 16)).astype(np.float32)
@@ -431,8 +448,9 @@ def test_eigh_where_decomposes_only_where_needed():
   _assert_eigpairs_match(vecs[need], vals[need], a64[need], vec_atol=1e-3)
 
 
-def test_qr_refresh_converges_to_sorted_eigenpairs():
-  rng = np.random.default_rng(22)
+@sweep(22)
+def test_qr_refresh_converges_to_sorted_eigenpairs(seed):
+  rng = np.random.default_rng(seed)
   a32, a64 = _spd_batch(2, 16, rng, decay=0.5)  # well-separated spectrum: fast subspace iteration
   start = np.stack([_haar(16, rng) for _ in range(2)]).astype(np.float32)
   vecs, vals = _qr_refresh(jnp.asarray(a32), jnp.asarray(start), iterations=60)

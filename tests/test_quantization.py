@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from seeds import sweep
 
 from optax_shampoo4 import quantization as qz
 
@@ -230,9 +231,10 @@ def _mixed_magnitudes(seed=0):
     [(m, b, 64) for m in ALL_MAPPINGS for b in (3, 4, 8)]
     + [("linear2", 4, 8), ("dynamic_tree", 8, 8), ("linear2", 3, 7), ("dynamic_tree", 3, 2)],
 )
-def test_nearest_rounding_scales_and_error_bound(mapping, bits, block):
+@sweep(0)
+def test_nearest_rounding_scales_and_error_bound(mapping, bits, block, seed):
   # Mixed magnitudes, so blocks hold values far below their absmax.
-  x = _mixed_magnitudes()
+  x = _mixed_magnitudes(seed)
   q = _quantize(jnp.asarray(x), mapping, bits, block)
   table = np.asarray(qz.codebook(mapping, bits))
   _assert_nearest(x, q, table, block)
@@ -254,8 +256,9 @@ def test_nearest_rounding_scales_and_error_bound(mapping, bits, block):
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
-def test_haar_orthogonal_round_trip_error(bits):
-  u = _haar(256, np.random.default_rng(1))
+@sweep(1)
+def test_haar_orthogonal_round_trip_error(bits, seed):
+  u = _haar(256, np.random.default_rng(seed))
   errors = {}
   for mapping in MAPPINGS_4BIT:
     q = _quantize(jnp.asarray(u, jnp.float32), mapping, bits, block=64)
@@ -501,9 +504,10 @@ def test_quantized_array_is_a_pytree():
 # ----------------------------------------------------------------------------
 
 
-def test_offdiag_diagonal_is_exact_and_excluded_from_absmax():
+@sweep(9)
+def test_offdiag_diagonal_is_exact_and_excluded_from_absmax(seed):
   n = 65
-  rng = np.random.default_rng(9)
+  rng = np.random.default_rng(seed)
   off = rng.standard_normal((n, n)).astype(np.float32) * 1e-2
   m = off + np.diag(rng.uniform(1e3, 2e3, n)).astype(np.float32)
   stored = qz.quantize_offdiag(jnp.asarray(m), "linear2", 4, 64)
