@@ -128,7 +128,7 @@ def test_non_float_parameters_are_refused_at_init_naming_the_leaf(dtype, shape):
 # S4_FUZZ_CASES=<n> sets the number of (tree, configuration) cases. Compiling a step dominates the cost, so the
 # cases are drawn from a pool of configurations, each run on a few tree structures with fresh values per case:
 # one compiled step per (configuration, structure) serves all of that pair's cases.
-FUZZ_CASES = int(os.environ.get("S4_FUZZ_CASES", "320"))
+FUZZ_CASES = int(os.environ.get("S4_FUZZ_CASES", "400"))
 FUZZ_CASES_PER_CONFIG = 8  # 4 cases on each of 2 tree structures
 SHAMPOO_CHOICES = dict(
     max_order=[4, 8, 16], beta=[0.0, 0.9, 0.95], epsilon=[0.0, 1e-6, 1e-3], stats_every=[1, 2],
