@@ -104,7 +104,7 @@ def test_block_round_trip_matches_numpy_within_stated_bound(bits, kind, seed):
   # Ties: an x within float32 rounding of the midpoint of two codes may round to either (the library
   # normalizes in float32, the reference in float64); both codes are then equally near. Elsewhere: the same code.
   tie = np.abs(np.abs(got - x) - np.abs(want - x)) <= 4 * np.finfo(np.float32).eps * scale
-  np.testing.assert_allclose(got[~tie], want[~tie], rtol=1e-6, atol=1e-30)
+  np.testing.assert_allclose(got[~tie], want[~tie], rtol=1e-6, atol=1e-30)  # float32 code * scale: <= eps
   assert np.mean(~np.isclose(got, want, rtol=1e-6, atol=1e-30)) < 1e-3  # ties are rare (1 in 33600, 20 seeds)
   error = np.abs(got - x) / scale
   assert error.max() <= BLOCK_BOUNDS[bits, kind] * (1 + 1e-5), error.max()

@@ -151,7 +151,7 @@ def test_4bit_codebook_matches_paper_appendix_c(mapping):
   chex.assert_shape(table, (16,))
   chex.assert_type(table, jnp.float32)
   np.testing.assert_array_equal(np.round(np.asarray(table, np.float64), 4), PAPER_4BIT[mapping])
-  # The paper's rounded lists agree with the formulas they come from.
+  # The paper's rounded lists agree with the formulas they come from: within half a unit of the 4th decimal.
   np.testing.assert_allclose(_reference_codebook(mapping, 4), PAPER_4BIT[mapping], atol=5e-5)
 
 
@@ -188,12 +188,12 @@ def test_codebook_specific_values():
   # Signed 8-bit DT: values in [-0.99297, 1], smallest positive 5.5e-7 (§3.1).
   dt8 = np.asarray(qz.codebook("dynamic_tree", 8), np.float64)
   np.testing.assert_allclose(dt8[0], -0.99297, atol=1e-5)
-  np.testing.assert_allclose(dt8[dt8 > 0].min(), 5.5e-7, rtol=1e-5)
+  np.testing.assert_allclose(dt8[dt8 > 0].min(), 5.5e-7, rtol=1e-4)  # float32 powers of 10: measured 1.3e-6
   # Linear (power 1), 4 bits: v = linspace(-1, 1, 16) with v[7] = 0.
   lin = np.asarray(qz.codebook("linear", 4), np.float64)
   expected = np.linspace(-1.0, 1.0, 16)
   expected[7] = 0.0
-  np.testing.assert_allclose(lin, expected, atol=1e-7)
+  np.testing.assert_allclose(lin, expected, atol=2 * np.finfo(np.float32).eps)  # two float32 roundings of |v| <= 1
 
 
 def test_3bit_codebooks():
@@ -365,7 +365,7 @@ def test_worked_example_linear2_packed_bytes(block):
   np.testing.assert_allclose(
       np.asarray(_dequantize(q)),
       [0.5, -0.18, 0.05556, 0.0, 0.0, 0.26889, -0.5, 0.00222],
-      atol=1e-5,
+      atol=1e-5,  # values written to 5 decimals (<= 5e-6 off) plus float32 rounding (<= 6e-8)
   )
 
 
