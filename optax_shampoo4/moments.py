@@ -99,6 +99,32 @@ class QuantizedAdamState(NamedTuple):
   nonfinite_count: jax.Array  # int32: steps whose non-finite moments were not stored
 
 
+def _to_float32(tree: Any) -> Any:
+  """Floating-point array leaves of ``tree`` cast to float32 (other leaves, e.g. placeholders, as they are)."""
+
+  def cast(x):
+    floating = hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+    return x.astype(jnp.float32) if floating else x
+
+  return jax.tree.map(cast, tree)
+
+
+def _in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``inner`` with float32 state and arithmetic; the updates keep their dtypes.
+
+  For float16 gradients, optax's Adam rounds ``eps = 1e-8`` to 0 and turns a zero gradient into 0/0 = NaN.
+  """
+
+  def init_fn(params):
+    return inner.init(_to_float32(params))
+
+  def update_fn(updates, state, params=None):
+    steps, state = inner.update(_to_float32(updates), state, _to_float32(params))
+    return jax.tree.map(lambda step, u: step.astype(u.dtype), steps, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def scale_by_adam(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
@@ -124,7 +150,8 @@ def scale_by_adam(
     b1, b2: decay rates of the first and second moments.
     eps: added to the denominator.
     eps_root: added to :math:`\hat v` inside the square root.
-    bits: 8 or 4; None gives exactly :func:`optax.scale_by_adam`.
+    bits: 8 or 4; None gives :func:`optax.scale_by_adam` with float32 moments and arithmetic
+      (exactly it for float32 parameters).
 
   Returns:
     An :class:`optax.GradientTransformation`.
@@ -142,7 +169,7 @@ def scale_by_adam(
   validation.check_range("eps", eps, 0.0, float("inf"))
   validation.check_range("eps_root", eps_root, 0.0, float("inf"))
   if bits is None:
-    return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    return _in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))
 
   def init_fn(params):
     mu, mu_scales = moment_storage.init_moment_trees(params, bits, "first")

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_shampoo as ref
+from seeds import sweep
 
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import quantization as qz
@@ -96,10 +97,11 @@ def test_bjorck_and_linear2_lower_root_error(two_level):
   assert errors["linear2", 4] < 0.1, errors
 
 
-def test_update_stats_converges_to_eigh_when_iterated():
+@sweep(3)
+def test_update_stats_converges_to_eigh_when_iterated(seed):
   """Repeated PU steps on a fixed statistic give its eigenpairs (fp32 storage)."""
   n = 48
-  rng = np.random.default_rng(3)
+  rng = np.random.default_rng(seed)
   u, _ = np.linalg.qr(rng.standard_normal((n, n)))
   lam = np.linspace(1.0, 2.0, n) ** 4
   gram = (u * lam) @ u.T
@@ -188,8 +190,9 @@ def _check_exact(new, stats):
 
 
 @pytest.mark.parametrize("method, kwargs", [("eigh", {}), ("adaptive", {"refresh_tol": 0.0})])
-def test_exact_refresh_matches_float64_eigh_descending(method, kwargs):
-  bucket, grams, beta, stats, _ = _refresh_setup()
+@sweep(10)
+def test_exact_refresh_matches_float64_eigh_descending(method, kwargs, seed):
+  bucket, grams, beta, stats, _ = _refresh_setup(seed=seed)
   config = fct.FactorConfig(refresh_method=method, **kwargs)
   new, accepted = jax.jit(lambda b, m: fct.update_stats(config, b, m, beta))(bucket, grams)
   assert accepted.tolist() == [True, True]
@@ -198,8 +201,9 @@ def test_exact_refresh_matches_float64_eigh_descending(method, kwargs):
 
 
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_qr_refresh_method_matches_float64_subspace_iteration(iterations):
-  bucket, grams, beta, stats, bases = _refresh_setup(seed=11)
+@sweep(11)
+def test_qr_refresh_method_matches_float64_subspace_iteration(iterations, seed):
+  bucket, grams, beta, stats, bases = _refresh_setup(seed=seed)
   config = fct.FactorConfig(refresh_method="qr", qr_iterations=iterations)
   new, _ = jax.jit(lambda b, m: fct.update_stats(config, b, m, beta))(bucket, grams)
   for i in range(2):

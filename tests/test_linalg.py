@@ -14,10 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from seeds import sweep
 
 from optax_shampoo4 import linalg as la
 from optax_shampoo4 import quantization as qz
 from optax_shampoo4 import roots
+
+EPS32 = float(np.finfo(np.float32).eps)
 
 # Compiled once per shape and static arguments (cheaper than op-by-op dispatch).
 _bjorck = jax.jit(la.bjorck, static_argnames="steps")
@@ -61,6 +64,12 @@ def _orth_error(v):
   return np.linalg.norm(v @ v.T - np.eye(v.shape[-1]))
 
 
+def _orth_bound(n):
+  """Householder QR's float32 loss of orthogonality: ‖QᵀQ − I‖₂ <= n eps (Higham, Thm 19.4, constant 1),
+  so ‖QᵀQ − I‖_F <= n^1.5 eps."""
+  return n**1.5 * EPS32
+
+
 def _polar64(v):
   """The nearest orthogonal matrix to v (Frobenius), U_s V_sᵀ of its SVD."""
   u, _, vt = np.linalg.svd(np.asarray(v, np.float64))
@@ -73,9 +82,10 @@ def _polar64(v):
 
 
 @pytest.mark.parametrize("mapping", ["linear2", "dynamic_tree"])
-def test_bjorck_converges_from_4bit_haar(mapping):
+@sweep(0)
+def test_bjorck_converges_from_4bit_haar(mapping, seed):
   n = 256
-  u = _haar(n, np.random.default_rng(0))
+  u = _haar(n, np.random.default_rng(seed))
   v = qz.dequantize(qz.quantize(jnp.asarray(u, jnp.float32), mapping, 4, 64))
   polar = _polar64(v)
   iterates = [v]
@@ -109,8 +119,9 @@ def test_bjorck_zero_steps_is_identity():
   np.testing.assert_array_equal(la.bjorck(v[0], 0), v[0])
 
 
-def test_bjorck_batched_and_transpose():
-  rng = np.random.default_rng(2)
+@sweep(2)
+def test_bjorck_batched_and_transpose(seed):
+  rng = np.random.default_rng(seed)
   # Singular values in (0.7, 1.3), inside the (0, √3) basin.
   v = np.stack([(_haar(32, rng) * rng.uniform(0.7, 1.3, 32)) @ _haar(32, rng) for _ in range(3)])
   v = jnp.asarray(v, jnp.float32)
@@ -145,9 +156,10 @@ def _iterate_qr_refresh(a, v):
 
 
 @pytest.mark.parametrize("start", ["identity", "random"])
-def test_qr_refresh_iterated_converges_to_eigh(start):
+@sweep(3)
+def test_qr_refresh_iterated_converges_to_eigh(start, seed):
   n = 32
-  rng = np.random.default_rng(3)
+  rng = np.random.default_rng(seed)
   eigvals = 2.0 * 0.85 ** np.arange(n)  # well separated: ratio 0.85
   a32, a64 = _spd(rng.permutation(eigvals), rng)
   v0 = np.eye(n) if start == "identity" else _haar(n, rng)
@@ -164,19 +176,21 @@ def test_qr_refresh_iterated_converges_to_eigh(start):
   overlaps = np.abs(np.sum(p64[:, order] * u_ref, axis=0))
   np.testing.assert_array_less(1.0 - overlaps, 1e-4)
   # P is orthogonal and λ = diag(PᵀAP).
-  assert _orth_error(p64.T) < 1e-5
-  np.testing.assert_allclose(lam64, np.diag(p64.T @ a64 @ p64), atol=1e-6 * w_ref.max())
+  assert _orth_error(p64.T) < _orth_bound(n)
+  # float32 Rayleigh quotients pᵀ(Ap): two length-n inner products, each within n eps ‖A‖ (the γ_n bound).
+  np.testing.assert_allclose(lam64, np.diag(p64.T @ a64 @ p64), atol=2 * n * EPS32 * w_ref.max())
 
 
-def test_qr_refresh_single_step():
+@sweep(4)
+def test_qr_refresh_single_step(seed):
   n = 48
-  rng = np.random.default_rng(4)
+  rng = np.random.default_rng(seed)
   a32, a64 = _spd(rng.uniform(0.01, 3.0, n), rng)
   v = _haar(n, rng).astype(np.float32)
   p, lam = _qr_refresh(jnp.asarray(a32), jnp.asarray(v))
   chex.assert_type((p, lam), jnp.float32)
   p64 = np.asarray(p, np.float64)
-  assert _orth_error(p64.T) < 1e-5
+  assert _orth_error(p64.T) < _orth_bound(n)
   # P is the Q factor of A V (signs with R_ii >= 0), columns sorted by descending Rayleigh quotient.
   q_ref, r_ref = np.linalg.qr(a64 @ v.astype(np.float64))
   q_ref = q_ref * np.sign(np.diag(r_ref))
@@ -187,9 +201,10 @@ def test_qr_refresh_single_step():
   np.testing.assert_allclose(np.asarray(lam, np.float64), np.diag(p64.T @ a64 @ p64), rtol=1e-5, atol=1e-6)
 
 
-def test_qr_refresh_fixed_point_at_eigenvectors():
+@sweep(5)
+def test_qr_refresh_fixed_point_at_eigenvectors(seed):
   n = 48
-  rng = np.random.default_rng(5)
+  rng = np.random.default_rng(seed)
   eigvals = np.linspace(3.0, 0.1, n)
   a32, a64 = _spd(eigvals, rng)
   w_ref, u_ref = np.linalg.eigh(a64)
@@ -201,8 +216,9 @@ def test_qr_refresh_fixed_point_at_eigenvectors():
   np.testing.assert_allclose(np.asarray(lam, np.float64), w_ref[::-1], rtol=1e-5)
 
 
-def test_qr_refresh_batched():
-  rng = np.random.default_rng(6)
+@sweep(6)
+def test_qr_refresh_batched(seed):
+  rng = np.random.default_rng(seed)
   a = np.stack([_spd(rng.uniform(0.1, 2.0, 16), rng)[0] for _ in range(3)])
   v = np.stack([_haar(16, rng) for _ in range(3)]).astype(np.float32)
   p, lam = _qr_refresh(jnp.asarray(a), jnp.asarray(v))
@@ -223,9 +239,10 @@ def test_qr_refresh_batched():
 @pytest.mark.parametrize("epsilon", [0.0, 1e-6])
 @pytest.mark.parametrize("p", [2, 4])
 @pytest.mark.parametrize("cond", [1e0, 1e2, 1e4, 1e6])
-def test_inverse_root_from_eig_vs_float64(cond, p, epsilon):
+@sweep(7)
+def test_inverse_root_from_eig_vs_float64(cond, p, epsilon, seed):
   n = 64
-  rng = np.random.default_rng(7)
+  rng = np.random.default_rng(seed)
   u = _haar(n, rng).astype(np.float32)
   eigvals = rng.permutation(np.logspace(0, -np.log10(cond), n)).astype(np.float32)
   out = _from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(epsilon), p=p)
@@ -236,9 +253,10 @@ def test_inverse_root_from_eig_vs_float64(cond, p, epsilon):
   assert _rel(out, ref) < 1e-5
 
 
-def test_inverse_root_from_eig_negative_and_zero_eigenvalues():
+@sweep(8)
+def test_inverse_root_from_eig_negative_and_zero_eigenvalues(seed):
   n = 64
-  rng = np.random.default_rng(8)
+  rng = np.random.default_rng(seed)
   u = _haar(n, rng).astype(np.float32)
   eigvals = rng.uniform(0.1, 2.0, n).astype(np.float32)
   eigvals[[3, 7]] = [-1e-3, 0.0]  # rounding noise of a PSD matrix
@@ -253,9 +271,10 @@ def test_inverse_root_from_eig_negative_and_zero_eigenvalues():
   chex.assert_tree_all_finite(_from_eig(jnp.asarray(u), jnp.zeros(n), jnp.float32(0.0), p=4))
 
 
-def test_inverse_root_from_eig_batched_uses_per_matrix_max():
+@sweep(9)
+def test_inverse_root_from_eig_batched_uses_per_matrix_max(seed):
   n = 16
-  rng = np.random.default_rng(9)
+  rng = np.random.default_rng(seed)
   u = np.stack([_haar(n, rng) for _ in range(3)]).astype(np.float32)
   scales = np.array([1.0, 1e3, 1e-3])
   eigvals = (rng.uniform(1e-3, 1.0, (3, n)) * scales[:, None]).astype(np.float32)
@@ -272,29 +291,36 @@ def test_inverse_root_from_eig_batched_uses_per_matrix_max():
 # Coupled Newton inverse root.
 # ----------------------------------------------------------------------------
 
-# float32 Newton is limited by rounding at high condition numbers. Measured
-# worst cases over 5 seeds at n = 64 (p = 2 / 4): 1.2e-7, 1.2e-6 / 6.4e-7,
-# 4.3e-5 / 1.6e-5 and 3.0e-3 / 1.1e-3 for cond 1, 1e2, 1e4, 1e6.
-NEWTON_TOL = {1e0: 1e-5, 1e2: 1e-5, 1e4: 2e-4, 1e6: 2e-2}
+def _newton_tol(cond, p, n):
+  r"""Relative error bound of a float32 inverse p-th root of an SPD matrix with condition number ``cond``.
+
+  First-order perturbation: storing A in float32 perturbs it by :math:`\epsilon\|A\|`, which moves
+  :math:`A^{-1/p}` by up to :math:`(\kappa/p)\,\epsilon` relative (the derivative of :math:`\lambda^{-1/p}`
+  at :math:`\lambda_{min}`); the iteration's own products add :math:`n\epsilon` (the :math:`\gamma_n` bound).
+  Measured over 20 seeds at n = 64: 1.2e-7, 1.2e-6, 4.5e-5, 3.0e-3 for cond 1, 1e2, 1e4, 1e6 (>= 6x below).
+  """
+  return (n + cond / p) * EPS32
 
 
 @pytest.mark.parametrize("p", [2, 4])
 @pytest.mark.parametrize("cond", [1e0, 1e2, 1e4, 1e6])
-def test_inverse_root_newton_vs_float64(cond, p):
+@sweep(10)
+def test_inverse_root_newton_vs_float64(cond, p, seed):
   n = 64
-  rng = np.random.default_rng(10)
+  rng = np.random.default_rng(seed)
   a32, a64 = _spd(np.logspace(0, -np.log10(cond), n), rng)
   out = _newton(jnp.asarray(a32), jnp.float32(0.0), p=p)
   chex.assert_shape(out, (n, n))
   chex.assert_type(out, jnp.float32)
   chex.assert_tree_all_finite(out)
-  assert _rel(out, _inverse_root64(a64, 0.0, p)) < NEWTON_TOL[cond]
+  assert _rel(out, _inverse_root64(a64, 0.0, p)) < _newton_tol(cond, p, n)
 
 
 @pytest.mark.parametrize("p", [2, 4])
-def test_inverse_root_newton_damping(p):
+@sweep(11)
+def test_inverse_root_newton_damping(p, seed):
   n = 64
-  rng = np.random.default_rng(11)
+  rng = np.random.default_rng(seed)
   # A dominant top eigenvalue, so power iteration's λmax is exact.
   eigvals = np.concatenate([[1.0], np.logspace(-1, -6, n - 1)])
   a32, a64 = _spd(eigvals, rng)
@@ -314,16 +340,17 @@ def test_inverse_root_newton_1x1_returns_one():
   np.testing.assert_array_equal(batched, np.ones((3, 1, 1)))
 
 
-def test_inverse_root_newton_batched_different_convergence():
+@sweep(12)
+def test_inverse_root_newton_batched_different_convergence(seed):
   n = 64
-  rng = np.random.default_rng(12)
+  rng = np.random.default_rng(seed)
   easy = 4.0 * np.eye(n, dtype=np.float32)  # converges in a few steps
   hard, hard64 = _spd(np.logspace(0, -4, n), rng)  # needs many more
   a = jnp.asarray(np.stack([easy, hard]))
   out = _newton(a, jnp.float32(0.0), p=4)
   chex.assert_shape(out, (2, n, n))
   np.testing.assert_allclose(np.asarray(out[0]), 4.0**-0.25 * np.eye(n), atol=1e-6)
-  assert _rel(out[1], _inverse_root64(hard64, 0.0, 4)) < NEWTON_TOL[1e4]
+  assert _rel(out[1], _inverse_root64(hard64, 0.0, 4)) < _newton_tol(1e4, 4, n)
   # Same as one matrix at a time, and as vmap.
   for i in range(2):
     chex.assert_trees_all_close(out[i], _newton(a[i], jnp.float32(0.0), p=4), rtol=1e-5, atol=1e-6)
@@ -336,25 +363,50 @@ def test_inverse_root_newton_batched_different_convergence():
 # ----------------------------------------------------------------------------
 
 
-def test_power_iteration_random_spd():
+def _power64(a, num_iters=10, tol=1e-6):
+  """Float64 power iteration from the documented start vector: the Rayleigh quotients at the stop.
+
+  Same iteration and stopping rule as ``roots.power_iteration`` (a batch stops when every matrix has).
+  """
+  v = np.asarray(jax.random.uniform(jax.random.key(0), (a.shape[-1],), jnp.float32, -1.0, 1.0), np.float64)
+  v = np.broadcast_to(v / np.linalg.norm(v), a.shape[:-1])
+  previous, i = np.inf, 0
+  while True:
+    w = np.einsum("...ij,...j->...i", a, v)
+    rayleigh = np.sum(v * w, axis=-1)
+    v, i = w / np.linalg.norm(w, axis=-1, keepdims=True), i + 1
+    if i >= num_iters or not np.any(np.abs(rayleigh - previous) > tol):
+      return rayleigh
+    previous = rayleigh
+
+
+@sweep(13)
+def test_power_iteration_random_spd(seed):
+  # Wishart matrices have no guaranteed gap at the top, so 10 steps may stop well below λmax: the estimate is
+  # compared with the same iteration in float64. Each float32 step perturbs the Rayleigh quotient by <= 2n eps
+  # λmax (two length-n inner products, the γ_n bound): 10 steps and the stopping tolerance 1e-6 bound the gap.
   n, batch = 64, 6
-  rng = np.random.default_rng(13)
+  rng = np.random.default_rng(seed)
   g = rng.standard_normal((batch, n, n))
   a = (g @ np.swapaxes(g, -1, -2) / n).astype(np.float32)
-  lam_max = np.linalg.eigvalsh(a.astype(np.float64))[..., -1]
+  a64 = a.astype(np.float64)
+  lam_max = np.linalg.eigvalsh(a64)[..., -1]
+  bound = 10 * 2 * n * EPS32 * lam_max + 1e-6
   est = _power(jnp.asarray(a))
   chex.assert_shape(est, (batch,))
   est = np.asarray(est, np.float64)
-  np.testing.assert_array_less(0.85 * lam_max, est)
-  np.testing.assert_array_less(est, lam_max * (1 + 1e-5))
+  np.testing.assert_array_less(np.abs(est - _power64(a64)), bound)
+  np.testing.assert_array_less(est, lam_max * (1 + 2 * n * EPS32))  # a Rayleigh quotient is <= λmax
+  np.testing.assert_array_less(0.5 * lam_max, est)  # and useful as λmax (measured >= 0.77 λmax, 20 seeds)
   for i in range(2):
     single = float(_power(jnp.asarray(a[i])))
-    assert 0.85 * lam_max[i] < single <= lam_max[i] * (1 + 1e-5)
+    assert abs(single - _power64(a64[i])) < bound[i]
 
 
-def test_power_iteration_exact_with_dominant_eigenvalue():
+@sweep(14)
+def test_power_iteration_exact_with_dominant_eigenvalue(seed):
   n = 64
-  rng = np.random.default_rng(14)
+  rng = np.random.default_rng(seed)
   diag = rng.uniform(0.0, 1.0, n)
   diag[17] = 10.0
   est = _power(jnp.asarray(np.diag(diag), jnp.float32))
@@ -370,8 +422,9 @@ def test_power_iteration_zero_matrix():
   np.testing.assert_array_equal(est, 0.0)
 
 
-def test_orthonormal_basis_matches_numpy_qr():
-  rng = np.random.default_rng(7)
+@sweep(7)
+def test_orthonormal_basis_matches_numpy_qr(seed):
+  rng = np.random.default_rng(seed)
   m = rng.standard_normal((2, 3, 20, 20)).astype(np.float32)
   q = np.asarray(jax.jit(la.orthonormal_basis)(jnp.asarray(m)), np.float64)
   chex.assert_shape(q, m.shape)
@@ -399,14 +452,16 @@ def _assert_eigpairs_match(vecs, vals, a64, vec_atol):
   w, u = np.linalg.eigh(a64)
   w, u = w[..., ::-1], u[..., ::-1]
   np.testing.assert_array_less(-1e-6, -np.diff(np.asarray(vals), axis=-1))  # descending
-  np.testing.assert_allclose(vals, w, atol=2e-6 * np.abs(w).max(), rtol=0)
+  # Weyl: |λ̂ - λ| <= ‖E‖ for float32 eigh's backward error E, ‖E‖ <= p(n) eps ‖A‖ with p(n) = 2n here.
+  np.testing.assert_allclose(vals, w, atol=2 * w.shape[-1] * EPS32 * np.abs(w).max(), rtol=0)
   v = np.asarray(vecs, np.float64)
   signs = np.sign(np.sum(v * u, axis=-2, keepdims=True))
   np.testing.assert_allclose(v * signs, u, atol=vec_atol)
 
 
-def test_eigh_descending_matches_numpy_float64():
-  rng = np.random.default_rng(20)
+@sweep(20)
+def test_eigh_descending_matches_numpy_float64(seed):
+  rng = np.random.default_rng(seed)
   a32, a64 = _spd_batch(3, 24, rng)
   vecs, vals = _eigh(jnp.asarray(a32))
   chex.assert_shape((vecs, vals), ((3, 24, 24), (3, 24)))
@@ -418,8 +473,9 @@ def test_eigh_descending_matches_numpy_float64():
   np.testing.assert_allclose(nested_vals[0], vals[:2], rtol=1e-6)
 
 
-def test_eigh_where_decomposes_only_where_needed():
-  rng = np.random.default_rng(21)
+@sweep(21)
+def test_eigh_where_decomposes_only_where_needed(seed):
+  rng = np.random.default_rng(seed)
   a32, a64 = _spd_batch(3, 16, rng)
   keep_vecs = rng.standard_normal((3, 16, 16)).astype(np.float32)
   keep_vals = rng.standard_normal((3, 16)).astype(np.float32)
@@ -430,8 +486,9 @@ def test_eigh_where_decomposes_only_where_needed():
   _assert_eigpairs_match(vecs[need], vals[need], a64[need], vec_atol=1e-3)
 
 
-def test_qr_refresh_converges_to_sorted_eigenpairs():
-  rng = np.random.default_rng(22)
+@sweep(22)
+def test_qr_refresh_converges_to_sorted_eigenpairs(seed):
+  rng = np.random.default_rng(seed)
   a32, a64 = _spd_batch(2, 16, rng, decay=0.5)  # well-separated spectrum: fast subspace iteration
   start = np.stack([_haar(16, rng) for _ in range(2)]).astype(np.float32)
   vecs, vals = _qr_refresh(jnp.asarray(a32), jnp.asarray(start), iterations=60)
@@ -440,24 +497,46 @@ def test_qr_refresh_converges_to_sorted_eigenpairs():
   vecs1, vals1 = _qr_refresh(jnp.asarray(a32), jnp.asarray(start))
   v = np.asarray(vecs1, np.float64)
   for i in range(2):
-    assert _orth_error(v[i]) < 1e-5
+    assert _orth_error(v[i]) < _orth_bound(16)
     np.testing.assert_allclose(vals1[i], np.sum(v[i] * (a64[i] @ v[i]), axis=0), rtol=1e-4, atol=1e-7)
     assert np.all(np.diff(np.asarray(vals1[i])) <= 0)
 
 
+def _qr_rayleigh_bound(vals, iterations, amplified):
+  r"""Bound on :math:`|\hat\lambda_i - \lambda_i|` after ``iterations`` float32 QR steps from an eigenbasis.
+
+  Each step's products :math:`AP` and :math:`p_i^\top A p_i` are inner products of length ``n``: an absolute
+  error :math:`\le n\,\epsilon\,\lambda_{max}` each (the standard :math:`\gamma_n` bound), hence the term
+  :math:`2n\epsilon\lambda_{max}`. From a *reversed* basis (``amplified``) the step is power iteration on the
+  leading columns, the smallest eigenvector first: the rounding error that leaves the column's eigen-direction,
+  :math:`\delta \le n\epsilon\kappa` after one step, grows by :math:`\kappa = \lambda_{max}/\lambda_{min}`
+  per step, so :math:`\delta_k \le n\epsilon\kappa^k`; a unit vector at angle :math:`\delta` from an
+  eigenvector has a Rayleigh quotient within :math:`\delta^2\lambda_{max}` of its eigenvalue.
+  """
+  vals = np.asarray(vals, np.float64)
+  n, eps = vals.shape[-1], EPS32
+  lam_max = vals.max(axis=-1, keepdims=True)
+  drift = n * eps * (lam_max / vals.min(axis=-1, keepdims=True)) ** iterations if amplified else 0.0
+  return np.broadcast_to((2 * n * eps + drift**2) * lam_max, vals.shape)
+
+
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_qr_refresh_warm_started_from_eigh_stays_put(iterations):
+@sweep(23)
+def test_qr_refresh_warm_started_from_eigh_stays_put(iterations, seed):
   """A QR step from the exact descending eigenbasis returns it (same signs, same order)."""
-  rng = np.random.default_rng(23)
+  rng = np.random.default_rng(seed)
   a32, _ = _spd_batch(2, 32, rng)
   vecs, vals = _eigh(jnp.asarray(a32))
   again, again_vals = _qr_refresh(jnp.asarray(a32), vecs, iterations=iterations)
+  # Observed <= 3e-6 over 20 seeds (x86-64): the columns move by O(n eps kappa), far below 2e-4.
   np.testing.assert_allclose(again, vecs, atol=2e-4)
-  np.testing.assert_allclose(again_vals, vals, rtol=1e-4)
-  # An ascending basis is not a fixed point of the (sorting) step: order is restored.
+  np.testing.assert_array_less(np.abs(again_vals - vals), _qr_rayleigh_bound(vals, iterations, amplified=False))
+  # An ascending basis is not a fixed point of the (sorting) step: the order is restored (strictly descending,
+  # as the spectrum's gaps are >= 10 %) and the values are within the bound of the power-iteration drift.
   ascending = vecs[..., ::-1]
   _, vals_from_ascending = _qr_refresh(jnp.asarray(a32), ascending, iterations=iterations)
-  np.testing.assert_allclose(vals_from_ascending, vals, rtol=1e-4)
+  assert np.all(np.diff(np.asarray(vals_from_ascending), axis=-1) < 0)
+  np.testing.assert_array_less(np.abs(vals_from_ascending - vals), _qr_rayleigh_bound(vals, iterations, amplified=True))
 
 
 def test_qr_refresh_rejects_bad_iterations():

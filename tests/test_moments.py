@@ -13,6 +13,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from jax import lax
+from seeds import sweep
 
 import optax_shampoo4 as s4
 
@@ -92,15 +93,20 @@ BLOCK_BOUNDS = {(8, "first"): 0.00704, (8, "second"): 0.00352, (4, "first"): 0.1
 
 
 @pytest.mark.parametrize("bits,kind", list(BLOCK_BOUNDS))
-def test_block_round_trip_matches_numpy_within_stated_bound(bits, kind):
-  x = _heavy_tailed((48, 700), seed=bits, positive=kind == "second")  # 700: a partial last block
+@sweep(0)
+def test_block_round_trip_matches_numpy_within_stated_bound(bits, kind, seed):
+  x = _heavy_tailed((48, 700), seed=bits + seed, positive=kind == "second")  # 700: a partial last block
   stored = MS.store_moment(x, bits, kind)
   scheme = MS.SCHEMES[bits, kind]
   assert isinstance(stored, MS.QuantizedMoment) and stored.block == scheme.block
   assert stored.codes.dtype == jnp.uint8 and stored.codes.shape == (48, 700 * bits // 8)
   got = np.asarray(MS.load_moment(stored))
   want, scale = _numpy_block(x, scheme.mapping, bits, scheme.block, positive_floor=kind == "second")
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
+  # Ties: an x within float32 rounding of the midpoint of two codes may round to either (the library
+  # normalizes in float32, the reference in float64); both codes are then equally near. Elsewhere: the same code.
+  tie = np.abs(np.abs(got - x) - np.abs(want - x)) <= 4 * np.finfo(np.float32).eps * scale
+  np.testing.assert_allclose(got[~tie], want[~tie], rtol=1e-6, atol=1e-30)  # float32 code * scale: <= eps
+  assert np.mean(~np.isclose(got, want, rtol=1e-6, atol=1e-30)) < 1e-3  # ties are rare (1 in 33600, 20 seeds)
   error = np.abs(got - x) / scale
   assert error.max() <= BLOCK_BOUNDS[bits, kind] * (1 + 1e-5), error.max()
 

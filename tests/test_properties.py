@@ -10,7 +10,9 @@ Bounded for the default run: few examples (each valid configuration compiles a
 step), no deadline, derandomized so CI sees the same examples every time.
 """
 
+import inspect
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +119,130 @@ def test_non_float_parameters_are_refused_at_init_naming_the_leaf(dtype, shape):
   tx = s4.scale_by_shampoo4(max_order=8)
   with pytest.raises(TypeError, match=r"\['bad'\]"):
     tx.init({"good": jnp.zeros((3, 3)), "bad": jnp.zeros(shape, dtype)})
+
+
+# ----------------------------------------------------------------------------
+# Slow run: a real fuzz of every optimizer, not derandomized.
+# ----------------------------------------------------------------------------
+# Each run draws a new seed (printed, and in every failure message); S4_FUZZ_SEED=<seed> replays a run and
+# S4_FUZZ_CASES=<n> sets the number of (tree, configuration) cases. Compiling a step dominates the cost, so the
+# cases are drawn from a pool of configurations, each run on a few tree structures with fresh values per case:
+# one compiled step per (configuration, structure) serves all of that pair's cases.
+FUZZ_CASES = int(os.environ.get("S4_FUZZ_CASES", "400"))
+FUZZ_CASES_PER_CONFIG = 8  # 4 cases on each of 2 tree structures
+SHAMPOO_CHOICES = dict(
+    max_order=[4, 8, 16], beta=[0.0, 0.9, 0.95], epsilon=[0.0, 1e-6, 1e-3], stats_every=[1, 2],
+    root_every=[1, 2, 3], state_format=["eigen", "naive", "fp32"], bits=[None, 3, 4, 8],
+    mapping=["linear2", "dynamic_tree", "linear"], quant_block=[None, 2, 5, 8], min_quant_order=[2, 5, 64],
+    bjorck_steps=[(1, 4), (0, 0), (2, 1)], root_method=[None, "eigen", "newton", "jorge"],
+    refresh_method=["qr", "eigh", "adaptive"], qr_iterations=[None, 1, 2], refresh_tol=[0.0, 0.1, 1.0],
+    grafting=["frobenius", "sgd", "adagrad", "rmsprop", "adam"], grafting_per_block=[None, True, False],
+    start_preconditioning_step=[None, 2], filter_beta=[None, 0.9], combine=["shampoo", "caspr"],
+    store_root=[True, False], moment_bits=[None, 8, 4], mesh=[None, "mesh"],
+)
+SOAP_CHOICES = dict(
+    shampoo_beta=[None, 0.0, 0.9], precondition_every=[None, 1, 2], max_order=[4, 8, 16],
+    max_precond_dim=[None, 5, 16], state_format=["eigen", "fp32"], bits=[None, 3, 4, 8],
+    mapping=["linear2", "dynamic_tree", "linear"], quant_block=[None, 2, 5, 8], min_quant_order=[2, 5, 64],
+    bjorck_steps=[(1, 1), (0, 0), (2, 1)], moment_bits=[None, 8, 4], mesh=[None, "mesh"],
+    project_nu=[True, False], head_fraction=[None, 0.0, 0.25],
+)
+OPTIMIZERS = {  # name: (factory, choices, keyword arguments of the alias itself)
+    "scale_by_shampoo4": (s4.scale_by_shampoo4, SHAMPOO_CHOICES, {}),
+    "adamw_shampoo4": (s4.adamw_shampoo4, SHAMPOO_CHOICES, dict(learning_rate=[1e-3], weight_decay=[0.0, 0.1])),
+    "sgdm_shampoo4": (s4.sgdm_shampoo4, SHAMPOO_CHOICES, dict(nesterov=[False, True], weight_decay=[0.0, 0.1])),
+    "adagrad_shampoo4": (s4.adagrad_shampoo4, SHAMPOO_CHOICES, dict(initial_accumulator_value=[0.0, 0.1])),
+    "distributed_shampoo4": (s4.distributed_shampoo4, SHAMPOO_CHOICES,
+                             dict(momentum=[0.0, 0.9], nesterov=[False, True], use_bias_correction=[True, False])),
+    "scale_by_soap4": (s4.scale_by_soap4, SOAP_CHOICES, {}),
+    "soap4": (s4.soap4, SOAP_CHOICES, dict(weight_decay=[0.0, 0.01])),
+}
+FUZZ_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def _fuzz_seed() -> int:
+  seed = os.environ.get("S4_FUZZ_SEED")
+  return int(seed) if seed else int.from_bytes(os.urandom(4), "little")
+
+
+def _accepted(factory, kwargs):
+  """The keyword arguments ``factory`` takes (an alias may not forward every option of its transform)."""
+  parameters = inspect.signature(factory).parameters
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    return kwargs
+  return {k: v for k, v in kwargs.items() if k in parameters}
+
+
+def _draw_config(rng, mesh):
+  name = list(OPTIMIZERS)[rng.integers(len(OPTIMIZERS))]
+  factory, choices, own = OPTIMIZERS[name]
+  kwargs = {k: values[rng.integers(len(values))] for k, values in {**choices, **own}.items()
+            if rng.random() < 0.5}  # about half the options keep their defaults
+  kwargs = _accepted(factory, kwargs)
+  return name, {k: (mesh if v == "mesh" else v) for k, v in kwargs.items()}
+
+
+def _draw_structure(rng):
+  """1 to 3 leaves of rank 0 to 4 (size-1 dimensions, primes, above max_order), each its own float dtype."""
+  dims = [1, 2, 3, 5, 7, 11, 17]
+  leaves = {}
+  while len(leaves) < rng.integers(1, 4):
+    shape = tuple(int(d) for d in rng.choice(dims, size=rng.integers(0, 5)))
+    if math.prod(shape) <= 200:
+      leaves[f"p{len(leaves)}"] = (shape, FUZZ_DTYPES[rng.integers(len(FUZZ_DTYPES))])
+  return leaves
+
+
+def _draw_tree(rng, structure, zero_prob=0.0):
+  """Random values of ``structure`` at a random scale; with ``zero_prob`` a leaf is all zeros."""
+  scale = 10.0 ** rng.uniform(-3, 2)
+  return {k: jnp.asarray((0.0 if rng.random() < zero_prob else scale) * rng.standard_normal(shape), dtype)
+          for k, (shape, dtype) in structure.items()}
+
+
+def _build(name, kwargs, params):
+  """The transform and its initial state, or the ValueError/TypeError it raised at construction or init."""
+  try:
+    tx = OPTIMIZERS[name][0](**kwargs)
+    return tx, jax.jit(tx.init)(params), jax.jit(tx.update)
+  except (ValueError, TypeError) as e:
+    return e, None, None
+
+
+def _run_case(case_rng, tx, state, update, structure):
+  params = _draw_tree(case_rng, structure)
+  for _ in range(3):  # steps 2 and 3 refresh statistics and roots in every configuration
+    grads = _draw_tree(case_rng, structure, zero_prob=0.1)
+    updates, state = update(grads, state, params)
+    for key, (shape, dtype) in structure.items():
+      assert updates[key].shape == shape and updates[key].dtype == dtype, (key, updates[key])
+      assert bool(jnp.all(jnp.isfinite(updates[key]))), key
+    params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+
+
+@pytest.mark.slow
+def test_fuzz_every_optimizer_on_random_trees_and_configs():
+  """Finite updates of the parameters' shapes and dtypes, or a ValueError/TypeError naming an argument."""
+  seed = _fuzz_seed()
+  print(f"fuzz: S4_FUZZ_SEED={seed} S4_FUZZ_CASES={FUZZ_CASES}")
+  rng = np.random.default_rng(seed)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  ran = refused = 0
+  for c in range(max(1, FUZZ_CASES // FUZZ_CASES_PER_CONFIG)):
+    name, kwargs = _draw_config(rng, mesh)
+    for s in range(2):
+      structure = _draw_structure(rng)
+      where = f"S4_FUZZ_SEED={seed}, config {c}, structure {s}: {name}({kwargs}) on {structure}"
+      tx, state, update = _build(name, kwargs, _draw_tree(rng, structure))
+      if isinstance(tx, Exception):
+        assert any(k in str(tx) for k in kwargs), f"{where}: the error names no argument: {tx!r}"
+        refused += 1
+        continue
+      for i in range(FUZZ_CASES_PER_CONFIG // 2):
+        try:
+          _run_case(np.random.default_rng([seed, c, s, i]), tx, state, update, structure)
+        except Exception as e:
+          raise AssertionError(f"{where}, case {i}: {e!r}") from e
+        ran += 1
+  print(f"fuzz: {ran} cases ran, {refused} (configuration, structure) pairs refused at construction or init")
+  assert ran >= FUZZ_CASES // 2, (ran, refused)  # most drawn configurations are valid

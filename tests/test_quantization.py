@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from seeds import sweep
 
 from optax_shampoo4 import quantization as qz
 
@@ -150,7 +151,7 @@ def test_4bit_codebook_matches_paper_appendix_c(mapping):
   chex.assert_shape(table, (16,))
   chex.assert_type(table, jnp.float32)
   np.testing.assert_array_equal(np.round(np.asarray(table, np.float64), 4), PAPER_4BIT[mapping])
-  # The paper's rounded lists agree with the formulas they come from.
+  # The paper's rounded lists agree with the formulas they come from: within half a unit of the 4th decimal.
   np.testing.assert_allclose(_reference_codebook(mapping, 4), PAPER_4BIT[mapping], atol=5e-5)
 
 
@@ -187,12 +188,12 @@ def test_codebook_specific_values():
   # Signed 8-bit DT: values in [-0.99297, 1], smallest positive 5.5e-7 (§3.1).
   dt8 = np.asarray(qz.codebook("dynamic_tree", 8), np.float64)
   np.testing.assert_allclose(dt8[0], -0.99297, atol=1e-5)
-  np.testing.assert_allclose(dt8[dt8 > 0].min(), 5.5e-7, rtol=1e-5)
+  np.testing.assert_allclose(dt8[dt8 > 0].min(), 5.5e-7, rtol=1e-4)  # float32 powers of 10: measured 1.3e-6
   # Linear (power 1), 4 bits: v = linspace(-1, 1, 16) with v[7] = 0.
   lin = np.asarray(qz.codebook("linear", 4), np.float64)
   expected = np.linspace(-1.0, 1.0, 16)
   expected[7] = 0.0
-  np.testing.assert_allclose(lin, expected, atol=1e-7)
+  np.testing.assert_allclose(lin, expected, atol=2 * np.finfo(np.float32).eps)  # two float32 roundings of |v| <= 1
 
 
 def test_3bit_codebooks():
@@ -230,9 +231,10 @@ def _mixed_magnitudes(seed=0):
     [(m, b, 64) for m in ALL_MAPPINGS for b in (3, 4, 8)]
     + [("linear2", 4, 8), ("dynamic_tree", 8, 8), ("linear2", 3, 7), ("dynamic_tree", 3, 2)],
 )
-def test_nearest_rounding_scales_and_error_bound(mapping, bits, block):
+@sweep(0)
+def test_nearest_rounding_scales_and_error_bound(mapping, bits, block, seed):
   # Mixed magnitudes, so blocks hold values far below their absmax.
-  x = _mixed_magnitudes()
+  x = _mixed_magnitudes(seed)
   q = _quantize(jnp.asarray(x), mapping, bits, block)
   table = np.asarray(qz.codebook(mapping, bits))
   _assert_nearest(x, q, table, block)
@@ -254,8 +256,9 @@ def test_nearest_rounding_scales_and_error_bound(mapping, bits, block):
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
-def test_haar_orthogonal_round_trip_error(bits):
-  u = _haar(256, np.random.default_rng(1))
+@sweep(1)
+def test_haar_orthogonal_round_trip_error(bits, seed):
+  u = _haar(256, np.random.default_rng(seed))
   errors = {}
   for mapping in MAPPINGS_4BIT:
     q = _quantize(jnp.asarray(u, jnp.float32), mapping, bits, block=64)
@@ -362,7 +365,7 @@ def test_worked_example_linear2_packed_bytes(block):
   np.testing.assert_allclose(
       np.asarray(_dequantize(q)),
       [0.5, -0.18, 0.05556, 0.0, 0.0, 0.26889, -0.5, 0.00222],
-      atol=1e-5,
+      atol=1e-5,  # values written to 5 decimals (<= 5e-6 off) plus float32 rounding (<= 6e-8)
   )
 
 
@@ -501,9 +504,10 @@ def test_quantized_array_is_a_pytree():
 # ----------------------------------------------------------------------------
 
 
-def test_offdiag_diagonal_is_exact_and_excluded_from_absmax():
+@sweep(9)
+def test_offdiag_diagonal_is_exact_and_excluded_from_absmax(seed):
   n = 65
-  rng = np.random.default_rng(9)
+  rng = np.random.default_rng(seed)
   off = rng.standard_normal((n, n)).astype(np.float32) * 1e-2
   m = off + np.diag(rng.uniform(1e3, 2e3, n)).astype(np.float32)
   stored = qz.quantize_offdiag(jnp.asarray(m), "linear2", 4, 64)

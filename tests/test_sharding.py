@@ -15,14 +15,14 @@ How sharded and single-device results are compared, and the tolerances:
 
 * Step by step, all formats: each sharded step is compared with the
   single-device step taken from the same state (the sharded state, unpadded,
-  moved to one device). Updates must agree within ``1e-4 * max|update|`` and
+  moved to one device). Updates must agree within ``1e-3 * max|update|`` and
   the dequantized statistics and roots of the real factors within
-  ``1e-4 * max|matrix|``. The eigen format's statistic is compared as
+  ``1e-3 * max|matrix|``. The eigen format's statistic is compared as
   ``Vᵀ diag(λ) V``, because the basis of a null space (rank-deficient
   statistics, e.g. the order-16 right factor of the 8x16 leaf at step 2) is
   picked by rounding and its 4-bit codes may differ while the matrix agrees.
-  Measured: at most 6e-7 (replicated gradients) and 6e-6 (FSDP, where the
-  Gram matrices are summed over devices in another order). Only if some 4-bit
+  Measured: at most 9e-7 (replicated gradients) and 1.6e-5 (FSDP, where the
+  Gram matrices are summed over devices in another order): >= 60x headroom. Only if some 4-bit
   codes differ is the tolerance 0.15: one flipped eigenvector code moves the
   next update by 1-3.5 % of its largest entry (measured), while a misplaced,
   stale or padding factor changes it by order 1.
@@ -63,8 +63,8 @@ FORMATS = ("eigen", "naive", "fp32")
 # root refresh, so the comparisons are well conditioned.
 CONFIG = dict(stats_every=2, root_every=4, min_quant_order=16, quant_block=8)
 STEPS = 8
-UPDATE_RTOL = 1e-4
-STATE_RTOL = 1e-4
+UPDATE_RTOL = 1e-3
+STATE_RTOL = 1e-3
 FLIPPED_RTOL = 0.15
 
 

@@ -163,4 +163,5 @@ def test_sharded_roots_formed_per_device_match_single_device():
         outs.append(jax.device_get(updates["w"]))
     results.append(outs)
   for single, sharded in zip(*results):
-    np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-4 * np.abs(single).max())
+    # Two compilations of the same float32 maths (measured 1e-4 of the largest update); a wrong shard is O(1).
+    np.testing.assert_allclose(sharded, single, rtol=1e-3, atol=1e-3 * np.abs(single).max())
