@@ -40,7 +40,8 @@ _LIMIT = 2.0  # values in [-_LIMIT, _LIMIT] get their own buckets
 _MAX_WINDOW = 2  # comparisons per element after the lookup
 _SIDES = ("left", "right")
 # Up to this many values, comparing against every one is faster on XLA:CPU than the lookup (the 4-bit tables);
-# for the 8-bit ones the lookup is ~8x faster than a binary search (benchmarks/moment_store_parts.py).
+# for the 8-bit ones the lookup is faster than a binary search (benchmarks/moment_store_parts.py; the docs'
+# results/design page).
 _COMPARE_ALL_MAX = 16
 
 

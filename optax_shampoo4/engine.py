@@ -402,7 +402,7 @@ def after_previous(inputs: Any, done: Buckets) -> Any:
   scratch at every call, untaken ``lax.cond`` branches included, and above
   glibc's mmap threshold (32 MiB) maps it afresh and page-faults it in at each
   step (the scratch per step is measured by ``benchmarks/speed.py``,
-  ``scratch MiB``; see the README). Optimization barriers are dropped before XLA:CPU
+  ``scratch MiB``; see :doc:`/results/design`). Optimization barriers are dropped before XLA:CPU
   schedules, so the dependence is data: ``+ z`` with
   ``z = (-0)·|min(finite values of the previous result)|``, which XLA cannot
   fold and which changes no value. It goes on the integer leaves (codes) where

@@ -142,8 +142,8 @@ def rounding_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   :math:`h = \mathrm{mix}(\mathrm{mix}(i + a) \oplus b)`, :math:`i` its
   row-major index (mod :math:`2^{32}`) and :math:`a, b` hashed from the key's
   words. A few integer operations per element that fuse into the quantizer,
-  in place of ``jax.random.uniform``'s threefry (the 8-bit rounding ~4x faster on
-  CPU, ``benchmarks/moment_store_parts.py``).
+  in place of ``jax.random.uniform``'s threefry (faster on CPU,
+  ``benchmarks/moment_store_parts.py``, :doc:`/results/design`).
   Not for cryptography or statistics beyond rounding.
   """
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -164,7 +164,7 @@ def _encode(normalized: jax.Array, mapping: str, bits: int, key: jax.Array | Non
   Nearest-value rounding when ``key`` is None; otherwise stochastic rounding
   between the two neighbouring codes, unbiased inside the codebook's range.
   Both searches go through :func:`code_search.sorted_search` (a bucket lookup,
-  exact, ~8x faster than a binary search over 256 codes on XLA:CPU).
+  exact, faster than a binary search over 256 codes on XLA:CPU: :doc:`/results/design`).
   """
   table = _table(mapping, bits)
   if key is None:

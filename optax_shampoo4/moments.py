@@ -23,8 +23,8 @@ and dtypes never change. The schemes (:data:`~optax_shampoo4.moment_storage.SCHE
   :math:`m`), so momentum never decays; the transforms therefore round first
   moments *stochastically* (unbiased), and 8-bit second moments too. 4-bit
   second moments round to the nearest code, whose noise would otherwise enter
-  :math:`1/\sqrt{v}` (the effect of the rounding on training: README,
-  "Quantized moments"). The random bits are a counter-based hash of a key folded from the
+  :math:`1/\sqrt{v}` (the effect of the rounding on training:
+  :doc:`/results/design`). The random bits are a counter-based hash of a key folded from the
   step count and of each element's index (:func:`~optax_shampoo4.moment_storage.rounding_uniform`),
   so no key lives in the state and runs are reproducible. See :data:`~optax_shampoo4.moment_storage.SCHEMES`.
 

@@ -61,7 +61,7 @@ GraftingType = Literal["frobenius", "sgd", "adagrad", "rmsprop", "adam"]
 COMBINES = get_args(Combine)
 SOAP_FORMATS = get_args(SoapStateFormat)
 
-# Chosen by measurement (README, "Refresh methods"); the paper's refresh is refresh_method="qr".
+# Chosen by measurement (docs: guides/refresh_and_variants); the paper's refresh is refresh_method="qr".
 DEFAULT_REFRESH_METHOD: RefreshMethod = "adaptive"
 DEFAULT_REFRESH_TOL = 1e-3
 DEFAULT_QR_ITERATIONS = 1
