@@ -84,8 +84,8 @@ def _plan(values_bytes: bytes, side: str) -> _Plan:
     low[0], high[-1] = -np.inf, np.inf  # clipped keys land in the end buckets
     # A backend may flush subnormals to zero in comparisons (XLA:CPU does): bracket both readings.
     low, high = np.minimum(low, _flushed(low)), np.maximum(high, _flushed(high))
-    counts = np.searchsorted(values, low, side)
-    window = int((np.searchsorted(values, high, side) - counts).max())
+    counts = np.searchsorted(values, low, side)  # pyright: ignore[reportArgumentType, reportCallIssue]
+    window = int((np.searchsorted(values, high, side) - counts).max())  # pyright: ignore[reportArgumentType, reportCallIssue]
     if window <= _MAX_WINDOW:
       break
   padded = np.concatenate([values, np.full(window, np.nan, np.float32)])  # NaN: never counted

@@ -149,7 +149,7 @@ class FactorEngine:
     """The prologue of every step: flatten, plan, count, matrix views, finiteness."""
     leaves, treedef = jax.tree.flatten(updates)
     plan = self.plan(updates)
-    return Step(leaves, treedef, plan, optax.safe_increment(count), matrix_views(leaves, plan),
+    return Step(leaves, treedef, plan, optax.safe_increment(count), matrix_views(leaves, plan),  # pyright: ignore[reportArgumentType]
                 all_finite(leaves))
 
   def refresh_stats(self, buckets: Buckets, plan: partition.Plan, matrices: list, beta: jax.Array,
@@ -285,7 +285,7 @@ class FactorEngine:
         results.append(whole[:, :m])
       return results
 
-    return sharding.shard_map_replicated(on_each_device, self.mesh, stored, matrices)
+    return sharding.shard_map_replicated(on_each_device, self.mesh, stored, matrices)  # pyright: ignore[reportArgumentType]
 
   def keep_split(self, buckets: Buckets) -> Buckets:
     """Keeps the returned buckets split over the mesh (identity without one)."""

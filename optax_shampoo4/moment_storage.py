@@ -146,7 +146,7 @@ def rounding_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   ``benchmarks/moment_store_parts.py``, :doc:`/results/design`).
   Not for cryptography or statistics beyond rounding.
   """
-  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   words = jnp.ravel(key).astype(jnp.uint32)
   seed = jnp.uint32(0x9E3779B9)
@@ -232,10 +232,10 @@ def store_moment(
     normalized = blocks / jnp.where(scales != 0, scales, 1.0)[..., None]
     normalized = normalized.reshape(padded.shape)[..., :length]
   if kind == "second":  # a positive value never gets the zero code
-    table = _table(mapping, bits)
+    table = _table(mapping, bits)  # pyright: ignore[reportArgumentType]
     normalized = jnp.where(x > 0, jnp.maximum(normalized, table[table > 0].min()), normalized)
-  codes = _encode(normalized, mapping, bits, key)
-  return QuantizedMoment(codes, scales, tuple(x.shape), kind, bits, mapping, block)
+  codes = _encode(normalized, mapping, bits, key)  # pyright: ignore[reportArgumentType]
+  return QuantizedMoment(codes, scales, tuple(x.shape), kind, bits, mapping, block)  # pyright: ignore[reportArgumentType]
 
 
 def load_moment(stored: QuantizedMoment | jax.Array) -> jax.Array:

@@ -151,7 +151,7 @@ def inverse_root_newton(
     i, x, m, err, active = carry
     t = (1.0 - alpha) * eye + alpha * m
     x_new = matmul(x, t)
-    m_new = matmul(matrix_power(t), m)
+    m_new = matmul(matrix_power(t), m)  # pyright: ignore[reportArgumentType]
     err_new = jnp.max(jnp.abs(m_new - eye), axis=(-2, -1))
     accept = active & (err_new <= 1.2 * err) & jnp.all(jnp.isfinite(x_new), axis=(-2, -1))
     sel = accept[..., None, None]

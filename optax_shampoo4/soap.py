@@ -210,14 +210,14 @@ def scale_by_soap4(
     <https://arxiv.org/abs/2405.18144>`_, NeurIPS 2024.
   """
   opts = options.SoapOptions.from_kwargs(
-      b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
+      b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,  # pyright: ignore[reportArgumentType]
       max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
       mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order, bjorck_steps=bjorck_steps,
       mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits, project_nu=project_nu,
       head_fraction=head_fraction)
   factor_engine = make_engine(opts)
   return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
-                                               functools.partial(update, opts, factor_engine))
+                                               functools.partial(update, opts, factor_engine))  # pyright: ignore[reportArgumentType]
 
 
 def make_engine(opts: options.SoapOptions) -> engine.FactorEngine:
@@ -283,7 +283,7 @@ def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets
   4-bit rows; the 4-bit rows' own Björck (:math:`2n^3` per factor, most of the
   step) is not run (see ``head_fraction``).
   """
-  return {name: fct.rectified(factor_engine.gathered(bucket.eigvecs), opts.bjorck_steps[1], tail_steps=0)
+  return {name: fct.rectified(factor_engine.gathered(bucket.eigvecs), opts.bjorck_steps[1], tail_steps=0)  # pyright: ignore[reportAttributeAccessIssue]
           for name, bucket in buckets.items()}
 
 
