@@ -263,7 +263,10 @@ class SoapOptions:
 
   @property
   def quantized_from(self) -> int:
-    """Smallest quantized factor order: ``min_quant_order``, or never for ``state_format="fp32"``."""
+    """The smallest quantized factor order.
+
+    ``min_quant_order``, or never (``sys.maxsize``) for ``state_format="fp32"``.
+    """
     return self.min_quant_order if self.state_format == "eigen" else sys.maxsize
 
   def factor_config(self) -> fct.FactorConfig:
