@@ -7,6 +7,7 @@ is stored as 4-bit quantized eigenvector matrices (Wang et al., NeurIPS 2024).
 from optax_shampoo4 import (
     factors,
     grafting,
+    launch,
     linalg,
     moment_storage,
     moments,
@@ -40,6 +41,7 @@ __all__ = [
     "distributed_shampoo4",
     "factors",
     "grafting",
+    "launch",
     "linalg",
     "moment_storage",
     "moments",

@@ -40,7 +40,8 @@ _LIMIT = 2.0  # values in [-_LIMIT, _LIMIT] get their own buckets
 _MAX_WINDOW = 2  # comparisons per element after the lookup
 _SIDES = ("left", "right")
 # Up to this many values, comparing against every one is faster on XLA:CPU than the lookup (the 4-bit tables);
-# for the 8-bit ones the lookup is ~8x faster than a binary search (benchmarks/moment_store_parts.py).
+# for the 8-bit ones the lookup is faster than a binary search (benchmarks/moment_store_parts.py; the docs'
+# results/design page).
 _COMPARE_ALL_MAX = 16
 
 
@@ -83,8 +84,8 @@ def _plan(values_bytes: bytes, side: str) -> _Plan:
     low[0], high[-1] = -np.inf, np.inf  # clipped keys land in the end buckets
     # A backend may flush subnormals to zero in comparisons (XLA:CPU does): bracket both readings.
     low, high = np.minimum(low, _flushed(low)), np.maximum(high, _flushed(high))
-    counts = np.searchsorted(values, low, side)
-    window = int((np.searchsorted(values, high, side) - counts).max())
+    counts = np.searchsorted(values, low, side)  # pyright: ignore[reportArgumentType, reportCallIssue]
+    window = int((np.searchsorted(values, high, side) - counts).max())  # pyright: ignore[reportArgumentType, reportCallIssue]
     if window <= _MAX_WINDOW:
       break
   padded = np.concatenate([values, np.full(window, np.nan, np.float32)])  # NaN: never counted

@@ -149,7 +149,7 @@ class FactorEngine:
     """The prologue of every step: flatten, plan, count, matrix views, finiteness."""
     leaves, treedef = jax.tree.flatten(updates)
     plan = self.plan(updates)
-    return Step(leaves, treedef, plan, optax.safe_increment(count), matrix_views(leaves, plan),
+    return Step(leaves, treedef, plan, optax.safe_increment(count), matrix_views(leaves, plan),  # pyright: ignore[reportArgumentType]
                 all_finite(leaves))
 
   def refresh_stats(self, buckets: Buckets, plan: partition.Plan, matrices: list, beta: jax.Array,
@@ -285,7 +285,7 @@ class FactorEngine:
         results.append(whole[:, :m])
       return results
 
-    return sharding.shard_map_replicated(on_each_device, self.mesh, stored, matrices)
+    return sharding.shard_map_replicated(on_each_device, self.mesh, stored, matrices)  # pyright: ignore[reportArgumentType]
 
   def keep_split(self, buckets: Buckets) -> Buckets:
     """Keeps the returned buckets split over the mesh (identity without one)."""
@@ -402,7 +402,7 @@ def after_previous(inputs: Any, done: Buckets) -> Any:
   scratch at every call, untaken ``lax.cond`` branches included, and above
   glibc's mmap threshold (32 MiB) maps it afresh and page-faults it in at each
   step (the scratch per step is measured by ``benchmarks/speed.py``,
-  ``scratch MiB``; see the README). Optimization barriers are dropped before XLA:CPU
+  ``scratch MiB``; see :doc:`/results/design`). Optimization barriers are dropped before XLA:CPU
   schedules, so the dependence is data: ``+ z`` with
   ``z = (-0)·|min(finite values of the previous result)|``, which XLA cannot
   fold and which changes no value. It goes on the integer leaves (codes) where

@@ -217,7 +217,7 @@ def init_bucket(
     eigvals = jnp.full((size, order), eps, jnp.float32)
     return EigenFactors(config.store_eigvecs(eye, quantized), eigvals, root)
   if config.root_method == "jorge":  # Jorge keeps the root only, no statistic.
-    return MatrixFactors(None, root)
+    return MatrixFactors(None, root)  # pyright: ignore[reportArgumentType]
   return MatrixFactors(config.store(eps * eye, quantized, separate_diag=True), root)
 
 
@@ -237,7 +237,7 @@ def _jorge_stats(config: FactorConfig, bucket: MatrixFactors, grams: jax.Array,
   root, _ = roots.jorge_root_update(load(bucket.root), damped, beta)
   root = jnp.where((norms > 0)[:, None, None], root, load(bucket.root))
   ok = _all_finite(root)
-  return _guarded(ok, MatrixFactors(None, config.store(root, is_quantized(bucket.root), True)), bucket)
+  return _guarded(ok, MatrixFactors(None, config.store(root, is_quantized(bucket.root), True)), bucket)  # pyright: ignore[reportArgumentType, reportReturnType]
 
 
 def _rectified_eigvecs(bucket: EigenFactors, steps: int) -> jax.Array:
@@ -362,10 +362,10 @@ def update_root(
       rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
       stat = linalg.matmul(linalg.transpose(rows) * jnp.maximum(bucket.eigvals, 0.0)[:, None, :], rows)
       root = roots.inverse_root_newton(stat, epsilon)
-    new = EigenFactors(bucket.eigvecs, bucket.eigvals, None)
+    new = EigenFactors(bucket.eigvecs, bucket.eigvals, None)  # pyright: ignore[reportArgumentType]
   else:
     root = roots.inverse_root_newton(load(bucket.stats), epsilon)
-    new = MatrixFactors(bucket.stats, None)
+    new = MatrixFactors(bucket.stats, None)  # pyright: ignore[reportArgumentType]
   ok = _all_finite(root)
   new = new._replace(root=config.store(root, is_quantized(bucket.root), True))
   return _guarded(ok, new, bucket)

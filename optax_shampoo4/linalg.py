@@ -212,8 +212,8 @@ def eigh_where(
   some matrix needs it. On CPU every matrix is decomposed (one unbatched
   LAPACK call each, see :func:`orthonormal_basis`) and the results are
   selected: a ``lax.cond`` per factor nested in the optimizer's refresh
-  branch made every *plain* (non-refresh) step slower on XLA:CPU (measured
-  ~30 % on a small transformer's tree), which costs more than the skipped
+  branch made every *plain* (non-refresh) step slower on XLA:CPU (measured:
+  :doc:`/results/design`), which costs more than the skipped
   decompositions save at refresh intervals of 10-100 steps.
 
   Args:

@@ -142,11 +142,11 @@ def rounding_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   :math:`h = \mathrm{mix}(\mathrm{mix}(i + a) \oplus b)`, :math:`i` its
   row-major index (mod :math:`2^{32}`) and :math:`a, b` hashed from the key's
   words. A few integer operations per element that fuse into the quantizer,
-  in place of ``jax.random.uniform``'s threefry (the 8-bit rounding ~4x faster on
-  CPU, ``benchmarks/moment_store_parts.py``).
+  in place of ``jax.random.uniform``'s threefry (faster on CPU,
+  ``benchmarks/moment_store_parts.py``, :doc:`/results/design`).
   Not for cryptography or statistics beyond rounding.
   """
-  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   words = jnp.ravel(key).astype(jnp.uint32)
   seed = jnp.uint32(0x9E3779B9)
@@ -164,7 +164,7 @@ def _encode(normalized: jax.Array, mapping: str, bits: int, key: jax.Array | Non
   Nearest-value rounding when ``key`` is None; otherwise stochastic rounding
   between the two neighbouring codes, unbiased inside the codebook's range.
   Both searches go through :func:`code_search.sorted_search` (a bucket lookup,
-  exact, ~8x faster than a binary search over 256 codes on XLA:CPU).
+  exact, faster than a binary search over 256 codes on XLA:CPU: :doc:`/results/design`).
   """
   table = _table(mapping, bits)
   if key is None:
@@ -232,10 +232,10 @@ def store_moment(
     normalized = blocks / jnp.where(scales != 0, scales, 1.0)[..., None]
     normalized = normalized.reshape(padded.shape)[..., :length]
   if kind == "second":  # a positive value never gets the zero code
-    table = _table(mapping, bits)
+    table = _table(mapping, bits)  # pyright: ignore[reportArgumentType]
     normalized = jnp.where(x > 0, jnp.maximum(normalized, table[table > 0].min()), normalized)
-  codes = _encode(normalized, mapping, bits, key)
-  return QuantizedMoment(codes, scales, tuple(x.shape), kind, bits, mapping, block)
+  codes = _encode(normalized, mapping, bits, key)  # pyright: ignore[reportArgumentType]
+  return QuantizedMoment(codes, scales, tuple(x.shape), kind, bits, mapping, block)  # pyright: ignore[reportArgumentType]
 
 
 def load_moment(stored: QuantizedMoment | jax.Array) -> jax.Array:

@@ -23,8 +23,8 @@ and dtypes never change. The schemes (:data:`~optax_shampoo4.moment_storage.SCHE
   :math:`m`), so momentum never decays; the transforms therefore round first
   moments *stochastically* (unbiased), and 8-bit second moments too. 4-bit
   second moments round to the nearest code, whose noise would otherwise enter
-  :math:`1/\sqrt{v}` (the effect of the rounding on training: README,
-  "Quantized moments"). The random bits are a counter-based hash of a key folded from the
+  :math:`1/\sqrt{v}` (the effect of the rounding on training:
+  :doc:`/results/design`). The random bits are a counter-based hash of a key folded from the
   step count and of each element's index (:func:`~optax_shampoo4.moment_storage.rounding_uniform`),
   so no key lives in the state and runs are reproducible. See :data:`~optax_shampoo4.moment_storage.SCHEMES`.
 
@@ -192,9 +192,9 @@ def scale_by_adam(
       return step.astype(g.dtype), mu, nu, _all_finite(mu, nu)
 
     steps, mu, nu, finite = _map_moments(leaf, updates, state.mu, state.mu_scales, state.nu, state.nu_scales)
-    mu, mu_scales = _store(mu, state.mu, state.mu_scales, finite, bits, "first", count)
-    nu, nu_scales = _store(nu, state.nu, state.nu_scales, finite, bits, "second", count)
-    return steps, QuantizedAdamState(count, mu, mu_scales, nu, nu_scales,
+    mu, mu_scales = _store(mu, state.mu, state.mu_scales, finite, bits, "first", count)  # pyright: ignore[reportArgumentType]
+    nu, nu_scales = _store(nu, state.nu, state.nu_scales, finite, bits, "second", count)  # pyright: ignore[reportArgumentType]
+    return steps, QuantizedAdamState(count, mu, mu_scales, nu, nu_scales,  # pyright: ignore[reportArgumentType]
                                      _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -255,8 +255,8 @@ def trace(
       return step.astype(g.dtype), buffer, _all_finite(buffer)
 
     steps, buffers, finite = _map_moments(leaf, updates, state.trace, state.trace_scales)
-    codes, scales = _store(buffers, state.trace, state.trace_scales, finite, bits, "first", count)
-    return steps, QuantizedTraceState(count, codes, scales, _count_failures(state.nonfinite_count, finite))
+    codes, scales = _store(buffers, state.trace, state.trace_scales, finite, bits, "first", count)  # pyright: ignore[reportArgumentType]
+    return steps, QuantizedTraceState(count, codes, scales, _count_failures(state.nonfinite_count, finite))  # pyright: ignore[reportArgumentType]
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -316,7 +316,7 @@ def scale_by_rss(
       return step.astype(g.dtype), total, _all_finite(total)
 
     steps, sums, finite = _map_moments(leaf, updates, state.sum_of_squares, state.sum_of_squares_scales)
-    codes, scales = _store(sums, state.sum_of_squares, state.sum_of_squares_scales, finite, bits, "second", count)
-    return steps, QuantizedRssState(count, codes, scales, _count_failures(state.nonfinite_count, finite))
+    codes, scales = _store(sums, state.sum_of_squares, state.sum_of_squares_scales, finite, bits, "second", count)  # pyright: ignore[reportArgumentType]
+    return steps, QuantizedRssState(count, codes, scales, _count_failures(state.nonfinite_count, finite))  # pyright: ignore[reportArgumentType]
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -61,7 +61,7 @@ GraftingType = Literal["frobenius", "sgd", "adagrad", "rmsprop", "adam"]
 COMBINES = get_args(Combine)
 SOAP_FORMATS = get_args(SoapStateFormat)
 
-# Chosen by measurement (README, "Refresh methods"); the paper's refresh is refresh_method="qr".
+# Chosen by measurement (docs: guides/refresh_and_variants); the paper's refresh is refresh_method="qr".
 DEFAULT_REFRESH_METHOD: RefreshMethod = "adaptive"
 DEFAULT_REFRESH_TOL = 1e-3
 DEFAULT_QR_ITERATIONS = 1
@@ -190,13 +190,13 @@ class ShampooOptions:
       validation.check_traceable_int("start_preconditioning_step", start_preconditioning_step, 0)
     sharding.validate_mesh(mesh, mesh_axis)
     return cls(max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
-               state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
+               state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,  # pyright: ignore[reportArgumentType]
                min_quant_order=min_quant_order, bjorck_steps=_bjorck_steps(bjorck_steps),
-               root_method=root_method, refresh_method=refresh_method, qr_iterations=qr_iterations,
+               root_method=root_method, refresh_method=refresh_method, qr_iterations=qr_iterations,  # pyright: ignore[reportArgumentType]
                refresh_tol=refresh_tol, mesh=mesh, mesh_axis=mesh_axis,
                grafting=grafting_lib.resolve(grafting, grafting_eps, grafting_beta2, grafting_per_block,
                                              filter_beta, filter_bias_correction),
-               start_preconditioning_step=start_preconditioning_step, combine=combine,
+               start_preconditioning_step=start_preconditioning_step, combine=combine,  # pyright: ignore[reportArgumentType]
                store_root=_check_store_root(store_root, state_format, root_method))
 
   def factor_config(self) -> fct.FactorConfig:
@@ -255,15 +255,18 @@ class SoapOptions:
     _check_choice("state_format", state_format, SOAP_FORMATS)
     sharding.validate_mesh(mesh, mesh_axis)
     return cls(b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
-               max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
-               mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
+               max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,  # pyright: ignore[reportArgumentType]
+               mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,  # pyright: ignore[reportArgumentType]
                bjorck_steps=_bjorck_steps(bjorck_steps), mesh=mesh, mesh_axis=mesh_axis,
                moment_bits=moment_bits, project_nu=_check_bool("project_nu", project_nu),
                head_fraction=_head_fraction(head_fraction))
 
   @property
   def quantized_from(self) -> int:
-    """Smallest quantized factor order: ``min_quant_order``, or never for ``state_format="fp32"``."""
+    """The smallest quantized factor order.
+
+    ``min_quant_order``, or never (``sys.maxsize``) for ``state_format="fp32"``.
+    """
     return self.min_quant_order if self.state_format == "eigen" else sys.maxsize
 
   def factor_config(self) -> fct.FactorConfig:
@@ -279,7 +282,7 @@ def soap_factor_config(bits: int, mapping: str, quant_block: int, bjorck_steps: 
   :func:`~optax_shampoo4.factors.update_stats`), so the refreshed columns
   stay aligned with the carried moments' coordinates.
   """
-  return fct.FactorConfig("eigen", bits, mapping, quant_block, tuple(int(s) for s in bjorck_steps), "eigen",
+  return fct.FactorConfig("eigen", bits, mapping, quant_block, tuple(int(s) for s in bjorck_steps), "eigen",  # pyright: ignore[reportArgumentType]
                           sort_refreshed=False, head_fraction=float(head_fraction))
 
 

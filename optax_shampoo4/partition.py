@@ -230,13 +230,13 @@ class BlockGroup:
 
   @property
   def left(self) -> BucketKey | None:
-    """The bucket of the blocks' left factors (None: that side is not preconditioned)."""
+    """The bucket of the blocks' left factors, or None where that side is not preconditioned."""
     side = self.blocks[0][1].left
     return None if side is None else side.bucket
 
   @property
   def right(self) -> BucketKey | None:
-    """The bucket of the blocks' right factors (None: that side is not preconditioned)."""
+    """The bucket of the blocks' right factors, or None where that side is not preconditioned."""
     side = self.blocks[0][1].right
     return None if side is None else side.bucket
 

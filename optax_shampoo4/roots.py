@@ -151,7 +151,7 @@ def inverse_root_newton(
     i, x, m, err, active = carry
     t = (1.0 - alpha) * eye + alpha * m
     x_new = matmul(x, t)
-    m_new = matmul(matrix_power(t), m)
+    m_new = matmul(matrix_power(t), m)  # pyright: ignore[reportArgumentType]
     err_new = jnp.max(jnp.abs(m_new - eye), axis=(-2, -1))
     accept = active & (err_new <= 1.2 * err) & jnp.all(jnp.isfinite(x_new), axis=(-2, -1))
     sel = accept[..., None, None]
@@ -197,14 +197,9 @@ def jorge_root_update(
   :math:`-\\tfrac{\\epsilon}{8}(\\hat L^5 G G^\\top + G G^\\top \\hat L^5)`
   agrees with the derivative of :math:`L^{-1/4}` on the diagonal of
   :math:`L`'s eigenbasis and averages the two one-sided errors off it.
-  Measured in ``tests/test_jorge.py`` (order 16, grams of rank 32 whose EMA
-  moves from one random SPD statistic to another, its root by ~40%; 80
-  updates from the exact initial root; relative Frobenius error against the
-  float64 root of the EMA statistic): β = 0.95: 2.0% at the end, 6% at worst
-  during the transient (7.8% / 12% without symmetrizing); adaptive step: 3.0%
-  (5.4% without); β = 0.99: 5.6% (early errors are forgotten more slowly);
-  rank-1 grams, β = 0.95: 11%; commuting (diagonal) stream: 4e-4, the series
-  truncation alone. The error does not accumulate without bound: a too large
+  Its error against the float64 root of the EMA statistic is measured in
+  ``tests/test_jorge.py`` (numbers: :doc:`/results/design`). The error does
+  not accumulate without bound: a too large
   :math:`\\hat L` makes :math:`X` too large and the next step shrinks it.
 
   Step size: the series converges for :math:`\\rho(\\epsilon X) < 1`.

@@ -226,17 +226,17 @@ def scale_by_shampoo4(
     <https://arxiv.org/abs/1802.09568>`_, ICML 2018.
   """
   opts = options.ShampooOptions.from_kwargs(
-      max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
+      max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,  # pyright: ignore[reportArgumentType]
       state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
       min_quant_order=min_quant_order, bjorck_steps=bjorck_steps, root_method=root_method,
-      refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
+      refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,  # pyright: ignore[reportArgumentType]
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       filter_beta=filter_beta, filter_bias_correction=filter_bias_correction, combine=combine,
       store_root=store_root)
   factor_engine = make_engine(opts)
   return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
-                                               functools.partial(update, opts, factor_engine))
+                                               functools.partial(update, opts, factor_engine))  # pyright: ignore[reportArgumentType]
 
 
 def make_engine(opts: options.ShampooOptions) -> engine.FactorEngine:
@@ -309,7 +309,7 @@ def precondition_blocks(opts: options.ShampooOptions, factor_engine: engine.Fact
   else:
     roots = factor_engine.roots_from_eigenbases(buckets, jnp.asarray(opts.epsilon, jnp.float32))
   caspr = opts.combine == "caspr"
-  return factor_engine.apply_blocks(plan, matrices, roots, caspr_product if caspr else shampoo_product,
+  return factor_engine.apply_blocks(plan, matrices, roots, caspr_product if caspr else shampoo_product,  # pyright: ignore[reportArgumentType]
                                     split_rows=not caspr)
 
 

@@ -156,7 +156,7 @@ def scale_by_soap4(
       ``t1`` steps on both parts, and each step only rectifies the head
       (``t2`` steps) and projects it out of the 4-bit rows: their own Björck
       step would cost :math:`2n^3` per factor, most of the step (its effect
-      on quality: ``benchmarks/soap_basis.py``, README).
+      on quality: ``benchmarks/soap_basis.py``, :doc:`/results/design`).
     mesh: optional device mesh; the factor axis of each bucket is split over
       ``mesh_axis`` and refreshed under ``jax.shard_map`` (as
       :func:`~optax_shampoo4.scale_by_shampoo4`). Results do not depend on it.
@@ -169,7 +169,7 @@ def scale_by_soap4(
       the refresh rotates near-degenerate directions (e.g. the null space of
       an early, low-rank statistic) arbitrarily; re-projected ``m`` then lands
       on coordinates whose kept ``v`` is near zero and the step
-      :math:`m/\sqrt v` explodes (README, "SOAP"). Default True (static).
+      :math:`m/\sqrt v` explodes (:doc:`/results/design`). Default True (static).
     moment_bits: None (float32 ``mu``/``nu``), 8 or 4: Adam's moments (in the
       rotated basis) stored with the schemes of :mod:`optax_shampoo4.moments`
       (block-wise codes; 4-bit second moments rank-1 normalized), dequantized,
@@ -186,7 +186,7 @@ def scale_by_soap4(
       and projecting them out of the rest removes their share of that leak
       (for eigenvalues :math:`\propto i^{-2}`, order 128: about 95 % of it) for
       about 6 % more factor bytes at the default 1/16 (quality measured by
-      ``benchmarks/soap_basis.py``, see the README). 0 stores every row in
+      ``benchmarks/soap_basis.py``, :doc:`/results/design`). 0 stores every row in
       4 bits (static; None: 1/16).
 
   Returns:
@@ -210,14 +210,14 @@ def scale_by_soap4(
     <https://arxiv.org/abs/2405.18144>`_, NeurIPS 2024.
   """
   opts = options.SoapOptions.from_kwargs(
-      b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
+      b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,  # pyright: ignore[reportArgumentType]
       max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
       mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order, bjorck_steps=bjorck_steps,
       mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits, project_nu=project_nu,
       head_fraction=head_fraction)
   factor_engine = make_engine(opts)
   return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
-                                               functools.partial(update, opts, factor_engine))
+                                               functools.partial(update, opts, factor_engine))  # pyright: ignore[reportArgumentType]
 
 
 def make_engine(opts: options.SoapOptions) -> engine.FactorEngine:
@@ -283,7 +283,7 @@ def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets
   4-bit rows; the 4-bit rows' own Björck (:math:`2n^3` per factor, most of the
   step) is not run (see ``head_fraction``).
   """
-  return {name: fct.rectified(factor_engine.gathered(bucket.eigvecs), opts.bjorck_steps[1], tail_steps=0)
+  return {name: fct.rectified(factor_engine.gathered(bucket.eigvecs), opts.bjorck_steps[1], tail_steps=0)  # pyright: ignore[reportAttributeAccessIssue]
           for name, bucket in buckets.items()}
 
 

@@ -200,7 +200,7 @@ def convert_state(state: Any, tx: Any, params: Any, shardings: Any = None) -> An
 
   # Arrays on other devices than the result's (e.g. restored onto the old mesh) go through the host.
   if shardings is None:
-    default = jax.config.jax_default_device
+    default = jax.config.jax_default_device  # pyright: ignore[reportAttributeAccessIssue]
     if not isinstance(default, jax.Device):
       default = jax.devices(default)[0] if isinstance(default, str) else jax.devices()[0]
     devices = {default}
@@ -269,7 +269,7 @@ def state_nbytes(state: Any) -> dict[str, int]:
     >>> s4.state_nbytes(shapes)["quantized_codes"]  # 2 factors x 2 matrices x 512*256 bytes
     524288
   """
-  parts = dict.fromkeys(PARTS, 0)
+  parts: dict[str, int] = dict.fromkeys(PARTS, 0)
 
   def add_codes(node: Any, kind: str) -> None:  # a QuantizedArray or a QuantizedMoment
     parts[f"{kind}_codes"] += _nbytes(node.codes)

@@ -45,8 +45,6 @@ SLOW_BY_DURATION = frozenset({
     "tests/test_sharding.py::test_padding_slots_never_influence_updates[eigen]",
     "tests/test_caspr.py::test_caspr_equals_numpy_reference[eigen]",
     "tests/test_sharding.py::test_sharded_trajectory_matches_single_device[fp32]",
-    "notebooks/quantization_explained.ipynb::quantization_explained.ipynb",
-    "notebooks/training_comparison.ipynb::training_comparison.ipynb",
     "optax_shampoo4/state_utils.py::optax_shampoo4.state_utils.convert_state",
     "optax_shampoo4/soap.py::optax_shampoo4.soap.scale_by_soap4",
     "tests/test_alias.py::test_adamw_mask_limits_weight_decay",

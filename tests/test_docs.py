@@ -27,7 +27,11 @@ def site(tmp_path_factory):
   """The site built by the documented command (into a temporary folder)."""
   pytest.importorskip("sphinx", reason='the docs extra is not installed: pip install -e ".[docs]"')
   out = tmp_path_factory.mktemp("html")
-  result = subprocess.run(BUILD_COMMAND + [str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+  # A fresh execution cache: every guide and notebook runs against the library as it is now (the notebooks are
+  # executed here only, not by nbmake), so a cell that raises fails the build.
+  cache = tmp_path_factory.mktemp("jupyter_cache")
+  command = BUILD_COMMAND + ["-D", f"nb_execution_cache_path={cache}", str(out)]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, f"docs build failed:\n{result.stdout[-5000:]}\n{result.stderr[-10000:]}"
   return out
 
@@ -61,6 +65,17 @@ def test_every_public_name_has_a_non_empty_api_entry(site):
       empty.append(full_name)
   assert not missing, f"public names without an API entry: {missing}"
   assert not empty, f"public names with an empty API entry: {empty}"
+
+
+@pytest.mark.parametrize("notebook", sorted(path.stem for path in (ROOT / "notebooks").glob("*.ipynb")))
+def test_notebooks_are_executed_with_outputs(site, notebook):
+  from bs4 import BeautifulSoup
+
+  page = BeautifulSoup((site / "notebooks" / f"{notebook}.html").read_text(), "html.parser")
+  outputs = page.select("div.cell_output")
+  assert outputs, f"{notebook}: no executed cell outputs on the page"
+  assert not page.select("div.cell_output .output.traceback, div.cell_output .output.error"), notebook
+  assert page.select("div.cell_output img"), f"{notebook}: no plot in the outputs"
 
 
 def test_results_pages_hold_generated_tables_and_plots(site):

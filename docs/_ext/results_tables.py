@@ -304,6 +304,33 @@ def write_choosing(results_dir, out_dir):
   (out_dir / "choosing.md").write_text(_table(header, rows))
 
 
+def write_soap_basis(results_dir, out_dir):
+  """4-bit SOAP's basis variants on the CNN (``soap_basis.json``): final loss, mean over seeds, gap to fp32 SOAP."""
+  data = _load(results_dir, "soap_basis.json")
+  rows = [[f"`{name}`", f"{stats['mean']:.4f}", _pct(stats["relative_gap"])] for name, stats in data["summary"].items()]
+  text = (f"{data['example']}, seeds {', '.join(str(s) for s in data['seeds'])}; final training loss: "
+          f"{data['final_train_loss']} (mean over seeds):\n\n"
+          + _table(["basis storage and rectification", "final training loss", "vs fp32 SOAP"], rows))
+  (out_dir / "soap_basis.md").write_text(text)
+
+
+def write_moment_store_parts(results_dir, out_dir):
+  """The parts of re-quantizing a moment, two ways each (``moment_store_parts.json``): median times and ratio."""
+  data = _load(results_dir, "moment_store_parts.json")
+  by_part = {}
+  for row in data["rows"]:
+    by_part.setdefault(row["part"], []).append(row)
+  rows = []
+  for part, alternatives in by_part.items():
+    slowest = max(row["median_ms"] for row in alternatives)
+    rows += [[part, f"`{row['alternative']}`", f"{row['median_ms']:.2f} ms", f"{slowest / row['median_ms']:.1f}×"]
+             for row in alternatives]
+  text = (f"{data['size']:,} values, median of {data['repeats']} calls, backend `{data['backend']}` "
+          f"({data.get('cpu_count', '?')} CPU cores):\n\n"
+          + _table(["part", "implementation", "median time", "speed-up over the slower"], rows))
+  (out_dir / "moment_store_parts.md").write_text(text)
+
+
 def write_all(results_dir, out_dir):
   """Writes every generated table and plot; returns the output folder."""
   out_dir = pathlib.Path(out_dir)
@@ -316,4 +343,6 @@ def write_all(results_dir, out_dir):
   write_distributed(results_dir, out_dir)
   write_quant_error(results_dir, out_dir)
   write_choosing(results_dir, out_dir)
+  write_soap_basis(results_dir, out_dir)
+  write_moment_store_parts(results_dir, out_dir)
   return out_dir
