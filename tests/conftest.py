@@ -1,7 +1,13 @@
 """Test setup: the repository root is importable (for ``benchmarks.model_shapes``),
-numpy's BLAS runs single-threaded, and the CPU backend has 8 devices.
+so is ``tests/`` (the shared ``helpers`` and the ``reference_*`` transcriptions,
+also for the tests in ``tests/integration/``), numpy's BLAS runs single-threaded,
+and the CPU backend has 8 devices.
 
-The 8 CPU devices are for ``tests/test_sharding.py``; they must be set before
+Layout: ``tests/test_<module>.py`` tests ``optax_shampoo4/<module>.py``;
+``tests/integration/`` holds the tests that cross modules (training, examples,
+docs, packaging, checkpoints, multi-process and multi-device runs, ...).
+
+The 8 CPU devices are for the sharding tests; they must be set before
 JAX initializes a backend, and conftest.py is imported before any test module.
 Every other test still runs on one device (the default device is the first CPU
 device); measured, the rest of the suite takes the same CPU time with 8 CPU
@@ -14,9 +20,10 @@ import sys
 import jax
 import pytest
 
-_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
+_TESTS = pathlib.Path(__file__).resolve().parent
+for _path in (str(_TESTS.parent), str(_TESTS)):
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
 
 jax.config.update("jax_num_cpu_devices", 8)
 

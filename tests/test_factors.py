@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_shampoo as ref
-from seeds import sweep
+from helpers import sweep
 
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import quantization as qz

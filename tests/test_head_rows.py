@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from seeds import sweep
+from helpers import sweep
 
 import optax_shampoo4 as s4
 from optax_shampoo4 import factors as fct

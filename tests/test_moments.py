@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from helpers import sweep
 from jax import lax
-from seeds import sweep
 
 import optax_shampoo4 as s4
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from seeds import sweep
+from helpers import sweep
 
 from optax_shampoo4 import quantization as qz
 

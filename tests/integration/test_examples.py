@@ -13,7 +13,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
 
-QUICKSTART = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+QUICKSTART = pathlib.Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
 
 
 def _load_quickstart():
