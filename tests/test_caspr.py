@@ -20,6 +20,7 @@ def _numpy_caspr(g, roots, plan_leaf):
   return out * np.linalg.norm(g) / np.linalg.norm(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state_format", ["fp32", "naive", "eigen"])
 def test_caspr_equals_numpy_reference(state_format):
   rng = np.random.default_rng(0)

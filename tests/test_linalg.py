@@ -569,6 +569,7 @@ for method in ("qr", "eigh", "adaptive"):  # batched QR and batched eigh both de
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins CPUs with os.sched_setaffinity (Linux only)")
 def test_concurrent_bucket_refreshes_do_not_deadlock_on_cpu():
   """Three factor buckets refresh their eigenvectors in one step, on 2 cores.

@@ -111,6 +111,7 @@ def test_block_round_trip_matches_numpy_within_stated_bound(bits, kind, seed):
   assert error.max() <= BLOCK_BOUNDS[bits, kind] * (1 + 1e-5), error.max()
 
 
+@pytest.mark.slow
 def test_rank1_second_moment_round_trip_matches_numpy_within_stated_bound():
   v = _heavy_tailed((96, 301), seed=3, positive=True)
   stored = MS.store_moment(v, 4, "second")
@@ -126,7 +127,7 @@ def test_rank1_second_moment_round_trip_matches_numpy_within_stated_bound():
   assert np.all(got[~large] == pytest.approx(np.broadcast_to(normalizer, v.shape)[~large] / 16, rel=1e-6))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [pytest.param(4, marks=pytest.mark.slow), 8])
 def test_second_moment_never_negative_and_positive_never_zero(bits):
   rng = np.random.default_rng(bits)
   v = _heavy_tailed((64, 256), seed=7, positive=True) * (rng.random((64, 256)) < 0.7)  # 30% exact zeros
@@ -183,6 +184,7 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbouring_code(bits):
 # Transforms
 
 
+@pytest.mark.slow
 def test_bits_none_is_optax_and_small_tensors_match_optax():
   assert isinstance(M.scale_by_adam(bits=None).init({"w": jnp.zeros(3)}), optax.ScaleByAdamState)
   params = {"w": jnp.linspace(-1, 1, 100).reshape(10, 10), "b": jnp.ones(10)}
@@ -247,6 +249,7 @@ def adam_runs(digits_problem):
           for bits in (None, 8, 4)}
 
 
+@pytest.mark.slow
 def test_quantized_adam_tracks_float32_adam(adam_runs):
   reference = adam_runs[None][0]
   assert reference[-1] < 0.1 * reference[0]  # the problem is learned
@@ -260,6 +263,7 @@ def test_quantized_adam_tracks_float32_adam(adam_runs):
     assert int(adam_state.nonfinite_count) == 0
 
 
+@pytest.mark.slow
 def test_quantized_momentum_and_adagrad_train(digits_problem, adam_runs):
   start = adam_runs[None][0][0]
   for opt in (optax.chain(M.trace(0.9, bits=8), optax.scale_by_learning_rate(0.3)),
@@ -268,7 +272,7 @@ def test_quantized_momentum_and_adagrad_train(digits_problem, adam_runs):
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.3 * start
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [pytest.param(4, marks=pytest.mark.slow), 8])
 def test_bf16_params_keep_their_dtype(bits):
   params = {"w": jnp.ones((64, 80), jnp.bfloat16), "b": jnp.ones((80,), jnp.bfloat16)}
   grads = jax.tree.map(lambda p: p * 0.5, params)
@@ -297,6 +301,7 @@ def test_nonfinite_gradient_keeps_the_stored_moments():
   assert np.all(np.isfinite(np.asarray(updates["w"]))) and int(after.nonfinite_count) == 1
 
 
+@pytest.mark.slow
 def test_state_is_stable_under_lax_cond():
   params = {"w": jnp.linspace(-1, 1, 64 * 80).reshape(64, 80), "b": jnp.ones(80)}
   grads = jax.tree.map(jnp.cos, params)
@@ -313,6 +318,7 @@ def test_state_is_stable_under_lax_cond():
     chex.assert_tree_all_finite(state)
 
 
+@pytest.mark.slow
 def test_inject_hyperparams_with_moment_bits():
   params = {"w": jnp.linspace(-1, 1, 64 * 80).reshape(64, 80), "b": jnp.ones(80)}
   grads = jax.tree.map(jnp.cos, params)
@@ -334,6 +340,7 @@ def test_inject_hyperparams_with_moment_bits():
     optax.inject_hyperparams(s4.adamw_shampoo4, static_args=STATIC)(moment_bits=8).init(params)
 
 
+@pytest.mark.slow
 def test_orbax_round_trip_is_bit_exact(tmp_path):
   params = {"w": jnp.zeros((64, 80)), "b": jnp.zeros(80), "e": jnp.zeros((50, 3, 40), jnp.bfloat16)}
   state = s4.adamw_shampoo4(moment_bits=4, **SHAMPOO).init(params)
@@ -373,6 +380,7 @@ def test_state_nbytes_reports_moment_codes_and_scales():
     assert parts["total"] == sum(v for k, v in parts.items() if k not in ("total", "preconditioner"))
 
 
+@pytest.mark.slow
 def test_flax_nnx_optimizer_keeps_the_state_across_steps():
   from flax import nnx
 

@@ -463,6 +463,7 @@ def test_zero_blocks_are_exact(mapping, bits):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_quantize_under_jit_and_vmap():
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.standard_normal((3, 5, 65)), jnp.float32)
@@ -658,6 +659,7 @@ def test_3bit_shampoo_accepts_any_block_and_rejects_bad_ones():
     s4.scale_by_shampoo4(bits=4, quant_block=63)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state_format", ["eigen", pytest.param("naive", marks=pytest.mark.slow)])
 def test_3bit_shampoo_training_smoke(state_format):
   import optax

@@ -102,6 +102,7 @@ def test_adaptive_refresh_tol_can_be_injected():
   assert step._cache_size() == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state_format", ["eigen", "naive", "fp32"])
 def test_jit_on_mixed_tree_keeps_state_types(state_format):
   params = _mixed_tree()
@@ -152,6 +153,7 @@ def test_identity_until_first_root_update():
   assert not np.allclose(out, g, atol=1e-3)  # step 3 is preconditioned
 
 
+@pytest.mark.slow
 def test_refresh_schedule():
   tx = s4.scale_by_shampoo4(stats_every=3, root_every=6, min_quant_order=4)
   state = tx.init(jnp.zeros((8, 4)))
@@ -167,6 +169,7 @@ def test_refresh_schedule():
     assert root_changed == (step % 6 == 0), step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_in_low_precision_out(dtype):
   params = {"w": jnp.ones((70, 65), dtype), "b": jnp.ones((65,), dtype)}
@@ -180,6 +183,7 @@ def test_low_precision_in_low_precision_out(dtype):
   chex.assert_tree_all_finite(out)
 
 
+@pytest.mark.slow
 def test_block_split_preconditions_each_block_independently():
   """A split matrix equals its blocks preconditioned alone, up to the joint graft."""
   g = jnp.asarray(_random_grads((40, 12), 1, seed=5)[0])
@@ -199,6 +203,7 @@ def test_block_split_preconditions_each_block_independently():
     assert float(cos) > 0.999
 
 
+@pytest.mark.slow
 def test_non_finite_gradient_leaves_statistics_untouched():
   tx = s4.scale_by_shampoo4(stats_every=1, root_every=2)
   state = tx.init(jnp.zeros((70, 66)))
@@ -214,6 +219,7 @@ def test_non_finite_gradient_leaves_statistics_untouched():
   assert int(new_state.skipped_stats) == 1 and int(new_state.failed_refreshes) == 0
 
 
+@pytest.mark.slow
 def test_init_on_shape_dtype_structs():
   tx = s4.scale_by_shampoo4()
   abstract = {"w": jax.ShapeDtypeStruct((300, 200), jnp.float32)}
