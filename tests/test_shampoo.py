@@ -1,4 +1,7 @@
-"""Tests for scale_by_shampoo4: algorithm fidelity, state stability, dtypes."""
+"""Tests of ``optax_shampoo4/shampoo.py`` (scale_by_shampoo4): algorithm fidelity, state stability, dtypes;
+combine="caspr", store_root=False and root_method="jorge" in their own classes."""
+
+import math
 
 import chex
 import jax
@@ -9,6 +12,7 @@ import pytest
 import reference_shampoo as ref
 
 import optax_shampoo4 as s4
+from optax_shampoo4 import factors as fct
 
 
 def _random_grads(shape, steps, seed=0):
@@ -280,3 +284,262 @@ def test_integer_parameters_rejected_at_init():
   tx = s4.scale_by_shampoo4()
   with pytest.raises(TypeError, match=r"\['steps'\].*int32"):
     tx.init({"w": jnp.zeros((4, 4)), "steps": jnp.zeros((3,), jnp.int32)})
+
+
+# --- combine="caspr" ------------------------------------------------------------------------------------
+
+
+def _numpy_caspr(g, roots, plan_leaf):
+  """float64 CASPR of every block of ``g`` from the state's roots, grafted to ‖G‖_F (per tensor)."""
+  out = np.zeros_like(g)
+  for b in plan_leaf.blocks:
+    block = g[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]]
+    left = roots[b.left.bucket.name][b.left.index]
+    right = roots[b.right.bucket.name][b.right.index]
+    j = left @ block + block @ right
+    out[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] = left @ j + j @ right
+  return out * np.linalg.norm(g) / np.linalg.norm(out)
+
+
+class TestCaspr:
+  """combine="caspr": J = L̂G + GR̂, Ĝ = L̂J + JR̂ per block, grafted, against a float64 numpy step."""
+
+  @pytest.mark.slow
+  @pytest.mark.parametrize("state_format", ["fp32", "naive", "eigen"])
+  def test_caspr_equals_numpy_reference(self, state_format):
+    rng = np.random.default_rng(0)
+    max_order, min_quant_order = 48, 16
+    shape = (40, 100)  # blocks 40x48, 40x48, 40x4: three right factors, one left order
+    tx = s4.scale_by_shampoo4(state_format=state_format, combine="caspr", stats_every=1, root_every=1,
+                              max_order=max_order, min_quant_order=min_quant_order, epsilon=1e-3)
+    params = {"w": jnp.zeros(shape)}
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for _ in range(2):  # the second step uses roots built from the first two gradients
+      g = rng.standard_normal(shape).astype(np.float32)
+      updates, state = step({"w": jnp.asarray(g)}, state)
+    roots = {name: np.asarray(s4.factors.load(bucket.root), np.float64) for name, bucket in state.factors.items()}
+    plan = s4.partition.make_plan([shape], max_order, min_quant_order, state_format != "fp32")
+    expected = _numpy_caspr(g.astype(np.float64), roots, plan.leaves[0])
+    np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=2e-4, atol=2e-5)
+    # ... and it differs from the plain Shampoo combination of the same roots.
+    shampoo = np.zeros_like(expected)
+    for b in plan.leaves[0].blocks:
+      shampoo[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] = (
+          roots[b.left.bucket.name][b.left.index] @ g[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]]
+          @ roots[b.right.bucket.name][b.right.index])
+    shampoo *= np.linalg.norm(g) / np.linalg.norm(shampoo)
+    assert np.linalg.norm(expected - shampoo) > 1e-3 * np.linalg.norm(shampoo)
+
+  def test_caspr_alias_and_validation(self):
+    with pytest.raises(ValueError, match="combine"):
+      s4.scale_by_shampoo4(combine="kron")
+    opt = s4.adamw_shampoo4(1e-3, combine="caspr", stats_every=1, root_every=1)
+    params = {"w": jnp.ones((8, 6)), "b": jnp.zeros(6)}
+    state = opt.init(params)
+    updates, _ = jax.jit(opt.update)({"w": jnp.arange(48.0).reshape(8, 6), "b": jnp.ones(6)}, state, params)
+    assert bool(jnp.all(jnp.isfinite(updates["w"])))
+
+
+# --- store_root=False -------------------------------------------------------------------------------------
+
+
+STORE_ROOT_EPSILON = 1e-4
+STORE_ROOT_CONFIG = dict(stats_every=1, root_every=1, epsilon=STORE_ROOT_EPSILON, min_quant_order=16, quant_block=16)
+
+
+def _store_root_params():
+  return {"w": jnp.zeros((48, 32)), "b": jnp.zeros((32,))}
+
+
+def _store_root_grads(step):
+  key = jax.random.PRNGKey(step)
+  w = jax.random.normal(key, (48, 32)) * jnp.linspace(0.2, 2.0, 32)  # anisotropic columns
+  return {"w": w, "b": jax.random.normal(jax.random.fold_in(key, 1), (32,))}
+
+
+def _np_bjorck(v, steps):
+  for _ in range(steps):
+    v = 1.5 * v - 0.5 * v @ v.T @ v
+  return v
+
+
+def _np_store_root(bucket, index, bjorck_steps):
+  rows = np.asarray(fct.load(bucket.eigvecs)[index], np.float64)
+  if fct.is_quantized(bucket.eigvecs):
+    rows = _np_bjorck(rows, bjorck_steps)
+  eigvals = np.asarray(bucket.eigvals[index], np.float64)
+  damped = eigvals + STORE_ROOT_EPSILON * eigvals.max()
+  return rows.T @ np.diag(damped ** -0.25) @ rows
+
+
+def _run_store_root(steps, **kwargs):
+  tx = s4.scale_by_shampoo4(**(STORE_ROOT_CONFIG | kwargs))
+  state = tx.init(_store_root_params())
+  update = jax.jit(tx.update)
+  for step in range(steps):
+    grads = _store_root_grads(step)
+    updates, state = update(grads, state)
+  return grads, updates, state
+
+
+class TestStoreRoot:
+  """``store_root=False``: no inverse root in the state, formed from the eigenpairs at every step.
+
+  The reference is float64 numpy: from the state's dequantized eigenvectors,
+  Björck-rectified in numpy, :math:`\\hat L = V (\\Lambda + \\epsilon \\lambda_{\\max})^{-1/4} V^\\top`,
+  then :math:`\\hat L G \\hat R` grafted to :math:`\\|G\\|_F`.
+  """
+
+  @pytest.mark.parametrize("bits", [4, 8])
+  def test_update_equals_float64_reference_from_the_stored_eigenpairs(self, bits):
+    grads, updates, state = _run_store_root(4, store_root=False, bits=bits)
+    buckets = state.factors
+    left = next(b for name, b in buckets.items() if name.startswith("order48"))
+    right = next(b for name, b in buckets.items() if name.startswith("order32"))
+    assert left.root is None and right.root is None
+    g = np.asarray(grads["w"], np.float64)
+    preconditioned = _np_store_root(left, 0, 4) @ g @ _np_store_root(right, 0, 4)
+    expected = preconditioned * np.linalg.norm(g) / np.linalg.norm(preconditioned)
+    np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+    # The preconditioner acted: the update is not the (rescaled) gradient.
+    assert np.abs(expected - g).max() > 0.05 * np.abs(g).max()
+
+  def test_matches_stored_root_when_roots_are_refreshed_every_step_in_float32(self):
+    """Unquantized factors (order below min_quant_order): both settings compute the same roots."""
+    kwargs = dict(min_quant_order=64)
+    _, kept, _ = _run_store_root(3, **kwargs)
+    _, formed, _ = _run_store_root(3, store_root=False, **kwargs)
+    np.testing.assert_allclose(np.asarray(formed["w"]), np.asarray(kept["w"]), rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(kept["w"]).max()))
+
+  def test_preconditioner_memory_halves(self):
+    shapes = {"w": jax.ShapeDtypeStruct((768, 3072), jnp.float32)}
+    nbytes = {}
+    for store_root in (True, False):
+      tx = s4.scale_by_shampoo4(store_root=store_root)
+      nbytes[store_root] = s4.state_nbytes(jax.eval_shape(tx.init, shapes))
+    assert nbytes[False]["diagonals"] == 0
+    ratio = nbytes[False]["preconditioner"] / nbytes[True]["preconditioner"]
+    assert 0.45 < ratio < 0.55, ratio
+
+  def test_nonfinite_gradient_leaves_state_untouched(self):
+    _, _, state = _run_store_root(2, store_root=False)
+    tx = s4.scale_by_shampoo4(**STORE_ROOT_CONFIG, store_root=False)
+    bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), _store_root_grads(5))
+    updates, new_state = jax.jit(tx.update)(bad, state)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    for a, b in zip(jax.tree.leaves(state.factors), jax.tree.leaves(new_state.factors)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(new_state.nonfinite_steps) == 1
+
+  def test_alias_trains_with_store_root_false(self):
+    """AdamW + 4-bit Shampoo without stored roots lowers a least-squares loss."""
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (256, 32))
+    w_true = jax.random.normal(jax.random.fold_in(key, 1), (32, 24))
+    y = x @ w_true
+
+    def loss(params):
+      return jnp.mean((x @ params["w"] - y) ** 2)
+
+    params = {"w": jnp.zeros((32, 24))}
+    opt = s4.adamw_shampoo4(3e-2, weight_decay=0.0, stats_every=5, store_root=False, min_quant_order=16)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+      grads = jax.grad(loss)(params)
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    start = float(loss(params))
+    for _ in range(150):
+      params, state = step(params, state)
+    assert math.isfinite(float(loss(params))) and float(loss(params)) < 0.05 * start
+
+  @pytest.mark.parametrize("kwargs, error", [
+      (dict(state_format="naive"), ValueError),
+      (dict(state_format="fp32"), ValueError),
+      (dict(root_method="newton"), ValueError),
+      (dict(store_root="no"), TypeError),
+  ])
+  def test_bad_store_root_combinations_raise_naming_the_argument(self, kwargs, error):
+    args = dict(store_root=False) | kwargs
+    with pytest.raises(error, match="store_root"):
+      s4.scale_by_shampoo4(**args)
+
+  @pytest.mark.skipif(len(jax.devices("cpu")) < 8, reason="needs 8 CPU devices (tests/conftest.py)")
+  def test_sharded_roots_formed_per_device_match_single_device(self):
+    """With a mesh each device forms its share of the roots; the updates equal one device's.
+
+    Float32 factors (order below ``min_quant_order``), so no 4-bit code can flip
+    between the two runs' rounding.
+    """
+    cpus = jax.devices("cpu")
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=cpus[:8])
+    kwargs = dict(STORE_ROOT_CONFIG, min_quant_order=64, store_root=False)
+    results = []
+    for m in (None, mesh):
+      tx = s4.scale_by_shampoo4(mesh=m, **kwargs)
+      with jax.default_device(cpus[0]):
+        state = tx.init(_store_root_params())
+        if m is not None:
+          state = jax.device_put(state, s4.state_sharding(state, m))
+        update = jax.jit(tx.update)
+        outs = []
+        for step in range(3):
+          updates, state = update(_store_root_grads(step), state)
+          outs.append(jax.device_get(updates["w"]))
+      results.append(outs)
+    for single, sharded in zip(*results):
+      # Two compilations of the same float32 maths (measured 1e-4 of the largest update); a wrong shard is O(1).
+      np.testing.assert_allclose(sharded, single, rtol=1e-3, atol=1e-3 * np.abs(single).max())
+
+
+# --- root_method="jorge" ---------------------------------------------------------------------------------
+
+
+class TestJorgeRootMethod:
+  """``root_method="jorge"``: the stored root takes Jorge's update (``roots.jorge_root_update``) at each
+  statistics update; no statistic is stored."""
+
+  @pytest.mark.parametrize("state_format,bits,bound", [
+      ("fp32", 4, 0.02), pytest.param("naive", 8, 0.03, marks=pytest.mark.slow),
+      pytest.param("naive", 4, 0.2, marks=pytest.mark.slow)])
+  def test_jorge_root_method_converges_to_damped_statistic_root(self, state_format, bits, bound):
+    """A stationary gradient: the stored root approaches (M + δ‖M‖I)^(-1/4), M = G Gᵀ (float64 numpy).
+
+    Measured after 150 updates: 0.15% (fp32), 1.0% (8-bit root), 16% (4-bit root: re-quantizing the root
+    at every update lets its quantization error drift, unlike the paper's root rebuilt from eigenpairs).
+    """
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((72, 96)).astype(np.float32) / 10
+    eps = 1e-3
+    tx = s4.scale_by_shampoo4(state_format=state_format, root_method="jorge", stats_every=1, root_every=1,
+                              epsilon=eps, beta=0.9, min_quant_order=64, bits=bits)
+    params = {"w": jnp.zeros((72, 96))}
+    state = tx.init(params)
+    assert state.factors["order72_q" if state_format == "naive" else "order72_f32"].stats is None
+    step = jax.jit(tx.update)
+    for _ in range(150):
+      _, state = step({"w": jnp.asarray(g)}, state)
+    assert int(state.failed_refreshes) == 0
+    bucket = state.factors["order72_q" if state_format == "naive" else "order72_f32"]
+    root = np.asarray(s4.factors.load(bucket.root), np.float64)[0]
+    m = g.astype(np.float64) @ g.T.astype(np.float64)
+    damped = m + eps * np.linalg.norm(m) * np.eye(72)
+    lam, vecs = np.linalg.eigh(damped)
+    expected = (vecs * lam ** -0.25) @ vecs.T
+    error = np.linalg.norm(root - expected) / np.linalg.norm(expected)
+    assert error < bound, error
+
+  def test_jorge_root_method_validation_and_memory(self):
+    with pytest.raises(ValueError, match="root_method='jorge'"):
+      s4.scale_by_shampoo4(root_method="jorge")  # the eigen format keeps eigenvectors, not roots
+    shapes = {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32)}
+    jorge = s4.state_nbytes(jax.eval_shape(s4.scale_by_shampoo4(state_format="naive", root_method="jorge").init,
+                                           shapes))
+    naive = s4.state_nbytes(jax.eval_shape(s4.scale_by_shampoo4(state_format="naive").init, shapes))
+    # Jorge keeps one quantized matrix per factor (the root), the naive format two (statistic and root).
+    assert jorge["preconditioner"] * 2 == naive["preconditioner"]
