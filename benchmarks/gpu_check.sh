@@ -34,15 +34,15 @@ STAGES="$OUT_DIR/stages.txt"
 : > "$STAGES"
 
 if [ "$SIZE" = tiny ]; then
-  TESTS=(tests/test_partition.py tests/test_distributed_step.py -k "schedule_splits or schedule_covers")
+  TESTS=(tests/test_partition.py tests/integration/test_distributed_step.py -k "schedule_splits or schedule_covers")
   SPEED=(--model-size tiny --steps 1 --repeats 1 --budget 1 --warmup 1 --skip-peers --skip-profile --formats eigen
          --train-batches)
   QUALITY=(--examples transformer_lm --seeds 0 --steps 4)
   LIMITS=(300 120 300 300)  # device, tests, speed, quality (seconds; a loaded CPU is slow)
 else
   TESTS=(tests/test_quantization.py tests/test_linalg.py tests/test_factors.py tests/test_partition.py
-         tests/test_transform.py tests/test_failures.py tests/test_alias.py tests/test_memory.py
-         tests/test_optax_conventions.py tests/test_stability.py tests/test_distributed_step.py
+         tests/test_shampoo.py tests/integration/test_failures.py tests/test_alias.py tests/test_state_utils.py
+         tests/integration/test_optax_conventions.py tests/integration/test_stability.py tests/integration/test_distributed_step.py
          -k "not resume")
   SPEED=(--model-size small --steps 5 --repeats 3 --budget 3 --skip-peers --skip-profile --train-batches 16)
   QUALITY=(--examples transformer_lm cnn_digits --seeds 0 1 --steps 150)

@@ -198,7 +198,7 @@ def jorge_root_update(
   agrees with the derivative of :math:`L^{-1/4}` on the diagonal of
   :math:`L`'s eigenbasis and averages the two one-sided errors off it.
   Its error against the float64 root of the EMA statistic is measured in
-  ``tests/test_jorge.py`` (numbers: :doc:`/results/design`). The error does
+  ``tests/test_shampoo.py::TestJorgeRootMethod`` (numbers: :doc:`/results/design`). The error does
   not accumulate without bound: a too large
   :math:`\\hat L` makes :math:`X` too large and the next step shrinks it.
 

@@ -55,6 +55,7 @@ def test_alias_without_preconditioning_equals_base_optimizer(ours, theirs):
   chex.assert_trees_all_close(ours_params, theirs_params, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_adamw_mask_limits_weight_decay():
   mask = {"w": False, "b": True}
   opt = s4.adamw_shampoo4(0.0, weight_decay=0.5, mask=mask, **_NEVER)  # lr 0: nothing moves

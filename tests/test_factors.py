@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_shampoo as ref
-from seeds import sweep
+from helpers import mark_slow, sweep
 
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import quantization as qz
@@ -56,6 +56,7 @@ def _naive_bucket(config, a):
   return fct.MatrixFactors(stats, root)
 
 
+@pytest.mark.slow
 def test_eigen_pipeline_beats_naive_on_ill_conditioned_1024():
   """Paper Table 1: quantizing eigenvectors (U, B + OR) is far better than A (A, B)."""
   n, epsilon = 1024, 1e-6
@@ -127,7 +128,7 @@ def test_update_stats_is_ema_in_matrix_formats():
   assert accepted.tolist() == [True, True]
 
 
-@pytest.mark.parametrize("state_format", ["eigen", "naive", "fp32"])
+@pytest.mark.parametrize("state_format", [pytest.param("eigen", marks=pytest.mark.slow), "naive", "fp32"])
 def test_non_finite_refresh_keeps_previous_factor(state_format):
   config = fct.FactorConfig(state_format=state_format)
   quantized = state_format != "fp32"
@@ -235,6 +236,7 @@ def test_adaptive_refresh_keeps_a_basis_that_still_diagonalizes():
   np.testing.assert_allclose(new.eigvals[1], w1, rtol=1e-5, atol=1e-6 * w1.max())
 
 
+@pytest.mark.slow
 def test_adaptive_refresh_is_exact_from_the_initial_identity_basis():
   n = 64
   rng = np.random.default_rng(13)
@@ -265,7 +267,7 @@ def test_failed_refresh_is_kept_and_reported_for_every_method(method):
   chex.assert_tree_all_finite(new)
 
 
-@pytest.mark.parametrize("method", fct.REFRESH_METHODS)
+@pytest.mark.parametrize("method", mark_slow(fct.REFRESH_METHODS, "qr"))
 def test_update_stats_without_a_root(method):
   """Root-less eigen buckets (``root=None``, e.g. for a SOAP-style rotation) refresh the same way."""
   config = fct.FactorConfig(refresh_method=method, bits=4, quant_block=16)

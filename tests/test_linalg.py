@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from seeds import sweep
+from helpers import haar, polar64, spd, sweep
 
 from optax_shampoo4 import linalg as la
 from optax_shampoo4 import quantization as qz
-from optax_shampoo4 import roots
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -27,35 +26,10 @@ _bjorck = jax.jit(la.bjorck, static_argnames="steps")
 _qr_refresh = jax.jit(la.qr_refresh, static_argnames="iterations")
 _eigh = jax.jit(la.eigh_descending)
 _eigh_where = jax.jit(la.eigh_where)
-_from_eig = jax.jit(roots.inverse_root_from_eig, static_argnames="p")
-_newton = jax.jit(roots.inverse_root_newton, static_argnames=("p", "max_iters"))
-_power = jax.jit(roots.power_iteration, static_argnames="num_iters")
 
 
-def _haar(n, rng):
-  q, r = np.linalg.qr(rng.standard_normal((n, n)))
-  return q * np.sign(np.diag(r))
 
 
-def _spd(eigvals, rng):
-  """float32 U diag(eigvals) U^T for a Haar-random U, and its float64 copy."""
-  u = _haar(len(eigvals), rng)
-  a32 = ((u * eigvals) @ u.T).astype(np.float32)
-  a32 = (a32 + a32.T) / 2
-  return a32, a32.astype(np.float64)
-
-
-def _inverse_root64(a, epsilon, p, lam_max=None):
-  """(A + ε λmax I)^(-1/p) in float64, negative eigenvalues clipped to 0."""
-  w, u = np.linalg.eigh(np.asarray(a, np.float64))
-  w = np.maximum(w, 0.0)
-  lam_max = w.max() if lam_max is None else lam_max
-  return (u * (w + epsilon * lam_max) ** (-1.0 / p)) @ u.T
-
-
-def _rel(x, ref):
-  x = np.asarray(x, np.float64)
-  return np.linalg.norm(x - ref) / np.linalg.norm(ref)
 
 
 def _orth_error(v):
@@ -70,11 +44,6 @@ def _orth_bound(n):
   return n**1.5 * EPS32
 
 
-def _polar64(v):
-  """The nearest orthogonal matrix to v (Frobenius), U_s V_sᵀ of its SVD."""
-  u, _, vt = np.linalg.svd(np.asarray(v, np.float64))
-  return u @ vt
-
 
 # ----------------------------------------------------------------------------
 # Björck orthonormalization.
@@ -85,9 +54,9 @@ def _polar64(v):
 @sweep(0)
 def test_bjorck_converges_from_4bit_haar(mapping, seed):
   n = 256
-  u = _haar(n, np.random.default_rng(seed))
+  u = haar(n, np.random.default_rng(seed))
   v = qz.dequantize(qz.quantize(jnp.asarray(u, jnp.float32), mapping, 4, 64))
-  polar = _polar64(v)
+  polar = polar64(v)
   iterates = [v]
   for _ in range(4):
     iterates.append(_bjorck(iterates[-1], steps=1))
@@ -110,7 +79,7 @@ def test_bjorck_converges_from_4bit_haar(mapping, seed):
 def test_bjorck_small_example_matches_polar_factor():
   v = np.array([[1.0, 0.1], [0.0, 1.0]], np.float32)
   w = la.bjorck(jnp.asarray(v), steps=4)
-  chex.assert_trees_all_close(np.asarray(w, np.float64), _polar64(v), atol=1e-6)
+  chex.assert_trees_all_close(np.asarray(w, np.float64), polar64(v), atol=1e-6)
 
 
 def test_bjorck_zero_steps_is_identity():
@@ -123,14 +92,14 @@ def test_bjorck_zero_steps_is_identity():
 def test_bjorck_batched_and_transpose(seed):
   rng = np.random.default_rng(seed)
   # Singular values in (0.7, 1.3), inside the (0, √3) basin.
-  v = np.stack([(_haar(32, rng) * rng.uniform(0.7, 1.3, 32)) @ _haar(32, rng) for _ in range(3)])
+  v = np.stack([(haar(32, rng) * rng.uniform(0.7, 1.3, 32)) @ haar(32, rng) for _ in range(3)])
   v = jnp.asarray(v, jnp.float32)
   batched = _bjorck(v, steps=6)
   chex.assert_shape(batched, (3, 32, 32))
   for i in range(3):
     single = _bjorck(v[i], steps=6)
     chex.assert_trees_all_close(batched[i], single, atol=1e-6)
-    chex.assert_trees_all_close(np.asarray(batched[i], np.float64), _polar64(v[i]), atol=1e-5)
+    chex.assert_trees_all_close(np.asarray(batched[i], np.float64), polar64(v[i]), atol=1e-5)
   # Rectifying Vᵀ gives the transpose of rectifying V.
   transposed = _bjorck(jnp.swapaxes(v, -1, -2), steps=6)
   chex.assert_trees_all_close(transposed, jnp.swapaxes(batched, -1, -2), atol=1e-5)
@@ -161,8 +130,8 @@ def test_qr_refresh_iterated_converges_to_eigh(start, seed):
   n = 32
   rng = np.random.default_rng(seed)
   eigvals = 2.0 * 0.85 ** np.arange(n)  # well separated: ratio 0.85
-  a32, a64 = _spd(rng.permutation(eigvals), rng)
-  v0 = np.eye(n) if start == "identity" else _haar(n, rng)
+  a32, a64 = spd(rng.permutation(eigvals), rng)
+  v0 = np.eye(n) if start == "identity" else haar(n, rng)
   p, lam = _iterate_qr_refresh(jnp.asarray(a32), jnp.asarray(v0, jnp.float32))
   chex.assert_shape(p, (n, n))
   chex.assert_shape(lam, (n,))
@@ -185,8 +154,8 @@ def test_qr_refresh_iterated_converges_to_eigh(start, seed):
 def test_qr_refresh_single_step(seed):
   n = 48
   rng = np.random.default_rng(seed)
-  a32, a64 = _spd(rng.uniform(0.01, 3.0, n), rng)
-  v = _haar(n, rng).astype(np.float32)
+  a32, a64 = spd(rng.uniform(0.01, 3.0, n), rng)
+  v = haar(n, rng).astype(np.float32)
   p, lam = _qr_refresh(jnp.asarray(a32), jnp.asarray(v))
   chex.assert_type((p, lam), jnp.float32)
   p64 = np.asarray(p, np.float64)
@@ -206,7 +175,7 @@ def test_qr_refresh_fixed_point_at_eigenvectors(seed):
   n = 48
   rng = np.random.default_rng(seed)
   eigvals = np.linspace(3.0, 0.1, n)
-  a32, a64 = _spd(eigvals, rng)
+  a32, a64 = spd(eigvals, rng)
   w_ref, u_ref = np.linalg.eigh(a64)
   u_desc = u_ref[:, ::-1].astype(np.float32)  # columns by decreasing eigenvalue
   p, lam = _qr_refresh(jnp.asarray(a32), jnp.asarray(u_desc))
@@ -219,8 +188,8 @@ def test_qr_refresh_fixed_point_at_eigenvectors(seed):
 @sweep(6)
 def test_qr_refresh_batched(seed):
   rng = np.random.default_rng(seed)
-  a = np.stack([_spd(rng.uniform(0.1, 2.0, 16), rng)[0] for _ in range(3)])
-  v = np.stack([_haar(16, rng) for _ in range(3)]).astype(np.float32)
+  a = np.stack([spd(rng.uniform(0.1, 2.0, 16), rng)[0] for _ in range(3)])
+  v = np.stack([haar(16, rng) for _ in range(3)]).astype(np.float32)
   p, lam = _qr_refresh(jnp.asarray(a), jnp.asarray(v))
   chex.assert_shape(p, (3, 16, 16))
   chex.assert_shape(lam, (3, 16))
@@ -229,197 +198,6 @@ def test_qr_refresh_batched(seed):
     chex.assert_trees_all_close((p[i], lam[i]), (p_i, lam_i), atol=1e-5)
     p64 = np.asarray(p[i], np.float64)
     np.testing.assert_allclose(np.asarray(lam[i]), np.diag(p64.T @ a[i] @ p64), rtol=1e-5, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------
-# Inverse root from eigenpairs (4-bit Shampoo's default, Alg. 2 line 3).
-# ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("epsilon", [0.0, 1e-6])
-@pytest.mark.parametrize("p", [2, 4])
-@pytest.mark.parametrize("cond", [1e0, 1e2, 1e4, 1e6])
-@sweep(7)
-def test_inverse_root_from_eig_vs_float64(cond, p, epsilon, seed):
-  n = 64
-  rng = np.random.default_rng(seed)
-  u = _haar(n, rng).astype(np.float32)
-  eigvals = rng.permutation(np.logspace(0, -np.log10(cond), n)).astype(np.float32)
-  out = _from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(epsilon), p=p)
-  chex.assert_shape(out, (n, n))
-  chex.assert_type(out, jnp.float32)
-  u64, w64 = u.astype(np.float64), eigvals.astype(np.float64)
-  ref = (u64 * (w64 + epsilon * w64.max()) ** (-1.0 / p)) @ u64.T
-  assert _rel(out, ref) < 1e-5
-
-
-@sweep(8)
-def test_inverse_root_from_eig_negative_and_zero_eigenvalues(seed):
-  n = 64
-  rng = np.random.default_rng(seed)
-  u = _haar(n, rng).astype(np.float32)
-  eigvals = rng.uniform(0.1, 2.0, n).astype(np.float32)
-  eigvals[[3, 7]] = [-1e-3, 0.0]  # rounding noise of a PSD matrix
-  out = _from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(1e-2), p=4)
-  u64, w64 = u.astype(np.float64), np.maximum(eigvals.astype(np.float64), 0.0)
-  ref = (u64 * (w64 + 1e-2 * w64.max()) ** -0.25) @ u64.T
-  assert _rel(out, ref) < 1e-5
-  # Zero (and negative) eigenvalues without damping, or all-zero eigenvalues:
-  # finite, no NaN/inf.
-  chex.assert_tree_all_finite(_from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(0.0), p=4))
-  chex.assert_tree_all_finite(_from_eig(jnp.asarray(u), jnp.zeros(n), jnp.float32(1e-6), p=4))
-  chex.assert_tree_all_finite(_from_eig(jnp.asarray(u), jnp.zeros(n), jnp.float32(0.0), p=4))
-
-
-@sweep(9)
-def test_inverse_root_from_eig_batched_uses_per_matrix_max(seed):
-  n = 16
-  rng = np.random.default_rng(seed)
-  u = np.stack([_haar(n, rng) for _ in range(3)]).astype(np.float32)
-  scales = np.array([1.0, 1e3, 1e-3])
-  eigvals = (rng.uniform(1e-3, 1.0, (3, n)) * scales[:, None]).astype(np.float32)
-  epsilon = 1e-2
-  out = _from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(epsilon), p=4)
-  chex.assert_shape(out, (3, n, n))
-  for i in range(3):
-    u64, w64 = u[i].astype(np.float64), eigvals[i].astype(np.float64)
-    ref = (u64 * (w64 + epsilon * w64.max()) ** -0.25) @ u64.T
-    assert _rel(out[i], ref) < 1e-5, i
-
-
-# ----------------------------------------------------------------------------
-# Coupled Newton inverse root.
-# ----------------------------------------------------------------------------
-
-def _newton_tol(cond, p, n):
-  r"""Relative error bound of a float32 inverse p-th root of an SPD matrix with condition number ``cond``.
-
-  First-order perturbation: storing A in float32 perturbs it by :math:`\epsilon\|A\|`, which moves
-  :math:`A^{-1/p}` by up to :math:`(\kappa/p)\,\epsilon` relative (the derivative of :math:`\lambda^{-1/p}`
-  at :math:`\lambda_{min}`); the iteration's own products add :math:`n\epsilon` (the :math:`\gamma_n` bound).
-  Measured over 20 seeds at n = 64: 1.2e-7, 1.2e-6, 4.5e-5, 3.0e-3 for cond 1, 1e2, 1e4, 1e6 (>= 6x below).
-  """
-  return (n + cond / p) * EPS32
-
-
-@pytest.mark.parametrize("p", [2, 4])
-@pytest.mark.parametrize("cond", [1e0, 1e2, 1e4, 1e6])
-@sweep(10)
-def test_inverse_root_newton_vs_float64(cond, p, seed):
-  n = 64
-  rng = np.random.default_rng(seed)
-  a32, a64 = _spd(np.logspace(0, -np.log10(cond), n), rng)
-  out = _newton(jnp.asarray(a32), jnp.float32(0.0), p=p)
-  chex.assert_shape(out, (n, n))
-  chex.assert_type(out, jnp.float32)
-  chex.assert_tree_all_finite(out)
-  assert _rel(out, _inverse_root64(a64, 0.0, p)) < _newton_tol(cond, p, n)
-
-
-@pytest.mark.parametrize("p", [2, 4])
-@sweep(11)
-def test_inverse_root_newton_damping(p, seed):
-  n = 64
-  rng = np.random.default_rng(seed)
-  # A dominant top eigenvalue, so power iteration's λmax is exact.
-  eigvals = np.concatenate([[1.0], np.logspace(-1, -6, n - 1)])
-  a32, a64 = _spd(eigvals, rng)
-  epsilon = 1e-3
-  out = _newton(jnp.asarray(a32), jnp.float32(epsilon), p=p)
-  ref = _inverse_root64(a64, epsilon, p, lam_max=np.linalg.eigvalsh(a64).max())
-  assert _rel(out, ref) < 1e-4
-  # The damping matters here: without it the answer is far off.
-  assert _rel(ref, _inverse_root64(a64, 0.0, p)) > 0.5
-
-
-def test_inverse_root_newton_1x1_returns_one():
-  np.testing.assert_array_equal(roots.inverse_root_newton(jnp.array([[5.0]]), 1e-6), [[1.0]])
-  np.testing.assert_array_equal(roots.inverse_root_newton(jnp.array([[0.0]]), 0.0, p=2), [[1.0]])
-  batched = roots.inverse_root_newton(jnp.arange(1.0, 4.0).reshape(3, 1, 1), 1e-6)
-  chex.assert_shape(batched, (3, 1, 1))
-  np.testing.assert_array_equal(batched, np.ones((3, 1, 1)))
-
-
-@sweep(12)
-def test_inverse_root_newton_batched_different_convergence(seed):
-  n = 64
-  rng = np.random.default_rng(seed)
-  easy = 4.0 * np.eye(n, dtype=np.float32)  # converges in a few steps
-  hard, hard64 = _spd(np.logspace(0, -4, n), rng)  # needs many more
-  a = jnp.asarray(np.stack([easy, hard]))
-  out = _newton(a, jnp.float32(0.0), p=4)
-  chex.assert_shape(out, (2, n, n))
-  np.testing.assert_allclose(np.asarray(out[0]), 4.0**-0.25 * np.eye(n), atol=1e-6)
-  assert _rel(out[1], _inverse_root64(hard64, 0.0, 4)) < _newton_tol(1e4, 4, n)
-  # Same as one matrix at a time, and as vmap.
-  for i in range(2):
-    chex.assert_trees_all_close(out[i], _newton(a[i], jnp.float32(0.0), p=4), rtol=1e-5, atol=1e-6)
-  vmapped = jax.jit(jax.vmap(lambda m: roots.inverse_root_newton(m, 0.0, p=4)))(a)
-  chex.assert_trees_all_close(vmapped, out, rtol=1e-5, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------
-# Power iteration.
-# ----------------------------------------------------------------------------
-
-
-def _power64(a, num_iters=10, tol=1e-6):
-  """Float64 power iteration from the documented start vector: the Rayleigh quotients at the stop.
-
-  Same iteration and stopping rule as ``roots.power_iteration`` (a batch stops when every matrix has).
-  """
-  v = np.asarray(jax.random.uniform(jax.random.key(0), (a.shape[-1],), jnp.float32, -1.0, 1.0), np.float64)
-  v = np.broadcast_to(v / np.linalg.norm(v), a.shape[:-1])
-  previous, i = np.inf, 0
-  while True:
-    w = np.einsum("...ij,...j->...i", a, v)
-    rayleigh = np.sum(v * w, axis=-1)
-    v, i = w / np.linalg.norm(w, axis=-1, keepdims=True), i + 1
-    if i >= num_iters or not np.any(np.abs(rayleigh - previous) > tol):
-      return rayleigh
-    previous = rayleigh
-
-
-@sweep(13)
-def test_power_iteration_random_spd(seed):
-  # Wishart matrices have no guaranteed gap at the top, so 10 steps may stop well below λmax: the estimate is
-  # compared with the same iteration in float64. Each float32 step perturbs the Rayleigh quotient by <= 2n eps
-  # λmax (two length-n inner products, the γ_n bound): 10 steps and the stopping tolerance 1e-6 bound the gap.
-  n, batch = 64, 6
-  rng = np.random.default_rng(seed)
-  g = rng.standard_normal((batch, n, n))
-  a = (g @ np.swapaxes(g, -1, -2) / n).astype(np.float32)
-  a64 = a.astype(np.float64)
-  lam_max = np.linalg.eigvalsh(a64)[..., -1]
-  bound = 10 * 2 * n * EPS32 * lam_max + 1e-6
-  est = _power(jnp.asarray(a))
-  chex.assert_shape(est, (batch,))
-  est = np.asarray(est, np.float64)
-  np.testing.assert_array_less(np.abs(est - _power64(a64)), bound)
-  np.testing.assert_array_less(est, lam_max * (1 + 2 * n * EPS32))  # a Rayleigh quotient is <= λmax
-  np.testing.assert_array_less(0.5 * lam_max, est)  # and useful as λmax (measured >= 0.77 λmax, 20 seeds)
-  for i in range(2):
-    single = float(_power(jnp.asarray(a[i])))
-    assert abs(single - _power64(a64[i])) < bound[i]
-
-
-@sweep(14)
-def test_power_iteration_exact_with_dominant_eigenvalue(seed):
-  n = 64
-  rng = np.random.default_rng(seed)
-  diag = rng.uniform(0.0, 1.0, n)
-  diag[17] = 10.0
-  est = _power(jnp.asarray(np.diag(diag), jnp.float32))
-  np.testing.assert_allclose(float(est), 10.0, rtol=1e-5)
-  # The same in a rotated basis.
-  a32, a64 = _spd(np.concatenate([[5.0], rng.uniform(0.0, 0.5, n - 1)]), rng)
-  np.testing.assert_allclose(float(_power(jnp.asarray(a32))), np.linalg.eigvalsh(a64).max(), rtol=1e-5)
-
-
-def test_power_iteration_zero_matrix():
-  est = _power(jnp.zeros((6, 64, 64)))
-  chex.assert_shape(est, (6,))
-  np.testing.assert_array_equal(est, 0.0)
 
 
 @sweep(7)
@@ -442,7 +220,7 @@ def test_orthonormal_basis_matches_numpy_qr(seed):
 
 def _spd_batch(k, n, rng, decay=0.9):
   """k float32 SPD matrices with eigenvalues decay**i (distinct gaps), and float64 copies."""
-  mats = [_spd(decay ** np.arange(n) * rng.uniform(0.5, 2.0), rng)[0] for _ in range(k)]
+  mats = [spd(decay ** np.arange(n) * rng.uniform(0.5, 2.0), rng)[0] for _ in range(k)]
   a32 = np.stack(mats)
   return a32, a32.astype(np.float64)
 
@@ -490,7 +268,7 @@ def test_eigh_where_decomposes_only_where_needed(seed):
 def test_qr_refresh_converges_to_sorted_eigenpairs(seed):
   rng = np.random.default_rng(seed)
   a32, a64 = _spd_batch(2, 16, rng, decay=0.5)  # well-separated spectrum: fast subspace iteration
-  start = np.stack([_haar(16, rng) for _ in range(2)]).astype(np.float32)
+  start = np.stack([haar(16, rng) for _ in range(2)]).astype(np.float32)
   vecs, vals = _qr_refresh(jnp.asarray(a32), jnp.asarray(start), iterations=60)
   _assert_eigpairs_match(vecs, vals, a64, vec_atol=2e-3)
   # One step returns orthonormal columns, sorted by their Rayleigh quotients.
@@ -569,6 +347,7 @@ for method in ("qr", "eigh", "adaptive"):  # batched QR and batched eigh both de
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins CPUs with os.sched_setaffinity (Linux only)")
 def test_concurrent_bucket_refreshes_do_not_deadlock_on_cpu():
   """Three factor buckets refresh their eigenvectors in one step, on 2 cores.

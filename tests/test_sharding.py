@@ -84,10 +84,11 @@ def _mesh(shape=(NUM_DEVICES,), names=("data",), kind="auto"):
                        devices=CPUS[:math.prod(shape)])
 
 
-def _kind_params(values, default_explicit=()):
-  """``pytest.param``s over ``values`` x mesh kinds; auto keeps the plain id (``[eigen]``), explicit ones get
-  ``-explicit`` and run in the slow run unless listed in ``default_explicit``."""
-  out = [pytest.param((v, "auto"), id=v) for v in values]
+def _kind_params(values, default_explicit=(), slow_auto=()):
+  """``pytest.param``s over ``values`` x mesh kinds; auto keeps the plain id (``[eigen]``) and runs in the slow
+  run if listed in ``slow_auto``, explicit ones get ``-explicit`` and run in the slow run unless listed in
+  ``default_explicit``."""
+  out = [pytest.param((v, "auto"), id=v, marks=pytest.mark.slow if v in slow_auto else ()) for v in values]
   out += [pytest.param((v, "explicit"), id=f"{v}-explicit",
                        marks=() if v in default_explicit else pytest.mark.slow) for v in values]
   return out
@@ -254,6 +255,7 @@ def eigen_run(request):
   return _run(*request.param)
 
 
+@pytest.mark.parametrize("run", _kind_params(FORMATS, default_explicit=("eigen",), slow_auto=FORMATS), indirect=True)
 def test_sharded_update_matches_single_device_step_by_step(run):
   for step in range(STEPS):
     update1, state1 = run.forced[step]
@@ -261,6 +263,7 @@ def test_sharded_update_matches_single_device_step_by_step(run):
                          f"{run.state_format}, step {step + 1}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", _kind_params(["naive", "fp32"]))  # not eigen: see the module doc
 def test_sharded_trajectory_matches_single_device(case):
   run = _run(*case)
@@ -272,6 +275,8 @@ def test_sharded_trajectory_matches_single_device(case):
       assert _max_rel_diff(run.updates[step], run.grads[step]) > 0.1
 
 
+@pytest.mark.parametrize("eigen_run", _kind_params(["eigen"], default_explicit=("eigen",), slow_auto=("eigen",)),
+                         indirect=True)
 def test_padding_slots_never_influence_updates(eigen_run):
   """Garbage in every padding slot of every bucket changes no update and no real factor."""
   run = eigen_run
@@ -351,6 +356,7 @@ def test_out_shardings_pin_the_state_layout(eigen_run):
     assert _max_rel_diff(out, run.updates[step - 1]) <= 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", MESH_KINDS)
 def test_fsdp_params_sharded_along_first_axis(kind):
   """Params, grads and Adam's moments split over "data" along their first axis."""
@@ -395,6 +401,8 @@ def test_fsdp_params_sharded_along_first_axis(kind):
     state8 = new8
 
 
+@pytest.mark.parametrize("eigen_run", _kind_params(["eigen"], default_explicit=("eigen",), slow_auto=("eigen",)),
+                         indirect=True)
 def test_two_dimensional_mesh_splits_factors_over_data(eigen_run):
   """A ("data", "model") = (4, 2) mesh: factors split over "data", copied over "model"."""
   run = eigen_run
@@ -449,6 +457,7 @@ def test_bad_mesh_arguments_raise_naming_them(kwargs, error, name):
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "distributed.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < NUM_DEVICES,
                     reason="the example uses the default backend's devices")
 def test_distributed_example_trains(capsys):

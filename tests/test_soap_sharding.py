@@ -69,6 +69,7 @@ def _transforms(state_format, kind="auto"):
   return mesh, sharded, single
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state_format, kind", [
     pytest.param("fp32", "auto", id="fp32"), pytest.param("eigen", "auto", id="eigen"),
     pytest.param("fp32", "explicit", id="fp32-explicit", marks=pytest.mark.slow),

@@ -168,6 +168,7 @@ def _left_right(a, g, b):
   return a @ g @ b
 
 
+@pytest.mark.slow
 def test_apply_blocks_on_a_mesh_matches_float64():
   # Orders 32 and 30: 4-bit off-diagonal; 17 and 21: 4-bit rows (odd); 5 and 7: float32. Ragged row chunks.
   shapes, max_order = [(81, 7), (81, 7), (5, 30), (21, 21), (3,)], 32
@@ -250,6 +251,7 @@ def _compiled_eigen(kind="auto"):
   return dict(update8=update8, update1=update1, state8=state8, state1=state1, grads8=grads8, grads1=grads1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", MESH_KINDS)
 def test_split_update_equals_single_device(kind):
   """Random roots in every real factor, no refresh due: the split products equal one device's."""
@@ -261,6 +263,7 @@ def test_split_update_equals_single_device(kind):
   assert int(new8.failed_refreshes) == 0
 
 
+@pytest.mark.slow
 def test_per_device_matmul_flops_split_over_the_mesh():
   """Per-device every-step dot flops of the compiled update: the schedule's, <= 0.3x one device's."""
   run = _compiled_eigen()
@@ -311,6 +314,7 @@ def _restore(path, abstract_tree):
     return checkpointer.restore(path, abstract_tree)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", MESH_KINDS)
 def test_resume_on_8_4_1_8_devices_follows_the_single_device_run(tmp_path, kind):
   steps = sum(n for _, n in PHASES)

@@ -1,6 +1,6 @@
 """Long-run stability (slow): thousands of refreshes on an ill-conditioned problem.
 
-Run with ``pytest -m slow tests/test_stability.py``.
+Run with ``pytest -m slow tests/integration/test_stability.py``.
 """
 
 import jax

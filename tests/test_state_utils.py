@@ -40,7 +40,7 @@ def test_odd_order_codes_need_half_a_byte_per_element_rounded_up_per_row():
   assert s4.state_nbytes(state)["quantized_codes"] == 2 * 2 * n * 33
 
 
-@pytest.mark.parametrize("state_format", ["eigen", "naive", "fp32"])
+@pytest.mark.parametrize("state_format", [pytest.param("eigen", marks=pytest.mark.slow), "naive", "fp32"])
 def test_abstract_and_concrete_states_measure_the_same(state_format):
   opt = s4.adamw_shampoo4(1e-3, state_format=state_format)
   params = {"w": jnp.zeros((130, 70)), "b": jnp.zeros((70,)), "tiny": jnp.zeros((3, 5))}

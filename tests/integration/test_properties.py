@@ -46,6 +46,7 @@ CONFIGS = st.fixed_dictionaries({
 @given(shapes=st.lists(SHAPES, min_size=1, max_size=2), dtype=DTYPES, config=CONFIGS,
        seed=st.integers(0, 2**16))
 # Always covered: 4 dimensions with a size-1 one and one above max_order, quantized, bf16.
+@pytest.mark.slow
 @example(shapes=[(1, 17, 3, 2), (11,)], dtype=jnp.bfloat16, seed=0, config=dict(
     max_order=8, state_format="eigen", bits=4, quant_block=4, min_quant_order=5, stats_every=1,
     root_every=2, grafting="adam", start_preconditioning_step=2, filter_beta=0.9))

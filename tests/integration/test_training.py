@@ -62,6 +62,7 @@ def runs():
   }
 
 
+@pytest.mark.slow
 def test_four_bit_tracks_32_bit(runs):
   four_bit, state = runs["eigen"]
   assert np.all(np.isfinite(four_bit))
@@ -77,6 +78,7 @@ def test_eight_bit_matches_32_bit(runs):
   assert abs(final_8 - final_32) / final_32 < 0.005, (final_8, final_32)  # measured: 0.01 %
 
 
+@pytest.mark.slow
 def test_shampoo_beats_adamw_at_equal_steps(runs):
   final_adamw = runs["adamw"][-10:].mean()
   assert runs["fp32"][-10:].mean() < final_adamw

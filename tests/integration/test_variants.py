@@ -10,7 +10,7 @@ import pytest
 
 import optax_shampoo4 as s4
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import variants  # noqa: E402  (examples/variants.py)

@@ -95,6 +95,7 @@ def _make_step(opt):
   return step
 
 
+@pytest.mark.slow
 def test_resumed_training_follows_the_uninterrupted_trajectory(tmp_path):
   steps, saved_at = 8, 3  # the save falls between a root step (3) and a statistics step (4)
   x, y = _data()
@@ -146,6 +147,7 @@ def _train_step(model, optimizer, x, y):
   return loss
 
 
+@pytest.mark.slow
 def test_flax_nnx_optimizer_resumes_identically(tmp_path):
   x, y = _data()
   model, optimizer = _build(seed=0)

@@ -5,7 +5,7 @@ configuration of :data:`CONFIGS`, a SHA-256 digest of every step's update and
 of the final state (leaf bytes, shapes and dtypes, in tree order), recorded by
 running this file as a script::
 
-  python tests/test_bit_identical.py   # rewrites tests/data/arch_baseline.json
+  python tests/integration/test_bit_identical.py   # rewrites tests/data/arch_baseline.json
 
 The test reruns the same 30 steps (statistics, roots and bases refreshed many
 times, one non-finite gradient) and asserts the digests are equal: any change
@@ -31,7 +31,7 @@ import pytest
 
 import optax_shampoo4 as s4
 
-FIXTURE = pathlib.Path(__file__).parent / "data" / "arch_baseline.json"
+FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "data" / "arch_baseline.json"
 STEPS = 30
 NONFINITE_STEP = 17  # this step's gradient holds a NaN (failure counters, skipped refreshes)
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import mark_slow
 
 import optax_shampoo4 as s4
 from optax_shampoo4 import factors as fct
@@ -219,7 +220,7 @@ def _degenerate_params():
   }
 
 
-@pytest.mark.parametrize("state_format", FORMATS)
+@pytest.mark.parametrize("state_format", mark_slow(FORMATS, "eigen", "naive"))
 def test_degenerate_shapes(state_format):
   params = _degenerate_params()
   tx = s4.scale_by_shampoo4(max_order=13, stats_every=1, root_every=2, min_quant_order=7, quant_block=4,

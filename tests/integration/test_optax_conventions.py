@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import mark_slow
 from jax import lax
 
 import optax_shampoo4 as s4
@@ -203,7 +204,7 @@ def test_injected_shape_fixing_value_names_the_argument_and_static_args():
 # Wrappers: MultiSteps, partition, masked
 
 
-@pytest.mark.parametrize("name, state_format, hparams", ALIASES)
+@pytest.mark.parametrize("name, state_format, hparams", mark_slow(ALIASES, "adamw-eigen"))
 def test_multisteps_accumulates_in_f32_and_bf16(name, state_format, hparams):
   k = 3
   params = {"w": jnp.linspace(-1.0, 1.0, 144).reshape(12, 12),
@@ -233,6 +234,7 @@ def _four_leaves():
   return {"w": w, "v": w.T * 0.5, "b": jnp.ones((12,)), "s": jnp.asarray(2.0)}
 
 
+@pytest.mark.slow
 def test_partition_shampoo_on_matrices_adam_on_the_rest():
   params = _four_leaves()
   labels = lambda p: jax.tree.map(lambda x: "shampoo" if x.ndim >= 2 else "adam", p)  # noqa: E731
@@ -304,7 +306,7 @@ def test_extra_args_through_chain_without_recompiling(name, state_format, hparam
   chex.assert_tree_all_finite(params)
 
 
-@pytest.mark.parametrize("name, state_format, hparams", ALIASES)
+@pytest.mark.parametrize("name, state_format, hparams", mark_slow(ALIASES, "adamw-eigen"))
 def test_state_types_stable_under_lax_cond(name, state_format, hparams):
   """f32, bf16 and f16 parameters: both cond branches must agree on every type."""
   opt = _alias(name, state_format, hparams)

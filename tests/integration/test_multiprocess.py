@@ -1,6 +1,6 @@
 """Several JAX processes on one host (``optax_shampoo4.launch``): 2 processes x 2 CPU devices against 1 x 4.
 
-Every run is ``tests/multiprocess_train.py``: a small ``TransformerLM`` of
+Every run is ``tests/integration/multiprocess_train.py``: a small ``TransformerLM`` of
 ``examples/transformer_lm.py`` trained with ``adamw_shampoo4(mesh=...)`` for 24
 steps (statistics every 4 steps, roots every 8), each process feeding its rows
 of the global batch. The coordinator listens on 127.0.0.1 only; every process

@@ -16,7 +16,7 @@ import tokenize
 
 import pytest
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "optax_shampoo4"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "optax_shampoo4"
 MODULES = {path.stem: path for path in sorted(PACKAGE.glob("*.py"))}
 MAX_CODE_LINES = 60
 

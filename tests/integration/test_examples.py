@@ -13,7 +13,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
 
-QUICKSTART = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+QUICKSTART = pathlib.Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
 
 
 def _load_quickstart():
@@ -83,6 +83,7 @@ def _check_run(results, out, steps):
 # 4-bit "eigen" format already runs in the quickstart test; these use the
 # Newton-root formats, whose refreshes need no LAPACK QR (several concurrent
 # batched QRs can deadlock jaxlib 0.10's CPU thread pool on a 2-core machine).
+@pytest.mark.slow
 def test_cnn_digits_smoke(tmp_path):
   out = tmp_path / "cnn.json"
   results = _load_example("cnn_digits").main(
@@ -91,6 +92,7 @@ def test_cnn_digits_smoke(tmp_path):
   assert results["sgdm+naive4"]["state_bytes"]["quantized_codes"] > 0
 
 
+@pytest.mark.slow
 def test_autoencoder_smoke(tmp_path):
   out = tmp_path / "ae.json"
   results = _load_example("autoencoder_mnist").main(
@@ -98,6 +100,7 @@ def test_autoencoder_smoke(tmp_path):
   _check_run(results, out, 40)
 
 
+@pytest.mark.slow
 def test_transformer_lm_smoke_and_saved_statistic(tmp_path):
   out, saved = tmp_path / "lm.json", tmp_path / "stat.npy"
   results = _load_example("transformer_lm").main(
