@@ -157,6 +157,7 @@ def test_statistics_step_flops_per_device_split_by_owner():
     np.testing.assert_allclose(got, want, rtol=0, atol=GRAM_RTOL * np.abs(want).max(), err_msg=name)
 
 
+@pytest.mark.slow
 def test_eigen_statistics_step_flops_per_device_at_most_a_fifth():
   """The 4-bit eigen format: Gram products and the QR refresh's products, both split by owner."""
   flops = {}
