@@ -39,6 +39,13 @@ Two tables:
    ``tx.update`` and counts the dots outside the gated refresh branches (same numbers, several
    minutes per N for GPT-2: the refresh branches dominate compilation).
 
+4. **Statistics-step matrix-product flops per device** (exact, from compiled programs, no timing;
+   ``--flops-model``): ``FactorEngine.refresh_stats`` (4-bit eigen factors, max order 1024: the
+   Gram matrices ``G Gᵀ`` / ``Gᵀ G`` and the QR refresh's products) compiled for N = 1 and each N;
+   each device forms only the Gram matrices of the factors it owns (``optax_shampoo4/owned_grams.py``)
+   and refreshes only those factors. ``--stats-flops-only`` computes this table alone and adds it to
+   an existing JSON (``stats_flops``).
+
 Writes ``benchmarks/results/distributed.json`` and ``.png``.
 """
 
@@ -168,6 +175,44 @@ def flops_table(model: str, device_counts: list[int], program: str) -> dict:
   for r in rows.values():
     r["vs_1_device"] = r["dot_flops_per_device"] / one
   return {"model": model, "program": program, "rows": {n: rows[n] for n in device_counts}}
+
+
+def _compiled_statistics_step(params, mesh):
+  """The compiled ``refresh_stats`` of ``params``' factors (abstract buckets split over ``mesh``)."""
+  factor_engine = engine.FactorEngine(fct.FactorConfig(), 1024, 64, mesh)
+  plan = factor_engine.plan(params)
+  buckets = jax.eval_shape(lambda: factor_engine.init_buckets(plan, jax.numpy.float32(1e-6)))
+  matrices = jax.eval_shape(lambda p: engine.matrix_views(jax.tree.leaves(p), plan), params)
+  if mesh is not None:
+    buckets = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P("data"))),
+                           buckets)
+    matrices = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())),
+                            matrices)
+  step = jax.jit(lambda b, m: factor_engine.refresh_stats(b, plan, m, jax.numpy.float32(0.9)))
+  return step.lower(buckets, matrices).compile()
+
+
+def stats_flops_table(model: str, device_counts: list[int]) -> dict:
+  params = MODELS[model]()
+  rows = {}
+  for n in sorted(set([1] + device_counts)):
+    print(f"  compiling the statistics step for N = {n}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    compiled = _compiled_statistics_step(params, _mesh(n) if n > 1 else None)
+    rows[n] = {"dot_flops_per_device": dot_flops(compiled.as_text())["every_call"],
+               "compile_s": time.perf_counter() - t0}
+  one = rows[1]["dot_flops_per_device"]
+  for r in rows.values():
+    r["vs_1_device"] = r["dot_flops_per_device"] / one
+  return {"model": model, "program": "refresh_stats (eigen, 4-bit, max order 1024)",
+          "rows": {n: rows[n] for n in device_counts}}
+
+
+def print_stats_flops(table: dict) -> None:
+  print(f"\nStatistics step per device, {table['model']}, from the compiled {table['program']}")
+  print(f"{'N':>3s} {'dot GFLOP/device':>16s} {'of N = 1':>8s} {'ideal 1/N':>9s}")
+  for n, r in table["rows"].items():
+    print(f"{int(n):3d} {r['dot_flops_per_device'] / 1e9:16.2f} {r['vs_1_device']:8.3f} {1 / int(n):9.3f}")
 
 
 # ----------------------------------------------------------------------------- timing (child)
@@ -322,6 +367,8 @@ def main(argv=None) -> dict | None:
   parser.add_argument("--flops-model", default="gpt2_124m", choices=list(MODELS))
   parser.add_argument("--flops-program", default="step", choices=["step", "update"])
   parser.add_argument("--skip-flops", action="store_true")
+  parser.add_argument("--stats-flops-only", action="store_true",
+                      help="compute only the statistics-step flops table and add it to --out")
   parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed.json"))
   args = parser.parse_args(argv)
@@ -331,14 +378,25 @@ def main(argv=None) -> dict | None:
   if max(args.devices) > jax.device_count():
     parser.error(f"--devices {args.devices}: only {jax.device_count()} devices visible")
 
+  if args.stats_flops_only:
+    out = pathlib.Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["stats_flops"] = stats_flops_table(args.flops_model, args.devices)
+    print_stats_flops(result["stats_flops"])
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+    return result
   memory = bytes_table(args.bytes_model, args.devices)
   flops = None if args.skip_flops else flops_table(args.flops_model, args.devices, args.flops_program)
   timing = None if args.skip_timing else time_table(args.devices, args.steps, args.repeats)
   print_tables(memory, timing)
   if flops is not None:
     print_flops(flops)
+  stats_flops = None if args.skip_flops else stats_flops_table(args.flops_model, args.devices)
+  if stats_flops is not None:
+    print_stats_flops(stats_flops)
   result = {
-      "memory": memory, "timing": timing, "flops": flops,
+      "memory": memory, "timing": timing, "flops": flops, "stats_flops": stats_flops,
       "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                       "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
                       "cpu_count": os.cpu_count(), "machine": platform.machine(),

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_shampoo4 import sharding
+
 _LIMIT = 2.0  # values in [-_LIMIT, _LIMIT] get their own buckets
 _MAX_WINDOW = 2  # comparisons per element after the lookup
 _SIDES = ("left", "right")
@@ -120,10 +122,10 @@ def sorted_search(values: np.ndarray, x: jax.Array, side: str = "left") -> jax.A
   plan = _plan(values.tobytes(), side)
   bits = jax.lax.bitcast_convert_type(x, jnp.int32)
   key = jnp.clip(jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits), *plan.key_range)
-  below = jnp.take(jnp.asarray(plan.counts), (key >> plan.shift) - plan.first_bucket, mode="clip")
+  below = sharding.table_lookup(plan.counts, (key >> plan.shift) - plan.first_bucket, mode="clip")
   count = below
   padded = jnp.asarray(plan.padded)
   for offset in range(plan.window):
-    entry = jnp.take(padded, below + offset, mode="clip")
+    entry = sharding.table_lookup(padded, below + offset, mode="clip")
     count = count + (entry <= x if side == "right" else entry < x).astype(jnp.int32)
   return count

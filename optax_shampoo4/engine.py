@@ -39,6 +39,7 @@ from jax import lax
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import linalg, optax_compat, options, partition, sharding
 from optax_shampoo4 import quantization as qz
+from optax_shampoo4.owned_grams import owned_gram_tables, owned_grams
 
 Buckets = dict[str, fct.Bucket]
 
@@ -170,20 +171,39 @@ class FactorEngine:
       ``(new buckets, number of factor refreshes rejected as non-finite,
       {bucket name: bool[k]} accepted per factor)``.
     """
-    def fold(bucket, grams, order, beta):
-      return fct.update_stats(self.config, bucket, grams, beta, row_order=order)
-
-    update = sharding.shard_over_factors(fold, self.mesh, self.mesh_axis, 3, 1)
-    # Replicated grams: each device then slices its own factors, no resharding.
-    grams = sharding.replicate(gram_matrices(plan, sharding.replicate_if_explicit(matrices, self.mesh)),
-                               self.mesh)
+    fold = self._stats_folder(plan, matrices)
     new, accepted, failures = {}, {}, jnp.zeros([], jnp.int32)
     real = _real_counts(plan)
     for key in plan.buckets:
       order = None if row_orders is None else row_orders[key.name]
-      new[key.name], accepted[key.name] = update(after_previous(buckets[key.name], new), grams[key], order, beta)
+      new[key.name], accepted[key.name] = fold(key, after_previous(buckets[key.name], new), order, beta)
       failures += jnp.sum(~accepted[key.name][:real[key.name]], dtype=jnp.int32)  # padding factors do not count
     return new, failures, accepted
+
+  def _stats_folder(self, plan: partition.Plan, matrices: list) -> Callable:
+    """``fold(key, bucket, row_order, beta) -> (bucket, accepted)``: one bucket's statistics update.
+
+    Without a mesh the Gram matrices of every block are formed once
+    (:func:`gram_matrices`). With one, each device forms only those of the
+    factors it owns, inside the refresh's ``shard_map``
+    (:mod:`~optax_shampoo4.owned_grams`), from the (replicated) matrix views.
+    """
+    if self.mesh is None:
+      grams = gram_matrices(plan, matrices)
+      return lambda key, bucket, order, beta: fct.update_stats(self.config, bucket, grams[key], beta,
+                                                                row_order=order)
+    tables = owned_gram_tables(plan, self.num_shards)
+    axis = self.mesh_axis
+
+    def fold(key, bucket, order, beta):
+      def on_each_device(bucket, order, matrices, beta):
+        own = owned_grams(tables[key.name], matrices, lax.axis_index(axis))
+        return fct.update_stats(self.config, bucket, own, beta, row_order=order)
+
+      update = sharding.shard_over_factors(on_each_device, self.mesh, axis, 2, 2)
+      return update(bucket, order, matrices, beta)
+
+    return fold
 
   def refresh_roots(self, buckets: Buckets, epsilon: jax.Array,
                     plan: partition.Plan | None = None) -> tuple[Buckets, jax.Array]:

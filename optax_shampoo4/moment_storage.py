@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_shampoo4 import code_search
+from optax_shampoo4 import code_search, sharding
 from optax_shampoo4 import quantization as qz
 
 MOMENT_BITS = (4, 8)
@@ -94,13 +94,17 @@ def _check_kind(kind: Any) -> None:
 
 
 def _axis_maxima(x: jax.Array) -> tuple[jax.Array, ...]:
-  """For each axis, the max over all other axes (a vector of that axis' length)."""
-  return tuple(jnp.max(x, axis=tuple(a for a in range(x.ndim) if a != axis)) for axis in range(x.ndim))
+  """For each axis, the max over all other axes (a vector of that axis' length), replicated."""
+  return tuple(sharding.unsplit(jnp.max(x, axis=tuple(a for a in range(x.ndim) if a != axis)))
+               for axis in range(x.ndim))
 
 
 def _rank1_normalizer(maxima: tuple[jax.Array, ...]) -> jax.Array:
   """min over axes of the axis maxima, broadcast to the full shape."""
   ndim = len(maxima)
+  # Replicated (small vectors): under explicit sharding a row and a column vector split over one mesh axis
+  # would broadcast to a matrix split twice over it.
+  maxima = [sharding.unsplit(m) for m in maxima]
   shaped = [m.reshape(tuple(-1 if a == axis else 1 for a in range(ndim))) for axis, m in enumerate(maxima)]
   return functools.reduce(jnp.minimum, shaped)
 
@@ -171,8 +175,8 @@ def _encode(normalized: jax.Array, mapping: str, bits: int, key: jax.Array | Non
     index = code_search.sorted_search((table[1:] + table[:-1]) / 2.0, normalized, "left")
   else:
     upper = jnp.clip(code_search.sorted_search(table, normalized, "right"), 1, table.size - 1)
-    low_value = jnp.take(jnp.asarray(table), upper - 1, mode="clip")
-    high_value = jnp.take(jnp.asarray(table), upper, mode="clip")
+    low_value = sharding.table_lookup(table, upper - 1, mode="clip")
+    high_value = sharding.table_lookup(table, upper, mode="clip")
     p_upper = jnp.clip((normalized - low_value) / (high_value - low_value), 0.0, 1.0)
     index = jnp.where(rounding_uniform(key, normalized.shape) < p_upper, upper, upper - 1)
   codes = index.astype(jnp.uint8)
@@ -294,6 +298,7 @@ def store_moment_trees(values: Any, old_codes: Any, old_scales: Any, finite: Any
                                                       for t in (values, old_codes, old_scales, finite)))):
     leaf_key = None if key is None else jax.random.fold_in(key, i)
     new_c, new_s = split_stored(store_moment(value, bits, kind, key=leaf_key))
+    new_c, new_s = sharding.laid_out_like(new_c, old_c), sharding.laid_out_like(new_s, old_s)
     codes.append(jnp.where(ok, new_c, old_c))
     scales.append(jnp.where(ok, new_s, old_s))
   return treedef.unflatten(codes), treedef.unflatten(scales)

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_shampoo4 import code_search
+from optax_shampoo4 import code_search, sharding
 
 MAPPINGS = ("linear2", "dynamic_tree", "linear")
 BITS = (3, 4, 8)
@@ -314,7 +314,7 @@ def dequantize(q: QuantizedArray) -> jax.Array:
   codes = jnp.pad(
       codes, [(0, 0)] * (codes.ndim - 1) + [(0, padded_len - codes.shape[-1])]
   )
-  values = jnp.take(codebook(q.mapping, q.bits), codes.astype(jnp.int32))
+  values = sharding.table_lookup(codebook(q.mapping, q.bits), codes.astype(jnp.int32))
   values = values.reshape(q.scales.shape + (q.block,)) * q.scales[..., None]
   return values.reshape(q.scales.shape[:-1] + (padded_len,))[..., : q.length]
 

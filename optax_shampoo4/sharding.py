@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 
@@ -224,3 +225,41 @@ def moment_sharding(param_sharding: Any, shape: tuple[int, ...]) -> Any:
   except (ValueError, IndexError):
     return None
   return param_sharding
+
+
+def explicit_layout(x: Any) -> NamedSharding | None:
+  """The layout of ``x`` if it is split over an axis of explicit sharding (part of its type), else None."""
+  layout = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(layout, "mesh", None)
+  if mesh is None or not any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    return None
+  return layout if any(entry is not None for entry in layout.spec) else None
+
+
+def unsplit(x: jax.Array) -> jax.Array:
+  """``x`` replicated if it is split over an explicit axis; otherwise unchanged."""
+  layout = explicit_layout(x)
+  return x if layout is None else jax.sharding.reshard(x, NamedSharding(layout.mesh, PartitionSpec()))
+
+
+def laid_out_like(x: jax.Array, reference: jax.Array) -> jax.Array:
+  """Explicit sharding: ``x`` resharded to ``reference``'s layout where they differ; otherwise unchanged."""
+  want = jax.typeof(reference).sharding
+  if explicit_layout(x) is None and explicit_layout(reference) is None:
+    return x
+  if jax.typeof(x).sharding.spec == want.spec:
+    return x
+  return jax.sharding.reshard(x, NamedSharding(want.mesh, want.spec))
+
+
+def table_lookup(table: Any, indices: jax.Array, mode: str | None = None) -> jax.Array:
+  """``table[indices]`` for a small 1-D table (a codebook), laid out like ``indices``.
+
+  Under explicit sharding (indices split over an explicit mesh axis) the
+  gather is given its output layout, the indices' one (the table is
+  replicated); elsewhere this is ``jnp.take(table, indices, mode=mode)``.
+  """
+  layout = explicit_layout(indices)
+  if layout is None:
+    return jnp.take(table, indices, mode=mode)
+  return jnp.asarray(table).at[indices].get(mode=mode, out_sharding=layout)

@@ -479,14 +479,15 @@ def test_distributed_example_trains(capsys):
   assert "per-device optimizer state" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("bits", [8, pytest.param(4, marks=pytest.mark.slow)])
-def test_quantized_moments_are_sharded_like_their_parameters(bits):
-  """``moment_bits=8|4``: codes and block scales split like the parameter (FSDP).
+@pytest.mark.parametrize("bits, kind", [
+    (8, "auto"), (8, "explicit"), pytest.param(4, "auto", marks=pytest.mark.slow),
+    pytest.param(4, "explicit", marks=pytest.mark.slow)])
+def test_quantized_moments_are_sharded_like_their_parameters(bits, kind):
+  """``moment_bits=8|4``: codes and block scales split like the parameter (FSDP), on both kinds of mesh.
 
-  On an auto mesh: under explicit sharding the moments' codebook lookup (a gather with split indices) needs an
-  ``out_sharding`` that optax_shampoo4.moment_storage does not give yet.
+  (Under explicit sharding the codebook lookups are gathers with split indices, given their output layout.)
   """
-  mesh = _mesh(kind="auto")
+  mesh = _mesh(kind=kind)
   params = {"w": jnp.ones((64, 128)), "b": jnp.zeros((16,))}
   split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   param_shardings = {"w": split, "b": replicated}

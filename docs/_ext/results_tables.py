@@ -204,6 +204,17 @@ def write_memory(results_dir, out_dir):
   plot_memory(data, out_dir / "memory.png")
 
 
+def _stats_flops_text(stats_flops):
+  """The statistics-step flops table (each device forms and refreshes only its own factors), if measured."""
+  if not stats_flops:
+    return ""
+  rows = [[n, f"{r['dot_flops_per_device'] / 1e9:.1f}", f"{r['vs_1_device']:.3f}", f"{1 / int(n):.3f}"]
+          for n, r in stats_flops["rows"].items()]
+  return (f"\nMatrix-product flops per device of a statistics step, {_model_label(stats_flops['model'])} "
+          f"(counted in the compiled {stats_flops['program']}; Gram matrices formed by the factors' owners):\n\n"
+          + _table(["devices", "GFLOP per device", "of 1 device", "ideal 1/N"], rows))
+
+
 def write_distributed(results_dir, out_dir):
   data = _load(results_dir, "distributed.json")
   memory, timing = data["memory"], data["timing"]
@@ -218,6 +229,7 @@ def write_distributed(results_dir, out_dir):
   text += (f"\nStep times, {timing['model']}, {env['device_count']} virtual {env['backend']} devices on "
            f"{env['cpu_count']} cores (how the work divides, not a speed-up):\n\n"
            + _table(["devices", "refresh step", "of 1 device", "plain step", "of 1 device"], rows))
+  text += _stats_flops_text(data.get("stats_flops"))
   (out_dir / "distributed.md").write_text(text)
   fig, ax = plt.subplots(figsize=(5, 3.5))
   ns = [int(n) for n in memory["rows"]]
