@@ -25,7 +25,7 @@ SOAP_ERRORS = [
     ("b1", 1.0), ("b2", -0.5), ("eps", -1.0), ("shampoo_beta", 1.0), ("precondition_every", 0),
     ("max_order", 0), ("max_precond_dim", 0), ("state_format", "naive"), ("bits", 5), ("mapping", "log"),
     ("quant_block", 7), ("min_quant_order", 0), ("bjorck_steps", (1, 1, 1)), ("moment_bits", 16),
-    ("project_nu", None), ("head_fraction", 1.0), ("head_fraction", "1/16"), ("mesh", "cpu"),
+    ("project_nu", "yes"), ("statistic", "every"), ("head_fraction", 1.0), ("head_fraction", "1/16"), ("mesh", "cpu"),
 ]
 
 
