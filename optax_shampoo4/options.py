@@ -75,7 +75,7 @@ DEFAULT_MIN_QUANT_ORDER = 64
 # SOAP's (the reference's precondition_frequency and max_precond_dim).
 DEFAULT_PRECONDITION_EVERY = 10
 DEFAULT_MAX_PRECOND_DIM = 10000
-DEFAULT_HEAD_FRACTION = 1 / 16
+DEFAULT_HEAD_FRACTION = 1 / 8  # measured: benchmarks/illcond.py, docs/results/illcond.md
 
 
 def _static(name: str, value: Any, default: int, minimum: int) -> int:
@@ -215,7 +215,7 @@ class SoapOptions:
 
   Build with :meth:`from_kwargs`. ``b1``, ``b2``, ``eps``, ``shampoo_beta``
   and ``precondition_every`` may be (injected) arrays; everything else is
-  static. ``shampoo_beta`` stays None when it means ``b2``; ``project_nu``
+  static. ``shampoo_beta`` stays None when it means its default (``soap.statistic_beta``); ``project_nu``
   None resolves to True for ``statistic="refresh"`` and False for
   ``"dense"`` (the reference only permutes :math:`v`).
   """

@@ -117,10 +117,15 @@ def scale_by_soap4(
   eigen-pair, which only a QR refresh can update, and a dense accumulator
   would cost the memory this format saves. So the statistic is folded at
   refresh steps only, from that step's gradient (as 4-bit Shampoo does at
-  :math:`T_1`): an EMA over refreshes. ``shampoo_beta`` defaults to ``b2``
-  (the reference's default), which keeps the reference's effective sample
-  count (about :math:`1/(1-\beta_s) = 20` gradient outer products) but
-  spreads it over ``precondition_every`` times as many steps.
+  :math:`T_1`): an EMA over refreshes. ``shampoo_beta`` (per refresh)
+  defaults to :math:`\beta_s = b_2^f` with :math:`f` = ``precondition_every``
+  (:math:`0.95^{10} \approx 0.6`), so the statistic forgets at the
+  reference's rate per *step* (time constant :math:`\approx 1/(1-b_2)` = 20
+  steps) while sampling one gradient in :math:`f`. The reference's
+  :math:`\beta_s = b_2` per refresh would average over :math:`f/(1-b_2)`
+  ≈ 200 steps, which trailed the authors' SOAP by 16 % on a small
+  autoencoder and 2-4× in suboptimality on ill-conditioned least squares
+  (``benchmarks/illcond.py``, ``docs/results/illcond.md``).
 
   ``state_format="fp32"`` runs the same algorithm with float32 eigenvectors
   (no quantization, no Björck): the two formats differ only in storage (an
@@ -155,8 +160,10 @@ def scale_by_soap4(
     b1: Adam's first-moment decay, in [0, 1) (may be injected).
     b2: Adam's second-moment decay, in [0, 1) (may be injected).
     eps: added to :math:`\sqrt v` (may be injected).
-    shampoo_beta: EMA decay of the Kronecker statistics per refresh; None
-      means ``b2`` (may be injected).
+    shampoo_beta: EMA decay of the Kronecker statistics per fold (per
+      refresh for ``statistic="refresh"``, per step for ``"dense"``); None
+      means :math:`b_2^f` for ``"refresh"`` (the reference's time constant
+      per step) and ``b2`` for ``"dense"`` (may be injected).
     precondition_every: steps between basis refreshes (None: 10; may be injected).
     max_order: largest factor order; larger dimensions are split into blocks
       (static; None: 1024).
@@ -206,9 +213,10 @@ def scale_by_soap4(
       whose steps SOAP exists to enlarge. Keeping the dominant rows precise
       and projecting them out of the rest removes their share of that leak
       (for eigenvalues :math:`\propto i^{-2}`, order 128: about 95 % of it) for
-      about 6 % more factor bytes at the default 1/16 (quality measured by
-      ``benchmarks/soap_basis.py``, see the README). 0 stores every row in
-      4 bits (static; None: 1/16).
+      about 12 % more factor bytes at the default 1/8 (quality measured by
+      ``benchmarks/soap_basis.py`` and ``benchmarks/illcond.py``: 1/8 beat
+      1/16 on ill-conditioned problems, ``docs/results/illcond.md``). 0
+      stores every row in 4 bits (static; None: 1/8).
     statistic: ``"refresh"`` (the eigen-pair is the statistic, folded at
       refreshes; low memory) or ``"dense"`` (the authors' dense float32
       statistic folded every step, see above) (static).
@@ -367,8 +375,15 @@ def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
 
 
 def statistic_beta(opts: options.SoapOptions) -> jax.Array:
-  """The statistic's EMA decay: ``shampoo_beta``, or ``b2`` where it is None."""
-  return jnp.asarray(opts.b2 if opts.shampoo_beta is None else opts.shampoo_beta, jnp.float32)
+  r"""The statistic's EMA decay per fold: ``shampoo_beta``; where it is None, ``b2`` for the dense
+  statistic (folded every step) and :math:`b_2^f` (``f`` = ``precondition_every``) for the refresh
+  statistic (folded every ``f`` steps: the same time constant)."""
+  if opts.shampoo_beta is not None:
+    return jnp.asarray(opts.shampoo_beta, jnp.float32)
+  b2 = jnp.asarray(opts.b2, jnp.float32)
+  if opts.statistic == "dense":
+    return b2
+  return b2 ** jnp.asarray(opts.precondition_every, jnp.float32)
 
 
 def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, step: engine.Step, rows: dict,

@@ -78,8 +78,8 @@ def test_shampoo_defaults_are_resolved():
 def test_soap_defaults_are_resolved():
   opts = options.SoapOptions.from_kwargs()
   assert (opts.precondition_every, opts.max_order, opts.max_precond_dim, opts.bits, opts.head_fraction) == (
-      10, 1024, 10000, 4, 1 / 16)
-  assert opts.shampoo_beta is None  # means b2
+      10, 1024, 10000, 4, 1 / 8)
+  assert opts.shampoo_beta is None  # means b2 ** precondition_every (refresh statistic), b2 (dense)
   assert opts.quantized_from == opts.min_quant_order
   assert options.SoapOptions.from_kwargs(state_format="fp32").quantized_from > 10**9
   assert options.SoapOptions.from_kwargs(bits=3).bits == 3  # 3-bit bases are accepted (as documented)
