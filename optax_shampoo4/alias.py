@@ -397,8 +397,9 @@ def soap4(
     moment_bits: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
-    project_nu: bool = True,
+    project_nu: bool | None = None,
     head_fraction: float | None = None,
+    statistic: options.SoapStatistic = "refresh",
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP with a 4-bit eigenbasis, decoupled weight decay and a learning rate.
 
@@ -411,7 +412,7 @@ def soap4(
 
   Keyword-only arguments ``shampoo_beta``, ``precondition_every``, ``max_order``, ``max_precond_dim``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``, ``mesh``,
-  ``mesh_axis``, ``project_nu``, ``head_fraction``: passed to :func:`~optax_shampoo4.scale_by_soap4` (same
+  ``mesh_axis``, ``project_nu``, ``head_fraction``, ``statistic``: passed to :func:`~optax_shampoo4.scale_by_soap4` (same
   defaults).
 
   Args:
@@ -434,7 +435,7 @@ def soap4(
                         max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format,
                         bits=bits, mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
                         bjorck_steps=bjorck_steps, mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits,
-                        project_nu=project_nu, head_fraction=head_fraction)
+                        project_nu=project_nu, head_fraction=head_fraction, statistic=statistic)
   options.check_alias_options(learning_rate, weight_decay=weight_decay)
   return optax.chain(
       soap,

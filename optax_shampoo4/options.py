@@ -52,6 +52,7 @@ from optax_shampoo4 import quantization as qz
 
 StateFormat = Literal["eigen", "naive", "fp32"]
 SoapStateFormat = Literal["eigen", "fp32"]
+SoapStatistic = Literal["refresh", "dense"]
 RootMethod = Literal["eigen", "newton", "jorge"]
 RefreshMethod = Literal["qr", "eigh", "adaptive"]
 Combine = Literal["shampoo", "caspr"]
@@ -60,6 +61,7 @@ GraftingType = Literal["frobenius", "sgd", "adagrad", "rmsprop", "adam"]
 
 COMBINES = get_args(Combine)
 SOAP_FORMATS = get_args(SoapStateFormat)
+SOAP_STATISTICS = get_args(SoapStatistic)
 
 # Chosen by measurement (docs: guides/refresh_and_variants); the paper's refresh is refresh_method="qr".
 DEFAULT_REFRESH_METHOD: RefreshMethod = "adaptive"
@@ -73,7 +75,7 @@ DEFAULT_MIN_QUANT_ORDER = 64
 # SOAP's (the reference's precondition_frequency and max_precond_dim).
 DEFAULT_PRECONDITION_EVERY = 10
 DEFAULT_MAX_PRECOND_DIM = 10000
-DEFAULT_HEAD_FRACTION = 1 / 16
+DEFAULT_HEAD_FRACTION = 1 / 8  # measured: benchmarks/illcond.py, docs/results/illcond.md
 
 
 def _static(name: str, value: Any, default: int, minimum: int) -> int:
@@ -213,7 +215,9 @@ class SoapOptions:
 
   Build with :meth:`from_kwargs`. ``b1``, ``b2``, ``eps``, ``shampoo_beta``
   and ``precondition_every`` may be (injected) arrays; everything else is
-  static. ``shampoo_beta`` stays None when it means ``b2``.
+  static. ``shampoo_beta`` stays None when it means its default (``soap.statistic_beta``); ``project_nu``
+  None resolves to True for ``statistic="refresh"`` and False for
+  ``"dense"`` (the reference only permutes :math:`v`).
   """
 
   b1: Any
@@ -234,12 +238,13 @@ class SoapOptions:
   moment_bits: int | None
   project_nu: bool
   head_fraction: float
+  statistic: SoapStatistic = "refresh"
 
   @classmethod
   def from_kwargs(cls, *, b1=0.95, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_every=None,
                   max_order=None, max_precond_dim=None, state_format="eigen", bits=None, mapping="linear2",
                   quant_block=None, min_quant_order=None, bjorck_steps=(1, 1), mesh=None, mesh_axis="data",
-                  moment_bits=None, project_nu=True, head_fraction=None) -> SoapOptions:
+                  moment_bits=None, project_nu=None, head_fraction=None, statistic="refresh") -> SoapOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     validation.check_range("b1", b1, 0.0, 1.0)
     validation.check_range("b2", b2, 0.0, 1.0)
@@ -253,13 +258,15 @@ class SoapOptions:
     bits, mapping, quant_block, min_quant_order = _quantization(bits, mapping, quant_block, min_quant_order)
     moment_storage.check_moment_bits("moment_bits", moment_bits)
     _check_choice("state_format", state_format, SOAP_FORMATS)
+    _check_choice("statistic", statistic, SOAP_STATISTICS)
+    project_nu = statistic == "refresh" if project_nu is None else _check_bool("project_nu", project_nu)
     sharding.validate_mesh(mesh, mesh_axis)
     return cls(b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
                max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,  # pyright: ignore[reportArgumentType]
                mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,  # pyright: ignore[reportArgumentType]
                bjorck_steps=_bjorck_steps(bjorck_steps), mesh=mesh, mesh_axis=mesh_axis,
-               moment_bits=moment_bits, project_nu=_check_bool("project_nu", project_nu),
-               head_fraction=_head_fraction(head_fraction))
+               moment_bits=moment_bits, project_nu=project_nu, head_fraction=_head_fraction(head_fraction),
+               statistic=statistic)
 
   @property
   def quantized_from(self) -> int:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optax_shampoo4 import engine, linalg, moment_storage, optax_compat, options, partition
+from optax_shampoo4 import engine, linalg, moment_storage, optax_compat, options, partition, soap_dense
 from optax_shampoo4 import factors as fct
 
 FORMATS = options.SOAP_FORMATS
@@ -45,6 +45,9 @@ class ScaleBySoap4State(NamedTuple):
     skipped_stats: ``int32[]``, basis refreshes skipped for that reason.
     failed_refreshes: ``int32[]``, factor refreshes rejected as non-finite
       (that factor kept its previous eigenpairs).
+    mu_scales, nu_scales: the moments' scales (None for float32 moments).
+    stats: with ``statistic="dense"``, ``{bucket name: MatrixFactors}``: per
+      factor the dense float32 statistic (``root=None``); None otherwise.
   """
 
   count: jax.Array
@@ -56,6 +59,7 @@ class ScaleBySoap4State(NamedTuple):
   failed_refreshes: jax.Array
   mu_scales: Any = None
   nu_scales: Any = None
+  stats: Any = None
 
 
 def scale_by_soap4(
@@ -76,8 +80,9 @@ def scale_by_soap4(
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
     moment_bits: int | None = None,
-    project_nu: bool = True,
+    project_nu: bool | None = None,
     head_fraction: float | None = None,
+    statistic: options.SoapStatistic = "refresh",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam in the (4-bit) eigenbasis of Shampoo's Kronecker factors (SOAP).
 
@@ -112,15 +117,36 @@ def scale_by_soap4(
   eigen-pair, which only a QR refresh can update, and a dense accumulator
   would cost the memory this format saves. So the statistic is folded at
   refresh steps only, from that step's gradient (as 4-bit Shampoo does at
-  :math:`T_1`): an EMA over refreshes. ``shampoo_beta`` defaults to ``b2``
-  (the reference's default), which keeps the reference's effective sample
-  count (about :math:`1/(1-\beta_s) = 20` gradient outer products) but
-  spreads it over ``precondition_every`` times as many steps.
+  :math:`T_1`): an EMA over refreshes. ``shampoo_beta`` (per refresh)
+  defaults to :math:`\beta_s = b_2^f` with :math:`f` = ``precondition_every``
+  (:math:`0.95^{10} \approx 0.6`), so the statistic forgets at the
+  reference's rate per *step* (time constant :math:`\approx 1/(1-b_2)` = 20
+  steps) while sampling one gradient in :math:`f`. The reference's
+  :math:`\beta_s = b_2` per refresh would average over :math:`f/(1-b_2)`
+  ≈ 200 steps, which trailed the authors' SOAP by 16 % on a small
+  autoencoder and 2-4× in suboptimality on ill-conditioned least squares
+  (``benchmarks/illcond.py``, ``docs/results/illcond.md``).
 
   ``state_format="fp32"`` runs the same algorithm with float32 eigenvectors
   (no quantization, no Björck): the two formats differ only in storage (an
   eigen-pair per factor in both, unlike Shampoo's ``"fp32"``, which stores
   the dense statistic and root).
+  ``statistic="dense"`` is the SOAP authors' algorithm (for reference runs
+  and comparisons; it costs a dense float32 :math:`n \times n` statistic per
+  factor, :mod:`optax_shampoo4.soap_dense`): every step with a finite
+  gradient folds :math:`S \leftarrow \beta_s S + (1-\beta_s) G G^\top`
+  (and :math:`G^\top G`) from :math:`S = 0`; call 1 takes
+  :math:`Q = \mathrm{eigh}(S)` (descending) and makes no update; every
+  ``precondition_every`` Adam steps after it the columns of :math:`Q` are
+  sorted by :math:`\mathrm{diag}(Q^\top S Q)` descending, ``v`` is permuted
+  with them (``project_nu`` defaults to False here), :math:`Q \leftarrow
+  \mathrm{qr}(S Q)` (one power step) and ``m`` is re-projected as above.
+  With ``state_format="fp32"`` it matches a float64 transcription of the
+  authors' code step for step (``tests/test_soap_reference_twin.py``); the
+  authors' weight decay, :math:`W \leftarrow (W - \eta N)(1 - \eta\lambda)`,
+  differs from :func:`~optax_shampoo4.soap4`'s :math:`W - \eta(N +
+  \lambda W)` by :math:`\eta^2\lambda N`.
+
   Dimensions above ``max_precond_dim`` are not rotated (identity basis on that
   side); leaves of rank ≤ 1 (after dropping size-1 dimensions) get plain Adam.
   Everything runs in float32; the output has the gradient's dtype.
@@ -134,8 +160,10 @@ def scale_by_soap4(
     b1: Adam's first-moment decay, in [0, 1) (may be injected).
     b2: Adam's second-moment decay, in [0, 1) (may be injected).
     eps: added to :math:`\sqrt v` (may be injected).
-    shampoo_beta: EMA decay of the Kronecker statistics per refresh; None
-      means ``b2`` (may be injected).
+    shampoo_beta: EMA decay of the Kronecker statistics per fold (per
+      refresh for ``statistic="refresh"``, per step for ``"dense"``); None
+      means :math:`b_2^f` for ``"refresh"`` (the reference's time constant
+      per step) and ``b2`` for ``"dense"`` (may be injected).
     precondition_every: steps between basis refreshes (None: 10; may be injected).
     max_order: largest factor order; larger dimensions are split into blocks
       (static; None: 1024).
@@ -185,9 +213,13 @@ def scale_by_soap4(
       whose steps SOAP exists to enlarge. Keeping the dominant rows precise
       and projecting them out of the rest removes their share of that leak
       (for eigenvalues :math:`\propto i^{-2}`, order 128: about 95 % of it) for
-      about 6 % more factor bytes at the default 1/16 (quality measured by
-      ``benchmarks/soap_basis.py``, :doc:`/results/design`). 0 stores every row in
-      4 bits (static; None: 1/16).
+      about 12 % more factor bytes at the default 1/8 (quality measured by
+      ``benchmarks/soap_basis.py`` and ``benchmarks/illcond.py``: 1/8 beat
+      1/16 on ill-conditioned problems, :doc:`/results/illcond`). 0
+      stores every row in 4 bits (static; None: 1/8).
+    statistic: ``"refresh"`` (the eigen-pair is the statistic, folded at
+      refreshes; low memory) or ``"dense"`` (the authors' dense float32
+      statistic folded every step, see above) (static).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` giving Adam's direction
@@ -214,7 +246,7 @@ def scale_by_soap4(
       max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
       mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order, bjorck_steps=bjorck_steps,
       mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits, project_nu=project_nu,
-      head_fraction=head_fraction)
+      head_fraction=head_fraction, statistic=statistic)
   factor_engine = make_engine(opts)
   return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
                                                functools.partial(update, opts, factor_engine))  # pyright: ignore[reportArgumentType]
@@ -231,7 +263,11 @@ def init(opts: options.SoapOptions, factor_engine: engine.FactorEngine, params: 
   zero = jnp.zeros([], jnp.int32)
   buckets = factor_engine.init_factors(params, 0.0, "scale_by_soap4", with_root=False)
   mu, mu_scales, nu, nu_scales = init_moments(opts, params)
-  return ScaleBySoap4State(zero, buckets, mu, nu, zero, zero, zero, mu_scales, nu_scales)
+  stats = None
+  if opts.statistic == "dense":
+    stats = (optax_compat.NON_PARAMS if optax_compat.is_params_placeholder(params)
+             else soap_dense.init_stats(factor_engine.plan(params)))
+  return ScaleBySoap4State(zero, buckets, mu, nu, zero, zero, zero, mu_scales, nu_scales, stats)
 
 
 def init_moments(opts: options.SoapOptions, params: Any) -> tuple[Any, Any, Any, Any]:
@@ -264,15 +300,19 @@ def update(opts: options.SoapOptions, factor_engine: engine.FactorEngine, update
   stepped = step.grads_finite & (adam_step > 0)
   outputs, mu, nu = adam_in_basis(opts, factor_engine, step, rows, mu, nu, stepped, adam_step)
   refresh_due = (adam_step == 0) | (adam_step % jnp.asarray(opts.precondition_every, jnp.int32) == 0)
+  stats = state.stats
+  if opts.statistic == "dense":
+    stats = soap_dense.fold(stats, step.plan, step.matrices, statistic_beta(opts), step.grads_finite)
   buckets, mu, nu, failures = lax.cond(
-      refresh_due & step.grads_finite, functools.partial(refresh_bases, opts, factor_engine, step, rows),
+      refresh_due & step.grads_finite,
+      functools.partial(refresh_bases, opts, factor_engine, step, rows, stats, adam_step == 0),
       _no_refresh, (state.factors, mu, nu))
   buckets = factor_engine.keep_split(buckets)
   mu_stored, mu_scales = store_moments(opts, step, stepped, mu, state.mu, state.mu_scales, "first")
   nu_stored, nu_scales = store_moments(opts, step, stepped, nu, state.nu, state.nu_scales, "second")
   new_state = ScaleBySoap4State(
       count=step.count, factors=buckets, mu=mu_stored, nu=nu_stored, mu_scales=mu_scales, nu_scales=nu_scales,
-      **engine.failure_counts(state, step.grads_finite, refresh_due, failures))
+      stats=stats, **engine.failure_counts(state, step.grads_finite, refresh_due, failures))
   return jax.tree.unflatten(step.treedef, outputs), new_state
 
 
@@ -334,21 +374,38 @@ def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
   return outputs, new_mu, new_nu
 
 
+def statistic_beta(opts: options.SoapOptions) -> jax.Array:
+  r"""The statistic's EMA decay per fold: ``shampoo_beta``; where it is None, ``b2`` for the dense
+  statistic (folded every step) and :math:`b_2^f` (``f`` = ``precondition_every``) for the refresh
+  statistic (folded every ``f`` steps: the same time constant)."""
+  if opts.shampoo_beta is not None:
+    return jnp.asarray(opts.shampoo_beta, jnp.float32)
+  b2 = jnp.asarray(opts.b2, jnp.float32)
+  if opts.statistic == "dense":
+    return b2
+  return b2 ** jnp.asarray(opts.precondition_every, jnp.float32)
+
+
 def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, step: engine.Step, rows: dict,
-                  operand: tuple) -> tuple:
-  """Folds the gradient into the statistics, refreshes the bases and carries the moments into them.
+                  stats: Any, first: jax.Array, operand: tuple) -> tuple:
+  """Refreshes the bases (folding the gradient in first for the refresh statistic) and carries the moments.
 
   ``operand`` is ``(buckets, mu, nu)``; returns ``(buckets, mu, nu, failures)``.
+  ``stats`` (the dense statistics) and ``first`` (the first refresh) are
+  used by ``statistic="dense"`` only.
   """
   buckets, mu, nu = operand
-  # Sorted by eigenvalue (descending) inside the refresh: the refreshed columns come out sorted, so
-  # the 8-bit head holds the largest eigenvalues' rows.
-  order = {name: jnp.argsort(-b.eigvals, axis=-1) for name, b in buckets.items()}
-  beta_s = jnp.asarray(opts.b2 if opts.shampoo_beta is None else opts.shampoo_beta, jnp.float32)
-  buckets, failures, accepted = factor_engine.refresh_stats(buckets, step.plan, step.matrices, beta_s, order)
-  if not opts.project_nu:
+  if opts.statistic == "dense":
+    buckets, kept, failures = soap_dense.refresh(factor_engine, step.plan, buckets, stats, rows, first)
+  else:
+    # Sorted by eigenvalue (descending) inside the refresh: the refreshed columns come out sorted, so
+    # the 8-bit head holds the largest eigenvalues' rows.
+    order = {name: jnp.argsort(-b.eigvals, axis=-1) for name, b in buckets.items()}
+    buckets, failures, accepted = factor_engine.refresh_stats(buckets, step.plan, step.matrices,
+                                                              statistic_beta(opts), order)
     # A rejected factor kept its previous eigenpairs, in their previous order.
     kept = {name: jnp.where(accepted[name][:, None], o, jnp.arange(o.shape[-1])) for name, o in order.items()}
+  if not opts.project_nu:
     nu = [_permute(v, lp, kept) if lp.preconditioned else v for v, lp in zip(nu, step.plan.leaves)]
   new_rows = bases(opts, factor_engine, buckets)
   # C = Qₙₑ𝓌ᵀ Q_old per factor (rows are Qᵀ; the sort's permutation included): m is carried into the

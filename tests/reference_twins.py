@@ -4,7 +4,7 @@
 ``distributed_shampoo4(state_format="fp32", ...)`` call with the same semantics,
 or raises ``NotImplementedError`` listing the reference semantics the library
 has no option for; ``library_soap_twin`` does the same for
-:class:`reference_soap.SoapConfig` and ``soap4``. ``max_relative_deviation``
+:class:`reference_soap.SoapConfig` and ``soap4(state_format="fp32", statistic="dense")``. ``max_relative_deviation``
 runs both on the same minibatches and returns, per call, the largest parameter
 deviation relative to the reference's displacement from the initial point.
 """
@@ -64,23 +64,34 @@ def library_meta_twin(cfg: meta.MetaConfig, shapes: list[tuple[int, ...]]) -> op
 
 
 def missing_soap_semantics(cfg: soap.SoapConfig) -> list[str]:
-  """The reference SOAP semantics ``soap4(state_format="fp32")`` cannot express today."""
-  missing = [
-      "statistic folded from every gradient into a dense accumulator (soap4 folds only at refresh steps, "
-      "into the eigen-pair A = b Q diag(l) Q^T + (1-b) G G^T, which drops the off-diagonal part of Q^T A Q)",
-      "first basis from an exact eigh of the first statistic",
-      "second moment only permuted at a basis change (project_nu=False is the nearest option)",
-  ]
+  """The reference SOAP semantics ``soap4(state_format="fp32", statistic="dense")`` cannot express."""
+  missing = []
   if cfg.weight_decay > 0.0:
     missing.append("weight decay applied after the step, W <- (W - lr*c*N)(1 - lr*wd) (soap4: W - lr(c*N + wd*W))")
+  if not cfg.correct_bias:
+    missing.append("correct_bias=False: soap4 always applies Adam's bias correction")
+  if cfg.precondition_1d:
+    missing.append("precondition_1d=True: soap4 gives rank-1 leaves plain Adam")
   return missing
 
 
 def library_soap_twin(cfg: soap.SoapConfig) -> optax.GradientTransformation:
+  """``soap4(state_format="fp32", statistic="dense")`` with ``cfg``'s semantics.
+
+  The dense statistic folded every step from zeros, the first basis by
+  ``eigh``, one sorted QR step every ``precondition_frequency`` Adam steps
+  with ``v`` only permuted (``project_nu`` False, the dense default) and
+  ``m`` re-projected: the reference's algorithm. ``max_order`` is
+  ``max_precond_dim`` so that no dimension is split into blocks (the
+  reference does not block).
+  """
   missing = missing_soap_semantics(cfg)
   if missing:
     raise NotImplementedError("; ".join(missing))
-  raise AssertionError("unreachable")  # pragma: no cover
+  return s4.soap4(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=0.0,
+                  shampoo_beta=cfg.statistic_beta, precondition_every=cfg.precondition_frequency,
+                  max_order=cfg.max_precond_dim, max_precond_dim=cfg.max_precond_dim, state_format="fp32",
+                  statistic="dense")
 
 
 def max_relative_deviation(opt: optax.GradientTransformation, history: list[dict], params0: dict,

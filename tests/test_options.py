@@ -25,7 +25,7 @@ SOAP_ERRORS = [
     ("b1", 1.0), ("b2", -0.5), ("eps", -1.0), ("shampoo_beta", 1.0), ("precondition_every", 0),
     ("max_order", 0), ("max_precond_dim", 0), ("state_format", "naive"), ("bits", 5), ("mapping", "log"),
     ("quant_block", 7), ("min_quant_order", 0), ("bjorck_steps", (1, 1, 1)), ("moment_bits", 16),
-    ("project_nu", None), ("head_fraction", 1.0), ("head_fraction", "1/16"), ("mesh", "cpu"),
+    ("project_nu", "yes"), ("statistic", "every"), ("head_fraction", 1.0), ("head_fraction", "1/16"), ("mesh", "cpu"),
 ]
 
 
@@ -78,8 +78,8 @@ def test_shampoo_defaults_are_resolved():
 def test_soap_defaults_are_resolved():
   opts = options.SoapOptions.from_kwargs()
   assert (opts.precondition_every, opts.max_order, opts.max_precond_dim, opts.bits, opts.head_fraction) == (
-      10, 1024, 10000, 4, 1 / 16)
-  assert opts.shampoo_beta is None  # means b2
+      10, 1024, 10000, 4, 1 / 8)
+  assert opts.shampoo_beta is None  # means b2 ** precondition_every (refresh statistic), b2 (dense)
   assert opts.quantized_from == opts.min_quant_order
   assert options.SoapOptions.from_kwargs(state_format="fp32").quantized_from > 10**9
   assert options.SoapOptions.from_kwargs(bits=3).bits == 3  # 3-bit bases are accepted (as documented)

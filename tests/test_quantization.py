@@ -796,7 +796,7 @@ class TestHeadRows:
     params = {"w": jnp.zeros((64, 32))}
     state = s4.scale_by_soap4(min_quant_order=8, quant_block=8).init(params)
     left = state.factors["order64_q"].eigvecs
-    assert isinstance(left, s4.SplitRowsQuantized) and left.head.shape[-2] == 4  # 64 / 16
+    assert isinstance(left, s4.SplitRowsQuantized) and left.head.shape[-2] == 8  # 64 / 8
     assert isinstance(state.factors["order32_q"].eigvecs.head, qz.QuantizedArray)  # 2 head rows of 32
     np.testing.assert_array_equal(fct.load(left)[0], np.eye(64))
     plain = s4.scale_by_soap4(min_quant_order=8, quant_block=8, head_fraction=0.0).init(params)

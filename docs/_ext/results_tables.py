@@ -343,6 +343,32 @@ def write_moment_store_parts(results_dir, out_dir):
   (out_dir / "moment_store_parts.md").write_text(text)
 
 
+ILLCOND_REFERENCE = "soap_ref"
+
+
+def illcond_rows(problem):
+  """Rows ``optimizer, best lr, metric (mean ± std over seeds), ratio to the reference SOAP's, largest stable lr``."""
+  summary = problem["summary"]
+  ref = summary.get(ILLCOND_REFERENCE, {}).get("best_mean")
+  rows = []
+  for name, s in summary.items():
+    ratio = "—" if not ref else f"{s['best_mean'] / ref:.2f}×"
+    edge = " (edge)" if s["best_at_edge"] else ""
+    stable = "none" if s["largest_stable_lr"] is None else f"{s['largest_stable_lr']:.2g}"
+    rows.append([f"`{name}`", f"{s['best_lr']:.2g}{edge}", f"{_num(s['best_mean'], 3)} ± {_num(s['best_std'], 2)}",
+                 ratio, stable])
+  return rows
+
+
+def write_illcond(results_dir, out_dir):
+  data = _load(results_dir, "illcond.json")
+  text = f"{data['steps']} steps, seeds {data['seeds']}; mean over seeds at each row's best learning rate.\n"
+  for name, problem in data["problems"].items():
+    text += f"\n**`{name}`** ({problem['metric']}):\n\n"
+    text += _table(["optimizer", "best lr", "mean ± std", "vs `soap_ref`", "largest stable lr"], illcond_rows(problem))
+  (out_dir / "illcond.md").write_text(text)
+
+
 def write_all(results_dir, out_dir):
   """Writes every generated table and plot; returns the output folder."""
   out_dir = pathlib.Path(out_dir)
@@ -354,6 +380,7 @@ def write_all(results_dir, out_dir):
   write_memory(results_dir, out_dir)
   write_distributed(results_dir, out_dir)
   write_quant_error(results_dir, out_dir)
+  write_illcond(results_dir, out_dir)
   write_choosing(results_dir, out_dir)
   write_soap_basis(results_dir, out_dir)
   write_moment_store_parts(results_dir, out_dir)

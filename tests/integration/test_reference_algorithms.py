@@ -231,5 +231,5 @@ def test_twin_helpers_name_the_missing_semantics():
   assert any("1-D preconditioning" in m for m in missing)
   with pytest.raises(NotImplementedError, match="beta=1.0"):
     twins.library_meta_twin(defaults, [(16, 8)])
-  with pytest.raises(NotImplementedError, match="every gradient"):
-    twins.library_soap_twin(soap.SoapConfig())
+  with pytest.raises(NotImplementedError, match="weight decay applied after the step"):
+    twins.library_soap_twin(soap.SoapConfig())  # the authors' default weight decay 0.01
