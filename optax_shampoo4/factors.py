@@ -360,9 +360,13 @@ def update_root(
   ``"eigen"`` with ``root_method="eigen"``:
   :math:`V = \\mathrm{Björck}^{t_2}(D(\\bar U))`,
   :math:`\\hat A = V (\\Lambda + \\epsilon \\max\\lambda\\, I)^{-1/4} V^\\top`.
-  With ``"newton"`` (and always for the matrix formats) the root of the
-  (re-assembled) statistic comes from coupled Newton iteration. With
+  With ``"newton"`` the root of the (re-assembled) statistic comes from
+  coupled Newton iteration; with ``"eigh"`` (matrix formats) from an exact
+  eigendecomposition of the statistic (Distributed Shampoo's root; accurate
+  on a near-singular statistic with absolute ε, where Newton stalls). With
   ``"jorge"`` the root was already updated with the statistics: no-op.
+  With ``config.epsilon_mode="absolute"`` the damping is :math:`\\epsilon I`
+  in place of :math:`\\epsilon \\max\\lambda\\, I`.
 
   Returns:
     The new bucket and ``bool[k]``: False where a root was rejected as

@@ -34,8 +34,10 @@ def inverse_root_from_eig(
      \\max_i \\lambda_i)^{-1/p}\\big)\\, V^\\top
 
   (with ``absolute=True``, :math:`\\lambda + \\epsilon`: Distributed
-  Shampoo's :math:`(A + \\epsilon I)^{-1/p}`). Negative Rayleigh quotients
-  (rounding noise of a PSD matrix) count as 0.
+  Shampoo's :math:`(A + \\epsilon I)^{-1/p}`, and as there a spectrum with
+  :math:`\\lambda_{\\min} < 0` is first shifted by :math:`-\\lambda_{\\min}`).
+  Otherwise negative Rayleigh quotients (rounding noise of a PSD matrix)
+  count as 0.
 
   Args:
     eigvecs: ``[..., n, n]``, eigenvectors as columns.
@@ -47,6 +49,8 @@ def inverse_root_from_eig(
   Returns:
     ``[..., n, n]``.
   """
+  if absolute:  # Distributed Shampoo's perturbation: a negative spectrum is shifted up to epsilon
+    eigvals = eigvals - jnp.minimum(jnp.min(eigvals, axis=-1, keepdims=True), 0.0)
   eigvals = jnp.maximum(eigvals, 0.0)
   damping = epsilon if absolute else epsilon * jnp.max(eigvals, axis=-1, keepdims=True)
   damped = jnp.maximum(eigvals + damping, _MIN_DAMPED_EIGVAL)

@@ -25,6 +25,7 @@ import reference_meta_shampoo as meta
 import reference_twins as twins
 
 import optax_shampoo4 as s4
+from optax_shampoo4 import options
 
 STEPS = 64
 START = 32  # every factor is full rank by then (the bias factor gains rank 1 per step)
@@ -184,3 +185,21 @@ def test_distributed_shampoo4_paper_statistics_are_an_option():
   state = tx.init({"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)})
   assert sorted(state[0].factors) == ["order4_f32", "order6_f32"]
   assert float(state[0].factors["order6_f32"].eigvals.max()) == pytest.approx(1e-6)
+
+
+def test_absolute_roots_shift_a_negative_spectrum_as_meta():
+  # A statistic with a (rounding-noise) negative eigenvalue: Meta shifts the spectrum up to epsilon.
+  rng = np.random.default_rng(6)
+  vectors, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+  lam = np.array([4.0, 1.0, 0.3, 1e-3, -2e-3])
+  factor = (vectors * lam) @ vectors.T
+  want = meta.inverse_root(factor, 1.0, 1e-4, 4)
+  got = s4.roots.inverse_root_from_eig(jnp.asarray(vectors, jnp.float32), jnp.asarray(lam, jnp.float32), 1e-4,
+                                       absolute=True)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+  assert options.ShampooOptions.from_kwargs(state_format="fp32", epsilon_mode="absolute").root_method == "eigh"
+
+
+def test_root_method_eigh_needs_a_dense_statistic():
+  with pytest.raises(ValueError, match="root_method='eigh'"):
+    s4.scale_by_shampoo4(state_format="eigen", root_method="eigh")
