@@ -213,7 +213,11 @@ ROWS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "soap4_4bit": lambda: s4.soap4(1.0, weight_decay=0.0, **_QUANT),
     "ds_fp32": lambda: s4.distributed_shampoo4(1.0, state_format="fp32", **_DS),
     "ds_4bit": lambda: s4.distributed_shampoo4(1.0, **_DS, **_QUANT),
+    "shampoo8": lambda: s4.adamw_shampoo4(1.0, bits=8, **_SHAMPOO, **_QUANT),
+    "ds_8bit": lambda: s4.distributed_shampoo4(1.0, bits=8, **_DS, **_QUANT),
 }
+# Rows run by default (the 8-bit ones on request: --rows shampoo8 ds_8bit).
+DEFAULT_ROWS = [name for name in ROWS if name not in ("shampoo8", "ds_8bit")]
 
 
 def make_trainer(opt: optax.GradientTransformation, loss: Callable, steps: int):
@@ -324,7 +328,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-  parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+  parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--lrs", nargs="+", type=float, default=None, help="base grid (default: 1e-4..1, half decades)")

@@ -55,6 +55,9 @@ def adamw_shampoo4(
     start_preconditioning_step: int | None = None,
     combine: options.Combine = "shampoo",
     store_root: bool = True,
+    epsilon_mode: options.EpsilonMode = "relative",
+    stats_bias_correction: bool = False,
+    precondition_1d: bool = False,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
@@ -73,8 +76,8 @@ def adamw_shampoo4(
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
-  ``start_preconditioning_step``, ``combine``, ``store_root``: passed to :func:`scale_by_shampoo4` (same
-  defaults).
+  ``start_preconditioning_step``, ``combine``, ``store_root``, ``epsilon_mode``, ``stats_bias_correction``,
+  ``precondition_1d``: passed to :func:`scale_by_shampoo4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -100,7 +103,8 @@ def adamw_shampoo4(
       refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
-      combine=combine, store_root=store_root)
+      combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
+      stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d)
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
@@ -141,6 +145,9 @@ def sgdm_shampoo4(
     start_preconditioning_step: int | None = None,
     combine: options.Combine = "shampoo",
     store_root: bool = True,
+    epsilon_mode: options.EpsilonMode = "relative",
+    stats_bias_correction: bool = False,
+    precondition_1d: bool = False,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
@@ -157,8 +164,8 @@ def sgdm_shampoo4(
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
-  ``start_preconditioning_step``, ``combine``, ``store_root``: passed to :func:`scale_by_shampoo4` (same
-  defaults).
+  ``start_preconditioning_step``, ``combine``, ``store_root``, ``epsilon_mode``, ``stats_bias_correction``,
+  ``precondition_1d``: passed to :func:`scale_by_shampoo4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -179,7 +186,8 @@ def sgdm_shampoo4(
       refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
-      combine=combine, store_root=store_root)
+      combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
+      stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d)
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   validation.check_range("momentum", momentum, 0.0, 1.0)  # moments.trace checks it as `decay`, in [0, 1]
   return optax.chain(
@@ -219,6 +227,9 @@ def adagrad_shampoo4(
     start_preconditioning_step: int | None = None,
     combine: options.Combine = "shampoo",
     store_root: bool = True,
+    epsilon_mode: options.EpsilonMode = "relative",
+    stats_bias_correction: bool = False,
+    precondition_1d: bool = False,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
@@ -227,8 +238,8 @@ def adagrad_shampoo4(
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
-  ``start_preconditioning_step``, ``combine``, ``store_root``: passed to :func:`scale_by_shampoo4` (same
-  defaults).
+  ``start_preconditioning_step``, ``combine``, ``store_root``, ``epsilon_mode``, ``stats_bias_correction``,
+  ``precondition_1d``: passed to :func:`scale_by_shampoo4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -247,7 +258,8 @@ def adagrad_shampoo4(
       refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
-      combine=combine, store_root=store_root)
+      combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
+      stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d)
   options.check_alias_options(learning_rate, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
@@ -272,8 +284,10 @@ def distributed_shampoo4(
     combine: options.Combine = "shampoo",
     use_bias_correction: bool = True,
     max_order: int | None = None,
-    beta: jax.typing.ArrayLike = 0.95,
-    epsilon: jax.typing.ArrayLike = 1e-6,
+    beta: jax.typing.ArrayLike = 1.0,
+    epsilon: jax.typing.ArrayLike = 1e-12,
+    epsilon_mode: options.EpsilonMode = "absolute",
+    precondition_1d: bool = True,
     stats_every: int = 10,
     root_every: int = 100,
     state_format: options.StateFormat = "eigen",
@@ -318,8 +332,19 @@ def distributed_shampoo4(
   Keyword-only arguments ``max_order``, ``beta``, ``epsilon``, ``stats_every``, ``root_every``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
-  ``store_root``: passed to :func:`scale_by_shampoo4`; here ``stats_every=10`` and ``root_every=100``
-  (Meta's AlgoPerf submission refreshed its roots every 100 steps).
+  ``store_root``, ``epsilon_mode``, ``precondition_1d``: passed to :func:`scale_by_shampoo4`; here
+  ``stats_every=10`` and ``root_every=100`` (Meta's AlgoPerf submission refreshed its roots every 100
+  steps) and, by default, Meta's statistics: ``beta=1.0`` (the Gram matrices are summed from zero, as
+  Meta's ``betas[1] = 1``), ``epsilon=1e-12`` added as an absolute constant at root time
+  (``epsilon_mode="absolute"``: roots of :math:`L/c + \epsilon I`, where :math:`c = 1-\beta^k` is the
+  statistics' bias correction after :math:`k` updates when ``use_bias_correction`` and :math:`\beta < 1`),
+  and vectors preconditioned with one full factor per block (``precondition_1d=True``, exponent
+  :math:`-1/2`). ``epsilon_mode="relative", beta=0.95, epsilon=1e-6, precondition_1d=False`` is the
+  paper's 4-bit Shampoo statistic under Distributed Shampoo's update rule. Not reproduced: Meta's
+  ``merge_small_dims`` (a tensor whose dimensions multiply to at most ``max_order`` is preconditioned
+  as one vector there, as a matrix here) and one factor per dimension of tensors of rank > 2 (here
+  the matrix view of :mod:`optax_shampoo4.partition`). Meta folds the statistics at every step
+  (``stats_every=1``).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -338,7 +363,9 @@ def distributed_shampoo4(
     grafting_per_block: per-block norms (None: per block, as Meta).
     start_preconditioning_step: :math:`t_0`; None means ``root_every`` (Meta's
       default: the precondition frequency).
-    use_bias_correction: divide :math:`M` by :math:`1-b_1^t`.
+    use_bias_correction: divide :math:`M` by :math:`1-b_1^t`, and (with
+      absolute ε and ``beta < 1``) the statistics by :math:`1-\beta^k` at
+      root time (``stats_bias_correction`` of :func:`scale_by_shampoo4`).
     moment_bits: keyword-only; None keeps the heavy-ball momentum in float32,
       8 or 4 stores it quantized (:mod:`optax_shampoo4.moments`); the grafting
       accumulators inside :func:`scale_by_shampoo4` stay float32.
@@ -366,7 +393,8 @@ def distributed_shampoo4(
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=eps, grafting_beta2=b2,
       grafting_per_block=grafting_per_block,
       start_preconditioning_step=root_every if start_preconditioning_step is None else start_preconditioning_step,
-      combine=combine, store_root=store_root,
+      combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
+      stats_bias_correction=use_bias_correction, precondition_1d=precondition_1d,
       filter_beta=b1, filter_bias_correction=use_bias_correction)
   return optax.chain(
       shampoo,

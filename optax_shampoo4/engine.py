@@ -96,6 +96,8 @@ class FactorEngine:
     mesh_axis: the mesh axis the factors are split over.
     max_precond_dim: matrix dimensions above this get no factor (that side of
       their blocks is not preconditioned); None: all get factors.
+    precondition_1d: vectors get one left factor per block (see
+      :func:`~optax_shampoo4.partition.make_plan`); False passes them through.
   """
 
   config: fct.FactorConfig
@@ -104,6 +106,7 @@ class FactorEngine:
   mesh: jax.sharding.Mesh | None = None
   mesh_axis: str = "data"
   max_precond_dim: int | None = None
+  precondition_1d: bool = False
 
   @property
   def num_shards(self) -> int:
@@ -114,7 +117,8 @@ class FactorEngine:
     shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(tree)]
     return partition.make_plan(shapes, self.max_order, self.min_quant_order,
                                self.config.state_format != "fp32",
-                               bucket_multiple=self.num_shards, max_precond_dim=self.max_precond_dim)
+                               bucket_multiple=self.num_shards, max_precond_dim=self.max_precond_dim,
+                               precondition_1d=self.precondition_1d)
 
   def init_buckets(self, plan: partition.Plan, epsilon: jax.Array, with_root: bool = True) -> Buckets:
     r"""Fresh buckets (statistic :math:`\epsilon I`, root :math:`I`).

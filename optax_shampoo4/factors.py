@@ -35,7 +35,7 @@ from optax_shampoo4 import linalg, roots
 from optax_shampoo4 import quantization as qz
 
 FORMATS = ("eigen", "naive", "fp32")
-ROOT_METHODS = ("eigen", "newton", "jorge")
+ROOT_METHODS = ("eigen", "newton", "jorge", "eigh")
 REFRESH_METHODS = ("qr", "eigh", "adaptive")
 
 # A square matrix in the state: dense f32, quantized rows, or f32 diag + quantized off-diagonal.
@@ -118,6 +118,9 @@ class FactorConfig:
       head first by :func:`~optax_shampoo4.linalg.bjorck_head_first`); 0
       stores every row in ``bits`` bits.
     head_bits: bits of the head rows (8).
+    epsilon_mode: how the roots are damped: ``"relative"`` (the paper,
+      :math:`A + \\epsilon\\lambda_{\\max} I`) or ``"absolute"``
+      (Distributed Shampoo, :math:`A + \\epsilon I`).
   """
 
   state_format: str = "eigen"
@@ -134,6 +137,12 @@ class FactorConfig:
   sort_refreshed: bool = True
   head_fraction: float = 0.0
   head_bits: int = 8
+  epsilon_mode: str = "relative"
+
+  @property
+  def absolute_epsilon(self) -> bool:
+    """Whether the roots add ε as it is (Distributed Shampoo) rather than ε·λ_max."""
+    return self.epsilon_mode == "absolute"
 
   def head_rows(self, order: int) -> int:
     """Eigenvectors of a quantized factor of this order stored in ``head_bits`` bits (0: none)."""
@@ -209,7 +218,8 @@ def _guarded(ok: jax.Array, new: Bucket, old: Bucket) -> tuple[Bucket, jax.Array
 def init_bucket(
     config: FactorConfig, order: int, size: int, quantized: bool, epsilon: jax.Array
 ) -> Bucket:
-  """``size`` fresh factors: statistics :math:`\\epsilon I`, root :math:`I`."""
+  """``size`` fresh factors: statistics :math:`\\epsilon I` (``"eigen"``: eigenvalues ε, basis
+  :math:`I`; ε = 0 gives the zero statistic), root :math:`I`."""
   eye = jnp.broadcast_to(jnp.eye(order, dtype=jnp.float32), (size, order, order))
   root = config.store(eye, quantized, separate_diag=True)
   eps = jnp.asarray(epsilon, jnp.float32)
@@ -283,6 +293,11 @@ def refresh_eigenbasis(
   return linalg.eigh_where(_offdiag_fraction(b) > tol, stat, eigvecs, eigvals)
 
 
+def gram_weight(beta: jax.Array) -> jax.Array:
+  """The weight of a new Gram matrix: :math:`1-\\beta`, or 1 for :math:`\\beta = 1` (a running sum, AdaGrad)."""
+  return jnp.where(beta == 1.0, jnp.ones_like(beta), 1.0 - beta)
+
+
 def update_stats(
     config: FactorConfig, bucket: Bucket, grams: jax.Array, beta: jax.Array,
     row_order: jax.Array | None = None,
@@ -296,6 +311,7 @@ def update_stats(
   sorted by descending eigenvalue unless ``config.sort_refreshed`` is False;
   stores :math:`Q(P^\\top)`. The root is left as it is (and may be ``None``,
   for users that keep no root). Other formats: :math:`L = \\beta L + (1-\\beta)M`.
+  With :math:`\\beta = 1` the weight of :math:`M` is 1 (a sum, :func:`gram_weight`).
 
   Args:
     config: the factor settings.
@@ -322,7 +338,7 @@ def update_stats(
       eigvals = jnp.take_along_axis(eigvals, row_order, axis=1)
     cols = linalg.transpose(rows)
     stat = beta * linalg.matmul(cols * eigvals[:, None, :], rows)
-    stat = stat + (1.0 - beta) * grams
+    stat = stat + gram_weight(beta) * grams
     eigvecs, eigvals = refresh_eigenbasis(config, stat, cols)
     ok = _all_finite(eigvecs) & _all_finite(eigvals)
     stored = config.store_eigvecs(linalg.transpose(eigvecs), is_quantized(bucket.eigvecs))
@@ -330,7 +346,7 @@ def update_stats(
   elif config.root_method == "jorge":
     return _jorge_stats(config, bucket, grams, beta)
   else:
-    stat = beta * load(bucket.stats) + (1.0 - beta) * grams
+    stat = beta * load(bucket.stats) + gram_weight(beta) * grams
     ok = _all_finite(stat)
     new = MatrixFactors(config.store(stat, is_quantized(bucket.stats), True), bucket.root)
   return _guarded(ok, new, bucket)
@@ -344,9 +360,13 @@ def update_root(
   ``"eigen"`` with ``root_method="eigen"``:
   :math:`V = \\mathrm{Björck}^{t_2}(D(\\bar U))`,
   :math:`\\hat A = V (\\Lambda + \\epsilon \\max\\lambda\\, I)^{-1/4} V^\\top`.
-  With ``"newton"`` (and always for the matrix formats) the root of the
-  (re-assembled) statistic comes from coupled Newton iteration. With
+  With ``"newton"`` the root of the (re-assembled) statistic comes from
+  coupled Newton iteration; with ``"eigh"`` (matrix formats) from an exact
+  eigendecomposition of the statistic (Distributed Shampoo's root; accurate
+  on a near-singular statistic with absolute ε, where Newton stalls). With
   ``"jorge"`` the root was already updated with the statistics: no-op.
+  With ``config.epsilon_mode="absolute"`` the damping is :math:`\\epsilon I`
+  in place of :math:`\\epsilon \\max\\lambda\\, I`.
 
   Returns:
     The new bucket and ``bool[k]``: False where a root was rejected as
@@ -361,10 +381,14 @@ def update_root(
     else:
       rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
       stat = linalg.matmul(linalg.transpose(rows) * jnp.maximum(bucket.eigvals, 0.0)[:, None, :], rows)
-      root = roots.inverse_root_newton(stat, epsilon)
+      root = roots.inverse_root_newton(stat, epsilon, absolute=config.absolute_epsilon)
     new = EigenFactors(bucket.eigvecs, bucket.eigvals, None)  # pyright: ignore[reportArgumentType]
+  elif config.root_method == "eigh":  # Distributed Shampoo's root: eigh of the dense statistic
+    eigvecs, eigvals = linalg.eigh_descending(load(bucket.stats))
+    root = roots.inverse_root_from_eig(eigvecs, eigvals, epsilon, absolute=config.absolute_epsilon)
+    new = MatrixFactors(bucket.stats, None)  # pyright: ignore[reportArgumentType]
   else:
-    root = roots.inverse_root_newton(load(bucket.stats), epsilon)
+    root = roots.inverse_root_newton(load(bucket.stats), epsilon, absolute=config.absolute_epsilon)
     new = MatrixFactors(bucket.stats, None)  # pyright: ignore[reportArgumentType]
   ok = _all_finite(root)
   new = new._replace(root=config.store(root, is_quantized(bucket.root), True))
@@ -380,7 +404,8 @@ def root_from_eigenbasis(config: FactorConfig, bucket: EigenFactors, epsilon: ja
   stored (``store_root=False``).
   """
   rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
-  return roots.inverse_root_from_eig(linalg.transpose(rows), bucket.eigvals, jnp.asarray(epsilon, jnp.float32))
+  return roots.inverse_root_from_eig(linalg.transpose(rows), bucket.eigvals, jnp.asarray(epsilon, jnp.float32),
+                                     absolute=config.absolute_epsilon)
 
 
 def root_matrices(bucket: Bucket) -> jax.Array:

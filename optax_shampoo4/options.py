@@ -53,13 +53,15 @@ from optax_shampoo4 import quantization as qz
 StateFormat = Literal["eigen", "naive", "fp32"]
 SoapStateFormat = Literal["eigen", "fp32"]
 SoapStatistic = Literal["refresh", "dense"]
-RootMethod = Literal["eigen", "newton", "jorge"]
+RootMethod = Literal["eigen", "newton", "jorge", "eigh"]
 RefreshMethod = Literal["qr", "eigh", "adaptive"]
 Combine = Literal["shampoo", "caspr"]
 Mapping = Literal["linear2", "dynamic_tree", "linear"]
 GraftingType = Literal["frobenius", "sgd", "adagrad", "rmsprop", "adam"]
+EpsilonMode = Literal["relative", "absolute"]
 
 COMBINES = get_args(Combine)
+EPSILON_MODES = get_args(EpsilonMode)
 SOAP_FORMATS = get_args(SoapStateFormat)
 SOAP_STATISTICS = get_args(SoapStatistic)
 
@@ -100,16 +102,20 @@ def _bjorck_steps(value: Any) -> tuple[int, int]:
   return (int(value[0]), int(value[1]))
 
 
-def _root_method(root_method: Any, state_format: str) -> RootMethod:
-  """The resolved root method (None: ``"eigen"`` for the eigen format, else ``"newton"``)."""
+def _root_method(root_method: Any, state_format: str, epsilon_mode: str = "relative") -> RootMethod:
+  """The resolved root method (None: ``"eigen"`` for the eigen format, else ``"newton"``, or ``"eigh"``
+  with absolute ε, where Newton stalls on near-singular statistics)."""
   if root_method is None:
-    return "eigen" if state_format == "eigen" else "newton"
+    return "eigen" if state_format == "eigen" else ("eigh" if epsilon_mode == "absolute" else "newton")
   if root_method not in fct.ROOT_METHODS:
     raise ValueError(f"root_method must be one of {fct.ROOT_METHODS} or None, got root_method={root_method!r}")
   if root_method == "eigen" and state_format != "eigen":
     raise ValueError(
         f"root_method='eigen' needs state_format='eigen' (the {state_format!r} format keeps no "
         f"eigenvectors; it uses 'newton'), got root_method={root_method!r}")
+  if root_method == "eigh" and state_format == "eigen":
+    raise ValueError("root_method='eigh' decomposes a dense statistic: use it with state_format='naive' or "
+                     f"'fp32' (the 'eigen' format has root_method='eigen'), got state_format={state_format!r}")
   if root_method == "jorge" and state_format == "eigen":
     raise ValueError(
         "root_method='jorge' keeps only the inverse roots (no eigenvectors): use it with "
@@ -166,6 +172,9 @@ class ShampooOptions:
   start_preconditioning_step: Any
   combine: Combine
   store_root: bool
+  epsilon_mode: EpsilonMode = "relative"
+  stats_bias_correction: bool = False
+  precondition_1d: bool = False
 
   @classmethod
   def from_kwargs(cls, *, max_order=None, beta=0.95, epsilon=1e-6, stats_every=100, root_every=500,
@@ -174,16 +183,18 @@ class ShampooOptions:
                   qr_iterations=None, refresh_tol=DEFAULT_REFRESH_TOL, mesh=None, mesh_axis="data",
                   grafting="frobenius", grafting_eps=None, grafting_beta2=None, grafting_per_block=None,
                   start_preconditioning_step=None, filter_beta=None, filter_bias_correction=True,
-                  combine="shampoo", store_root=True) -> ShampooOptions:
+                  combine="shampoo", store_root=True, epsilon_mode="relative", stats_bias_correction=False,
+                  precondition_1d=False) -> ShampooOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     max_order = _static("max_order", max_order, DEFAULT_MAX_ORDER, 1)
     bits, mapping, quant_block, min_quant_order = _quantization(bits, mapping, quant_block, min_quant_order)
     validation.check_traceable_int("stats_every", stats_every, 1)
     validation.check_traceable_int("root_every", root_every, 1)
     _check_choice("state_format", state_format, fct.FORMATS)
-    validation.check_range("beta", beta, 0.0, 1.0)
+    validation.check_range("beta", beta, 0.0, 1.0, high_inclusive=True)
     validation.check_range("epsilon", epsilon, 0.0, math.inf)
-    root_method = _root_method(root_method, state_format)
+    _check_choice("epsilon_mode", epsilon_mode, EPSILON_MODES)
+    root_method = _root_method(root_method, state_format, epsilon_mode)
     _check_choice("refresh_method", refresh_method, fct.REFRESH_METHODS)
     qr_iterations = _static("qr_iterations", qr_iterations, DEFAULT_QR_ITERATIONS, 1)
     validation.check_range("refresh_tol", refresh_tol, 0.0, 1.0, high_inclusive=True)
@@ -199,14 +210,16 @@ class ShampooOptions:
                grafting=grafting_lib.resolve(grafting, grafting_eps, grafting_beta2, grafting_per_block,
                                              filter_beta, filter_bias_correction),
                start_preconditioning_step=start_preconditioning_step, combine=combine,  # pyright: ignore[reportArgumentType]
-               store_root=_check_store_root(store_root, state_format, root_method))
+               store_root=_check_store_root(store_root, state_format, root_method), epsilon_mode=epsilon_mode,
+               stats_bias_correction=_check_bool("stats_bias_correction", stats_bias_correction),
+               precondition_1d=_check_bool("precondition_1d", precondition_1d))
 
   def factor_config(self) -> fct.FactorConfig:
     """The factor maths' settings (:class:`~optax_shampoo4.factors.FactorConfig`)."""
     return fct.FactorConfig(self.state_format, self.bits, self.mapping, self.quant_block, self.bjorck_steps,
                             self.root_method, refresh_method=self.refresh_method,
                             qr_iterations=self.qr_iterations, refresh_tol=self.refresh_tol,
-                            jorge_damping=self.epsilon)
+                            jorge_damping=self.epsilon, epsilon_mode=self.epsilon_mode)
 
 
 @dataclasses.dataclass(frozen=True)

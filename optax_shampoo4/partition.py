@@ -135,6 +135,12 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int] | None:
   return min(splits, key=max)
 
 
+def vector_length(shape: Sequence[int]) -> int:
+  """The length of a leaf that is a vector after dropping size-1 dimensions, else 0."""
+  squeezed = [d for d in shape if d != 1]
+  return squeezed[0] if len(squeezed) == 1 else 0
+
+
 def make_plan(
     shapes: Sequence[Sequence[int]],
     max_order: int,
@@ -142,6 +148,7 @@ def make_plan(
     quantize: bool,
     bucket_multiple: int = 1,
     max_precond_dim: int | None = None,
+    precondition_1d: bool = False,
 ) -> Plan:
   """Builds the plan for leaves of the given shapes.
 
@@ -155,6 +162,11 @@ def make_plan(
     max_precond_dim: a matrix dimension above this gets no factor (that side
       of its blocks is ``None``: not preconditioned) and is not split; None:
       every dimension gets factors.
+    precondition_1d: a leaf that is a vector after dropping size-1
+      dimensions (length ``n > 1``) is viewed as an ``(n, 1)`` matrix whose
+      blocks (``n`` cut by ``max_order``) get a left factor only, as
+      Distributed Shampoo gives a vector one ``n x n`` factor per block;
+      False passes vectors through.
 
   Returns:
     A :class:`Plan`.
@@ -178,7 +190,11 @@ def make_plan(
     shape = tuple(int(d) for d in shape)
     mshape = matrix_shape(shape)
     blocks = []
-    if mshape is not None:
+    if mshape is None and precondition_1d and vector_length(shape) > 1:
+      mshape = (vector_length(shape), 1)
+      blocks = [BlockPlan(rows, (0, 1), assign(rows[1] - rows[0]), None)
+                for rows in split_dim(mshape[0], max_order)]
+    elif mshape is not None:
       skip_rows, skip_cols = (max_precond_dim is not None and d > max_precond_dim for d in mshape)
       row_ranges = ((0, mshape[0]),) if skip_rows else split_dim(mshape[0], max_order)
       col_ranges = ((0, mshape[1]),) if skip_cols else split_dim(mshape[1], max_order)

@@ -26,26 +26,33 @@ _MIN_DAMPED_EIGVAL = 1e-30
 
 
 def inverse_root_from_eig(
-    eigvecs: jax.Array, eigvals: jax.Array, epsilon: jax.Array, p: int = 4
+    eigvecs: jax.Array, eigvals: jax.Array, epsilon: jax.Array, p: int = 4, absolute: bool = False
 ) -> jax.Array:
-  """Inverse ``p``-th root from eigenpairs, with relative damping.
+  """Inverse ``p``-th root from eigenpairs, with relative (or absolute) damping.
 
   .. math:: \\hat A = V \\,\\mathrm{diag}\\big((\\lambda + \\epsilon
      \\max_i \\lambda_i)^{-1/p}\\big)\\, V^\\top
 
-  Negative Rayleigh quotients (rounding noise of a PSD matrix) count as 0.
+  (with ``absolute=True``, :math:`\\lambda + \\epsilon`: Distributed
+  Shampoo's :math:`(A + \\epsilon I)^{-1/p}`, and as there a spectrum with
+  :math:`\\lambda_{\\min} < 0` is first shifted by :math:`-\\lambda_{\\min}`).
+  Otherwise negative Rayleigh quotients (rounding noise of a PSD matrix)
+  count as 0.
 
   Args:
     eigvecs: ``[..., n, n]``, eigenvectors as columns.
     eigvals: ``[..., n]``.
     epsilon: relative damping ε (array-like, may be traced).
     p: the root (static).
+    absolute: ε is added as it is, not scaled by :math:`\\max_i \\lambda_i` (static).
 
   Returns:
     ``[..., n, n]``.
   """
+  if absolute:  # Distributed Shampoo's perturbation: a negative spectrum is shifted up to epsilon
+    eigvals = eigvals - jnp.minimum(jnp.min(eigvals, axis=-1, keepdims=True), 0.0)
   eigvals = jnp.maximum(eigvals, 0.0)
-  damping = epsilon * jnp.max(eigvals, axis=-1, keepdims=True)
+  damping = epsilon if absolute else epsilon * jnp.max(eigvals, axis=-1, keepdims=True)
   damped = jnp.maximum(eigvals + damping, _MIN_DAMPED_EIGVAL)
   return matmul(eigvecs * damped[..., None, :] ** (-1.0 / p), transpose(eigvecs))
 
@@ -92,6 +99,7 @@ def inverse_root_newton(
     p: int = 4,
     max_iters: int = 100,
     tol: float = 1e-6,
+    absolute: bool = False,
 ) -> jax.Array:
   """Coupled Newton (Schur–Newton) inverse ``p``-th root with relative damping.
 
@@ -114,6 +122,9 @@ def inverse_root_newton(
     p: the root (static int >= 1).
     max_iters: iteration cap (static).
     tol: convergence tolerance on ``max|M - I|``.
+    absolute: damp with :math:`\\epsilon I` instead of
+      :math:`\\epsilon\\lambda_{\\max} I` (static; Distributed Shampoo's
+      :math:`(A + \\epsilon I)^{-1/p}`).
 
   Returns:
     ``[..., n, n]``.
@@ -123,8 +134,11 @@ def inverse_root_newton(
   if n == 1:
     return jnp.ones_like(a)
   eye = jnp.eye(n, dtype=a.dtype)
-  lam_max = power_iteration(a)
-  a = a + (epsilon * jnp.maximum(lam_max, 0.0))[..., None, None] * eye
+  if absolute:
+    a = a + jnp.asarray(epsilon, a.dtype) * eye
+  else:
+    lam_max = power_iteration(a)
+    a = a + (epsilon * jnp.maximum(lam_max, 0.0))[..., None, None] * eye
   frob = jnp.linalg.norm(a, axis=(-2, -1))
   z = (1.0 + p) / (2.0 * jnp.maximum(frob, _MIN_DAMPED_EIGVAL))
   x = (z ** (1.0 / p))[..., None, None] * jnp.broadcast_to(eye, a.shape)

@@ -79,6 +79,9 @@ def scale_by_shampoo4(
     filter_bias_correction: bool = True,
     combine: options.Combine = "shampoo",
     store_root: bool = True,
+    epsilon_mode: options.EpsilonMode = "relative",
+    stats_bias_correction: bool = False,
+    precondition_1d: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients with 4-bit Shampoo, grafted to the gradient norm.
 
@@ -121,7 +124,8 @@ def scale_by_shampoo4(
   Args:
     max_order: largest factor order (None: 1024); larger dimensions are split
       into blocks.
-    beta: EMA decay of the statistics, in [0, 1) (may be injected).
+    beta: EMA decay of the statistics, in [0, 1]; 1 sums the Gram matrices
+      (AdaGrad, Distributed Shampoo's default) (may be injected).
     epsilon: relative damping ε ≥ 0; roots use :math:`\epsilon\lambda_{\max}`
       (may be injected). Also the initial statistic :math:`\epsilon I`.
     stats_every: :math:`T_1`, steps between statistics updates (may be injected).
@@ -150,8 +154,11 @@ def scale_by_shampoo4(
       :func:`~optax_shampoo4.roots.jorge_root_update`; no statistic is
       stored, no decomposition or Newton loop runs; formats ``"naive"``
       (4-bit root) and ``"fp32"``; the Gram matrices are damped by
-      ``epsilon``). None picks ``"eigen"`` for the ``"eigen"`` format and
-      ``"newton"`` for the others (which store no eigenvectors).
+      ``epsilon``) or ``"eigh"`` (formats ``"naive"`` and ``"fp32"``: an
+      exact eigendecomposition of the statistic, Distributed Shampoo's root).
+      None picks ``"eigen"`` for the ``"eigen"`` format and ``"newton"`` for
+      the others (which store no eigenvectors), ``"eigh"`` with
+      ``epsilon_mode="absolute"`` (Newton stalls on a near-singular statistic).
     refresh_method: how the ``"eigen"`` format's eigenbasis follows the
       statistic at each statistics update, with :math:`A` the updated
       statistic and :math:`V` the stored basis: ``"qr"`` (the paper:
@@ -203,6 +210,24 @@ def scale_by_shampoo4(
       iterations), which halves the preconditioner's memory and costs those
       products at every step; the roots then follow the latest statistics
       (``root_every`` has no effect).
+    epsilon_mode: ``"relative"`` (the paper: roots of :math:`A +
+      \epsilon\lambda_{\max}(A) I`, statistics start at :math:`\epsilon I`)
+      or ``"absolute"`` (Distributed Shampoo: roots of :math:`A + \epsilon I`,
+      statistics start at zero; the ``"eigen"`` format then starts from
+      eigenvalues 0 and the identity basis).
+    stats_bias_correction: with ``epsilon_mode="absolute"`` and
+      :math:`\beta < 1`, roots of :math:`A / c_k + \epsilon I` with
+      :math:`c_k = 1 - \beta^k` after :math:`k` statistics updates
+      (:math:`k = \lfloor t / T_1 \rfloor`; Distributed Shampoo's bias
+      correction of zero-initialized factors). Computed as
+      :math:`c_k^{1/4} (A + c_k\epsilon I)^{-1/4}` without the scalar
+      :math:`c_k^{1/4}`, which the grafting removes. No effect with relative
+      damping (it scales with :math:`A`) or :math:`\beta = 1` (a sum).
+    precondition_1d: vectors (leaves with one dimension above 1) get one
+      :math:`n \times n` factor per block of at most ``max_order`` and the
+      direction :math:`(L + \epsilon I)^{-1/2} x` (the left root applied
+      twice), as Distributed Shampoo; False (the paper) passes them through
+      with the grafted method's direction.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; chain a first-order
@@ -233,7 +258,8 @@ def scale_by_shampoo4(
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       filter_beta=filter_beta, filter_bias_correction=filter_bias_correction, combine=combine,
-      store_root=store_root)
+      store_root=store_root, epsilon_mode=epsilon_mode, stats_bias_correction=stats_bias_correction,
+      precondition_1d=precondition_1d)
   factor_engine = make_engine(opts)
   return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
                                                functools.partial(update, opts, factor_engine))  # pyright: ignore[reportArgumentType]
@@ -242,14 +268,15 @@ def scale_by_shampoo4(
 def make_engine(opts: options.ShampooOptions) -> engine.FactorEngine:
   """The factor engine of resolved Shampoo options."""
   return engine.FactorEngine(opts.factor_config(), opts.max_order, opts.min_quant_order, opts.mesh,
-                             opts.mesh_axis)
+                             opts.mesh_axis, precondition_1d=opts.precondition_1d)
 
 
 def init(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, params: Any) -> ScaleByShampoo4State:
-  r"""The initial state: statistics :math:`\epsilon I`, roots :math:`I`, zero counters."""
+  r"""The initial state: statistics :math:`\epsilon I` (zero with absolute ε), roots :math:`I`, zero counters."""
   zero = jnp.zeros([], jnp.int32)
   graft_state = opts.grafting.init(params)
-  buckets = factor_engine.init_factors(params, opts.epsilon, "scale_by_shampoo4", with_root=opts.store_root)
+  initial = 0.0 if opts.epsilon_mode == "absolute" else opts.epsilon
+  buckets = factor_engine.init_factors(params, initial, "scale_by_shampoo4", with_root=opts.store_root)
   return ScaleByShampoo4State(zero, buckets, zero, zero, zero, graft_state)
 
 
@@ -264,7 +291,7 @@ def update(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, upd
                                                step.treedef)
   grafted = opts.grafting.directions(graft_state, filtered, step.count, step.treedef)
   preconditioned = precondition_blocks(opts, factor_engine, buckets, step.plan,
-                                       engine.matrix_views(filtered, step.plan))
+                                       engine.matrix_views(filtered, step.plan), root_epsilon(opts, step.count))
   outputs = graft_outputs(opts, step, grafted, preconditioned)
   new_state = ScaleByShampoo4State(count=step.count, factors=buckets, grafting=graft_state,
                                    **engine.failure_counts(state, step.grads_finite, stats_due, failures))
@@ -278,7 +305,7 @@ def refresh(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, bu
   The returned buckets keep the state's split layout over the mesh.
   """
   beta = jnp.asarray(opts.beta, jnp.float32)
-  epsilon = jnp.asarray(opts.epsilon, jnp.float32)
+  epsilon = root_epsilon(opts, step.count)
   buckets, stats_failures = lax.cond(
       stats_due & step.grads_finite,
       lambda b: factor_engine.refresh_stats(b, step.plan, step.matrices, beta)[:2],
@@ -294,23 +321,38 @@ def refresh(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, bu
   return factor_engine.keep_split(buckets), stats_failures + root_failures
 
 
+def root_epsilon(opts: options.ShampooOptions, count: jax.Array) -> jax.Array:
+  r"""The ε the roots are damped with at step ``count``: ``epsilon``, times :math:`c_k = 1-\beta^k`
+  with statistics bias correction (see ``stats_bias_correction`` of :func:`scale_by_shampoo4`)."""
+  epsilon = jnp.asarray(opts.epsilon, jnp.float32)
+  if not (opts.stats_bias_correction and opts.epsilon_mode == "absolute"):
+    return epsilon
+  beta = jnp.asarray(opts.beta, jnp.float32)
+  folds = count // jnp.asarray(opts.stats_every, jnp.int32)
+  correction = jnp.where((beta < 1.0) & (folds > 0), 1.0 - beta ** folds.astype(jnp.float32), 1.0)
+  return epsilon * correction
+
+
 def precondition_blocks(opts: options.ShampooOptions, factor_engine: engine.FactorEngine,
-                        buckets: engine.Buckets, plan: partition.Plan, matrices: list) -> list:
+                        buckets: engine.Buckets, plan: partition.Plan, matrices: list,
+                        epsilon: jax.Array) -> list:
   r"""Per leaf, :math:`\hat L X \hat R` (or CASPR's combination) of every block of its matrix view.
 
   The roots are gathered still quantized (a quarter of the float32 bytes at 8
   bits, an eighth at 4); with a mesh each device dequantizes and applies only
   its share of them (:meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`).
-  CASPR needs whole left roots, so its blocks are split over the devices
-  but not cut into row chunks.
+  CASPR and preconditioned vectors (:math:`\hat L^2 x`) need whole left
+  roots, so their blocks are split over the devices but not cut into row
+  chunks. ``epsilon``: the roots' damping (:func:`root_epsilon`), used when
+  no root is stored.
   """
   if opts.store_root:
     roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
   else:
-    roots = factor_engine.roots_from_eigenbases(buckets, jnp.asarray(opts.epsilon, jnp.float32))
+    roots = factor_engine.roots_from_eigenbases(buckets, epsilon)
   caspr = opts.combine == "caspr"
   return factor_engine.apply_blocks(plan, matrices, roots, caspr_product if caspr else shampoo_product,  # pyright: ignore[reportArgumentType]
-                                    split_rows=not caspr)
+                                    split_rows=not (caspr or opts.precondition_1d))
 
 
 def graft_outputs(opts: options.ShampooOptions, step: engine.Step, grafted: list, preconditioned: list) -> list:
@@ -336,13 +378,17 @@ def every(count: jax.Array, period: Any) -> jax.Array:
   return count % jnp.asarray(period, jnp.int32) == 0
 
 
-def shampoo_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array) -> jax.Array:
-  """``L̂ G R̂`` of one block (rows of it, given rows of ``L̂``)."""
+def shampoo_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array | None) -> jax.Array:
+  """``L̂ G R̂`` of one block (rows of it, given rows of ``L̂``); ``L̂ L̂ x`` of a vector block (no right root)."""
+  if right_root is None:  # a vector (precondition_1d): exponent -1/2 from the 4th root applied twice
+    return linalg.matmul(left_root, linalg.matmul(left_root, block))
   return linalg.matmul(linalg.matmul(left_root, block), right_root)
 
 
-def caspr_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array) -> jax.Array:
-  """CASPR's combination of one block: ``J = L̂G + GR̂``, ``L̂J + JR̂``."""
+def caspr_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array | None) -> jax.Array:
+  """CASPR's combination of one block: ``J = L̂G + GR̂``, ``L̂J + JR̂``; ``L̂ L̂ x`` of a vector block."""
+  if right_root is None:  # a vector (precondition_1d): J = L̂x, L̂J
+    return shampoo_product(left_root, block, None)
   j = linalg.matmul(left_root, block) + linalg.matmul(block, right_root)
   return linalg.matmul(left_root, j) + linalg.matmul(j, right_root)
 
@@ -367,7 +413,7 @@ def precondition(matrix: jax.Array, grafted: jax.Array, leaf_plan: partition.Lea
   """
 
   def left_right(block, b):
-    return shampoo_product(roots[b.left.bucket.name][b.left.index], block,
-                           roots[b.right.bucket.name][b.right.index])
+    right = None if b.right is None else roots[b.right.bucket.name][b.right.index]
+    return shampoo_product(roots[b.left.bucket.name][b.left.index], block, right)
 
   return graft_blocks(engine.map_blocks(matrix, leaf_plan, left_right), grafted, leaf_plan, per_block)

@@ -22,11 +22,13 @@ NOT_EXPOSED = {
     "adamw_shampoo4": {"filter_beta", "filter_bias_correction"},
     "sgdm_shampoo4": {"filter_beta", "filter_bias_correction"},
     "adagrad_shampoo4": {"filter_beta", "filter_bias_correction"},
-    "distributed_shampoo4": set(),
+    # Meta's use_bias_correction covers the filtered gradient and the statistics; the alias forwards it to both.
+    "distributed_shampoo4": {"stats_bias_correction"},
     "soap4": set(),
 }
 # Defaults an alias sets on purpose (documented in its docstring).
-OVERRIDES = {"distributed_shampoo4": {"stats_every": 10, "root_every": 100, "grafting": "adam"}}
+OVERRIDES = {"distributed_shampoo4": {"stats_every": 10, "root_every": 100, "grafting": "adam", "beta": 1.0,
+                                      "epsilon": 1e-12, "epsilon_mode": "absolute", "precondition_1d": True}}
 ALIASES = {"adamw_shampoo4": s4.scale_by_shampoo4, "sgdm_shampoo4": s4.scale_by_shampoo4,
            "adagrad_shampoo4": s4.scale_by_shampoo4, "distributed_shampoo4": s4.scale_by_shampoo4,
            "soap4": s4.scale_by_soap4}

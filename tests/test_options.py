@@ -12,7 +12,8 @@ import optax_shampoo4 as s4
 from optax_shampoo4 import options
 
 SHAMPOO_ERRORS = [
-    ("max_order", 0), ("max_order", 2.0), ("beta", 1.0), ("beta", -0.1), ("epsilon", -1e-6),
+    ("max_order", 0), ("max_order", 2.0), ("beta", 1.01), ("beta", -0.1), ("epsilon_mode", "abs"),
+    ("stats_bias_correction", 1), ("precondition_1d", "yes"), ("epsilon", -1e-6),
     ("epsilon", float("nan")), ("stats_every", 0), ("root_every", 2.5), ("state_format", "int8"),
     ("bits", 2), ("bits", True), ("mapping", "log"), ("quant_block", 1), ("quant_block", 63),
     ("min_quant_order", 0), ("bjorck_steps", (1,)), ("bjorck_steps", (-1, 4)), ("root_method", "cholesky"),

@@ -225,11 +225,11 @@ def test_distributed_shampoo4_fp32_equals_meta_where_it_has_the_options():
 
 def test_twin_helpers_name_the_missing_semantics():
   defaults = meta.MetaConfig(grafting=("adam", 0.999, 1e-8))
-  missing = twins.missing_meta_semantics(defaults, [(16, 8), (8,)])
-  assert any("beta=1.0" in m for m in missing)
+  missing = twins.missing_meta_semantics(defaults, [(16, 8), (8,), (40, 50, 30)])
   assert any("merge_small_dims" in m for m in missing)
-  assert any("1-D preconditioning" in m for m in missing)
-  with pytest.raises(NotImplementedError, match="beta=1.0"):
+  assert any("one factor per dimension" in m for m in missing)
+  assert not any("(8,)" in m for m in missing)  # vectors are preconditioned as Meta does
+  with pytest.raises(NotImplementedError, match="merge_small_dims"):
     twins.library_meta_twin(defaults, [(16, 8)])
   with pytest.raises(NotImplementedError, match="weight decay applied after the step"):
     twins.library_soap_twin(soap.SoapConfig())  # the authors' default weight decay 0.01
