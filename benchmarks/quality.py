@@ -84,11 +84,12 @@ SOAP_TOLERANCE = 0.03  # "4-bit SOAP within 3% of 32-bit SOAP"
 # 3e-3 (SGDM keeps 0.1); the autoencoder trains SOAP at 1e-2, the best of 1e-4 ... 1e-2 on seed 0
 # (at AdamW's 1e-3 it is stuck near 370; AdamW itself is worse at 1e-2 than at its 1e-3: 155.6 vs 133.4).
 SOAP_RUNS = {
-    "cnn_digits": (["sgdm", "sgdm+shampoo4", "adamw", "soap32", "soap8", "soap4", "soap4_nohead"],
-                   ["adamw=3e-3", "soap32=3e-3", "soap8=3e-3", "soap4=3e-3", "soap4_nohead=3e-3"]),
-    "transformer_lm": (["adamw", "adamw+shampoo4", "soap32", "soap8", "soap4", "soap4_nohead"], []),
-    "autoencoder_mnist": (["adamw", "adamw+shampoo4", "soap32", "soap8", "soap4", "soap4_nohead"],
-                          ["soap32=1e-2", "soap8=1e-2", "soap4=1e-2", "soap4_nohead=1e-2"]),
+    "cnn_digits": (["sgdm", "sgdm+shampoo4", "adamw", "soap32_ref", "soap32", "soap8", "soap4", "soap4_nohead"],
+                   ["adamw=3e-3", "soap32_ref=3e-3", "soap32=3e-3", "soap8=3e-3", "soap4=3e-3",
+                    "soap4_nohead=3e-3"]),
+    "transformer_lm": (["adamw", "adamw+shampoo4", "soap32_ref", "soap32", "soap8", "soap4", "soap4_nohead"], []),
+    "autoencoder_mnist": (["adamw", "adamw+shampoo4", "soap32_ref", "soap32", "soap8", "soap4", "soap4_nohead"],
+                          ["soap32_ref=1e-2", "soap32=1e-2", "soap8=1e-2", "soap4=1e-2", "soap4_nohead=1e-2"]),
 }
 
 
@@ -213,13 +214,14 @@ def soap_targets(runs: dict[int, dict[str, dict]], summary: dict[str, dict], met
   """4-bit SOAP vs float32 SOAP (within 3%), vs AdamW and vs the example's 4-bit Shampoo (ahead)."""
   shampoo = next(name for name in summary if name.endswith("+shampoo4"))
   per_seed = {name: np.nan_to_num(np.array(summary[name]["final_train_loss"]["per_seed"]), nan=np.inf)
-              for name in ("soap4", "soap32", "adamw", shampoo)}
+              for name in ("soap4", "soap32", "soap32_ref", "adamw", shampoo) if name in summary}
   loss = {name: float(np.mean(values)) for name, values in per_seed.items()}
   key = metrics[0][0]
-  out = {"soap4_within_3pct_of_soap32": {
-      "met": bool(loss["soap4"] <= (1 + SOAP_TOLERANCE) * loss["soap32"]),
-      "relative_gap": _gap(loss["soap4"], loss["soap32"]),
-      "per_seed_relative_gap": [_gap(a, b) for a, b in zip(per_seed["soap4"], per_seed["soap32"])]}}
+  out = {f"soap4_within_3pct_of_{ref}": {
+      "met": bool(loss["soap4"] <= (1 + SOAP_TOLERANCE) * loss[ref]),
+      "relative_gap": _gap(loss["soap4"], loss[ref]),
+      "per_seed_relative_gap": [_gap(a, b) for a, b in zip(per_seed["soap4"], per_seed[ref])]}
+      for ref in ("soap32", "soap32_ref") if ref in per_seed}
   for label, other in (("adamw", "adamw"), ("shampoo4", shampoo)):
     out[f"soap4_ahead_of_{label}"] = {
         "met": bool(loss["soap4"] < loss[other]), "versus": other,
@@ -237,8 +239,9 @@ def pct(gap: float) -> str:
 
 def print_soap_targets(all_targets: dict[str, dict]) -> None:
   for example, t in all_targets.items():
-    a = t["soap4_within_3pct_of_soap32"]
-    parts = [f"4-bit vs 32-bit SOAP {pct(a['relative_gap'])} ({'met' if a['met'] else 'NOT met'})"]
+    parts = [f"4-bit vs {label} {pct(a['relative_gap'])} ({'met' if a['met'] else 'NOT met'})"
+             for label, a in (("32-bit SOAP", t.get("soap4_within_3pct_of_soap32")),
+                              ("reference-semantics SOAP", t.get("soap4_within_3pct_of_soap32_ref"))) if a]
     for label in ("adamw", "shampoo4"):
       b = t[f"soap4_ahead_of_{label}"]
       parts.append(f"vs {b['versus']} {pct(b['relative_gap'])}, {b['seeds_ahead']}/{b['seeds']} seeds "
