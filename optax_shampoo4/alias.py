@@ -55,6 +55,7 @@ def adamw_shampoo4(
     start_preconditioning_step: int | None = None,
     combine: options.Combine = "shampoo",
     store_root: bool = True,
+    precision: options.Precision = options.DEFAULT_PRECISION,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
@@ -73,7 +74,7 @@ def adamw_shampoo4(
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
-  ``start_preconditioning_step``, ``combine``, ``store_root``: passed to :func:`scale_by_shampoo4` (same
+  ``start_preconditioning_step``, ``combine``, ``store_root``, ``precision``: passed to :func:`scale_by_shampoo4` (same
   defaults).
 
   Args:
@@ -100,7 +101,7 @@ def adamw_shampoo4(
       refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
-      combine=combine, store_root=store_root)
+      combine=combine, store_root=store_root, precision=precision)
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
@@ -141,6 +142,7 @@ def sgdm_shampoo4(
     start_preconditioning_step: int | None = None,
     combine: options.Combine = "shampoo",
     store_root: bool = True,
+    precision: options.Precision = options.DEFAULT_PRECISION,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
@@ -157,7 +159,7 @@ def sgdm_shampoo4(
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
-  ``start_preconditioning_step``, ``combine``, ``store_root``: passed to :func:`scale_by_shampoo4` (same
+  ``start_preconditioning_step``, ``combine``, ``store_root``, ``precision``: passed to :func:`scale_by_shampoo4` (same
   defaults).
 
   Args:
@@ -179,7 +181,7 @@ def sgdm_shampoo4(
       refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
-      combine=combine, store_root=store_root)
+      combine=combine, store_root=store_root, precision=precision)
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   validation.check_range("momentum", momentum, 0.0, 1.0)  # moments.trace checks it as `decay`, in [0, 1]
   return optax.chain(
@@ -219,6 +221,7 @@ def adagrad_shampoo4(
     start_preconditioning_step: int | None = None,
     combine: options.Combine = "shampoo",
     store_root: bool = True,
+    precision: options.Precision = options.DEFAULT_PRECISION,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
@@ -227,7 +230,7 @@ def adagrad_shampoo4(
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
-  ``start_preconditioning_step``, ``combine``, ``store_root``: passed to :func:`scale_by_shampoo4` (same
+  ``start_preconditioning_step``, ``combine``, ``store_root``, ``precision``: passed to :func:`scale_by_shampoo4` (same
   defaults).
 
   Args:
@@ -247,7 +250,7 @@ def adagrad_shampoo4(
       refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
-      combine=combine, store_root=store_root)
+      combine=combine, store_root=store_root, precision=precision)
   options.check_alias_options(learning_rate, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
@@ -289,6 +292,7 @@ def distributed_shampoo4(
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
     store_root: bool = True,
+    precision: options.Precision = options.DEFAULT_PRECISION,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Distributed Shampoo's update rule (Shi et al. 2023) on the 4-bit Shampoo state.
@@ -318,7 +322,7 @@ def distributed_shampoo4(
   Keyword-only arguments ``max_order``, ``beta``, ``epsilon``, ``stats_every``, ``root_every``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
-  ``store_root``: passed to :func:`scale_by_shampoo4`; here ``stats_every=10`` and ``root_every=100``
+  ``store_root``, ``precision``: passed to :func:`scale_by_shampoo4`; here ``stats_every=10`` and ``root_every=100``
   (Meta's AlgoPerf submission refreshed its roots every 100 steps).
 
   Args:
@@ -366,7 +370,7 @@ def distributed_shampoo4(
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=eps, grafting_beta2=b2,
       grafting_per_block=grafting_per_block,
       start_preconditioning_step=root_every if start_preconditioning_step is None else start_preconditioning_step,
-      combine=combine, store_root=store_root,
+      combine=combine, store_root=store_root, precision=precision,
       filter_beta=b1, filter_bias_correction=use_bias_correction)
   return optax.chain(
       shampoo,
@@ -399,6 +403,7 @@ def soap4(
     mesh_axis: str = "data",
     project_nu: bool = True,
     head_fraction: float | None = None,
+    precision: options.Precision = options.DEFAULT_PRECISION,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP with a 4-bit eigenbasis, decoupled weight decay and a learning rate.
 
@@ -411,7 +416,7 @@ def soap4(
 
   Keyword-only arguments ``shampoo_beta``, ``precondition_every``, ``max_order``, ``max_precond_dim``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``, ``mesh``,
-  ``mesh_axis``, ``project_nu``, ``head_fraction``: passed to :func:`~optax_shampoo4.scale_by_soap4` (same
+  ``mesh_axis``, ``project_nu``, ``head_fraction``, ``precision``: passed to :func:`~optax_shampoo4.scale_by_soap4` (same
   defaults).
 
   Args:
@@ -434,7 +439,7 @@ def soap4(
                         max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format,
                         bits=bits, mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
                         bjorck_steps=bjorck_steps, mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits,
-                        project_nu=project_nu, head_fraction=head_fraction)
+                        project_nu=project_nu, head_fraction=head_fraction, precision=precision)
   options.check_alias_options(learning_rate, weight_decay=weight_decay)
   return optax.chain(
       soap,

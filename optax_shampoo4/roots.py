@@ -19,14 +19,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from optax_shampoo4.linalg import matmul, transpose
+from optax_shampoo4.linalg import matmul, step_matmul, transpose
 
 # Floor on damped eigenvalues, so an all-zero statistic gives a finite root.
 _MIN_DAMPED_EIGVAL = 1e-30
 
 
 def inverse_root_from_eig(
-    eigvecs: jax.Array, eigvals: jax.Array, epsilon: jax.Array, p: int = 4
+    eigvecs: jax.Array, eigvals: jax.Array, epsilon: jax.Array, p: int = 4, precision: str = "highest"
 ) -> jax.Array:
   """Inverse ``p``-th root from eigenpairs, with relative damping.
 
@@ -40,6 +40,9 @@ def inverse_root_from_eig(
     eigvals: ``[..., n]``.
     epsilon: relative damping ε (array-like, may be traced).
     p: the root (static).
+    precision: of the product forming :math:`\\hat A` (:func:`~optax_shampoo4.linalg.step_matmul`):
+      ``"highest"`` for a stored root; the step's setting when the root is
+      formed at every step (``store_root=False``).
 
   Returns:
     ``[..., n, n]``.
@@ -47,7 +50,7 @@ def inverse_root_from_eig(
   eigvals = jnp.maximum(eigvals, 0.0)
   damping = epsilon * jnp.max(eigvals, axis=-1, keepdims=True)
   damped = jnp.maximum(eigvals + damping, _MIN_DAMPED_EIGVAL)
-  return matmul(eigvecs * damped[..., None, :] ** (-1.0 / p), transpose(eigvecs))
+  return step_matmul(eigvecs * damped[..., None, :] ** (-1.0 / p), transpose(eigvecs), precision)
 
 
 def power_iteration(a: jax.Array, num_iters: int = 10, tol: float = 1e-6) -> jax.Array:

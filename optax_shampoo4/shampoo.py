@@ -79,6 +79,7 @@ def scale_by_shampoo4(
     filter_bias_correction: bool = True,
     combine: options.Combine = "shampoo",
     store_root: bool = True,
+    precision: options.Precision = options.DEFAULT_PRECISION,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients with 4-bit Shampoo, grafted to the gradient norm.
 
@@ -203,6 +204,14 @@ def scale_by_shampoo4(
       iterations), which halves the preconditioner's memory and costs those
       products at every step; the roots then follow the latest statistics
       (``root_every`` has no effect).
+    precision: of the every-step products only (:math:`\hat L G \hat R`,
+      CASPR's, the ``store_root=False`` root formation), see
+      :func:`~optax_shampoo4.linalg.step_matmul`: ``"highest"`` (float32
+      operands, full precision), ``"high"`` (bf16×3, about float32's accuracy
+      in three bf16 passes) or ``"default"`` (bfloat16 operands, float32
+      accumulation: one pass, the fast path of GPUs and TPUs). Statistics,
+      decompositions, Björck and roots always run at full float32 precision.
+      Quality at each setting: ``benchmarks/precision.py``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; chain a first-order
@@ -233,7 +242,7 @@ def scale_by_shampoo4(
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       filter_beta=filter_beta, filter_bias_correction=filter_bias_correction, combine=combine,
-      store_root=store_root)
+      store_root=store_root, precision=precision)
   factor_engine = make_engine(opts)
   return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
                                                functools.partial(update, opts, factor_engine))
@@ -307,10 +316,10 @@ def precondition_blocks(opts: options.ShampooOptions, factor_engine: engine.Fact
   if opts.store_root:
     roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
   else:
-    roots = factor_engine.roots_from_eigenbases(buckets, jnp.asarray(opts.epsilon, jnp.float32))
+    roots = factor_engine.roots_from_eigenbases(buckets, jnp.asarray(opts.epsilon, jnp.float32), opts.precision)
   caspr = opts.combine == "caspr"
-  return factor_engine.apply_blocks(plan, matrices, roots, caspr_product if caspr else shampoo_product,
-                                    split_rows=not caspr)
+  product = functools.partial(caspr_product if caspr else shampoo_product, precision=opts.precision)
+  return factor_engine.apply_blocks(plan, matrices, roots, product, split_rows=not caspr)
 
 
 def graft_outputs(opts: options.ShampooOptions, step: engine.Step, grafted: list, preconditioned: list) -> list:
@@ -336,15 +345,19 @@ def every(count: jax.Array, period: Any) -> jax.Array:
   return count % jnp.asarray(period, jnp.int32) == 0
 
 
-def shampoo_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array) -> jax.Array:
-  """``L̂ G R̂`` of one block (rows of it, given rows of ``L̂``)."""
-  return linalg.matmul(linalg.matmul(left_root, block), right_root)
+def shampoo_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array,
+                    precision: str = "highest") -> jax.Array:
+  """``L̂ G R̂`` of one block (rows of it, given rows of ``L̂``), at ``precision`` (:func:`linalg.step_matmul`)."""
+  product = functools.partial(linalg.step_matmul, precision=precision)
+  return product(product(left_root, block), right_root)
 
 
-def caspr_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array) -> jax.Array:
-  """CASPR's combination of one block: ``J = L̂G + GR̂``, ``L̂J + JR̂``."""
-  j = linalg.matmul(left_root, block) + linalg.matmul(block, right_root)
-  return linalg.matmul(left_root, j) + linalg.matmul(j, right_root)
+def caspr_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array,
+                  precision: str = "highest") -> jax.Array:
+  """CASPR's combination of one block: ``J = L̂G + GR̂``, ``L̂J + JR̂``, at ``precision``."""
+  product = functools.partial(linalg.step_matmul, precision=precision)
+  j = product(left_root, block) + product(block, right_root)
+  return product(left_root, j) + product(j, right_root)
 
 
 def graft_blocks(preconditioned, grafted, leaf_plan: partition.LeafPlan, per_block: bool) -> jax.Array:
@@ -360,7 +373,7 @@ def graft_blocks(preconditioned, grafted, leaf_plan: partition.LeafPlan, per_blo
 
 
 def precondition(matrix: jax.Array, grafted: jax.Array, leaf_plan: partition.LeafPlan, roots: dict,
-                 per_block: bool) -> jax.Array:
+                 per_block: bool, precision: str = "highest") -> jax.Array:
   """``L̂ X R̂`` per block of a matrix view from dequantized ``roots``, grafted (one device, no mesh).
 
   The norms are over the whole matrix, or over each block when ``per_block``.
@@ -368,6 +381,6 @@ def precondition(matrix: jax.Array, grafted: jax.Array, leaf_plan: partition.Lea
 
   def left_right(block, b):
     return shampoo_product(roots[b.left.bucket.name][b.left.index], block,
-                           roots[b.right.bucket.name][b.right.index])
+                           roots[b.right.bucket.name][b.right.index], precision)
 
   return graft_blocks(engine.map_blocks(matrix, leaf_plan, left_right), grafted, leaf_plan, per_block)
