@@ -27,6 +27,8 @@ issue's criterion: the default setting within 1 % of ``"highest"`` everywhere.
   python benchmarks/precision.py --part illcond --problems ls_power_1e4 logreg_wine mlp \
       --out benchmarks/results/precision_illcond.json
   python benchmarks/precision.py --table benchmarks/results/precision_examples.json   # print a written file
+  python benchmarks/precision.py --part examples --from-runs --merge benchmarks/results/precision_illcond.json \
+      --out benchmarks/results/precision.json   # the per-run files present plus the illcond part, one file
 """
 
 from __future__ import annotations
@@ -80,6 +82,22 @@ def run_examples(args: argparse.Namespace) -> dict:
         seconds[name] += float(results[name]["train_time_s"])
     out[example] = {name: {"per_seed": finals[name], "train_time_s": seconds[name] / len(args.seeds)}
                     for name in names}
+  return out
+
+
+def examples_from_runs(args: argparse.Namespace) -> dict:
+  """:func:`run_examples`' result read back from the per-run files in ``--runs-dir`` (the seeds present)."""
+  out = {}
+  for example in args.examples:
+    files = [args.runs_dir / f"{example}_seed{seed}.json" for seed in args.seeds]
+    written = [json.loads(f.read_text()) for f in files if f.exists()]
+    if not written:
+      continue
+    names, _ = example_names(example)
+    out[example] = {name: {"per_seed": [w["results"][name]["final_train_loss"] for w in written],
+                           "train_time_s": float(np.mean([w["results"][name]["train_time_s"] for w in written])),
+                           "seeds": [w["config"]["seed"] for w in written],
+                           "steps": written[0]["config"]["steps"]} for name in names}
   return out
 
 
@@ -152,6 +170,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--runs-dir", type=pathlib.Path, default=ROOT / "examples" / "outputs" / "precision")
   parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "precision.json")
   parser.add_argument("--table", type=pathlib.Path, default=None, help="print the table of a written file")
+  parser.add_argument("--from-runs", action="store_true",
+                      help="examples: read the per-run files of --runs-dir instead of training")
+  parser.add_argument("--merge", type=pathlib.Path, nargs="+", default=[],
+                      help="also take the illcond part of these earlier outputs")
   return parser.parse_args(argv)
 
 
@@ -166,12 +188,17 @@ def main(argv: list[str] | None = None) -> dict:
   if args.part in ("examples", "both"):
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     result["settings"].update(examples=args.examples, example_steps=args.steps, soap_lr=SOAP_LR)
-    result["examples"] = run_examples(args)
+    result["examples"] = examples_from_runs(args) if args.from_runs else run_examples(args)
   if args.part in ("illcond", "both"):
     result["settings"].update(problems=args.problems, illcond_steps=args.illcond_steps,
                               illcond_lrs=args.lrs, illcond_rows=list(ILLCOND_ROWS))
     result["illcond"] = run_illcond(args)
-  result["settings"]["wall_time_s"] = time.perf_counter() - start
+  for path in args.merge:
+    earlier = json.loads(path.read_text())
+    result.setdefault("illcond", {}).update(earlier.get("illcond", {}))
+    result["settings"].update({k: v for k, v in earlier["settings"].items() if k.startswith("illcond") or
+                               k == "problems"})
+  result["settings"]["wall_time_s"] = None if args.from_runs else time.perf_counter() - start
   result["table"] = rows(result)
   print_table(result["table"])
   args.out.parent.mkdir(parents=True, exist_ok=True)
