@@ -134,13 +134,13 @@ def rows(result: dict) -> list[dict]:
       precision = next(p for p in PRECISIONS if name == stem + SUFFIXES[p])
       table.append({"part": "examples", "task": example, "method": stem, "precision": precision,
                     "mean": float(finals.mean()), "spread": float(finals.max() - finals.min()),
-                    "metric": "final train loss"})
+                    "metric": "final train loss", "seeds": len(finals)})
   for problem, by_row in result.get("illcond", {}).items():
     for key, summary in by_row.items():
       method, precision = key.split("@")
       table.append({"part": "illcond", "task": problem, "method": method, "precision": precision,
                     "mean": summary["best_mean"], "spread": summary["best_std"], "metric": "best-lr mean",
-                    "best_lr": summary["best_lr"]})
+                    "best_lr": summary["best_lr"], "seeds": len(result["settings"].get("seeds", []))})
   reference = {(r["task"], r["method"]): r["mean"] for r in table if r["precision"] == "highest"}
   for r in table:
     ref = reference.get((r["task"], r["method"]))
@@ -149,10 +149,10 @@ def rows(result: dict) -> list[dict]:
 
 
 def print_table(table: list[dict]) -> None:
-  print(f"\n{'task':<18} {'method':<16} {'precision':<9} {'mean':>11} {'spread':>10} {'/highest':>9}")
+  print(f"\n{'task':<18} {'method':<16} {'precision':<9} {'seeds':>5} {'mean':>11} {'spread':>10} {'/highest':>9}")
   for r in table:
-    print(f"{r['task']:<18} {r['method']:<16} {r['precision']:<9} {r['mean']:>11.5g} {r['spread']:>10.3g} "
-          f"{r['ratio']:>9.4f}")
+    print(f"{r['task']:<18} {r['method']:<16} {r['precision']:<9} {r['seeds']:>5} {r['mean']:>11.5g} "
+          f"{r['spread']:>10.3g} {r['ratio']:>9.4f}")
   worst = {p: max((abs(r["ratio"] - 1) for r in table if r["precision"] == p), default=float("nan"))
            for p in PRECISIONS[1:]}
   print("largest |ratio - 1|: " + ", ".join(f"{p} {100 * w:.2f} %" for p, w in worst.items()))

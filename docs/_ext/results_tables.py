@@ -309,7 +309,8 @@ def precision_rows(data):
   rows = []
   for r in data["table"]:
     ratio = "—" if r["ratio"] is None else f"{r['ratio']:.4f}"
-    rows.append([f"`{r['task']}`", r["method"], f"`{r['precision']}`", _num(r["mean"]), _num(r["spread"], 2), ratio])
+    rows.append([f"`{r['task']}`", r["method"], f"`{r['precision']}`", r.get("seeds", "—"), _num(r["mean"]),
+                 _num(r["spread"], 2), ratio])
   return rows
 
 
@@ -318,10 +319,10 @@ def write_precision(results_dir, out_dir):
   data = _load(results_dir, "precision.json")
   settings = data["settings"]
   text = (f"Examples: {settings.get('example_steps', '—')} steps, final training loss, spread = max - min over "
-          f"seeds {settings['seeds']}; ill-conditioned problems ({settings.get('illcond_steps', '—')} steps): "
+          f"the seeds run (column seeds); ill-conditioned problems ({settings.get('illcond_steps', '—')} steps): "
           "best learning rate's mean suboptimality (final loss for `mlp`), spread = standard deviation.\n\n")
-  text += _table(["task", "method", "precision", "mean", "spread", "/ highest"], precision_rows(data),
-                 ["---", "---", "---", "---:", "---:", "---:"])
+  text += _table(["task", "method", "precision", "seeds", "mean", "spread", "/ highest"], precision_rows(data),
+                 ["---", "---", "---", "---:", "---:", "---:", "---:"])
   speed_path = pathlib.Path(results_dir) / "precision_speed.json"
   if speed_path.exists():
     speed = json.loads(speed_path.read_text())
