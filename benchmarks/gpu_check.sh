@@ -43,7 +43,7 @@ if [ "$SIZE" = tiny ]; then
   LIMITS=(300 120 300 300)  # device, tests, speed, quality (seconds; a loaded CPU is slow)
   PRECISION_SPEED=(--tiny --steps 2 --warmup 1)
   PRECISION_TRAIN=(--steps 4)
-  DISTRIBUTED=(--devices 1 2 --steps 1 --repeats 1 --skip-flops)
+  DISTRIBUTED=(--devices 2 --steps 1 --repeats 1 --skip-flops)
   LIMITS_PRECISION=(300 300 300)  # optimizer step, training step, distributed
 else
   TESTS=(tests/test_quantization.py tests/test_linalg.py tests/test_factors.py tests/test_partition.py
