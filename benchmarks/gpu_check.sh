@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-shot accelerator check: the fast tests on the GPU, then the speed and quality benchmarks at
-# reduced size, in under 8 minutes on one GPU. Writes JSON (and the tests' JUnit XML) under OUT_DIR.
+# reduced size, the per-step products' precision (optimizer step on GPT-2 124M shapes and the
+# transformer example's training step, each precision against optax.adamw) and the multi-device
+# path, in about 10 minutes on one GPU. Writes JSON (and the tests' JUnit XML) under OUT_DIR.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]           # on a machine whose Python has JAX with CUDA
 #   benchmarks/gpu_check.sh --cpu --tiny [DIR]  # on CPU, GPU assertions skipped, smallest size
@@ -39,6 +41,10 @@ if [ "$SIZE" = tiny ]; then
          --train-batches)
   QUALITY=(--examples transformer_lm --seeds 0 --steps 4)
   LIMITS=(300 120 300 300)  # device, tests, speed, quality (seconds; a loaded CPU is slow)
+  PRECISION_SPEED=(--tiny --steps 2 --warmup 1)
+  PRECISION_TRAIN=(--steps 4)
+  DISTRIBUTED=(--devices 2 --steps 1 --repeats 1 --skip-flops)
+  LIMITS_PRECISION=(300 300 300)  # optimizer step, training step, distributed
 else
   TESTS=(tests/test_quantization.py tests/test_linalg.py tests/test_factors.py tests/test_partition.py
          tests/test_shampoo.py tests/integration/test_failures.py tests/test_alias.py tests/test_state_utils.py
@@ -47,6 +53,10 @@ else
   SPEED=(--model-size small --steps 5 --repeats 3 --budget 3 --skip-peers --skip-profile --train-batches 16)
   QUALITY=(--examples transformer_lm cnn_digits --seeds 0 1 --steps 150)
   LIMITS=(100 190 100 80)  # device, tests, speed, quality: at most 7.8 minutes in all
+  PRECISION_SPEED=(--steps 10 --warmup 2)
+  PRECISION_TRAIN=(--steps 60)
+  DISTRIBUTED=(--devices 1 --steps 2 --repeats 1 --skip-flops)
+  LIMITS_PRECISION=(60 60 40)  # optimizer step, training step, distributed: 2.7 minutes
 fi
 
 stage() {  # stage NAME LIMIT_S COMMAND...: runs a stage with a time limit, records status and seconds
@@ -118,6 +128,24 @@ else
   stage quality "${LIMITS[3]}" "$PY" benchmarks/quality.py "${QUALITY[@]}" --out-dir "$OUT_DIR" \
     --runs-dir "$OUT_DIR/runs"
 fi
+
+# 5. Precision of the per-step products: the optimizer step (GPT-2 124M shapes; --tiny: a small tree) and
+# the transformer example's training step (train_time_s includes the first step's compilation), each
+# precision against optax.adamw.
+stage precision_speed "${LIMITS_PRECISION[0]}" "$PY" benchmarks/precision_speed.py "${PRECISION_SPEED[@]}" \
+  --out "$OUT_DIR/precision_speed.json"
+absent=$(missing flax tqdm)
+if [ -n "$absent" ]; then
+  echo "precision_train skipped: $absent" >> "$STAGES"
+else
+  stage precision_train "${LIMITS_PRECISION[1]}" "$PY" examples/transformer_lm.py "${PRECISION_TRAIN[@]}" \
+    --out "$OUT_DIR/precision_train.json" --optimizers adamw adamw+shampoo4 adamw+shampoo4_bf16x3 \
+    adamw+shampoo4_bf16 soap4 soap4_bf16x3 soap4_bf16
+fi
+
+# 6. The multi-device path (benchmarks/distributed.py, small).
+stage distributed "${LIMITS_PRECISION[2]}" "$PY" benchmarks/distributed.py "${DISTRIBUTED[@]}" \
+  --out "$OUT_DIR/distributed.json"
 
 "$PY" - "$STAGES" "$OUT_DIR/gpu_check.json" "$CPU" "$SIZE" <<'EOF'
 import json, sys

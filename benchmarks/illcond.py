@@ -28,7 +28,7 @@ so that these small factors are quantized as a large layer's would be (the defau
 most of them in float32).
 
   python benchmarks/illcond.py [--problems ls_power_1e4 mlp] [--rows adamw soap_ref] [--seeds 0 1 2]
-      [--steps 300] [--out benchmarks/results/illcond.json]
+      [--steps 300] [--precision highest] [--out benchmarks/results/illcond.json]
 
 Prints one table per problem and writes the JSON and a PNG next to it.
 """
@@ -203,21 +203,29 @@ _SHAMPOO = dict(weight_decay=0.0, stats_every=10, root_every=50)
 _DS = dict(stats_every=1, root_every=10)
 _QUANT = dict(min_quant_order=16)
 
-ROWS: dict[str, Callable[[], optax.GradientTransformation]] = {
+ROWS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adamw": lambda: optax.adamw(1.0, weight_decay=0.0),
-    "shampoo32": lambda: s4.adamw_shampoo4(1.0, state_format="fp32", **_SHAMPOO),
-    "shampoo4": lambda: s4.adamw_shampoo4(1.0, **_SHAMPOO, **_QUANT),
+    "shampoo32": lambda **kw: s4.adamw_shampoo4(1.0, state_format="fp32", **_SHAMPOO, **kw),
+    "shampoo4": lambda **kw: s4.adamw_shampoo4(1.0, **_SHAMPOO, **_QUANT, **kw),
     "soap_ref": lambda: soap_reference(1.0, weight_decay=0.0),
-    "soap4_fp32": lambda: s4.soap4(1.0, weight_decay=0.0, state_format="fp32"),
-    "soap4_8bit": lambda: s4.soap4(1.0, weight_decay=0.0, bits=8, **_QUANT),
-    "soap4_4bit": lambda: s4.soap4(1.0, weight_decay=0.0, **_QUANT),
-    "ds_fp32": lambda: s4.distributed_shampoo4(1.0, state_format="fp32", **_DS),
-    "ds_4bit": lambda: s4.distributed_shampoo4(1.0, **_DS, **_QUANT),
-    "shampoo8": lambda: s4.adamw_shampoo4(1.0, bits=8, **_SHAMPOO, **_QUANT),
-    "ds_8bit": lambda: s4.distributed_shampoo4(1.0, bits=8, **_DS, **_QUANT),
+    "soap4_fp32": lambda **kw: s4.soap4(1.0, weight_decay=0.0, state_format="fp32", **kw),
+    "soap4_8bit": lambda **kw: s4.soap4(1.0, weight_decay=0.0, bits=8, **_QUANT, **kw),
+    "soap4_4bit": lambda **kw: s4.soap4(1.0, weight_decay=0.0, **_QUANT, **kw),
+    "ds_fp32": lambda **kw: s4.distributed_shampoo4(1.0, state_format="fp32", **_DS, **kw),
+    "ds_4bit": lambda **kw: s4.distributed_shampoo4(1.0, **_DS, **_QUANT, **kw),
+    "shampoo8": lambda **kw: s4.adamw_shampoo4(1.0, bits=8, **_SHAMPOO, **_QUANT, **kw),
+    "ds_8bit": lambda **kw: s4.distributed_shampoo4(1.0, bits=8, **_DS, **_QUANT, **kw),
 }
 # Rows run by default (the 8-bit ones on request: --rows shampoo8 ds_8bit).
 DEFAULT_ROWS = [name for name in ROWS if name not in ("shampoo8", "ds_8bit")]
+NO_PRECISION = ("adamw", "soap_ref")  # rows without the library's precision= option
+
+
+def make_row(row: str, precision: str = "highest") -> optax.GradientTransformation:
+  """The optimizer of a row; ``precision``: of the library rows' every-step products (others: always float32)."""
+  if row in NO_PRECISION:
+    return ROWS[row]()
+  return ROWS[row](precision=precision)
 
 
 def make_trainer(opt: optax.GradientTransformation, loss: Callable, steps: int):
@@ -333,6 +341,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--lrs", nargs="+", type=float, default=None, help="base grid (default: 1e-4..1, half decades)")
   parser.add_argument("--out", default=str(_ROOT / "benchmarks" / "results" / "illcond.json"))
+  parser.add_argument("--precision", choices=["highest", "high", "default"], default="highest",
+                      help="precision= of the library rows' every-step products (benchmarks/precision.py)")
   args = parser.parse_args(argv)
   global BASE_LRS
   if args.lrs:
@@ -345,7 +355,7 @@ def main(argv=None) -> dict:
     summaries, sweeps = {}, {}
     for row in args.rows:
       start = time.perf_counter()
-      trainer = make_trainer(ROWS[row](), loss, args.steps)
+      trainer = make_trainer(make_row(row, args.precision), loss, args.steps)
       sweeps[row] = sweep(trainer, problems, loss)
       summaries[row] = summarize(sweeps[row])
       summaries[row]["seconds"] = time.perf_counter() - start
@@ -353,7 +363,7 @@ def main(argv=None) -> dict:
     results[name] = {"metric": metric, "fstar": [p.fstar for p in problems], "summary": summaries, "sweeps": sweeps}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"steps": args.steps, "seeds": args.seeds, "problems": results}
+    payload = {"steps": args.steps, "seeds": args.seeds, "precision": args.precision, "problems": results}
     out.write_text(json.dumps(payload, indent=1, default=float))
     plot(results, out.with_suffix(".png"))
   return results

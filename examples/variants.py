@@ -57,6 +57,9 @@ SHAMPOO_VARIANTS: dict[str, dict[str, Any]] = {
     "shampoo3": {"bits": 3},  # 3-bit eigenvectors, default refresh
     "shampoo4_caspr": {"combine": "caspr"},  # CASPR's combination of the 4-bit roots
     "naive4_jorge": {"state_format": "naive", "root_method": "jorge"},  # Jorge: 4-bit roots, no statistic
+    # The every-step products at bf16x3 ("high") and with bf16 operands ("default"); see benchmarks/precision.py.
+    "shampoo4_bf16x3": {"precision": "high"},
+    "shampoo4_bf16": {"precision": "default"},
 }
 # SOAP variant -> its options of s4.soap4.
 SOAP_VARIANTS: dict[str, dict[str, Any]] = {
@@ -68,6 +71,8 @@ SOAP_VARIANTS: dict[str, dict[str, Any]] = {
     "soap4_bjorck22": {"bits": 4, "bjorck_steps": (2, 2)},  # two Björck steps before refreshes and each rotation
     "soap4_bjorck10": {"bits": 4, "bjorck_steps": (1, 0)},  # no per-step Björck
     "soap8_keepnu": {"bits": 8, "project_nu": False},  # v only permuted at a refresh, as the SOAP reference
+    "soap4_bf16x3": {"bits": 4, "precision": "high"},  # rotations at bf16x3
+    "soap4_bf16": {"bits": 4, "precision": "default"},  # rotations with bf16 operands, float32 accumulation
 }
 # Name suffix -> moment_bits (quantized first-order moments); no suffix: float32 moments.
 MOMENT_SUFFIXES = {"_m8": 8, "_m4": 4}

@@ -58,6 +58,7 @@ def adamw_shampoo4(
     epsilon_mode: options.EpsilonMode = "relative",
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
+    precision: options.Precision = options.DEFAULT_PRECISION,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
@@ -77,7 +78,7 @@ def adamw_shampoo4(
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
   ``start_preconditioning_step``, ``combine``, ``store_root``, ``epsilon_mode``, ``stats_bias_correction``,
-  ``precondition_1d``: passed to :func:`scale_by_shampoo4` (same defaults).
+  ``precondition_1d``, ``precision``: passed to :func:`scale_by_shampoo4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -104,7 +105,8 @@ def adamw_shampoo4(
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
-      stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d)
+      stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d,
+      precision=precision)
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
@@ -148,6 +150,7 @@ def sgdm_shampoo4(
     epsilon_mode: options.EpsilonMode = "relative",
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
+    precision: options.Precision = options.DEFAULT_PRECISION,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
@@ -165,7 +168,7 @@ def sgdm_shampoo4(
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
   ``start_preconditioning_step``, ``combine``, ``store_root``, ``epsilon_mode``, ``stats_bias_correction``,
-  ``precondition_1d``: passed to :func:`scale_by_shampoo4` (same defaults).
+  ``precondition_1d``, ``precision``: passed to :func:`scale_by_shampoo4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -187,7 +190,8 @@ def sgdm_shampoo4(
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
-      stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d)
+      stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d,
+      precision=precision)
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   validation.check_range("momentum", momentum, 0.0, 1.0)  # moments.trace checks it as `decay`, in [0, 1]
   return optax.chain(
@@ -230,6 +234,7 @@ def adagrad_shampoo4(
     epsilon_mode: options.EpsilonMode = "relative",
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
+    precision: options.Precision = options.DEFAULT_PRECISION,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
@@ -239,7 +244,7 @@ def adagrad_shampoo4(
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
   ``start_preconditioning_step``, ``combine``, ``store_root``, ``epsilon_mode``, ``stats_bias_correction``,
-  ``precondition_1d``: passed to :func:`scale_by_shampoo4` (same defaults).
+  ``precondition_1d``, ``precision``: passed to :func:`scale_by_shampoo4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -259,7 +264,8 @@ def adagrad_shampoo4(
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
-      stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d)
+      stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d,
+      precision=precision)
   options.check_alias_options(learning_rate, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
@@ -303,6 +309,7 @@ def distributed_shampoo4(
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
     store_root: bool = True,
+    precision: options.Precision = options.DEFAULT_PRECISION,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Distributed Shampoo's update rule (Shi et al. 2023) on the 4-bit Shampoo state.
@@ -332,7 +339,7 @@ def distributed_shampoo4(
   Keyword-only arguments ``max_order``, ``beta``, ``epsilon``, ``stats_every``, ``root_every``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
-  ``store_root``, ``epsilon_mode``, ``precondition_1d``: passed to :func:`scale_by_shampoo4`; here
+  ``store_root``, ``epsilon_mode``, ``precondition_1d``, ``precision``: passed to :func:`scale_by_shampoo4`; here
   ``stats_every=10`` and ``root_every=100`` (Meta's AlgoPerf submission refreshed its roots every 100
   steps) and, by default, Meta's statistics: ``beta=1.0`` (the Gram matrices are summed from zero, as
   Meta's ``betas[1] = 1``), ``epsilon=1e-12`` added as an absolute constant at root time
@@ -394,7 +401,7 @@ def distributed_shampoo4(
       grafting_per_block=grafting_per_block,
       start_preconditioning_step=root_every if start_preconditioning_step is None else start_preconditioning_step,
       combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
-      stats_bias_correction=use_bias_correction, precondition_1d=precondition_1d,
+      stats_bias_correction=use_bias_correction, precondition_1d=precondition_1d, precision=precision,
       filter_beta=b1, filter_bias_correction=use_bias_correction)
   return optax.chain(
       shampoo,
@@ -428,6 +435,7 @@ def soap4(
     project_nu: bool | None = None,
     head_fraction: float | None = None,
     statistic: options.SoapStatistic = "refresh",
+    precision: options.Precision = options.DEFAULT_PRECISION,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP with a 4-bit eigenbasis, decoupled weight decay and a learning rate.
 
@@ -440,7 +448,7 @@ def soap4(
 
   Keyword-only arguments ``shampoo_beta``, ``precondition_every``, ``max_order``, ``max_precond_dim``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``, ``mesh``,
-  ``mesh_axis``, ``project_nu``, ``head_fraction``, ``statistic``: passed to :func:`~optax_shampoo4.scale_by_soap4` (same
+  ``mesh_axis``, ``project_nu``, ``head_fraction``, ``statistic``, ``precision``: passed to :func:`~optax_shampoo4.scale_by_soap4` (same
   defaults).
 
   Args:
@@ -463,7 +471,7 @@ def soap4(
                         max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format,
                         bits=bits, mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
                         bjorck_steps=bjorck_steps, mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits,
-                        project_nu=project_nu, head_fraction=head_fraction, statistic=statistic)
+                        project_nu=project_nu, head_fraction=head_fraction, statistic=statistic, precision=precision)
   options.check_alias_options(learning_rate, weight_decay=weight_decay)
   return optax.chain(
       soap,

@@ -225,15 +225,17 @@ class FactorEngine:
       failures += jnp.sum(~accepted[:real.get(name)], dtype=jnp.int32)
     return new, failures
 
-  def roots_from_eigenbases(self, buckets: Buckets, epsilon: jax.Array) -> dict[str, jax.Array]:
+  def roots_from_eigenbases(self, buckets: Buckets, epsilon: jax.Array,
+                            precision: str = "highest") -> dict[str, jax.Array]:
     """Dense float32 inverse roots formed now from each ``"eigen"`` bucket's eigenpairs.
 
     For buckets that keep no root (``store_root=False``): each device forms
     the roots of its share of the factors (:func:`~optax_shampoo4.factors.root_from_eigenbasis`),
-    then they are gathered for :meth:`apply_blocks`.
+    then they are gathered for :meth:`apply_blocks`. ``precision``: of the
+    product forming each root (:func:`~optax_shampoo4.linalg.step_matmul`).
     """
     form = sharding.shard_over_factors(
-        lambda bucket, epsilon: fct.root_from_eigenbasis(self.config, bucket, epsilon),
+        lambda bucket, epsilon: fct.root_from_eigenbasis(self.config, bucket, epsilon, precision),
         self.mesh, self.mesh_axis, 1, 1)
     return {name: self.gathered(form(bucket, epsilon)) for name, bucket in buckets.items()}
 

@@ -395,17 +395,20 @@ def update_root(
   return _guarded(ok, new, bucket)
 
 
-def root_from_eigenbasis(config: FactorConfig, bucket: EigenFactors, epsilon: jax.Array) -> jax.Array:
+def root_from_eigenbasis(config: FactorConfig, bucket: EigenFactors, epsilon: jax.Array,
+                         precision: str = "highest") -> jax.Array:
   """The inverse 4th roots of an ``"eigen"`` bucket from its stored eigenpairs, float32 ``[k, n, n]``.
 
   :math:`V = \\mathrm{Björck}^{t_2}(D(\\bar U))`,
   :math:`\\hat A = V (\\Lambda + \\epsilon \\max\\lambda\\, I)^{-1/4} V^\\top`:
   PIRU's root (paper Alg. 2), also formed at every step when no root is
-  stored (``store_root=False``).
+  stored (``store_root=False``), then with the final product at the step's
+  ``precision`` (:func:`~optax_shampoo4.linalg.step_matmul`; the Björck
+  rectification stays at full float32 precision).
   """
   rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
   return roots.inverse_root_from_eig(linalg.transpose(rows), bucket.eigvals, jnp.asarray(epsilon, jnp.float32),
-                                     absolute=config.absolute_epsilon)
+                                     absolute=config.absolute_epsilon, precision=precision)
 
 
 def root_matrices(bucket: Bucket) -> jax.Array:

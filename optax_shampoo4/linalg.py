@@ -24,11 +24,65 @@ import jax.numpy as jnp
 from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
+# The settings of the per-step products (:func:`step_matmul`), most precise first.
+STEP_PRECISIONS = ("highest", "high", "default")
 
 
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   """``a @ b`` at full float32 precision on every backend."""
   return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def _bf16_product(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a @ b`` of bfloat16 operands, accumulated (and returned) in float32."""
+  return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
+def split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(hi, lo)`` in bfloat16 with ``hi = bf16(a)``, ``lo = bf16(a - hi)``: ``hi + lo`` is ``a`` to about 2⁻¹⁶."""
+  hi = a.astype(jnp.bfloat16)
+  return hi, (a.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def step_matmul(a: jax.Array, b: jax.Array, precision: str = "highest") -> jax.Array:
+  r"""``a @ b`` for the every-step products (Shampoo's :math:`\hat L G \hat R`, SOAP's rotations), float32 out.
+
+  * ``"highest"``: float32 operands at ``Precision.HIGHEST`` (:func:`matmul`);
+  * ``"default"``: both operands rounded to bfloat16 (relative error
+    :math:`u = 2^{-8}` each), products accumulated in float32, one bf16 pass
+    (tensor cores, the MXU's native pass);
+  * ``"high"`` (bf16×3): each operand split as :math:`a = a_h + a_l` in
+    bfloat16 (:func:`split_bf16`) and :math:`a_h b_h + a_h b_l + a_l b_h`
+    accumulated in float32; the dropped :math:`a_l b_l` and the rounding of
+    the low parts leave about :math:`3 u^2 |a||b|`, three bf16 passes.
+
+  The refresh maths (statistics, QR, eigh, Björck, roots) always uses
+  :func:`matmul`. On CPU the bf16 products are computed exactly (bf16
+  products are exact in float32), so the quality of each setting can be
+  measured there.
+
+  Args:
+    a: ``[..., m, k]``.
+    b: ``[..., k, n]``.
+    precision: one of :data:`STEP_PRECISIONS`.
+
+  Returns:
+    ``a @ b``, float32.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_shampoo4 as s4
+    >>> a = jnp.array([[1.0 + 2.0**-12]])
+    >>> float(s4.linalg.step_matmul(a, a, "default"))  # the operand rounded to bf16
+    1.0
+  """
+  if precision == "highest":
+    return matmul(a, b)
+  if precision == "default":
+    return _bf16_product(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+  if precision == "high":
+    (a_hi, a_lo), (b_hi, b_lo) = split_bf16(a), split_bf16(b)
+    return _bf16_product(a_hi, b_hi) + (_bf16_product(a_hi, b_lo) + _bf16_product(a_lo, b_hi))
+  raise ValueError(f"precision must be one of {STEP_PRECISIONS}, got precision={precision!r}")
 
 
 def transpose(a: jax.Array) -> jax.Array:

@@ -47,7 +47,7 @@ import numpy as np
 
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import grafting as grafting_lib
-from optax_shampoo4 import moment_storage, sharding, validation
+from optax_shampoo4 import linalg, moment_storage, sharding, validation
 from optax_shampoo4 import quantization as qz
 
 StateFormat = Literal["eigen", "naive", "fp32"]
@@ -59,6 +59,7 @@ Combine = Literal["shampoo", "caspr"]
 Mapping = Literal["linear2", "dynamic_tree", "linear"]
 GraftingType = Literal["frobenius", "sgd", "adagrad", "rmsprop", "adam"]
 EpsilonMode = Literal["relative", "absolute"]
+Precision = Literal["highest", "high", "default"]
 
 COMBINES = get_args(Combine)
 EPSILON_MODES = get_args(EpsilonMode)
@@ -78,6 +79,8 @@ DEFAULT_MIN_QUANT_ORDER = 64
 DEFAULT_PRECONDITION_EVERY = 10
 DEFAULT_MAX_PRECOND_DIM = 10000
 DEFAULT_HEAD_FRACTION = 1 / 8  # measured: benchmarks/illcond.py, docs/results/illcond.md
+# The per-step products' precision (linalg.step_matmul); the refresh maths is always HIGHEST.
+DEFAULT_PRECISION: Precision = "highest"
 
 
 def _static(name: str, value: Any, default: int, minimum: int) -> int:
@@ -87,6 +90,13 @@ def _static(name: str, value: Any, default: int, minimum: int) -> int:
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
   if not isinstance(value, str) or value not in choices:
     raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}")
+
+
+def check_precision(precision: Any) -> Precision:
+  """``precision`` checked against :data:`~optax_shampoo4.linalg.STEP_PRECISIONS` (None: the default)."""
+  precision = DEFAULT_PRECISION if precision is None else precision
+  _check_choice("precision", precision, linalg.STEP_PRECISIONS)
+  return precision
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -175,6 +185,7 @@ class ShampooOptions:
   epsilon_mode: EpsilonMode = "relative"
   stats_bias_correction: bool = False
   precondition_1d: bool = False
+  precision: Precision = DEFAULT_PRECISION
 
   @classmethod
   def from_kwargs(cls, *, max_order=None, beta=0.95, epsilon=1e-6, stats_every=100, root_every=500,
@@ -184,7 +195,7 @@ class ShampooOptions:
                   grafting="frobenius", grafting_eps=None, grafting_beta2=None, grafting_per_block=None,
                   start_preconditioning_step=None, filter_beta=None, filter_bias_correction=True,
                   combine="shampoo", store_root=True, epsilon_mode="relative", stats_bias_correction=False,
-                  precondition_1d=False) -> ShampooOptions:
+                  precondition_1d=False, precision=DEFAULT_PRECISION) -> ShampooOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     max_order = _static("max_order", max_order, DEFAULT_MAX_ORDER, 1)
     bits, mapping, quant_block, min_quant_order = _quantization(bits, mapping, quant_block, min_quant_order)
@@ -212,7 +223,8 @@ class ShampooOptions:
                start_preconditioning_step=start_preconditioning_step, combine=combine,  # pyright: ignore[reportArgumentType]
                store_root=_check_store_root(store_root, state_format, root_method), epsilon_mode=epsilon_mode,
                stats_bias_correction=_check_bool("stats_bias_correction", stats_bias_correction),
-               precondition_1d=_check_bool("precondition_1d", precondition_1d))
+               precondition_1d=_check_bool("precondition_1d", precondition_1d),
+               precision=check_precision(precision))
 
   def factor_config(self) -> fct.FactorConfig:
     """The factor maths' settings (:class:`~optax_shampoo4.factors.FactorConfig`)."""
@@ -252,12 +264,14 @@ class SoapOptions:
   project_nu: bool
   head_fraction: float
   statistic: SoapStatistic = "refresh"
+  precision: Precision = DEFAULT_PRECISION
 
   @classmethod
   def from_kwargs(cls, *, b1=0.95, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_every=None,
                   max_order=None, max_precond_dim=None, state_format="eigen", bits=None, mapping="linear2",
                   quant_block=None, min_quant_order=None, bjorck_steps=(1, 1), mesh=None, mesh_axis="data",
-                  moment_bits=None, project_nu=None, head_fraction=None, statistic="refresh") -> SoapOptions:
+                  moment_bits=None, project_nu=None, head_fraction=None, statistic="refresh",
+                  precision=DEFAULT_PRECISION) -> SoapOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     validation.check_range("b1", b1, 0.0, 1.0)
     validation.check_range("b2", b2, 0.0, 1.0)
@@ -279,7 +293,7 @@ class SoapOptions:
                mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,  # pyright: ignore[reportArgumentType]
                bjorck_steps=_bjorck_steps(bjorck_steps), mesh=mesh, mesh_axis=mesh_axis,
                moment_bits=moment_bits, project_nu=project_nu, head_fraction=_head_fraction(head_fraction),
-               statistic=statistic)
+               statistic=statistic, precision=check_precision(precision))
 
   @property
   def quantized_from(self) -> int:

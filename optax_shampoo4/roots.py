@@ -19,14 +19,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from optax_shampoo4.linalg import matmul, transpose
+from optax_shampoo4.linalg import matmul, step_matmul, transpose
 
 # Floor on damped eigenvalues, so an all-zero statistic gives a finite root.
 _MIN_DAMPED_EIGVAL = 1e-30
 
 
 def inverse_root_from_eig(
-    eigvecs: jax.Array, eigvals: jax.Array, epsilon: jax.Array, p: int = 4, absolute: bool = False
+    eigvecs: jax.Array, eigvals: jax.Array, epsilon: jax.Array, p: int = 4, absolute: bool = False,
+    precision: str = "highest"
 ) -> jax.Array:
   """Inverse ``p``-th root from eigenpairs, with relative (or absolute) damping.
 
@@ -45,6 +46,9 @@ def inverse_root_from_eig(
     epsilon: relative damping ε (array-like, may be traced).
     p: the root (static).
     absolute: ε is added as it is, not scaled by :math:`\\max_i \\lambda_i` (static).
+    precision: of the product forming :math:`\\hat A` (:func:`~optax_shampoo4.linalg.step_matmul`):
+      ``"highest"`` for a stored root; the step's setting when the root is
+      formed at every step (``store_root=False``).
 
   Returns:
     ``[..., n, n]``.
@@ -54,7 +58,7 @@ def inverse_root_from_eig(
   eigvals = jnp.maximum(eigvals, 0.0)
   damping = epsilon if absolute else epsilon * jnp.max(eigvals, axis=-1, keepdims=True)
   damped = jnp.maximum(eigvals + damping, _MIN_DAMPED_EIGVAL)
-  return matmul(eigvecs * damped[..., None, :] ** (-1.0 / p), transpose(eigvecs))
+  return step_matmul(eigvecs * damped[..., None, :] ** (-1.0 / p), transpose(eigvecs), precision)
 
 
 def power_iteration(a: jax.Array, num_iters: int = 10, tol: float = 1e-6) -> jax.Array:

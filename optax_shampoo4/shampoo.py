@@ -82,6 +82,7 @@ def scale_by_shampoo4(
     epsilon_mode: options.EpsilonMode = "relative",
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
+    precision: options.Precision = options.DEFAULT_PRECISION,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients with 4-bit Shampoo, grafted to the gradient norm.
 
@@ -228,6 +229,14 @@ def scale_by_shampoo4(
       direction :math:`(L + \epsilon I)^{-1/2} x` (the left root applied
       twice), as Distributed Shampoo; False (the paper) passes them through
       with the grafted method's direction.
+    precision: of the every-step products only (:math:`\hat L G \hat R`,
+      CASPR's, the ``store_root=False`` root formation), see
+      :func:`~optax_shampoo4.linalg.step_matmul`: ``"highest"`` (float32
+      operands, full precision), ``"high"`` (bf16×3, about float32's accuracy
+      in three bf16 passes) or ``"default"`` (bfloat16 operands, float32
+      accumulation: one pass, the fast path of GPUs and TPUs). Statistics,
+      decompositions, Björck and roots always run at full float32 precision.
+      Quality at each setting: ``benchmarks/precision.py``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; chain a first-order
@@ -259,7 +268,7 @@ def scale_by_shampoo4(
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       filter_beta=filter_beta, filter_bias_correction=filter_bias_correction, combine=combine,
       store_root=store_root, epsilon_mode=epsilon_mode, stats_bias_correction=stats_bias_correction,
-      precondition_1d=precondition_1d)
+      precondition_1d=precondition_1d, precision=precision)
   factor_engine = make_engine(opts)
   return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
                                                functools.partial(update, opts, factor_engine))  # pyright: ignore[reportArgumentType]
@@ -349,9 +358,10 @@ def precondition_blocks(opts: options.ShampooOptions, factor_engine: engine.Fact
   if opts.store_root:
     roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
   else:
-    roots = factor_engine.roots_from_eigenbases(buckets, epsilon)
+    roots = factor_engine.roots_from_eigenbases(buckets, epsilon, opts.precision)
   caspr = opts.combine == "caspr"
-  return factor_engine.apply_blocks(plan, matrices, roots, caspr_product if caspr else shampoo_product,  # pyright: ignore[reportArgumentType]
+  product = functools.partial(caspr_product if caspr else shampoo_product, precision=opts.precision)
+  return factor_engine.apply_blocks(plan, matrices, roots, product,  # pyright: ignore[reportArgumentType]
                                     split_rows=not (caspr or opts.precondition_1d))
 
 
@@ -378,19 +388,24 @@ def every(count: jax.Array, period: Any) -> jax.Array:
   return count % jnp.asarray(period, jnp.int32) == 0
 
 
-def shampoo_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array | None) -> jax.Array:
-  """``L̂ G R̂`` of one block (rows of it, given rows of ``L̂``); ``L̂ L̂ x`` of a vector block (no right root)."""
+def shampoo_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array | None,
+                    precision: str = "highest") -> jax.Array:
+  """``L̂ G R̂`` of one block (rows of it, given rows of ``L̂``); ``L̂ L̂ x`` of a vector block (no right root);
+  the products at ``precision`` (:func:`linalg.step_matmul`)."""
+  product = functools.partial(linalg.step_matmul, precision=precision)
   if right_root is None:  # a vector (precondition_1d): exponent -1/2 from the 4th root applied twice
-    return linalg.matmul(left_root, linalg.matmul(left_root, block))
-  return linalg.matmul(linalg.matmul(left_root, block), right_root)
+    return product(left_root, product(left_root, block))
+  return product(product(left_root, block), right_root)
 
 
-def caspr_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array | None) -> jax.Array:
-  """CASPR's combination of one block: ``J = L̂G + GR̂``, ``L̂J + JR̂``; ``L̂ L̂ x`` of a vector block."""
+def caspr_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array | None,
+                  precision: str = "highest") -> jax.Array:
+  """CASPR's combination of one block: ``J = L̂G + GR̂``, ``L̂J + JR̂``; ``L̂ L̂ x`` of a vector block; at ``precision``."""
   if right_root is None:  # a vector (precondition_1d): J = L̂x, L̂J
-    return shampoo_product(left_root, block, None)
-  j = linalg.matmul(left_root, block) + linalg.matmul(block, right_root)
-  return linalg.matmul(left_root, j) + linalg.matmul(j, right_root)
+    return shampoo_product(left_root, block, None, precision)
+  product = functools.partial(linalg.step_matmul, precision=precision)
+  j = product(left_root, block) + product(block, right_root)
+  return product(left_root, j) + product(j, right_root)
 
 
 def graft_blocks(preconditioned, grafted, leaf_plan: partition.LeafPlan, per_block: bool) -> jax.Array:
@@ -406,7 +421,7 @@ def graft_blocks(preconditioned, grafted, leaf_plan: partition.LeafPlan, per_blo
 
 
 def precondition(matrix: jax.Array, grafted: jax.Array, leaf_plan: partition.LeafPlan, roots: dict,
-                 per_block: bool) -> jax.Array:
+                 per_block: bool, precision: str = "highest") -> jax.Array:
   """``L̂ X R̂`` per block of a matrix view from dequantized ``roots``, grafted (one device, no mesh).
 
   The norms are over the whole matrix, or over each block when ``per_block``.
@@ -414,6 +429,6 @@ def precondition(matrix: jax.Array, grafted: jax.Array, leaf_plan: partition.Lea
 
   def left_right(block, b):
     right = None if b.right is None else roots[b.right.bucket.name][b.right.index]
-    return shampoo_product(roots[b.left.bucket.name][b.left.index], block, right)
+    return shampoo_product(roots[b.left.bucket.name][b.left.index], block, right, precision)
 
   return graft_blocks(engine.map_blocks(matrix, leaf_plan, left_right), grafted, leaf_plan, per_block)

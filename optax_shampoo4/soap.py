@@ -83,6 +83,7 @@ def scale_by_soap4(
     project_nu: bool | None = None,
     head_fraction: float | None = None,
     statistic: options.SoapStatistic = "refresh",
+    precision: options.Precision = options.DEFAULT_PRECISION,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam in the (4-bit) eigenbasis of Shampoo's Kronecker factors (SOAP).
 
@@ -220,6 +221,12 @@ def scale_by_soap4(
     statistic: ``"refresh"`` (the eigen-pair is the statistic, folded at
       refreshes; low memory) or ``"dense"`` (the authors' dense float32
       statistic folded every step, see above) (static).
+    precision: of the every-step products only (the rotations
+      :math:`Q_L^\top G Q_R`, the back-rotations and, at a refresh, the
+      moments' re-projection), see :func:`~optax_shampoo4.linalg.step_matmul`:
+      ``"highest"`` (float32 operands), ``"high"`` (bf16×3) or ``"default"``
+      (bfloat16 operands, float32 accumulation). The refresh maths (QR,
+      Björck, the change of basis) always runs at full float32 precision.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` giving Adam's direction
@@ -246,7 +253,7 @@ def scale_by_soap4(
       max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
       mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order, bjorck_steps=bjorck_steps,
       mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits, project_nu=project_nu,
-      head_fraction=head_fraction, statistic=statistic)
+      head_fraction=head_fraction, statistic=statistic, precision=precision)
   factor_engine = make_engine(opts)
   return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
                                                functools.partial(update, opts, factor_engine))  # pyright: ignore[reportArgumentType]
@@ -359,7 +366,7 @@ def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
   b1, b2, eps = (jnp.asarray(x, jnp.float32) for x in (opts.b1, opts.b2, opts.eps))
   s = jnp.maximum(adam_step, 1).astype(jnp.float32)
   step_scale = jnp.sqrt(1.0 - b2**s) / (1.0 - b1**s)
-  rotated = rotate(factor_engine, step.plan, step.matrices, rows, forward=True)
+  rotated = rotate(factor_engine, step.plan, step.matrices, rows, forward=True, precision=opts.precision)
   directions, new_mu, new_nu = [], [], []
   for leaf, g, lp, m, v in zip(step.leaves, rotated, step.plan.leaves, mu, nu):
     g = g if lp.preconditioned else leaf.astype(jnp.float32)
@@ -368,7 +375,7 @@ def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
     directions.append(step_scale * m_next / (jnp.sqrt(v_next) + eps))
     new_mu.append(jnp.where(stepped, m_next, m))
     new_nu.append(jnp.where(stepped, v_next, v))
-  back = rotate(factor_engine, step.plan, directions, rows, forward=False)
+  back = rotate(factor_engine, step.plan, directions, rows, forward=False, precision=opts.precision)
   outputs = [jnp.where(stepped, (b if lp.preconditioned else d).reshape(leaf.shape), 0.0).astype(leaf.dtype)
              for leaf, d, b, lp in zip(step.leaves, directions, back, step.plan.leaves)]
   return outputs, new_mu, new_nu
@@ -411,9 +418,9 @@ def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
   # C = Qₙₑ𝓌ᵀ Q_old per factor (rows are Qᵀ; the sort's permutation included): m is carried into the
   # new basis, m ← C_L m C_Rᵀ; with project_nu, v ← (C_L∘C_L) v (C_R∘C_R)ᵀ.
   change = {name: linalg.matmul(new_rows[name], linalg.transpose(rows[name])) for name in rows}
-  mu = rotate_moments(factor_engine, step.plan, mu, change)
+  mu = rotate_moments(factor_engine, step.plan, mu, change, opts.precision)
   if opts.project_nu:
-    nu = rotate_moments(factor_engine, step.plan, nu, {name: c * c for name, c in change.items()})
+    nu = rotate_moments(factor_engine, step.plan, nu, {name: c * c for name, c in change.items()}, opts.precision)
   return buckets, mu, nu, failures
 
 
@@ -423,42 +430,47 @@ def _no_refresh(operand: tuple) -> tuple:
 
 
 def rotate(factor_engine: engine.FactorEngine, plan: partition.Plan, matrices: list, rows: dict,
-           forward: bool) -> list:
+           forward: bool, precision: str = "highest") -> list:
   r"""Per preconditioned leaf, every block rotated: :math:`R_L X R_R^\top` (``forward``) or :math:`R_L^\top X R_R`.
 
   ``rows`` holds per factor the matrix :math:`R` (the basis as rows,
   :math:`Q^\top`, or a change of basis). The products are split over the
   mesh (:meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`; the
-  backward one in whole blocks, as it needs whole columns of :math:`R_L`).
-  Other leaves give None.
+  backward one in whole blocks, as it needs whole columns of :math:`R_L`)
+  at ``precision`` (:func:`~optax_shampoo4.linalg.step_matmul`). Other
+  leaves give None.
   """
   views = [m if lp.preconditioned else None for m, lp in zip(matrices, plan.leaves)]
   if forward:
-    return factor_engine.apply_blocks(plan, views, rows, forward_product)
-  return factor_engine.apply_blocks(plan, views, rows, backward_product, split_rows=False)
+    return factor_engine.apply_blocks(plan, views, rows, functools.partial(forward_product, precision=precision))
+  return factor_engine.apply_blocks(plan, views, rows, functools.partial(backward_product, precision=precision),
+                                    split_rows=False)
 
 
-def rotate_moments(factor_engine: engine.FactorEngine, plan: partition.Plan, moments: list, change: dict) -> list:
+def rotate_moments(factor_engine: engine.FactorEngine, plan: partition.Plan, moments: list, change: dict,
+                   precision: str = "highest") -> list:
   """Moments carried into new bases: preconditioned leaves rotated forward by ``change``, others kept."""
-  rotated = rotate(factor_engine, plan, moments, change, forward=True)
+  rotated = rotate(factor_engine, plan, moments, change, forward=True, precision=precision)
   return [r if lp.preconditioned else m for r, m, lp in zip(rotated, moments, plan.leaves)]
 
 
-def forward_product(left_rows: jax.Array | None, block: jax.Array, right: jax.Array | None) -> jax.Array:
+def forward_product(left_rows: jax.Array | None, block: jax.Array, right: jax.Array | None,
+                    precision: str = "highest") -> jax.Array:
   r""":math:`R_L X R_R^\top` of one block (rows of it, given rows of :math:`R_L`); a None side is the identity."""
   if left_rows is not None:
-    block = linalg.matmul(left_rows, block)
+    block = linalg.step_matmul(left_rows, block, precision)
   if right is not None:
-    block = linalg.matmul(block, linalg.transpose(right))
+    block = linalg.step_matmul(block, linalg.transpose(right), precision)
   return block
 
 
-def backward_product(left: jax.Array | None, block: jax.Array, right: jax.Array | None) -> jax.Array:
+def backward_product(left: jax.Array | None, block: jax.Array, right: jax.Array | None,
+                     precision: str = "highest") -> jax.Array:
   r""":math:`R_L^\top X R_R` of one block; a None side is the identity."""
   if left is not None:
-    block = linalg.matmul(linalg.transpose(left), block)
+    block = linalg.step_matmul(linalg.transpose(left), block, precision)
   if right is not None:
-    block = linalg.matmul(block, right)
+    block = linalg.step_matmul(block, right, precision)
   return block
 
 

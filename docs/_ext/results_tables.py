@@ -369,6 +369,36 @@ def write_illcond(results_dir, out_dir):
   (out_dir / "illcond.md").write_text(text)
 
 
+def precision_rows(data):
+  """Rows ``task, method, precision, mean, spread, ratio to "highest"`` of ``benchmarks/precision.py``'s table."""
+  rows = []
+  for r in data["table"]:
+    ratio = "—" if r["ratio"] is None else f"{r['ratio']:.4f}"
+    rows.append([f"`{r['task']}`", r["method"], f"`{r['precision']}`", r.get("seeds", "—"), _num(r["mean"]),
+                 _num(r["spread"], 2), ratio])
+  return rows
+
+
+def write_precision(results_dir, out_dir):
+  """``precision.md``: the per-step products' precision, quality table and (when present) the GPU timings."""
+  data = _load(results_dir, "precision.json")
+  settings = data["settings"]
+  text = (f"Examples: {settings.get('example_steps', '—')} steps, final training loss, spread = max - min over "
+          f"the seeds run (column seeds); ill-conditioned problems ({settings.get('illcond_steps', '—')} steps): "
+          "best learning rate's mean suboptimality (final loss for `mlp`), spread = standard deviation.\n\n")
+  text += _table(["task", "method", "precision", "seeds", "mean", "spread", "/ highest"], precision_rows(data),
+                 ["---", "---", "---", "---:", "---:", "---:", "---:"])
+  speed_path = pathlib.Path(results_dir) / "precision_speed.json"
+  if speed_path.exists():
+    speed = json.loads(speed_path.read_text())
+    base = speed["results"]["adamw"]["median_s"]
+    rows = [[name, f"{1e3 * r['median_s']:.2f}", f"{r['median_s'] / base:.2f}"]
+            for name, r in speed["results"].items()]
+    text += (f"\nOptimizer step, {speed['model']} shapes, {speed['device_kind']} ({speed['backend']}):\n\n"
+             + _table(["optimizer", "median ms", "/ adamw"], rows))
+  (out_dir / "precision.md").write_text(text)
+
+
 def write_all(results_dir, out_dir):
   """Writes every generated table and plot; returns the output folder."""
   out_dir = pathlib.Path(out_dir)
@@ -384,4 +414,5 @@ def write_all(results_dir, out_dir):
   write_choosing(results_dir, out_dir)
   write_soap_basis(results_dir, out_dir)
   write_moment_store_parts(results_dir, out_dir)
+  write_precision(results_dir, out_dir)
   return out_dir
