@@ -367,6 +367,26 @@ def write_illcond(results_dir, out_dir):
     text += f"\n**`{name}`** ({problem['metric']}):\n\n"
     text += _table(["optimizer", "best lr", "mean ± std", "vs `soap_ref`", "largest stable lr"], illcond_rows(problem))
   (out_dir / "illcond.md").write_text(text)
+  plot_illcond(data["problems"], out_dir / "illcond.png")
+
+
+def plot_illcond(problems, path):
+  """Per problem, each optimizer's metric (mean over seeds) against the learning rate, log-log."""
+  cols = 4
+  rows = -(-len(problems) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+  for ax, (name, problem) in zip(axes.flat, problems.items()):
+    for row, s in problem["summary"].items():
+      ax.loglog(s["lrs"], s["means"], ".-", label=row, linewidth=1)
+    ax.set_title(name, fontsize=9)
+    ax.tick_params(labelsize=7)
+  for ax in list(axes.flat)[len(problems):]:
+    ax.axis("off")
+  axes.flat[0].legend(fontsize=6)
+  fig.supxlabel("learning rate")
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
 
 
 def precision_rows(data):
