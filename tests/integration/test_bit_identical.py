@@ -155,9 +155,21 @@ def run(name: str) -> dict:
   return {"updates": updates, "state": _digest(state), "params": _digest(params)}
 
 
+def _cpu_model() -> str:
+  """The CPU's model name and ISA flags: XLA:CPU's float32 results differ between processors in the last bits."""
+  try:
+    info = pathlib.Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return platform.processor()
+  fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+  model = fields.get("model name\t", "").strip()
+  flags = hashlib.sha256(fields.get("flags\t\t", "").strip().encode()).hexdigest()[:16]
+  return f"{model} / flags {flags}"
+
+
 def _environment() -> dict:
   return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "machine": platform.machine(),
-          "processor": platform.processor()}
+          "processor": platform.processor(), "cpu": _cpu_model()}
 
 
 def _recorded() -> dict:
