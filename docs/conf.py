@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(DOCS / "_ext"))
 # Executed guides and notebooks run in kernels (subprocesses): they import this checkout too.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-os.environ.setdefault("MPLBACKEND", "Agg")
+# Their figures are shown inline (this process draws its own plots with Agg, see _ext/results_tables.py).
+os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 
 import optax_shampoo4  # noqa: E402
 

@@ -104,7 +104,7 @@ def _rank1_normalizer(maxima: tuple[jax.Array, ...]) -> jax.Array:
   ndim = len(maxima)
   # Replicated (small vectors): under explicit sharding a row and a column vector split over one mesh axis
   # would broadcast to a matrix split twice over it.
-  maxima = [sharding.unsplit(m) for m in maxima]
+  maxima = tuple(sharding.unsplit(m) for m in maxima)
   shaped = [m.reshape(tuple(-1 if a == axis else 1 for a in range(ndim))) for axis, m in enumerate(maxima)]
   return functools.reduce(jnp.minimum, shaped)
 

@@ -194,7 +194,7 @@ class ShampooOptions:
                   qr_iterations=None, refresh_tol=DEFAULT_REFRESH_TOL, mesh=None, mesh_axis="data",
                   grafting="frobenius", grafting_eps=None, grafting_beta2=None, grafting_per_block=None,
                   start_preconditioning_step=None, filter_beta=None, filter_bias_correction=True,
-                  combine="shampoo", store_root=True, epsilon_mode="relative", stats_bias_correction=False,
+                  combine="shampoo", store_root=True, epsilon_mode: EpsilonMode = "relative", stats_bias_correction=False,
                   precondition_1d=False, precision=DEFAULT_PRECISION) -> ShampooOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     max_order = _static("max_order", max_order, DEFAULT_MAX_ORDER, 1)
@@ -270,7 +270,7 @@ class SoapOptions:
   def from_kwargs(cls, *, b1=0.95, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_every=None,
                   max_order=None, max_precond_dim=None, state_format="eigen", bits=None, mapping="linear2",
                   quant_block=None, min_quant_order=None, bjorck_steps=(1, 1), mesh=None, mesh_axis="data",
-                  moment_bits=None, project_nu=None, head_fraction=None, statistic="refresh",
+                  moment_bits=None, project_nu=None, head_fraction=None, statistic: SoapStatistic = "refresh",
                   precision=DEFAULT_PRECISION) -> SoapOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     validation.check_range("b1", b1, 0.0, 1.0)

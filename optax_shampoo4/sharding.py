@@ -233,7 +233,8 @@ def explicit_layout(x: Any) -> NamedSharding | None:
   mesh = getattr(layout, "mesh", None)
   if mesh is None or not any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
     return None
-  return layout if any(entry is not None for entry in layout.spec) else None
+  spec = getattr(layout, "spec", ())
+  return layout if any(entry is not None for entry in spec) else None
 
 
 def unsplit(x: jax.Array) -> jax.Array:
