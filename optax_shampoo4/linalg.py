@@ -72,7 +72,7 @@ def step_matmul(a: jax.Array, b: jax.Array, precision: str = "highest") -> jax.A
   Example:
     >>> import jax.numpy as jnp, optax_shampoo4 as s4
     >>> a = jnp.array([[1.0 + 2.0**-12]])
-    >>> float(s4.linalg.step_matmul(a, a, "default"))  # the operand rounded to bf16
+    >>> float(s4.linalg.step_matmul(a, a, "default")[0, 0])  # the operand rounded to bf16
     1.0
   """
   if precision == "highest":

@@ -252,7 +252,7 @@ def test_extra_args_accepted_and_no_recompile():
     "kwargs, name",
     [
         (dict(max_order=0), "max_order"),
-        (dict(beta=1.0), "beta"),
+        (dict(beta=1.5), "beta"),  # beta = 1 is valid: a running sum (Distributed Shampoo)
         (dict(beta=-0.1), "beta"),
         (dict(epsilon=-1e-6), "epsilon"),
         (dict(epsilon=float("nan")), "epsilon"),

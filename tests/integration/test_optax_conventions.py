@@ -97,7 +97,13 @@ def _assert_same_run(got, want):
   for (got_updates, got_state), (want_updates, want_state) in zip(got, want, strict=True):
     chex.assert_trees_all_equal_structs(got_state, want_state)
     chex.assert_trees_all_equal_dtypes((got_updates, got_state), (want_updates, want_state))
-    chex.assert_trees_all_close(got_updates, want_updates, rtol=1e-5, atol=1e-6)
+    # The updates pass through those roots too: a traced beta rounds 1 - beta in float32, a constant in float64
+    # (fp32 format: up to 3.0e-6 absolute on 4 of 144 elements). With 4-bit codes such an ulp can flip a code
+    # (eigen format: 3.9e-5 on one element, 2e-5 of the update's largest entry): bound the difference by 1e-3 of
+    # each update's largest entry (50x headroom; a hyperparameter baked in at trace time moves it by O(1)).
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got_updates), jax.tree.leaves(want_updates), strict=True):
+      scale = float(np.max(np.abs(want_leaf))) if np.size(want_leaf) else 0.0
+      np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-4, atol=max(3e-5, 1e-3 * scale))
     # The state's eigenpairs and roots amplify those ulps (measured 1.3e-5 relative, 2.7e-7 absolute).
     chex.assert_trees_all_close(got_state, want_state, rtol=1e-4, atol=1e-5)
 
