@@ -96,9 +96,12 @@ def test_sharded_soap_matches_single_device(state_format, kind):
       want = from_same[1].factors[name].eigvals
       got = np.asarray(state.factors[name].eigvals)[:counts[name]]
       np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())
-    if state_format == "fp32":  # deterministic: whole trajectories agree too
+    if state_format == "fp32":  # deterministic: whole trajectories agree too, where the basis is determined
       free, free_state = single_update(jax.device_put(g, device), free_state, single_params)
-      _assert_close(updates, _to_host(free), f"fp32, step {step + 1}, free trajectory")
+      # "u" (8x16) gives a rank-8 right statistic: its basis inside the null space is fixed by rounding noise
+      # (the devices form their own grams, in another order), so only its every-step check above applies.
+      full_rank = {k: v for k, v in _to_host(free).items() if k != "u"}
+      _assert_close(updates, full_rank, f"fp32, step {step + 1}, free trajectory")
       free_state = jax.block_until_ready(free_state)
   assert int(state.failed_refreshes) == 0
   assert math.isclose(float(np.abs(updates["w"]).max()), float(np.abs(from_same[0]["w"]).max()), rel_tol=1e-3)
