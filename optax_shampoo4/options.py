@@ -133,6 +133,14 @@ def _root_method(root_method: Any, state_format: str, epsilon_mode: str = "relat
   return root_method
 
 
+def _check_jorge_beta(beta: Any, root_method: str) -> None:
+  """Jorge's update scales by ``(1 - beta) / beta``: ``beta`` must be in (0, 1) (0 divides, 1 never moves)."""
+  number = validation.concrete_float("beta", beta)
+  if root_method == "jorge" and number is not None and not 0.0 < number < 1.0:
+    raise ValueError(f"root_method='jorge' needs beta in (0, 1): its step is (1 - beta) / beta times the "
+                     f"gram term, got beta={beta!r}")
+
+
 def _check_store_root(store_root: Any, state_format: str, root_method: str) -> bool:
   store_root = _check_bool("store_root", store_root)
   if not store_root and (state_format != "eigen" or root_method != "eigen"):
@@ -206,6 +214,7 @@ class ShampooOptions:
     validation.check_range("epsilon", epsilon, 0.0, math.inf)
     _check_choice("epsilon_mode", epsilon_mode, EPSILON_MODES)
     root_method = _root_method(root_method, state_format, epsilon_mode)
+    _check_jorge_beta(beta, root_method)
     _check_choice("refresh_method", refresh_method, fct.REFRESH_METHODS)
     qr_iterations = _static("qr_iterations", qr_iterations, DEFAULT_QR_ITERATIONS, 1)
     validation.check_range("refresh_tol", refresh_tol, 0.0, 1.0, high_inclusive=True)

@@ -73,4 +73,6 @@ def check_learning_rate(value: Any) -> None:
   """A learning rate is a schedule (callable) or a finite scalar >= 0."""
   if callable(value):
     return
+  if isinstance(value, (str, bytes)):
+    raise TypeError(f"learning_rate must be a real scalar or a schedule, got learning_rate={value!r}")
   check_range("learning_rate", value, 0.0, float("inf"))

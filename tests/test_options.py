@@ -57,6 +57,8 @@ def test_soap_errors_name_argument_and_value(name, value):
 @pytest.mark.parametrize("kwargs, name", [
     (dict(state_format="naive", root_method="eigen"), "root_method"),
     (dict(state_format="eigen", root_method="jorge"), "state_format"),
+    (dict(state_format="fp32", root_method="jorge", beta=1.0), "beta"),
+    (dict(state_format="naive", root_method="jorge", beta=0.0), "beta"),
     (dict(store_root=False, state_format="fp32"), "store_root"),
     (dict(bits=4, quant_block=5), "quant_block"),
 ])

@@ -83,5 +83,6 @@ def test_check_learning_rate():
   for bad in (-1e-3, float("inf"), float("nan")):
     with pytest.raises(ValueError, match="learning_rate must be in"):
       v.check_learning_rate(bad)
-  with pytest.raises(TypeError, match="learning_rate must be a real scalar"):
-    v.check_learning_rate("fast")
+  for text in ("fast", "0.1"):  # float() would parse "0.1": a string is still not a learning rate
+    with pytest.raises(TypeError, match="learning_rate must be a real scalar"):
+      v.check_learning_rate(text)

@@ -73,7 +73,7 @@ BAD_ARGUMENTS = [
     ("min_quant_order", [0, -1, 1.5]),
     ("stats_every", [0, -2, 1.5, "10", True]),
     ("root_every", [0, -5, 2.5]),
-    ("beta", [-0.1, 1.0, 1.5, math.nan, "x"]),
+    ("beta", [-0.1, 1.5, math.nan, "x"]),  # beta = 1 is valid: a running sum (Meta's)
     ("epsilon", [-1e-6, math.inf, math.nan]),
     ("state_format", ["int4", 4, None]),
     ("mapping", ["log", 2]),
