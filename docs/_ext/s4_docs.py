@@ -5,13 +5,14 @@ At ``builder-inited`` (before autosummary and before the sources are read) it
 
 * writes ``docs/api/*.rst`` from the package's ``__all__`` (``public_api.write_api_pages``);
 * warns for every public name without a docstring (an error under ``-W``);
-* writes ``docs/_generated/*.md`` and ``*.png`` from the benchmark JSON files (``results_tables.write_all``).
+* writes ``docs/_generated/*.md`` and ``*.png`` from the benchmark JSON files (``results_tables.write_all``, ``notes_tables.write_all``).
 """
 
 import importlib
 import pathlib
 import sys
 
+import notes_tables
 import public_api
 import results_tables
 from sphinx.util import logging
@@ -25,6 +26,7 @@ def _generate(app):
   for name in public_api.missing_docstrings():
     logger.warning("public name without a docstring: %s", name, type="s4_docs", subtype="docstring")
   results_tables.write_all(docs.parent / "benchmarks" / "results", docs / "_generated")
+  notes_tables.write_all(docs.parent / "benchmarks" / "results", docs / "_generated")
 
 
 def _find_object(full_name):
