@@ -95,7 +95,8 @@ BASES = ("sgdm+shampoo4", "sgdm+shampoo32", "sgdm")  # the example's optimizers 
 
 def make_optimizer(kind, stream: int, steps: int, lr: float = 0.1,
                    base: str = "sgdm+shampoo4") -> optax.GradientTransformation:
-  """``base`` (an ``examples/common.py`` name) at peak ``lr`` with fp32, noisy fp32 or 8-bit momentum."""
+  """``base`` (a variant name of ``examples/variants.py``, built by ``common.make_optimizer``) at peak ``lr``
+  with fp32, noisy fp32 or 8-bit momentum."""
   schedule = common.learning_rate_schedule(lr, steps)
 
   def build(name):
