@@ -51,6 +51,8 @@ import itertools
 import math
 
 import numpy as np
+import reference_common
+from reference_common import outer_product
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +130,6 @@ def init_state(param: np.ndarray, cfg: MetaConfig) -> MetaState:
   return MetaState(0, np.zeros(param.shape), acc, factors, roots)
 
 
-def outer_product(block: np.ndarray, dim: int) -> np.ndarray:
-  others = [k for k in range(block.ndim) if k != dim]
-  return np.tensordot(block, block, axes=(others, others))
 
 
 def inverse_root(factor: np.ndarray, bias_correction: float, epsilon: float, root: int) -> np.ndarray:
@@ -203,14 +202,6 @@ def search_direction(x: np.ndarray, acc: np.ndarray | None, roots: list, cfg: Me
   return from_blocks(out, x.shape, cfg)
 
 
-def run_meta(params: dict, grad_fn, steps: int, cfg: MetaConfig) -> list[dict]:
+def run_meta(params: dict, grad_fn, steps: int, cfg) -> list[dict]:
   """``steps`` calls on a dict of arrays with ``grad_fn(params, call) -> grads`` (call from 0); returns the params after each call."""
-  params = {name: np.asarray(p, np.float64) for name, p in params.items()}
-  states = {name: init_state(p, cfg) for name, p in params.items()}
-  history = []
-  for call in range(steps):
-    grads = grad_fn(params, call)
-    for name in params:
-      params[name], states[name] = meta_step(params[name], grads[name], states[name], cfg)
-    history.append({name: p.copy() for name, p in params.items()})
-  return history
+  return reference_common.run_steps(params, grad_fn, steps, cfg, init_state, meta_step)

@@ -41,6 +41,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import reference_common
+from reference_common import outer_product
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +103,6 @@ def project_back(x: np.ndarray, bases: list) -> np.ndarray:
   return x
 
 
-def outer_product(grad: np.ndarray, dim: int) -> np.ndarray:
-  """``grad`` contracted with itself over every dimension but ``dim``."""
-  others = [k for k in range(grad.ndim) if k != dim]
-  return np.tensordot(grad, grad, axes=(others, others))
 
 
 def fold_statistics(stats: list, grad: np.ndarray, beta: float) -> list:
@@ -165,14 +163,6 @@ def soap_step(param: np.ndarray, grad: np.ndarray, state: SoapState,
   return param, SoapState(step, exp_avg, exp_avg_sq, stats, bases)
 
 
-def run_soap(params: dict, grad_fn, steps: int, cfg: SoapConfig) -> list[dict]:
+def run_soap(params: dict, grad_fn, steps: int, cfg) -> list[dict]:
   """``steps`` calls on a dict of arrays with ``grad_fn(params, call) -> grads`` (call from 0); returns the params after each call."""
-  params = {name: np.asarray(p, np.float64) for name, p in params.items()}
-  states = {name: init_state(p, cfg) for name, p in params.items()}
-  history = []
-  for call in range(steps):
-    grads = grad_fn(params, call)
-    for name in params:
-      params[name], states[name] = soap_step(params[name], grads[name], states[name], cfg)
-    history.append({name: p.copy() for name, p in params.items()})
-  return history
+  return reference_common.run_steps(params, grad_fn, steps, cfg, init_state, soap_step)
