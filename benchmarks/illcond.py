@@ -28,9 +28,11 @@ so that these small factors are quantized as a large layer's would be (the defau
 most of them in float32).
 
   python benchmarks/illcond.py [--problems ls_power_1e4 mlp] [--rows adamw soap_ref] [--seeds 0 1 2]
-      [--steps 300] [--precision highest] [--out benchmarks/results/illcond.json]
+      [--steps 300] [--precision highest] [--out benchmarks/results/illcond.json] [--merge]
 
-Prints one table per problem and writes the JSON and a PNG next to it.
+Prints one table per problem and writes the JSON and a PNG next to it. With ``--merge`` the rows run
+replace those rows in the existing JSON (other rows and problems kept; the rerun rows are listed under
+``notes.rerun``), and the table and PNG show the merged results.
 """
 
 from __future__ import annotations
@@ -343,6 +345,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", default=str(_ROOT / "benchmarks" / "results" / "illcond.json"))
   parser.add_argument("--precision", choices=["highest", "high", "default"], default="highest",
                       help="precision= of the library rows' every-step products (benchmarks/precision.py)")
+  parser.add_argument("--merge", action="store_true",
+                      help="replace only the rows run in the existing --out JSON (keep the other rows and problems)")
   args = parser.parse_args(argv)
   global BASE_LRS
   if args.lrs:
@@ -359,14 +363,34 @@ def main(argv=None) -> dict:
       sweeps[row] = sweep(trainer, problems, loss)
       summaries[row] = summarize(sweeps[row])
       summaries[row]["seconds"] = time.perf_counter() - start
-    print_table(name, summaries, metric)
     results[name] = {"metric": metric, "fstar": [p.fstar for p in problems], "summary": summaries, "sweeps": sweeps}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"steps": args.steps, "seeds": args.seeds, "precision": args.precision, "problems": results}
+    if args.merge and out.exists():
+      payload = merge_rows(json.loads(out.read_text()), results, args.rows)
+    print_table(name, payload["problems"][name]["summary"], metric)
     out.write_text(json.dumps(payload, indent=1, default=float))
-    plot(results, out.with_suffix(".png"))
+    plot(payload["problems"], out.with_suffix(".png"))
   return results
+
+
+def merge_rows(previous: dict, results: dict, rows: list[str]) -> dict:
+  """``previous`` (an earlier JSON) with the ``rows`` of each problem in ``results`` replaced; rows and
+  problems not run are kept as they were, and ``notes.rerun`` lists per problem the rows replaced."""
+  merged = dict(previous)
+  problems = dict(previous.get("problems", {}))
+  notes = dict(previous.get("notes", {}))
+  rerun = dict(notes.get("rerun", {}))
+  for name, new in results.items():
+    old = problems.get(name, {"metric": new["metric"], "fstar": new["fstar"], "summary": {}, "sweeps": {}})
+    summary = {**old.get("summary", {}), **{row: new["summary"][row] for row in rows}}
+    sweeps = {**old.get("sweeps", {}), **{row: new["sweeps"][row] for row in rows}}
+    problems[name] = {**old, "summary": summary, "sweeps": sweeps}
+    rerun[name] = sorted(set(rerun.get(name, [])) | set(rows))
+  merged["problems"] = problems
+  merged["notes"] = {**notes, "rerun": rerun}
+  return merged
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""Research: how a refresh rectifies 4-bit SOAP's low-bit basis rows, on ``benchmarks/illcond.py``'s problems.
+
+Rows (``min_quant_order=16`` as illcond's quantized rows; the authors' dense float32 SOAP as the reference):
+
+* ``soap_ref``: the authors' SOAP (``benchmarks/soap_reference.py``);
+* ``tail_bjorck``: ``soap4`` with ``tail_rectify="bjorck"`` (the 4-bit rows projected out of the 8-bit head,
+  then one Björck step, before the statistic is rebuilt from the basis at a refresh);
+* ``tail_qr``: ``tail_rectify="qr"`` (projected out of the head, then Gram–Schmidt in descending-eigenvalue
+  order by one QR per factor: exactly orthonormal);
+* ``tail_qr_every_step``: ``"qr"`` at refreshes and the same Gram–Schmidt at every step's use of the basis
+  (a QR per factor per step);
+* ``tail_qr_head1/4``: the same with a quarter of the rows in the 8-bit head.
+
+Same sweep, seeds and metric as ``illcond.py``:
+
+  python benchmarks/soap_tail.py --problems ls_logunif_1e6 ls_power_1e6 ls_logunif_1e4 deeplinear mlp \\
+      --out benchmarks/results/soap_tail.json
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+  sys.path.insert(0, str(_ROOT))
+
+import optax_shampoo4 as s4  # noqa: E402
+from benchmarks import illcond  # noqa: E402
+from benchmarks.soap_reference import soap_reference  # noqa: E402
+
+_Q = dict(weight_decay=0.0, min_quant_order=16)
+CANDIDATES = {
+    "soap_ref": lambda: soap_reference(1.0, weight_decay=0.0),
+    "tail_bjorck": lambda: s4.soap4(1.0, tail_rectify="bjorck", **_Q),
+    "tail_qr": lambda: s4.soap4(1.0, tail_rectify="qr", **_Q),
+    "tail_qr_every_step": lambda: s4.soap4(1.0, tail_rectify="qr_every_step", **_Q),
+    "tail_qr_head1/4": lambda: s4.soap4(1.0, tail_rectify="qr", head_fraction=0.25, **_Q),
+}
+
+if __name__ == "__main__":
+  illcond.ROWS.clear()
+  illcond.ROWS.update(CANDIDATES)
+  illcond.NO_PRECISION = tuple(CANDIDATES)
+  illcond.main(sys.argv[1:])
