@@ -217,9 +217,10 @@ ROWS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "ds_4bit": lambda **kw: s4.distributed_shampoo4(1.0, **_DS, **_QUANT, **kw),
     "shampoo8": lambda **kw: s4.adamw_shampoo4(1.0, bits=8, **_SHAMPOO, **_QUANT, **kw),
     "ds_8bit": lambda **kw: s4.distributed_shampoo4(1.0, bits=8, **_DS, **_QUANT, **kw),
+    "ds_4bit_nofloor": lambda **kw: s4.distributed_shampoo4(1.0, quant_damping=0.0, **_DS, **_QUANT, **kw),
 }
-# Rows run by default (the 8-bit ones on request: --rows shampoo8 ds_8bit).
-DEFAULT_ROWS = [name for name in ROWS if name not in ("shampoo8", "ds_8bit")]
+# Rows run by default (the 8-bit ones and the 4-bit DS without its damping floor on request).
+DEFAULT_ROWS = [name for name in ROWS if name not in ("shampoo8", "ds_8bit", "ds_4bit_nofloor")]
 NO_PRECISION = ("adamw", "soap_ref")  # rows without the library's precision= option
 
 

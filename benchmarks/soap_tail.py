@@ -9,7 +9,10 @@ Rows (``min_quant_order=16`` as illcond's quantized rows; the authors' dense flo
   order by one QR per factor: exactly orthonormal);
 * ``tail_qr_every_step``: ``"qr"`` at refreshes and the same Gram–Schmidt at every step's use of the basis
   (a QR per factor per step);
-* ``tail_qr_head1/4``: the same with a quarter of the rows in the 8-bit head.
+* ``tail_qr_head1/4``: the same with a quarter of the rows in the 8-bit head;
+* ``beta0.36`` / ``beta0.36_tail_qr``: a shorter statistic memory (``shampoo_beta`` 0.36 per refresh, the
+  default's square), with each tail rectification;
+* ``tail_qr_every_step_head1/4``: per-step Gram–Schmidt with a quarter of the rows in the 8-bit head.
 
 Same sweep, seeds and metric as ``illcond.py``:
 
@@ -37,6 +40,9 @@ CANDIDATES = {
     "tail_qr": lambda: s4.soap4(1.0, tail_rectify="qr", **_Q),
     "tail_qr_every_step": lambda: s4.soap4(1.0, tail_rectify="qr_every_step", **_Q),
     "tail_qr_head1/4": lambda: s4.soap4(1.0, tail_rectify="qr", head_fraction=0.25, **_Q),
+    "beta0.36": lambda: s4.soap4(1.0, shampoo_beta=0.36, **_Q),
+    "beta0.36_tail_qr": lambda: s4.soap4(1.0, shampoo_beta=0.36, tail_rectify="qr", **_Q),
+    "tail_qr_every_step_head1/4": lambda: s4.soap4(1.0, tail_rectify="qr_every_step", head_fraction=0.25, **_Q),
 }
 
 if __name__ == "__main__":
