@@ -32,7 +32,8 @@ most of them in float32).
 
 Prints one table per problem and writes the JSON and a PNG next to it. With ``--merge`` the rows run
 replace those rows in the existing JSON (other rows and problems kept; the rerun rows are listed under
-``notes.rerun``), and the table and PNG show the merged results.
+``notes.rerun``), and the table and PNG show the merged results. ``--headline JSON`` prints the README's
+table of ratios (4-bit SOAP / reference SOAP, 4-bit / fp32 Distributed Shampoo, 4-bit / 32-bit Shampoo).
 """
 
 from __future__ import annotations
@@ -312,6 +313,27 @@ def print_table(problem: str, summaries: dict[str, dict], metric_name: str) -> N
           f"{stable:>14}{edge}")
 
 
+# The README's table: (column title, row, the row it is divided by).
+HEADLINE = (("`soap4` 4-bit / ref. SOAP", "soap4_4bit", "soap_ref"), ("`soap4` fp32 / ref. SOAP", "soap4_fp32", "soap_ref"),
+            ("DS 4-bit / DS fp32", "ds_4bit", "ds_fp32"), ("Shampoo 4-bit / 32-bit", "shampoo4", "shampoo32"))
+
+
+def headline_table(problems: dict) -> str:
+  """Markdown: per problem, the ratios of :data:`HEADLINE` (best-lr means over seeds; — where a row is missing)."""
+  lines = ["| problem (metric) | " + " | ".join(title for title, _, _ in HEADLINE) + " |",
+           "|---|" + "---:|" * len(HEADLINE)]
+  for name, problem in problems.items():
+    summary = problem["summary"]
+    cells = []
+    for _, row, ref in HEADLINE:
+      if row in summary and ref in summary and summary[ref]["best_mean"] > 0:
+        cells.append(f"{summary[row]['best_mean'] / summary[ref]['best_mean']:.2f}×")
+      else:
+        cells.append("—")
+    lines.append(f"| `{name}` ({problem['metric']}) | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def plot(results: dict, path: pathlib.Path) -> None:
   import matplotlib
 
@@ -348,7 +370,12 @@ def main(argv=None) -> dict:
                       help="precision= of the library rows' every-step products (benchmarks/precision.py)")
   parser.add_argument("--merge", action="store_true",
                       help="replace only the rows run in the existing --out JSON (keep the other rows and problems)")
+  parser.add_argument("--headline", metavar="JSON", default=None,
+                      help="print the README's ratio table of an existing JSON and exit (runs nothing)")
   args = parser.parse_args(argv)
+  if args.headline:
+    print(headline_table(json.loads(pathlib.Path(args.headline).read_text())["problems"]))
+    return {}
   global BASE_LRS
   if args.lrs:
     BASE_LRS = tuple(sorted(args.lrs))

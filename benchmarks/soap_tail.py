@@ -12,7 +12,9 @@ Rows (``min_quant_order=16`` as illcond's quantized rows; the authors' dense flo
 * ``tail_qr_head1/4``: the same with a quarter of the rows in the 8-bit head;
 * ``beta0.36`` / ``beta0.36_tail_qr``: a shorter statistic memory (``shampoo_beta`` 0.36 per refresh, the
   default's square), with each tail rectification;
-* ``tail_qr_every_step_head1/4``: per-step Gram–Schmidt with a quarter of the rows in the 8-bit head.
+* ``tail_qr_every_step_head1/4``: per-step Gram–Schmidt with a quarter of the rows in the 8-bit head;
+* ``project_nu_off`` / ``8bit_project_nu_off`` / ``tail_qr_project_nu_off``: ``v`` only permuted at a
+  refresh (as the authors' SOAP), 4-bit / 8-bit / 4-bit with ``tail_rectify="qr"``.
 
 Same sweep, seeds and metric as ``illcond.py``:
 
@@ -42,6 +44,9 @@ CANDIDATES = {
     "tail_qr_head1/4": lambda: s4.soap4(1.0, tail_rectify="qr", head_fraction=0.25, **_Q),
     "beta0.36": lambda: s4.soap4(1.0, shampoo_beta=0.36, **_Q),
     "beta0.36_tail_qr": lambda: s4.soap4(1.0, shampoo_beta=0.36, tail_rectify="qr", **_Q),
+    "project_nu_off": lambda: s4.soap4(1.0, project_nu=False, **_Q),
+    "8bit_project_nu_off": lambda: s4.soap4(1.0, bits=8, project_nu=False, **_Q),
+    "tail_qr_project_nu_off": lambda: s4.soap4(1.0, tail_rectify="qr", project_nu=False, **_Q),
     "tail_qr_every_step_head1/4": lambda: s4.soap4(1.0, tail_rectify="qr_every_step", head_fraction=0.25, **_Q),
 }
 
