@@ -245,7 +245,7 @@ def orthonormal_rows(rows: jax.Array) -> jax.Array:
   Example:
     >>> import jax.numpy as jnp, optax_shampoo4 as s4
     >>> w = s4.linalg.orthonormal_rows(jnp.array([[2.0, 0.0], [1.0, 1.0]]))
-    >>> [[round(float(x), 6) for x in row] for row in w]  # the first row's direction is kept
+    >>> [[round(float(x), 6) + 0.0 for x in row] for row in w]  # the first row's direction is kept
     [[1.0, 0.0], [0.0, 1.0]]
   """
   cols = transpose(rows)
