@@ -199,7 +199,7 @@ class ShampooOptions:
                   grafting="frobenius", grafting_eps=None, grafting_beta2=None, grafting_per_block=None,
                   start_preconditioning_step=None, filter_beta=None, filter_bias_correction=True,
                   combine="shampoo", store_root=True, epsilon_mode: EpsilonMode = "relative", stats_bias_correction=False,
-                  precondition_1d=False, precision=DEFAULT_PRECISION, quant_damping=0.0) -> ShampooOptions:
+                  precondition_1d=False, precision=DEFAULT_PRECISION, quant_damping: Any = 0.0) -> ShampooOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     max_order = _static("max_order", max_order, DEFAULT_MAX_ORDER, 1)
     bits, mapping, quant_block, min_quant_order = _quantization(bits, mapping, quant_block, min_quant_order)
