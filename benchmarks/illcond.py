@@ -28,9 +28,12 @@ so that these small factors are quantized as a large layer's would be (the defau
 most of them in float32).
 
   python benchmarks/illcond.py [--problems ls_power_1e4 mlp] [--rows adamw soap_ref] [--seeds 0 1 2]
-      [--steps 300] [--precision highest] [--out benchmarks/results/illcond.json]
+      [--steps 300] [--precision highest] [--out benchmarks/results/illcond.json] [--merge]
 
-Prints one table per problem and writes the JSON and a PNG next to it.
+Prints one table per problem and writes the JSON and a PNG next to it. With ``--merge`` the rows run
+replace those rows in the existing JSON (other rows and problems kept; the rerun rows are listed under
+``notes.rerun``), and the table and PNG show the merged results. ``--headline JSON`` prints the README's
+table of ratios (4-bit SOAP / reference SOAP, 4-bit / fp32 Distributed Shampoo, 4-bit / 32-bit Shampoo).
 """
 
 from __future__ import annotations
@@ -215,9 +218,10 @@ ROWS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "ds_4bit": lambda **kw: s4.distributed_shampoo4(1.0, **_DS, **_QUANT, **kw),
     "shampoo8": lambda **kw: s4.adamw_shampoo4(1.0, bits=8, **_SHAMPOO, **_QUANT, **kw),
     "ds_8bit": lambda **kw: s4.distributed_shampoo4(1.0, bits=8, **_DS, **_QUANT, **kw),
+    "ds_4bit_nofloor": lambda **kw: s4.distributed_shampoo4(1.0, quant_damping=0.0, **_DS, **_QUANT, **kw),
 }
-# Rows run by default (the 8-bit ones on request: --rows shampoo8 ds_8bit).
-DEFAULT_ROWS = [name for name in ROWS if name not in ("shampoo8", "ds_8bit")]
+# Rows run by default (the 8-bit ones and the 4-bit DS without its damping floor on request).
+DEFAULT_ROWS = [name for name in ROWS if name not in ("shampoo8", "ds_8bit", "ds_4bit_nofloor")]
 NO_PRECISION = ("adamw", "soap_ref")  # rows without the library's precision= option
 
 
@@ -309,6 +313,27 @@ def print_table(problem: str, summaries: dict[str, dict], metric_name: str) -> N
           f"{stable:>14}{edge}")
 
 
+# The README's table: (column title, row, the row it is divided by).
+HEADLINE = (("`soap4` 4-bit / ref. SOAP", "soap4_4bit", "soap_ref"), ("`soap4` fp32 / ref. SOAP", "soap4_fp32", "soap_ref"),
+            ("DS 4-bit / DS fp32", "ds_4bit", "ds_fp32"), ("Shampoo 4-bit / 32-bit", "shampoo4", "shampoo32"))
+
+
+def headline_table(problems: dict) -> str:
+  """Markdown: per problem, the ratios of :data:`HEADLINE` (best-lr means over seeds; — where a row is missing)."""
+  lines = ["| problem (metric) | " + " | ".join(title for title, _, _ in HEADLINE) + " |",
+           "|---|" + "---:|" * len(HEADLINE)]
+  for name, problem in problems.items():
+    summary = problem["summary"]
+    cells = []
+    for _, row, ref in HEADLINE:
+      if row in summary and ref in summary and summary[ref]["best_mean"] > 0:
+        cells.append(f"{summary[row]['best_mean'] / summary[ref]['best_mean']:.2f}×")
+      else:
+        cells.append("—")
+    lines.append(f"| `{name}` ({problem['metric']}) | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def plot(results: dict, path: pathlib.Path) -> None:
   import matplotlib
 
@@ -343,7 +368,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", default=str(_ROOT / "benchmarks" / "results" / "illcond.json"))
   parser.add_argument("--precision", choices=["highest", "high", "default"], default="highest",
                       help="precision= of the library rows' every-step products (benchmarks/precision.py)")
+  parser.add_argument("--merge", action="store_true",
+                      help="replace only the rows run in the existing --out JSON (keep the other rows and problems)")
+  parser.add_argument("--headline", metavar="JSON", default=None,
+                      help="print the README's ratio table of an existing JSON and exit (runs nothing)")
   args = parser.parse_args(argv)
+  if args.headline:
+    print(headline_table(json.loads(pathlib.Path(args.headline).read_text())["problems"]))
+    return {}
   global BASE_LRS
   if args.lrs:
     BASE_LRS = tuple(sorted(args.lrs))
@@ -359,14 +391,34 @@ def main(argv=None) -> dict:
       sweeps[row] = sweep(trainer, problems, loss)
       summaries[row] = summarize(sweeps[row])
       summaries[row]["seconds"] = time.perf_counter() - start
-    print_table(name, summaries, metric)
     results[name] = {"metric": metric, "fstar": [p.fstar for p in problems], "summary": summaries, "sweeps": sweeps}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"steps": args.steps, "seeds": args.seeds, "precision": args.precision, "problems": results}
+    if args.merge and out.exists():
+      payload = merge_rows(json.loads(out.read_text()), results, args.rows)
+    print_table(name, payload["problems"][name]["summary"], metric)
     out.write_text(json.dumps(payload, indent=1, default=float))
-    plot(results, out.with_suffix(".png"))
+    plot(payload["problems"], out.with_suffix(".png"))
   return results
+
+
+def merge_rows(previous: dict, results: dict, rows: list[str]) -> dict:
+  """``previous`` (an earlier JSON) with the ``rows`` of each problem in ``results`` replaced; rows and
+  problems not run are kept as they were, and ``notes.rerun`` lists per problem the rows replaced."""
+  merged = dict(previous)
+  problems = dict(previous.get("problems", {}))
+  notes = dict(previous.get("notes", {}))
+  rerun = dict(notes.get("rerun", {}))
+  for name, new in results.items():
+    old = problems.get(name, {"metric": new["metric"], "fstar": new["fstar"], "summary": {}, "sweeps": {}})
+    summary = {**old.get("summary", {}), **{row: new["summary"][row] for row in rows}}
+    sweeps = {**old.get("sweeps", {}), **{row: new["sweeps"][row] for row in rows}}
+    problems[name] = {**old, "summary": summary, "sweeps": sweeps}
+    rerun[name] = sorted(set(rerun.get(name, [])) | set(rows))
+  merged["problems"] = problems
+  merged["notes"] = {**notes, "rerun": rerun}
+  return merged
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ from optax_shampoo4.options import DEFAULT_REFRESH_METHOD, DEFAULT_REFRESH_TOL
 from optax_shampoo4.shampoo import scale_by_shampoo4
 from optax_shampoo4.soap import scale_by_soap4
 
+# distributed_shampoo4's floor under a quantized basis' eigenvalues, relative to the largest
+# (benchmarks/illcond.py: ds_4bit against ds_fp32; docs/results/illcond.md).
+DS_QUANT_DAMPING = 1e-6
+
 
 def adamw_shampoo4(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
@@ -59,6 +63,7 @@ def adamw_shampoo4(
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
     precision: options.Precision = options.DEFAULT_PRECISION,
+    quant_damping: jax.typing.ArrayLike = 0.0,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
@@ -78,7 +83,7 @@ def adamw_shampoo4(
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
   ``start_preconditioning_step``, ``combine``, ``store_root``, ``epsilon_mode``, ``stats_bias_correction``,
-  ``precondition_1d``, ``precision``: passed to :func:`scale_by_shampoo4` (same defaults).
+  ``precondition_1d``, ``precision``, ``quant_damping``: passed to :func:`scale_by_shampoo4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -106,7 +111,7 @@ def adamw_shampoo4(
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
       stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d,
-      precision=precision)
+      precision=precision, quant_damping=quant_damping)
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
@@ -151,6 +156,7 @@ def sgdm_shampoo4(
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
     precision: options.Precision = options.DEFAULT_PRECISION,
+    quant_damping: jax.typing.ArrayLike = 0.0,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
@@ -168,7 +174,7 @@ def sgdm_shampoo4(
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
   ``start_preconditioning_step``, ``combine``, ``store_root``, ``epsilon_mode``, ``stats_bias_correction``,
-  ``precondition_1d``, ``precision``: passed to :func:`scale_by_shampoo4` (same defaults).
+  ``precondition_1d``, ``precision``, ``quant_damping``: passed to :func:`scale_by_shampoo4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -191,7 +197,7 @@ def sgdm_shampoo4(
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
       stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d,
-      precision=precision)
+      precision=precision, quant_damping=quant_damping)
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   validation.check_range("momentum", momentum, 0.0, 1.0)  # moments.trace checks it as `decay`, in [0, 1]
   return optax.chain(
@@ -235,6 +241,7 @@ def adagrad_shampoo4(
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
     precision: options.Precision = options.DEFAULT_PRECISION,
+    quant_damping: jax.typing.ArrayLike = 0.0,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
@@ -244,7 +251,7 @@ def adagrad_shampoo4(
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
   ``start_preconditioning_step``, ``combine``, ``store_root``, ``epsilon_mode``, ``stats_bias_correction``,
-  ``precondition_1d``, ``precision``: passed to :func:`scale_by_shampoo4` (same defaults).
+  ``precondition_1d``, ``precision``, ``quant_damping``: passed to :func:`scale_by_shampoo4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -265,7 +272,7 @@ def adagrad_shampoo4(
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
       stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d,
-      precision=precision)
+      precision=precision, quant_damping=quant_damping)
   options.check_alias_options(learning_rate, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
@@ -310,6 +317,7 @@ def distributed_shampoo4(
     mesh_axis: str = "data",
     store_root: bool = True,
     precision: options.Precision = options.DEFAULT_PRECISION,
+    quant_damping: jax.typing.ArrayLike = DS_QUANT_DAMPING,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Distributed Shampoo's update rule (Shi et al. 2023) on the 4-bit Shampoo state.
@@ -339,7 +347,8 @@ def distributed_shampoo4(
   Keyword-only arguments ``max_order``, ``beta``, ``epsilon``, ``stats_every``, ``root_every``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
-  ``store_root``, ``epsilon_mode``, ``precondition_1d``, ``precision``: passed to :func:`scale_by_shampoo4`; here
+  ``store_root``, ``epsilon_mode``, ``precondition_1d``, ``precision``, ``quant_damping``: passed to
+  :func:`scale_by_shampoo4`; here
   ``stats_every=10`` and ``root_every=100`` (Meta's AlgoPerf submission refreshed its roots every 100
   steps) and, by default, Meta's statistics: ``beta=1.0`` (the Gram matrices are summed from zero, as
   Meta's ``betas[1] = 1``), ``epsilon=1e-12`` added as an absolute constant at root time
@@ -352,6 +361,14 @@ def distributed_shampoo4(
   as one vector there, as a matrix here) and one factor per dimension of tensors of rank > 2 (here
   the matrix view of :mod:`optax_shampoo4.partition`). Meta folds the statistics at every step
   (``stats_every=1``).
+
+  With a quantized basis (``state_format="eigen"``) the roots are also damped by
+  ``quant_damping`` :math:`\delta = 10^{-6}` relative to the largest eigenvalue,
+  :math:`(\Lambda + \epsilon + \delta\lambda_{\max})^{-1/4}`: the 4-bit eigenvectors' rounding
+  error reaches the smallest eigen-directions at about :math:`\delta_q\lambda_{\max}`, and with
+  Meta's :math:`\epsilon = 10^{-12}` their roots, amplified by up to :math:`\epsilon^{-1/4}`,
+  made the 4-bit optimizer unstable at learning rates where the float32 one is stable
+  (``benchmarks/illcond.py``). ``state_format="fp32"`` ignores it: the twin stays Meta's algorithm.
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -402,6 +419,7 @@ def distributed_shampoo4(
       start_preconditioning_step=root_every if start_preconditioning_step is None else start_preconditioning_step,
       combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
       stats_bias_correction=use_bias_correction, precondition_1d=precondition_1d, precision=precision,
+      quant_damping=quant_damping,
       filter_beta=b1, filter_bias_correction=use_bias_correction)
   return optax.chain(
       shampoo,
@@ -436,6 +454,7 @@ def soap4(
     head_fraction: float | None = None,
     statistic: options.SoapStatistic = "refresh",
     precision: options.Precision = options.DEFAULT_PRECISION,
+    tail_rectify: options.TailRectify = options.DEFAULT_TAIL_RECTIFY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP with a 4-bit eigenbasis, decoupled weight decay and a learning rate.
 
@@ -448,7 +467,8 @@ def soap4(
 
   Keyword-only arguments ``shampoo_beta``, ``precondition_every``, ``max_order``, ``max_precond_dim``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``, ``mesh``,
-  ``mesh_axis``, ``project_nu``, ``head_fraction``, ``statistic``, ``precision``: passed to :func:`~optax_shampoo4.scale_by_soap4` (same
+  ``mesh_axis``, ``project_nu``, ``head_fraction``, ``statistic``, ``precision``, ``tail_rectify``: passed to
+  :func:`~optax_shampoo4.scale_by_soap4` (same
   defaults).
 
   Args:
@@ -471,7 +491,8 @@ def soap4(
                         max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format,
                         bits=bits, mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
                         bjorck_steps=bjorck_steps, mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits,
-                        project_nu=project_nu, head_fraction=head_fraction, statistic=statistic, precision=precision)
+                        project_nu=project_nu, head_fraction=head_fraction, statistic=statistic, precision=precision,
+                        tail_rectify=tail_rectify)
   options.check_alias_options(learning_rate, weight_decay=weight_decay)
   return optax.chain(
       soap,

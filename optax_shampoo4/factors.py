@@ -118,6 +118,19 @@ class FactorConfig:
       head first by :func:`~optax_shampoo4.linalg.bjorck_head_first`); 0
       stores every row in ``bits`` bits.
     head_bits: bits of the head rows (8).
+    tail_rectify: how a refresh rectifies the decoded low-bit rows of a
+      factor with a head (``head_fraction``), after projecting the head out
+      of them: ``"bjorck"`` (``bjorck_steps[0]`` Björck steps) or ``"qr"``
+      (Gram–Schmidt in descending-eigenvalue order by a QR per factor,
+      :func:`~optax_shampoo4.linalg.orthonormal_head_first_parts`: exactly
+      orthonormal, and no row's error moves the rows of larger eigenvalues);
+      ``"qr_every_step"`` is ``"qr"`` here (its users rectify the same way
+      at every use of the basis).
+    quant_damping: :math:`\\delta`, extra damping :math:`\\delta\\lambda_{\\max}`
+      of the ``"eigen"`` format's roots from eigenpairs (``root_method="eigen"``),
+      on top of ε: a floor under the eigenvalues of a quantized basis, whose
+      rounding error (about :math:`\\delta_q\\lambda_{\\max}`) swamps the smallest
+      eigenvalues the inverse root amplifies most; a float or a traced array.
     epsilon_mode: how the roots are damped: ``"relative"`` (the paper,
       :math:`A + \\epsilon\\lambda_{\\max} I`) or ``"absolute"``
       (Distributed Shampoo, :math:`A + \\epsilon I`).
@@ -138,6 +151,8 @@ class FactorConfig:
   head_fraction: float = 0.0
   head_bits: int = 8
   epsilon_mode: str = "relative"
+  tail_rectify: str = "bjorck"
+  quant_damping: Any = 0.0
 
   @property
   def absolute_epsilon(self) -> bool:
@@ -182,15 +197,20 @@ def is_quantized(stored: StoredMatrix) -> bool:
   return isinstance(stored, (qz.QuantizedArray, qz.OffDiagQuantized, qz.SplitRowsQuantized))
 
 
-def rectified(stored: StoredMatrix, steps: int, tail_steps: int | None = None) -> jax.Array:
+def rectified(stored: StoredMatrix, steps: int, tail_steps: int | None = None, tail_qr: bool = False) -> jax.Array:
   """Stored eigenvectors (rows) dequantized and Björck-rectified; dense float32 ones as they are.
 
   Split rows (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`) are
   rectified head first (:func:`~optax_shampoo4.linalg.bjorck_head_first`,
-  ``tail_steps`` Björck steps on the tail; None: ``steps``).
+  ``tail_steps`` Björck steps on the tail; None: ``steps``), or with
+  ``tail_qr`` the tail made exactly orthonormal by Gram–Schmidt
+  (:func:`~optax_shampoo4.linalg.orthonormal_head_first_parts`; ``tail_steps`` unused).
   """
   if isinstance(stored, qz.SplitRowsQuantized):
-    return linalg.bjorck_head_first_parts(qz.dequantize(stored.head), qz.dequantize(stored.tail), steps, tail_steps)
+    head, tail = qz.dequantize(stored.head), qz.dequantize(stored.tail)
+    if tail_qr:
+      return linalg.orthonormal_head_first_parts(head, tail, steps)
+    return linalg.bjorck_head_first_parts(head, tail, steps, tail_steps)
   rows = load(stored)
   if is_quantized(stored):
     return linalg.bjorck(rows, steps)
@@ -331,7 +351,7 @@ def update_stats(
   """
   beta = jnp.asarray(beta, jnp.float32)
   if isinstance(bucket, EigenFactors):
-    rows = _rectified_eigvecs(bucket, config.bjorck_steps[0])
+    rows = rectified(bucket.eigvecs, config.bjorck_steps[0], tail_qr=config.tail_rectify != "bjorck")
     eigvals = bucket.eigvals
     if row_order is not None:
       rows = jnp.take_along_axis(rows, row_order[:, :, None], axis=1)
@@ -400,15 +420,16 @@ def root_from_eigenbasis(config: FactorConfig, bucket: EigenFactors, epsilon: ja
   """The inverse 4th roots of an ``"eigen"`` bucket from its stored eigenpairs, float32 ``[k, n, n]``.
 
   :math:`V = \\mathrm{Björck}^{t_2}(D(\\bar U))`,
-  :math:`\\hat A = V (\\Lambda + \\epsilon \\max\\lambda\\, I)^{-1/4} V^\\top`:
-  PIRU's root (paper Alg. 2), also formed at every step when no root is
+  :math:`\\hat A = V (\\Lambda + \\epsilon \\max\\lambda\\, I)^{-1/4} V^\\top`
+  (plus :math:`\\delta\\max\\lambda` with ``config.quant_damping`` δ): PIRU's root (paper Alg. 2), also formed at every step when no root is
   stored (``store_root=False``), then with the final product at the step's
   ``precision`` (:func:`~optax_shampoo4.linalg.step_matmul`; the Björck
   rectification stays at full float32 precision).
   """
   rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
   return roots.inverse_root_from_eig(linalg.transpose(rows), bucket.eigvals, jnp.asarray(epsilon, jnp.float32),
-                                     absolute=config.absolute_epsilon, precision=precision)
+                                     absolute=config.absolute_epsilon, precision=precision,
+                                     relative_floor=config.quant_damping)
 
 
 def root_matrices(bucket: Bucket) -> jax.Array:

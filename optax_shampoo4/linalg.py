@@ -177,6 +177,27 @@ def bjorck_head_first_parts(head: jax.Array, tail: jax.Array, steps: int = 1,
   return jnp.concatenate([head, tail], axis=-2)
 
 
+def orthonormal_head_first_parts(head: jax.Array, tail: jax.Array, steps: int = 1) -> jax.Array:
+  """``[head; tail]`` rows made exactly orthonormal, the head first: Björck on the head, then Gram–Schmidt.
+
+  .. math::
+
+    H \\leftarrow \\mathrm{Björck}^{s}(H), \\quad
+    T \\leftarrow \\mathrm{GS}(T - T H^\\top H)
+
+  with :math:`\\mathrm{GS}` :func:`orthonormal_rows` (a QR per matrix). Unlike
+  :func:`bjorck_head_first_parts`, whose Björck steps leave the tail
+  orthonormal only to their convergence, each tail row comes out orthogonal
+  to the head and to every tail row before it, so a row's quantization error
+  never moves the rows of larger eigenvalues. ``steps=0`` returns the parts
+  joined unchanged.
+  """
+  if steps > 0:
+    head = bjorck(head, steps)
+    tail = orthonormal_rows(tail - matmul(matmul(tail, transpose(head)), head))
+  return jnp.concatenate([head, tail], axis=-2)
+
+
 def _q_one_at_a_time(m: jax.Array) -> jax.Array:
   # Unrolled, not lax.map: a while loop in the (untaken) refresh branch of the
   # step's lax.cond made every plain step slower on XLA:CPU (10.8 vs 7.0 ms, example-2 tree).
@@ -200,7 +221,7 @@ def orthonormal_basis(m: jax.Array) -> jax.Array:
   machine) deadlocks. GPUs and TPUs keep the batched call.
 
   Args:
-    m: ``[..., n, n]``.
+    m: ``[..., n, n]`` (or ``[..., n, r]`` with ``r <= n``: the reduced ``Q``).
 
   Returns:
     ``Q`` with orthonormal columns, same shape.
@@ -208,6 +229,29 @@ def orthonormal_basis(m: jax.Array) -> jax.Array:
   if m.ndim == 2:
     return _q_batched(m)
   return lax.platform_dependent(m, cpu=_q_one_at_a_time, default=_q_batched)
+
+
+def orthonormal_rows(rows: jax.Array) -> jax.Array:
+  """Gram–Schmidt of each ``[..., r, n]`` stack of rows (``r <= n``), in row order, by QR.
+
+  Row ``i`` of the result is row ``i`` of ``rows`` with its components along
+  rows ``0..i-1`` removed, then normalized: :math:`Q^\\top` of
+  :math:`\\mathrm{qr}(R^\\top)` with the signs chosen so that the diagonal
+  of the triangular factor is positive. Earlier rows are kept closest to
+  their input, so for eigenvectors sorted by descending eigenvalue the
+  errors of a row never spread into the directions before it. The QR runs
+  per matrix on CPU (:func:`orthonormal_basis`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax_shampoo4 as s4
+    >>> w = s4.linalg.orthonormal_rows(jnp.array([[2.0, 0.0], [1.0, 1.0]]))
+    >>> [[round(float(x), 6) + 0.0 for x in row] for row in w]  # the first row's direction is kept
+    [[1.0, 0.0], [0.0, 1.0]]
+  """
+  cols = transpose(rows)
+  q = orthonormal_basis(cols)
+  signs = jnp.sign(jnp.sum(q * cols, axis=-2, keepdims=True))  # the diagonal of R = Qᵀ cols
+  return transpose(q * jnp.where(signs == 0, 1.0, signs))
 
 
 def _eigh_descending_one(a: jax.Array) -> tuple[jax.Array, jax.Array]:

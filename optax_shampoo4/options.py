@@ -65,6 +65,8 @@ COMBINES = get_args(Combine)
 EPSILON_MODES = get_args(EpsilonMode)
 SOAP_FORMATS = get_args(SoapStateFormat)
 SOAP_STATISTICS = get_args(SoapStatistic)
+TailRectify = Literal["bjorck", "qr", "qr_every_step"]
+TAIL_RECTIFY = get_args(TailRectify)
 
 # Chosen by measurement (docs: guides/refresh_and_variants); the paper's refresh is refresh_method="qr".
 DEFAULT_REFRESH_METHOD: RefreshMethod = "adaptive"
@@ -79,6 +81,7 @@ DEFAULT_MIN_QUANT_ORDER = 64
 DEFAULT_PRECONDITION_EVERY = 10
 DEFAULT_MAX_PRECOND_DIM = 10000
 DEFAULT_HEAD_FRACTION = 1 / 8  # measured: benchmarks/illcond.py, docs/results/illcond.md
+DEFAULT_TAIL_RECTIFY = "bjorck"
 # The per-step products' precision (linalg.step_matmul); the refresh maths is always HIGHEST.
 DEFAULT_PRECISION: Precision = "highest"
 
@@ -194,6 +197,7 @@ class ShampooOptions:
   stats_bias_correction: bool = False
   precondition_1d: bool = False
   precision: Precision = DEFAULT_PRECISION
+  quant_damping: Any = 0.0
 
   @classmethod
   def from_kwargs(cls, *, max_order=None, beta=0.95, epsilon=1e-6, stats_every=100, root_every=500,
@@ -203,7 +207,7 @@ class ShampooOptions:
                   grafting="frobenius", grafting_eps=None, grafting_beta2=None, grafting_per_block=None,
                   start_preconditioning_step=None, filter_beta=None, filter_bias_correction=True,
                   combine="shampoo", store_root=True, epsilon_mode: EpsilonMode = "relative", stats_bias_correction=False,
-                  precondition_1d=False, precision=DEFAULT_PRECISION) -> ShampooOptions:
+                  precondition_1d=False, precision=DEFAULT_PRECISION, quant_damping: Any = 0.0) -> ShampooOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     max_order = _static("max_order", max_order, DEFAULT_MAX_ORDER, 1)
     bits, mapping, quant_block, min_quant_order = _quantization(bits, mapping, quant_block, min_quant_order)
@@ -212,6 +216,7 @@ class ShampooOptions:
     _check_choice("state_format", state_format, fct.FORMATS)
     validation.check_range("beta", beta, 0.0, 1.0, high_inclusive=True)
     validation.check_range("epsilon", epsilon, 0.0, math.inf)
+    validation.check_range("quant_damping", quant_damping, 0.0, 1.0)
     _check_choice("epsilon_mode", epsilon_mode, EPSILON_MODES)
     root_method = _root_method(root_method, state_format, epsilon_mode)
     _check_jorge_beta(beta, root_method)
@@ -233,14 +238,15 @@ class ShampooOptions:
                store_root=_check_store_root(store_root, state_format, root_method), epsilon_mode=epsilon_mode,
                stats_bias_correction=_check_bool("stats_bias_correction", stats_bias_correction),
                precondition_1d=_check_bool("precondition_1d", precondition_1d),
-               precision=check_precision(precision))
+               precision=check_precision(precision), quant_damping=quant_damping)
 
   def factor_config(self) -> fct.FactorConfig:
     """The factor maths' settings (:class:`~optax_shampoo4.factors.FactorConfig`)."""
     return fct.FactorConfig(self.state_format, self.bits, self.mapping, self.quant_block, self.bjorck_steps,
                             self.root_method, refresh_method=self.refresh_method,
                             qr_iterations=self.qr_iterations, refresh_tol=self.refresh_tol,
-                            jorge_damping=self.epsilon, epsilon_mode=self.epsilon_mode)
+                            jorge_damping=self.epsilon, epsilon_mode=self.epsilon_mode,
+                            quant_damping=self.quant_damping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,13 +280,14 @@ class SoapOptions:
   head_fraction: float
   statistic: SoapStatistic = "refresh"
   precision: Precision = DEFAULT_PRECISION
+  tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY
 
   @classmethod
   def from_kwargs(cls, *, b1=0.95, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_every=None,
                   max_order=None, max_precond_dim=None, state_format="eigen", bits=None, mapping="linear2",
                   quant_block=None, min_quant_order=None, bjorck_steps=(1, 1), mesh=None, mesh_axis="data",
                   moment_bits=None, project_nu=None, head_fraction=None, statistic: SoapStatistic = "refresh",
-                  precision=DEFAULT_PRECISION) -> SoapOptions:
+                  precision=DEFAULT_PRECISION, tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY) -> SoapOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     validation.check_range("b1", b1, 0.0, 1.0)
     validation.check_range("b2", b2, 0.0, 1.0)
@@ -295,6 +302,7 @@ class SoapOptions:
     moment_storage.check_moment_bits("moment_bits", moment_bits)
     _check_choice("state_format", state_format, SOAP_FORMATS)
     _check_choice("statistic", statistic, SOAP_STATISTICS)
+    _check_choice("tail_rectify", tail_rectify, TAIL_RECTIFY)
     project_nu = statistic == "refresh" if project_nu is None else _check_bool("project_nu", project_nu)
     sharding.validate_mesh(mesh, mesh_axis)
     return cls(b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
@@ -302,7 +310,7 @@ class SoapOptions:
                mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,  # pyright: ignore[reportArgumentType]
                bjorck_steps=_bjorck_steps(bjorck_steps), mesh=mesh, mesh_axis=mesh_axis,
                moment_bits=moment_bits, project_nu=project_nu, head_fraction=_head_fraction(head_fraction),
-               statistic=statistic, precision=check_precision(precision))
+               statistic=statistic, precision=check_precision(precision), tail_rectify=tail_rectify)
 
   @property
   def quantized_from(self) -> int:
@@ -314,11 +322,12 @@ class SoapOptions:
 
   def factor_config(self) -> fct.FactorConfig:
     """SOAP's factor settings (:func:`soap_factor_config`)."""
-    return soap_factor_config(self.bits, self.mapping, self.quant_block, self.bjorck_steps, self.head_fraction)
+    return soap_factor_config(self.bits, self.mapping, self.quant_block, self.bjorck_steps, self.head_fraction,
+                              self.tail_rectify)
 
 
 def soap_factor_config(bits: int, mapping: str, quant_block: int, bjorck_steps: tuple[int, int],
-                       head_fraction: float = 0.0) -> fct.FactorConfig:
+                       head_fraction: float = 0.0, tail_rectify: str = "bjorck") -> fct.FactorConfig:
   """SOAP's factors: the ``"eigen"`` format with eigen roots, refreshed by one QR step, not re-sorted.
 
   SOAP sorts the eigenpairs before the QR step (``row_order`` of
@@ -326,7 +335,7 @@ def soap_factor_config(bits: int, mapping: str, quant_block: int, bjorck_steps: 
   stay aligned with the carried moments' coordinates.
   """
   return fct.FactorConfig("eigen", bits, mapping, quant_block, tuple(int(s) for s in bjorck_steps), "eigen",  # pyright: ignore[reportArgumentType]
-                          sort_refreshed=False, head_fraction=float(head_fraction))
+                          sort_refreshed=False, head_fraction=float(head_fraction), tail_rectify=tail_rectify)
 
 
 def _head_fraction(value: Any) -> float:

@@ -27,7 +27,7 @@ _MIN_DAMPED_EIGVAL = 1e-30
 
 def inverse_root_from_eig(
     eigvecs: jax.Array, eigvals: jax.Array, epsilon: jax.Array, p: int = 4, absolute: bool = False,
-    precision: str = "highest"
+    precision: str = "highest", relative_floor: jax.typing.ArrayLike = 0.0
 ) -> jax.Array:
   """Inverse ``p``-th root from eigenpairs, with relative (or absolute) damping.
 
@@ -49,6 +49,9 @@ def inverse_root_from_eig(
     precision: of the product forming :math:`\\hat A` (:func:`~optax_shampoo4.linalg.step_matmul`):
       ``"highest"`` for a stored root; the step's setting when the root is
       formed at every step (``store_root=False``).
+    relative_floor: :math:`\\delta`, added to the damping as
+      :math:`\\delta \\max_i \\lambda_i` (whatever ``absolute``); 0 adds
+      nothing (may be traced).
 
   Returns:
     ``[..., n, n]``.
@@ -56,7 +59,8 @@ def inverse_root_from_eig(
   if absolute:  # Distributed Shampoo's perturbation: a negative spectrum is shifted up to epsilon
     eigvals = eigvals - jnp.minimum(jnp.min(eigvals, axis=-1, keepdims=True), 0.0)
   eigvals = jnp.maximum(eigvals, 0.0)
-  damping = epsilon if absolute else epsilon * jnp.max(eigvals, axis=-1, keepdims=True)
+  top = jnp.max(eigvals, axis=-1, keepdims=True)
+  damping = (epsilon if absolute else epsilon * top) + jnp.asarray(relative_floor, jnp.float32) * top
   damped = jnp.maximum(eigvals + damping, _MIN_DAMPED_EIGVAL)
   return step_matmul(eigvecs * damped[..., None, :] ** (-1.0 / p), transpose(eigvecs), precision)
 

@@ -83,6 +83,7 @@ def scale_by_shampoo4(
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
     precision: options.Precision = options.DEFAULT_PRECISION,
+    quant_damping: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients with 4-bit Shampoo, grafted to the gradient norm.
 
@@ -237,6 +238,12 @@ def scale_by_shampoo4(
       accumulation: one pass, the fast path of GPUs and TPUs). Statistics,
       decompositions, Björck and roots always run at full float32 precision.
       Quality at each setting: ``benchmarks/precision.py``.
+    quant_damping: :math:`\delta \ge 0`, extra damping of the ``"eigen"``
+      format's roots relative to the largest eigenvalue:
+      :math:`V (\Lambda + \epsilon' + \delta\lambda_{\max} I)^{-1/4} V^\top`
+      with :math:`\epsilon'` the damping above (``root_method="eigen"`` only;
+      ignored by ``"fp32"`` and ``"naive"``). A floor under the eigenvalues
+      of a quantized basis for small absolute ε (default 0; may be injected).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; chain a first-order
@@ -268,7 +275,7 @@ def scale_by_shampoo4(
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       filter_beta=filter_beta, filter_bias_correction=filter_bias_correction, combine=combine,
       store_root=store_root, epsilon_mode=epsilon_mode, stats_bias_correction=stats_bias_correction,
-      precondition_1d=precondition_1d, precision=precision)
+      precondition_1d=precondition_1d, precision=precision, quant_damping=quant_damping)
   factor_engine = make_engine(opts)
   return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
                                                functools.partial(update, opts, factor_engine))  # pyright: ignore[reportArgumentType]

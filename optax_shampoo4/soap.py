@@ -84,6 +84,7 @@ def scale_by_soap4(
     head_fraction: float | None = None,
     statistic: options.SoapStatistic = "refresh",
     precision: options.Precision = options.DEFAULT_PRECISION,
+    tail_rectify: options.TailRectify = options.DEFAULT_TAIL_RECTIFY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam in the (4-bit) eigenbasis of Shampoo's Kronecker factors (SOAP).
 
@@ -227,6 +228,18 @@ def scale_by_soap4(
       ``"highest"`` (float32 operands), ``"high"`` (bf16×3) or ``"default"``
       (bfloat16 operands, float32 accumulation). The refresh maths (QR,
       Björck, the change of basis) always runs at full float32 precision.
+    tail_rectify: with an 8-bit head, how a refresh rectifies the decoded
+      4-bit rows before it rebuilds the statistic
+      :math:`Q \Lambda Q^\top` from them: ``"bjorck"`` (projected out of
+      the head, then ``bjorck_steps[0]`` Björck steps) or ``"qr"``
+      (projected out of the head, then Gram–Schmidt in descending-eigenvalue
+      order, one QR per factor: exactly orthonormal, and a row's error never
+      reaches the rows of larger eigenvalues, where Björck spreads it over
+      all rows, so :math:`\delta\lambda_{\max}` leaks into the smallest
+      directions at every refresh). Refresh steps only; the per-step use of
+      the basis is the same for both. ``"qr_every_step"`` also rectifies
+      the basis that way at every step (a QR per factor per step: for
+      measurements, it costs about as much as the step's rotations) (static).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` giving Adam's direction
@@ -253,7 +266,7 @@ def scale_by_soap4(
       max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
       mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order, bjorck_steps=bjorck_steps,
       mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits, project_nu=project_nu,
-      head_fraction=head_fraction, statistic=statistic, precision=precision)
+      head_fraction=head_fraction, statistic=statistic, precision=precision, tail_rectify=tail_rectify)
   factor_engine = make_engine(opts)
   return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
                                                functools.partial(update, opts, factor_engine))  # pyright: ignore[reportArgumentType]
@@ -330,7 +343,9 @@ def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets
   4-bit rows; the 4-bit rows' own Björck (:math:`2n^3` per factor, most of the
   step) is not run (see ``head_fraction``).
   """
-  return {name: fct.rectified(factor_engine.gathered(bucket.eigvecs), opts.bjorck_steps[1], tail_steps=0)  # pyright: ignore[reportAttributeAccessIssue]
+  every_step_qr = opts.tail_rectify == "qr_every_step"
+  return {name: fct.rectified(factor_engine.gathered(bucket.eigvecs), opts.bjorck_steps[1], tail_steps=0,  # pyright: ignore[reportAttributeAccessIssue]
+                              tail_qr=every_step_qr)
           for name, bucket in buckets.items()}
 
 

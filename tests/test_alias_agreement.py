@@ -28,7 +28,8 @@ NOT_EXPOSED = {
 }
 # Defaults an alias sets on purpose (documented in its docstring).
 OVERRIDES = {"distributed_shampoo4": {"stats_every": 10, "root_every": 100, "grafting": "adam", "beta": 1.0,
-                                      "epsilon": 1e-12, "epsilon_mode": "absolute", "precondition_1d": True}}
+                                      "epsilon": 1e-12, "epsilon_mode": "absolute", "precondition_1d": True,
+                                      "quant_damping": 1e-6}}
 ALIASES = {"adamw_shampoo4": s4.scale_by_shampoo4, "sgdm_shampoo4": s4.scale_by_shampoo4,
            "adagrad_shampoo4": s4.scale_by_shampoo4, "distributed_shampoo4": s4.scale_by_shampoo4,
            "soap4": s4.scale_by_soap4}

@@ -370,3 +370,46 @@ def test_concurrent_bucket_refreshes_do_not_deadlock_on_cpu():
   assert result.returncode == 0, result.stderr[-2000:]
   for method in ("qr", "eigh", "adaptive"):
     assert f"done {method} 2 0" in result.stdout, result.stdout
+
+
+# ----------------------------------------------------------------------------
+# Gram–Schmidt of rows (the exactly orthonormal 4-bit tail of SOAP's bases).
+# ----------------------------------------------------------------------------
+
+
+def _gram_schmidt64(rows):
+  """Float64 Gram–Schmidt of rows in order (each projection done twice, so the reference is orthonormal)."""
+  out = []
+  for r in np.asarray(rows, np.float64):
+    for _ in range(2):
+      for q in out:
+        r = r - (q @ r) * q
+    out.append(r / np.linalg.norm(r))
+  return np.array(out)
+
+
+@sweep(9)
+def test_orthonormal_rows_is_float64_gram_schmidt(seed):
+  rng = np.random.default_rng(seed)
+  rows = rng.standard_normal((2, 12, 20)).astype(np.float32)
+  got = np.asarray(jax.jit(la.orthonormal_rows)(jnp.asarray(rows)), np.float64)
+  for k in range(2):
+    # Householder QR is backward stable: Q's forward error is O(kappa n u) ~ 10 * 20 * 6e-8 = 1.2e-5 for these
+    # Gaussian 12 x 20 matrices (kappa ~ 10); 5e-5 leaves headroom while a sign flip or a wrong order is O(1).
+    np.testing.assert_allclose(got[k], _gram_schmidt64(rows[k]), atol=5e-5)
+
+
+@sweep(10)
+def test_orthonormal_head_first_parts_keeps_the_head_and_orthonormalizes_the_tail(seed):
+  rng = np.random.default_rng(seed)
+  n, head_rows = 24, 4
+  v = (haar(n, rng) + 0.03 * rng.standard_normal((n, n))).astype(np.float32)  # a 4-bit-like perturbation
+  got = np.asarray(la.orthonormal_head_first_parts(jnp.asarray(v[:head_rows]), jnp.asarray(v[head_rows:]), 1),
+                   np.float64)
+  v64 = v.astype(np.float64)
+  head = 1.5 * v64[:head_rows] - 0.5 * v64[:head_rows] @ v64[:head_rows].T @ v64[:head_rows]  # one Björck step
+  tail = _gram_schmidt64(v64[head_rows:] - v64[head_rows:] @ head.T @ head)
+  # Well-conditioned (near-orthogonal) inputs: float32 products and QR err by O(n u) ~ 1e-6; 2e-5 is >= 10x that.
+  np.testing.assert_allclose(got, np.concatenate([head, tail]), atol=2e-5)
+  np.testing.assert_allclose(got[head_rows:] @ got[head_rows:].T, np.eye(n - head_rows), atol=2e-5)
+  np.testing.assert_array_equal(la.orthonormal_head_first_parts(jnp.asarray(v[:4]), jnp.asarray(v[4:]), 0), v)

@@ -203,3 +203,39 @@ def test_absolute_roots_shift_a_negative_spectrum_as_meta():
 def test_root_method_eigh_needs_a_dense_statistic():
   with pytest.raises(ValueError, match="root_method='eigh'"):
     s4.scale_by_shampoo4(state_format="eigen", root_method="eigh")
+
+
+# ---------------------------------------------------------------- the 4-bit alias' damping floor
+
+
+@pytest.mark.parametrize("state_format", ["fp32", "eigen"])
+def test_quant_damping_floors_the_eigen_roots_only(state_format):
+  # Roots of A + (epsilon + delta * lambda_max) I for the "eigen" format; "fp32" (Meta's twin) ignores delta.
+  rng = np.random.default_rng(7)
+  g = rng.normal(size=(6, 4)).astype(np.float32)
+  epsilon, delta = 1e-12, 0.05  # delta large enough to move the direction by far more than RTOL
+  grads = {"w": jnp.asarray(g)}
+
+  def direction(quant_damping):
+    tx = s4.scale_by_shampoo4(beta=1.0, epsilon=epsilon, epsilon_mode="absolute", stats_every=1, root_every=1,
+                              state_format=state_format, refresh_method="eigh", quant_damping=quant_damping)
+    return _first_direction(tx, grads)["w"]
+
+  g64 = g.astype(np.float64)
+  stats = [g64 @ g64.T, g64.T @ g64]
+  floors = [epsilon + delta * np.linalg.eigvalsh(s).max() for s in stats] if state_format == "eigen" else [epsilon] * 2
+  want = _inverse_root64(stats[0], floors[0], 4) @ g64 @ _inverse_root64(stats[1], floors[1], 4)
+  got = direction(delta)
+  np.testing.assert_allclose(got, _unit(want) * np.linalg.norm(g64), rtol=RTOL, atol=RTOL * np.abs(want).max())
+  if state_format == "fp32":
+    np.testing.assert_array_equal(got, direction(0.0))
+  else:
+    assert np.abs(_unit(direction(0.0)) - _unit(got)).max() > 1e-2  # the floor is not a no-op here
+
+
+def test_distributed_shampoo4_floors_only_its_quantized_format():
+  assert options.ShampooOptions.from_kwargs(quant_damping=1e-6).factor_config().quant_damping == 1e-6
+  opt = s4.distributed_shampoo4(1e-3)
+  assert opt is not None
+  with pytest.raises(ValueError, match="quant_damping"):
+    s4.distributed_shampoo4(1e-3, quant_damping=-1.0)

@@ -377,3 +377,19 @@ def test_zero_gram():
   new, beta = root_fns.jorge_root_update(root, zero, beta=0.9)  # L <- 0.9 L
   np.testing.assert_allclose(new, 0.9**-0.25 * root, rtol=1e-6)
   np.testing.assert_allclose(beta, 0.9, rtol=1e-6)
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+@sweep(9)
+def test_inverse_root_from_eig_relative_floor_vs_float64(absolute, seed):
+  # (lambda + damping + delta * lambda_max)^(-1/4): the floor lifts the small eigenvalues to delta * lambda_max.
+  n, epsilon, delta = 32, 1e-12, 1e-6
+  rng = np.random.default_rng(seed)
+  u = haar(n, rng).astype(np.float32)
+  eigvals = rng.permutation(np.logspace(0, -10, n)).astype(np.float32)
+  out = root_fns.inverse_root_from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(epsilon),
+                                       absolute=absolute, relative_floor=delta)
+  u64, w64 = u.astype(np.float64), eigvals.astype(np.float64)
+  damping = (epsilon if absolute else epsilon * w64.max()) + delta * w64.max()
+  ref = (u64 * (w64 + damping) ** -0.25) @ u64.T
+  assert rel(out, ref) < 1e-5  # as test_inverse_root_from_eig_vs_float64: the damped condition number is 1e6

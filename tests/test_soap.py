@@ -336,3 +336,48 @@ def test_rejected_refresh_leaves_v_in_its_order_without_projection():
     expected = expected.astype(np.float32)
   # float32 rotations (cancellation in Lᵀ G R; measured 1.3e-5 relative) vs float64: rtol 1e-3.
   np.testing.assert_allclose(np.asarray(after.nu["w"]), expected, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- tail_rectify: the 4-bit rows against the head
+
+
+def _trained_soap_state(tail_rectify, steps=6):
+  params = {"w": jnp.zeros((64, 48))}
+  tx = s4.scale_by_soap4(precondition_every=2, min_quant_order=8, quant_block=8, tail_rectify=tail_rectify)
+  state, update = tx.init(params), jax.jit(tx.update)
+  rng = np.random.default_rng(4)
+  for _ in range(steps):
+    grads = {"w": jnp.asarray(rng.standard_normal((64, 48)) * np.logspace(-3, 0, 48), jnp.float32)}
+    updates, state = update(grads, state, params)
+  assert np.all(np.isfinite(np.asarray(updates["w"]))) and int(state.failed_refreshes) == 0
+  return tx, state
+
+
+@pytest.mark.parametrize("tail_rectify", ["qr", "qr_every_step"])
+def test_tail_rectify_qr_makes_the_basis_exactly_orthonormal(tail_rectify):
+  _, state = _trained_soap_state(tail_rectify)
+  stored = state.factors["order64_q"].eigvecs
+  assert isinstance(stored, s4.SplitRowsQuantized)
+  # Householder QR of near-orthonormal rows: ||Q^T Q - I|| = O(n u) ~ 64 * 6e-8 = 4e-6; 2e-5 keeps 5x headroom
+  # where one Björck step on the same 4-bit rows leaves E ~ E0^2 ~ 1e-2 (test_quantization's measurement).
+  rows = np.asarray(s4.factors.rectified(stored, 1, tail_qr=True)[0], np.float64)
+  np.testing.assert_allclose(rows @ rows.T, np.eye(64), atol=2e-5)
+  bjorck_rows = np.asarray(s4.factors.rectified(stored, 1)[0], np.float64)
+  assert np.abs(bjorck_rows @ bjorck_rows.T - np.eye(64)).max() > 1e-3  # the check above has teeth
+
+
+def test_tail_rectify_qr_every_step_uses_the_orthonormal_basis_at_each_step():
+  from optax_shampoo4 import options, soap
+
+  opts = {name: options.SoapOptions.from_kwargs(min_quant_order=8, quant_block=8, tail_rectify=name)
+          for name in ("qr", "qr_every_step")}
+  _, state = _trained_soap_state("qr")
+  rows = {name: np.asarray(soap.bases(o, soap.make_engine(o), state.factors)["order64_q"][0], np.float64)
+          for name, o in opts.items()}
+  np.testing.assert_allclose(rows["qr_every_step"] @ rows["qr_every_step"].T, np.eye(64), atol=2e-5)
+  assert np.abs(rows["qr"] @ rows["qr"].T - np.eye(64)).max() > 1e-3  # "qr" projects the head out only
+
+
+def test_tail_rectify_rejects_unknown_values():
+  with pytest.raises(ValueError, match="tail_rectify"):
+    s4.soap4(1e-3, tail_rectify="householder")

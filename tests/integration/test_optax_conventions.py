@@ -121,7 +121,7 @@ def test_inject_hyperparams_scale_by_shampoo4(state_format):
   factory = optax.inject_hyperparams(s4.scale_by_shampoo4, static_args=STATIC)
   injected = factory(beta=0.9, epsilon=1e-4, state_format=state_format, **SHAMPOO)
   state = injected.init(_params())
-  assert set(state.hyperparams) == {"beta", "epsilon", "refresh_tol"}
+  assert set(state.hyperparams) == {"beta", "epsilon", "refresh_tol", "quant_damping"}
   traces = []
 
   def counted_update(*args):
