@@ -35,11 +35,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import linalg, optax_compat, options, partition, sharding
 from optax_shampoo4 import quantization as qz
-from optax_shampoo4.owned_grams import owned_gram_tables, owned_grams
+from optax_shampoo4.owned_grams import owned_blocks, owned_gram_tables, owned_grams
 
 Buckets = dict[str, fct.Bucket]
 
@@ -188,9 +189,11 @@ class FactorEngine:
     """``fold(key, bucket, row_order, beta) -> (bucket, accepted)``: one bucket's statistics update.
 
     Without a mesh the Gram matrices of every block are formed once
-    (:func:`gram_matrices`). With one, each device forms only those of the
-    factors it owns, inside the refresh's ``shard_map``
-    (:mod:`~optax_shampoo4.owned_grams`), from the (replicated) matrix views.
+    (:func:`gram_matrices`). With one, each device receives only the blocks
+    of the factors it owns, split over the mesh axis from the gradients'
+    own layout (:func:`~optax_shampoo4.owned_grams.owned_blocks`: with FSDP
+    gradients an all-to-all, not an all-gather), and forms their Gram
+    matrices inside the refresh's ``shard_map``.
     """
     if self.mesh is None:
       grams = gram_matrices(plan, matrices)
@@ -200,12 +203,14 @@ class FactorEngine:
     axis = self.mesh_axis
 
     def fold(key, bucket, order, beta):
-      def on_each_device(bucket, order, matrices, beta):
-        own = owned_grams(tables[key.name], matrices, lax.axis_index(axis))
+      def on_each_device(bucket, order, blocks, beta):
+        own = owned_grams(tables[key.name], blocks, lax.axis_index(axis))
         return fct.update_stats(self.config, bucket, own, beta, row_order=order)
 
-      update = sharding.shard_over_factors(on_each_device, self.mesh, axis, 2, 2)
-      return update(bucket, order, matrices, beta)
+      update = sharding.shard_over_factors(on_each_device, self.mesh, axis, 3, 1)
+      blocks = sharding.laid_out_by_xla(lambda m: owned_blocks(tables[key.name], m, self.num_shards), self.mesh,
+                                        PartitionSpec(axis), matrices)
+      return update(bucket, order, blocks, beta)
 
     return fold
 
@@ -281,37 +286,28 @@ class FactorEngine:
       return [map_blocks(matrix, lp, whole) if lp.preconditioned else None
               for matrix, lp in zip(matrices, plan.leaves)]
     schedule = self.schedule(plan, split_rows)
-    results = self._apply_on_mesh(schedule, stored, matrices, fn)
-    where = {block: (g, position) for g, group in enumerate(schedule.groups)
-             for position, (_, block) in enumerate(group.blocks)}
+    items = sharding.laid_out_by_xla(
+        lambda matrices: [item_blocks(group, matrices, self.num_shards) for group in schedule.groups],
+        self.mesh, PartitionSpec(self.mesh_axis), matrices)
+    results = self._apply_on_mesh(schedule, stored, items, fn)
+    return sharding.laid_out_by_xla(lambda results: reassemble(schedule, plan, results), self.mesh,
+                                    [_spec(m) for m in matrices], results)
 
-    def computed(block, b):
-      del block
-      g, position = where[b]
-      return results[g][position]
-
-    return sharding.like_inputs([map_blocks(matrix, lp, computed) if lp.preconditioned else None
-                                 for matrix, lp in zip(matrices, plan.leaves)], matrices, self.mesh)
-
-  def _apply_on_mesh(self, schedule: partition.Schedule, stored: dict, matrices: list,
+  def _apply_on_mesh(self, schedule: partition.Schedule, stored: dict, items: list[jax.Array],
                      fn: Callable) -> list[jax.Array]:
-    """Per group of ``schedule``, ``fn`` of its blocks, ``[blocks, m, n]``, computed in shares and gathered."""
+    """Per group of ``schedule``, ``fn`` of its items, ``[num_shards · per_shard, rows, n]``, split over the mesh.
+
+    ``items``: per group, the block of every item (:func:`item_blocks`); each
+    device computes its own items, and the results stay split.
+    """
     axis, num_shards = self.mesh_axis, self.num_shards
 
-    def on_each_device(stored, matrices):
+    def on_each_device(items, stored):
       shard = lax.axis_index(axis)
-      results = []
-      for group in schedule.groups:
-        local = _group_products(group, jnp.asarray(group.items(num_shards), jnp.int32)[shard],
-                                stored, matrices, fn)
-        gathered = lax.all_gather(local, axis, tiled=True)  # [num_shards * per_shard, rows, n]
-        m, n = group.shape
-        whole = gathered[:len(group.blocks) * group.chunks].reshape(
-            len(group.blocks), group.chunks * group.rows, n)
-        results.append(whole[:, :m])
-      return results
+      return [_group_products(group, jnp.asarray(group.items(num_shards), jnp.int32)[shard], stored, local, fn)
+              for group, local in zip(schedule.groups, items)]
 
-    return sharding.shard_map_replicated(on_each_device, self.mesh, stored, matrices)  # pyright: ignore[reportArgumentType]
+    return sharding.shard_over_factors(on_each_device, self.mesh, axis, 1, 1)(items, stored)
 
   def keep_split(self, buckets: Buckets) -> Buckets:
     """Keeps the returned buckets split over the mesh (identity without one)."""
@@ -320,6 +316,24 @@ class FactorEngine:
   def gathered(self, tree: Any) -> Any:
     """``tree`` replicated on every device, e.g. roots still quantized (identity without a mesh)."""
     return sharding.replicate(tree, self.mesh)
+
+
+def reassemble(schedule: partition.Schedule, plan: partition.Plan, results: list[jax.Array]) -> list:
+  """Per leaf, its matrix view put together from the per-item ``results`` of ``schedule`` (None: passthrough)."""
+  blocks = {}
+  for group, result in zip(schedule.groups, results):  # [num_shards * per_shard, rows, n]
+    m, n = group.shape
+    whole = result[:len(group.blocks) * group.chunks].reshape(len(group.blocks), group.chunks * group.rows, n)
+    blocks.update({block: whole[position, :m] for position, (_, block) in enumerate(group.blocks)})
+  return [join_blocks(lp, blocks.__getitem__) if lp.preconditioned else None for lp in plan.leaves]
+
+
+def _spec(x: Any) -> Any:
+  """The ``PartitionSpec`` of ``x``'s type (explicit sharding), replicated where it has none; None for None."""
+  if x is None:
+    return None
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return PartitionSpec() if spec is None else spec
 
 
 def _real_counts(plan: partition.Plan) -> dict[str, int]:
@@ -362,17 +376,31 @@ def gram_matrices(plan: partition.Plan, matrices: list) -> dict[partition.Bucket
   return grams
 
 
-def _group_products(group: partition.BlockGroup, items: jax.Array, stored: dict, matrices: list,
+def _group_products(group: partition.BlockGroup, items: jax.Array, stored: dict, local_blocks: jax.Array,
                     fn: Callable) -> jax.Array:
-  """``fn`` on one device's items of ``group`` (``items``: ``int32[per_shard, 4]``) -> ``[per_shard, rows, n]``."""
-  m, n = group.shape
-  blocks = [matrices[leaf][b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] for leaf, b in group.blocks]
-  stacked = jnp.stack(blocks + [jnp.zeros((m, n), jnp.float32)])  # the last one for padding items
-  local_blocks = jnp.take(stacked, items[:, 0], axis=0)
+  """``fn`` on one device's items of ``group`` -> ``[per_shard, rows, n]``.
+
+  ``items``: ``int32[per_shard, 4]`` (:meth:`~optax_shampoo4.partition.BlockGroup.items`);
+  ``local_blocks``: ``f32[per_shard, m, n]``, each item's block.
+  """
   left = None if group.left is None else load_rows(stored[group.left.name], items[:, 1], items[:, 3], group.rows)
   right = None if group.right is None else fct.load(
       jax.tree.map(lambda x: jnp.take(x, items[:, 2], axis=0), stored[group.right.name]))
   return jax.vmap(fn)(left, local_blocks, right)
+
+
+def item_blocks(group: partition.BlockGroup, matrices: list, num_shards: int) -> jax.Array:
+  """The block of every item of ``group``, in item order: ``f32[num_shards · per_shard, m, n]``.
+
+  Split over ``num_shards`` devices along the leading axis this gives each
+  device the blocks of its own items (zeros for padding items); a block cut
+  into row chunks goes to every device that computes one of its chunks.
+  Plain slices and a stack of the matrix views: in a sharded program they
+  keep the gradients' layout until the split moves them to their owners.
+  """
+  blocks = [matrices[leaf][b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] for leaf, b in group.blocks]
+  blocks.append(jnp.zeros(group.shape, jnp.float32))
+  return jnp.stack([blocks[item[0]] for share in group.items(num_shards) for item in share])
 
 
 def _factor(factors: dict[str, jax.Array], side: partition.FactorSlot | None) -> jax.Array | None:
@@ -410,12 +438,13 @@ def map_blocks(matrix: jax.Array, leaf_plan: partition.LeafPlan,
 
   ``fn`` must return an array of the block's shape.
   """
+  return join_blocks(leaf_plan, lambda b: fn(matrix[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]], b))
+
+
+def join_blocks(leaf_plan: partition.LeafPlan, block_of: Callable[[partition.BlockPlan], jax.Array]) -> jax.Array:
+  """A leaf's matrix view put together from ``block_of(block_plan)`` of each of its blocks."""
   row_starts = sorted({b.rows[0] for b in leaf_plan.blocks})
-  out_rows = []
-  for start in row_starts:
-    out_rows.append([fn(matrix[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]], b)
-                     for b in leaf_plan.blocks if b.rows[0] == start])
-  return jnp.block(out_rows)
+  return jnp.block([[block_of(b) for b in leaf_plan.blocks if b.rows[0] == start] for start in row_starts])
 
 
 def after_previous(inputs: Any, done: Buckets) -> Any:

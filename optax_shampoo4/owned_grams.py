@@ -9,14 +9,20 @@ device the whole tree's ``Σ 2 m n (m + n)`` flops; instead each device forms
 only those of its own factors, inside the refresh's ``shard_map``.
 
 The program under ``shard_map`` is the same on every device, so the work is
-cut into **groups**: factors of one bucket whose Gram matrix is ``X Xᵀ`` for
-an ``X`` of one shape (``X = G`` for a left factor, ``X = Gᵀ`` for a right
-one, so that left and right factors of transposed block shapes share a group);
-for each group a static table gives, per device, which of the group's blocks
-it owns and where they go in its share, padded to the largest per-device
-count of that group (padding picks a zero block and writes to a scratch row
-that is dropped). Per device a group then costs ``max_d count_d`` batched
-products of one shape.
+cut into **groups**: factors of one bucket, of one side (left or right), whose
+blocks have one shape. For each group a static table gives, per device,
+which of the group's blocks it owns and where they go in its share, padded to
+the largest per-device count of that group (padding picks a zero block and
+writes to a scratch row that is dropped). Per device a group then costs
+``max_d count_d`` batched products of one shape.
+
+The blocks reach their owners as arrays split over the devices
+(:func:`owned_blocks`): per group, ``[N · width, rows, cols]`` with device
+``d``'s picks at ``[d · width, (d + 1) · width)``, built from the gradients
+in whatever layout they have (replicated, or split like FSDP parameters) and
+laid out over the mesh axis by ``shard_map``; XLA moves each block to its
+owner (a local slice of replicated gradients, an all-to-all of split ones),
+and no device receives the blocks it does not own.
 """
 
 from __future__ import annotations
@@ -31,12 +37,12 @@ from optax_shampoo4 import linalg, partition
 
 @dataclasses.dataclass(frozen=True)
 class GramGroup:
-  """Factors of one bucket whose Gram matrices are ``X Xᵀ`` with ``X`` of one shape.
+  """Factors of one bucket and one side whose blocks have one shape.
 
   Attributes:
-    blocks: ``(leaf, rows, cols, side)`` of each of the group's blocks;
-      ``X`` is the block for ``side == "left"`` (``G Gᵀ``), its transpose
-      for ``"right"`` (``Gᵀ G``).
+    blocks: ``(leaf, rows, cols, side)`` of each of the group's blocks, all
+      of one shape and one side: ``G Gᵀ`` for ``"left"``, ``Gᵀ G`` for
+      ``"right"``.
     picks: per device, indices into ``blocks`` of the blocks it owns
       (``len(blocks)``: padding, a zero block).
     positions: per device, where each pick goes in its share of the bucket
@@ -71,8 +77,7 @@ def owned_gram_tables(plan: partition.Plan, num_shards: int) -> dict[str, OwnedG
     by_shape: dict[tuple, list[tuple[int, tuple, tuple, str, int]]] = {}
     for index, (leaf_index, block_index, side) in enumerate(slots):
       block = plan.leaves[leaf_index].blocks[block_index]
-      shape = (block.rows[1] - block.rows[0], block.cols[1] - block.cols[0])
-      shape = shape if side == "left" else shape[::-1]  # of X
+      shape = (block.rows[1] - block.rows[0], block.cols[1] - block.cols[0], side)
       by_shape.setdefault(shape, []).append((leaf_index, block.rows, block.cols, side, index))
     groups = []
     for members in by_shape.values():
@@ -88,20 +93,41 @@ def owned_gram_tables(plan: partition.Plan, num_shards: int) -> dict[str, OwnedG
   return tables
 
 
-def owned_grams(table: OwnedGrams, matrices: list, shard: jax.Array) -> jax.Array:
+def owned_blocks(table: OwnedGrams, matrices: list, num_shards: int) -> list[jax.Array]:
+  """Per group of ``table``, its blocks in device order: ``f32[num_shards · width, rows, cols]``.
+
+  Device ``d``'s picks are at ``[d · width, (d + 1) · width)`` (zeros for
+  padding), so that splitting the leading axis over ``num_shards`` devices
+  gives each device exactly the blocks it owns. Plain slices and a stack of
+  the matrix views: in a sharded program they keep the gradients' layout
+  until the split moves them.
+
+  Args:
+    table: the bucket's static table (:func:`owned_gram_tables`).
+    matrices: per leaf, its float32 matrix view (None for passthrough leaves).
+    num_shards: number of devices (``len(group.picks)``).
+  """
+  out = []
+  for group in table.groups:
+    blocks = [matrices[leaf][r0:r1, c0:c1] for leaf, (r0, r1), (c0, c1), _ in group.blocks]
+    blocks.append(jnp.zeros_like(blocks[0]))
+    out.append(jnp.stack([blocks[pick] for device in range(num_shards) for pick in group.picks[device]]))
+  return out
+
+
+def owned_grams(table: OwnedGrams, blocks: list[jax.Array], shard: jax.Array) -> jax.Array:
   """This device's share of one bucket's Gram matrices, ``f32[share, order, order]``.
 
   Args:
     table: the bucket's static table (:func:`owned_gram_tables`).
-    matrices: per leaf, its float32 matrix view (whole, on this device).
+    blocks: per group, this device's blocks, ``f32[width, rows, cols]`` (its
+      slice of :func:`owned_blocks`).
     shard: this device's index along the mesh axis (``lax.axis_index``).
   """
   out = jnp.zeros((table.share + 1, table.order, table.order), jnp.float32)
-  for group in table.groups:
-    blocks = [matrices[leaf][r0:r1, c0:c1] for leaf, (r0, r1), (c0, c1), _ in group.blocks]
-    blocks = [x if side == "left" else x.T for x, (*_, side) in zip(blocks, group.blocks)]
-    stacked = jnp.stack(blocks + [jnp.zeros_like(blocks[0])])
-    mine = jnp.take(stacked, jnp.asarray(group.picks, jnp.int32)[shard], axis=0)
+  for group, mine in zip(table.groups, blocks):
+    if group.blocks[0][3] == "right":
+      mine = linalg.transpose(mine)
     grams = linalg.matmul(mine, linalg.transpose(mine))
     out = out.at[jnp.asarray(group.positions, jnp.int32)[shard]].set(grams)
   return out[:table.share]

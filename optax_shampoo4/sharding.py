@@ -163,6 +163,32 @@ def shard_over_factors(fn: Callable, mesh: Mesh | None, mesh_axis: str, num_shar
   return run
 
 
+def laid_out_by_xla(fn: Callable, mesh: Mesh | None, out_specs: Any, *args: Any) -> Any:
+  """``fn(*args)``, its results laid out as ``out_specs`` (a pytree of ``PartitionSpec``, or one for all).
+
+  ``fn`` is a layout change written as plain array code (slices, stacks,
+  concatenations, e.g. gradient blocks moved to the devices that own them):
+  XLA chooses the collectives, which it does from the arrays' actual layouts
+  (an all-to-all where a split array changes its split axis, a local slice
+  where it was replicated). On auto meshes this is plain ``fn``: the layouts
+  come from the consumers (``shard_map``'s ``in_specs``, the caller's
+  ``out_shardings``). Under explicit sharding ``fn`` runs with the mesh's
+  axes made auto (``jax.sharding.auto_axes``), so that its intermediate
+  layouts are XLA's choice rather than types that must divide evenly, and
+  its results get the types ``out_specs``.
+  """
+  layout = None if mesh is None else layout_mesh(mesh, args)
+  if layout is None or not is_explicit(layout):
+    return fn(*args)
+  if isinstance(out_specs, PartitionSpec):
+    out_shardings = NamedSharding(layout, out_specs)
+  else:
+    out_shardings = jax.tree.map(lambda spec: NamedSharding(layout, spec), out_specs,
+                                 is_leaf=lambda x: isinstance(x, PartitionSpec))
+  with jax.sharding.use_abstract_mesh(layout.abstract_mesh):
+    return jax.sharding.auto_axes(fn, out_sharding=out_shardings)(*args)
+
+
 def shard_map_replicated(fn: Callable, mesh: Mesh, *args: Any) -> Any:
   """``jax.shard_map(fn)`` with every operand and result replicated, on auto or explicit meshes.
 
