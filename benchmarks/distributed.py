@@ -60,10 +60,12 @@ import subprocess
 import sys
 import time
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see benchmarks/speed.py
+# Run as a script only: a test importing the tables has its own devices and must not change its subprocesses' flags.
+if __name__ == "__main__":
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see benchmarks/speed.py
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -124,6 +126,66 @@ def bytes_table(model: str, device_counts: list[int]) -> dict:
     r["ideal_fraction"] = device_counts[0] / n
   return {"model": model, "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
           "rows": rows}
+
+
+def fsdp_param_sharding(mesh: jax.sharding.Mesh, shape: tuple[int, ...], axis: str = "data") -> NamedSharding:
+  """FSDP: a parameter split over ``axis`` along its largest dimension that divides evenly (else replicated)."""
+  n = mesh.shape[axis]
+  dims = sorted((d for d, size in enumerate(shape) if size % n == 0), key=lambda d: -shape[d])
+  if not dims:
+    return NamedSharding(mesh, P())
+  spec = [None] * len(shape)
+  spec[dims[0]] = axis
+  return NamedSharding(mesh, P(*spec))
+
+
+def _per_device_and_total(tree, shardings) -> tuple[int, int]:
+  """(bytes on one device, bytes of the whole arrays) of ``tree`` laid out by ``shardings`` (exact)."""
+  per_device = total = 0
+  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    per_device += int(np.prod(sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+    total += int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+  return per_device, total
+
+
+def fsdp_memory_table(model: str, device_counts: list[int]) -> dict:
+  """The whole train state (params + 4-bit ``adamw_shampoo4`` state) per device, FSDP-style.
+
+  Parameters split over the mesh along their largest evenly dividing
+  dimension (:func:`fsdp_param_sharding`), the optimizer state placed by
+  ``s4.state_sharding(..., params_sharding=)``: factors split over their
+  bucket axis, Adam's moments like their parameters. Exact, from each
+  leaf's shard shape (nothing is allocated). ``vs_even_split`` is the
+  per-device bytes over ``total / N`` (1.0: a perfect split; the total
+  counts the padding factors of this N).
+  """
+  params = MODELS[model]()
+  rows = {}
+  for n in device_counts:
+    mesh = _mesh(n)
+    param_shardings = jax.tree.map(lambda p, mesh=mesh: fsdp_param_sharding(mesh, p.shape), params)
+    abstract = jax.eval_shape(_tx(mesh).init, params)
+    state_shardings = s4.state_sharding(abstract, mesh, params_sharding=param_shardings)
+    params_device, params_total = _per_device_and_total(params, param_shardings)
+    state_device, state_total = _per_device_and_total(abstract, state_shardings)
+    per_device, total = params_device + state_device, params_total + state_total
+    rows[n] = {"params_per_device": params_device, "params_total": params_total,
+               "opt_state_per_device": state_device, "opt_state_total": state_total,
+               "train_state_per_device": per_device, "train_state_total": total,
+               "vs_even_split": per_device / (total / n)}
+  return {"model": model, "optimizer": "adamw_shampoo4 (4-bit, defaults)",
+          "layout": "params split along their largest dimension divisible by N; Adam moments like them; "
+                    "factors split over their bucket axis", "rows": rows}
+
+
+def print_fsdp_memory(table: dict) -> None:
+  print(f"\nFSDP train state per device (params + optimizer state), {table['model']}, {table['optimizer']}")
+  print(f"{'N':>3s} {'params MiB/dev':>14s} {'opt state MiB/dev':>17s} {'total MiB/dev':>13s} "
+        f"{'total/N MiB':>11s} {'vs total/N':>10s}")
+  for n, r in table["rows"].items():
+    print(f"{int(n):3d} {r['params_per_device'] / MIB:14.1f} {r['opt_state_per_device'] / MIB:17.1f} "
+          f"{r['train_state_per_device'] / MIB:13.1f} {r['train_state_total'] / int(n) / MIB:11.1f} "
+          f"{r['vs_even_split']:10.4f}")
 
 
 # ----------------------------------------------------------------------------- every-step flops
@@ -369,6 +431,8 @@ def main(argv=None) -> dict | None:
   parser.add_argument("--skip-flops", action="store_true")
   parser.add_argument("--stats-flops-only", action="store_true",
                       help="compute only the statistics-step flops table and add it to --out")
+  parser.add_argument("--fsdp-memory-only", action="store_true",
+                      help="compute only the FSDP train-state table (exact, seconds) and add it to --out")
   parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed.json"))
   args = parser.parse_args(argv)
@@ -378,25 +442,31 @@ def main(argv=None) -> dict | None:
   if max(args.devices) > jax.device_count():
     parser.error(f"--devices {args.devices}: only {jax.device_count()} devices visible")
 
-  if args.stats_flops_only:
+  if args.stats_flops_only or args.fsdp_memory_only:
     out = pathlib.Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
-    result["stats_flops"] = stats_flops_table(args.flops_model, args.devices)
-    print_stats_flops(result["stats_flops"])
+    if args.stats_flops_only:
+      result["stats_flops"] = stats_flops_table(args.flops_model, args.devices)
+      print_stats_flops(result["stats_flops"])
+    if args.fsdp_memory_only:
+      result["fsdp_memory"] = fsdp_memory_table(args.bytes_model, args.devices)
+      print_fsdp_memory(result["fsdp_memory"])
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")
     return result
   memory = bytes_table(args.bytes_model, args.devices)
+  fsdp_memory = fsdp_memory_table(args.bytes_model, args.devices)
   flops = None if args.skip_flops else flops_table(args.flops_model, args.devices, args.flops_program)
   timing = None if args.skip_timing else time_table(args.devices, args.steps, args.repeats)
   print_tables(memory, timing)
+  print_fsdp_memory(fsdp_memory)
   if flops is not None:
     print_flops(flops)
   stats_flops = None if args.skip_flops else stats_flops_table(args.flops_model, args.devices)
   if stats_flops is not None:
     print_stats_flops(stats_flops)
   result = {
-      "memory": memory, "timing": timing, "flops": flops, "stats_flops": stats_flops,
+      "memory": memory, "fsdp_memory": fsdp_memory, "timing": timing, "flops": flops, "stats_flops": stats_flops,
       "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                       "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
                       "cpu_count": os.cpu_count(), "machine": platform.machine(),

@@ -17,7 +17,10 @@ that an optimizer is only its own step:
 * :meth:`FactorEngine.apply_blocks`: the every-step per-block products
   (Shampoo's ``L̂ G R̂``, CASPR's combination, SOAP's rotations), split over
   the mesh by a static :class:`~optax_shampoo4.partition.Schedule` so that
-  each device computes only its share of the blocks, then all-gathered;
+  each device receives and computes only its share of the blocks, the
+  results returning in the gradients' layout (replicated gradients: an
+  all-gather of the results; FSDP gradients: all-to-alls both ways, never a
+  whole gradient on every device);
 * :meth:`FactorEngine.init_factors`, :meth:`FactorEngine.start_step` and
   :func:`failure_counts`: the parts every optimizer's ``init`` / ``update``
   shares (the ``optax.tree.map_params`` placeholder, the step prologue, the
@@ -260,12 +263,18 @@ class FactorEngine:
     factors, block by block (``r0, r1 = 0, m``). With a mesh the blocks follow
     :meth:`schedule`: blocks of one shape are stacked, cut into row chunks
     where that balances the work (never with ``split_rows=False``, for an
-    ``fn`` that needs whole left factors), and each device gathers its
+    ``fn`` that needs whole left factors). Each item's block is moved to the
+    device that computes it from wherever the gradient lives
+    (:func:`item_blocks` split over the mesh axis: a local slice of
+    replicated gradients, an all-to-all of FSDP ones); each device takes its
     items' factors from ``stored`` (which should be replicated and may be
     quantized), dequantizes only those rows, runs ``fn`` batched over its
-    items under ``jax.shard_map`` and all-gathers the results. Every device
-    thus does ``1/N`` of the products (within
-    :attr:`~optax_shampoo4.partition.Schedule.balance`).
+    items under ``jax.shard_map``, and the results are put back together in
+    the layout of ``matrices`` (:func:`reassemble`; XLA moves them: an
+    all-gather for replicated gradients, all-to-alls for split ones). Every
+    device thus does ``1/N`` of the products (within
+    :attr:`~optax_shampoo4.partition.Schedule.balance`) and receives only
+    the blocks of its own items.
 
     Args:
       plan: the plan of the tree.

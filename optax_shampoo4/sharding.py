@@ -19,6 +19,11 @@ Typical use::
 
 The every-step preconditioning is split too: each device computes ``L̂ G R̂``
 for its share of the blocks (:meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`).
+With FSDP (parameters and gradients split over a mesh axis, ``params_sharding``
+of :func:`~optax_shampoo4.state_utils.state_sharding`) each block reaches the
+device that owns it, and the results the parameters' layout, by all-to-alls
+(:func:`laid_out_by_xla`): a device receives only the gradient blocks it works on,
+never whole gradients.
 A state saved on one mesh resumes on another with
 :func:`~optax_shampoo4.state_utils.convert_state`.
 """

@@ -25,6 +25,10 @@ The checks:
   roots' float32 parts (``[32, 32]`` diagonals and block scales) are below
   the smallest parameter (6144 elements). :func:`benchmarks.hlo_flops.all_gathers`
   itself is checked on a program that does gather a whole parameter.
+* the whole train state (parameters + 4-bit ``adamw_shampoo4`` state) of
+  GPT-2 124M shapes per device, FSDP on 8 devices, is at most 1.2x an even
+  split of its total (exact, from each leaf's shard shape:
+  ``benchmarks/distributed.py``'s table);
 * the FSDP update equals the single-device one along a trajectory through
   statistics and root refreshes (``"fp32"`` factors, whose trajectories are
   not chaotic in the rounding, see ``tests/test_sharding.py``): within
@@ -47,6 +51,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_shampoo4 as s4
+from benchmarks.distributed import fsdp_memory_table
 from benchmarks.hlo_flops import all_gathers
 
 NUM_DEVICES = 8
@@ -162,3 +167,10 @@ def test_fsdp_update_matches_single_device(optimizer, layout, kind):
     scale = max(float(np.abs(w).max()) for w in want.values())  # 0 at SOAP's first call
     for k in SHAPES:
       np.testing.assert_allclose(got[k], want[k], rtol=0, atol=UPDATE_RTOL * scale, err_msg=f"step {step}, {k}")
+
+
+def test_fsdp_train_state_per_device_is_near_an_even_split():
+  row = fsdp_memory_table("gpt2_124m", [NUM_DEVICES])["rows"][NUM_DEVICES]
+  assert row["params_per_device"] * NUM_DEVICES == row["params_total"]  # every GPT-2 leaf divides over 8
+  assert row["opt_state_per_device"] < row["opt_state_total"] / 4  # the state is split, not replicated
+  assert row["train_state_per_device"] <= 1.2 * row["train_state_total"] / NUM_DEVICES, row
