@@ -6,7 +6,7 @@ Run:  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/distr
 
 (The script asks for 8 virtual CPU devices itself when ``XLA_FLAGS`` does not say otherwise.)
 
-Two tables:
+The tables:
 
 1. **Bytes per device** (exact, no allocation): the 4-bit ``adamw_shampoo4`` state of a
    parameter tree from ``benchmarks/model_shapes.py`` (default GPT-2 124M), built with
@@ -46,6 +46,15 @@ Two tables:
    and refreshes only those factors. ``--stats-flops-only`` computes this table alone and adds it to
    an existing JSON (``stats_flops``).
 
+5. **FSDP train state per device** (exact, no allocation; ``--bytes-model``): parameters split over the
+   mesh along their largest dimension divisible by N, Adam's moments like them, the factors over their
+   bucket axis; the whole train state (parameters + optimizer state) per device against ``total / N``.
+   ``--fsdp-memory-only`` computes this table alone and adds it to an existing JSON (``fsdp_memory``).
+
+6. **FSDP all-gathers** (``--fsdp-gathers-only``, minutes): the whole FSDP ``tx.update`` compiled on the
+   largest ``--devices`` and its float all-gathers listed (``benchmarks/hlo_flops.py``): none as large as a
+   gradient (the gradient blocks move to their owners by all-to-all); added to the JSON (``fsdp_gathers``).
+
 Writes ``benchmarks/results/distributed.json`` and ``.png``.
 """
 
@@ -76,7 +85,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import optax_shampoo4 as s4  # noqa: E402
-from benchmarks.hlo_flops import dot_flops  # noqa: E402
+from benchmarks.hlo_flops import all_gathers, dot_flops  # noqa: E402
 from benchmarks.model_shapes import MODELS  # noqa: E402
 from optax_shampoo4 import engine, linalg  # noqa: E402
 from optax_shampoo4 import factors as fct  # noqa: E402
@@ -176,6 +185,35 @@ def fsdp_memory_table(model: str, device_counts: list[int]) -> dict:
   return {"model": model, "optimizer": "adamw_shampoo4 (4-bit, defaults)",
           "layout": "params split along their largest dimension divisible by N; Adam moments like them; "
                     "factors split over their bucket axis", "rows": rows}
+
+
+def fsdp_gathers_table(model: str, n: int) -> dict:
+  """The float all-gathers of the compiled FSDP ``tx.update`` (4-bit ``adamw_shampoo4``) on ``n`` devices.
+
+  Parameters, gradients and the state laid out as in :func:`fsdp_memory_table`;
+  the whole update is compiled (refresh branches included; minutes for
+  GPT-2 on 2 cores) and its per-device all-gathers listed
+  (``benchmarks/hlo_flops.py``). ``largest_vs_smallest_gradient`` compares
+  the largest float all-gather's per-device result with the smallest
+  preconditioned gradient: below 1 means no whole gradient is gathered.
+  """
+  params = MODELS[model]()
+  mesh = _mesh(n)
+  param_shardings = jax.tree.map(lambda p: fsdp_param_sharding(mesh, p.shape), params)
+  tx = _tx(mesh)
+  abstract = jax.eval_shape(tx.init, params)
+  state_shardings = s4.state_sharding(abstract, mesh, params_sharding=param_shardings)
+  params = _abstract_with(params, param_shardings)
+  t0 = time.perf_counter()
+  update = jax.jit(tx.update, out_shardings=(param_shardings, state_shardings))
+  hlo = update.lower(params, _abstract_with(abstract, state_shardings), params).compile().as_text()
+  gathers = [g for g in all_gathers(hlo) if g["dtype"].startswith(("f", "bf"))]
+  smallest = min(int(np.prod(p.shape)) for p in jax.tree.leaves(params) if len(p.shape) >= 2)
+  largest = max((g["elements"] for g in gathers), default=0)
+  return {"model": model, "devices": n, "compile_s": time.perf_counter() - t0, "float_all_gathers": len(gathers),
+          "largest_float_all_gather_elements": largest, "smallest_gradient_elements": smallest,
+          "largest_vs_smallest_gradient": largest / smallest,
+          "all_to_alls": hlo.count(" all-to-all("), "shapes": sorted({str(g["shape"]) for g in gathers})}
 
 
 def print_fsdp_memory(table: dict) -> None:
@@ -433,6 +471,8 @@ def main(argv=None) -> dict | None:
                       help="compute only the statistics-step flops table and add it to --out")
   parser.add_argument("--fsdp-memory-only", action="store_true",
                       help="compute only the FSDP train-state table (exact, seconds) and add it to --out")
+  parser.add_argument("--fsdp-gathers-only", action="store_true",
+                      help="compile the FSDP update on the largest --devices and add its all-gathers to --out")
   parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed.json"))
   args = parser.parse_args(argv)
@@ -442,7 +482,7 @@ def main(argv=None) -> dict | None:
   if max(args.devices) > jax.device_count():
     parser.error(f"--devices {args.devices}: only {jax.device_count()} devices visible")
 
-  if args.stats_flops_only or args.fsdp_memory_only:
+  if args.stats_flops_only or args.fsdp_memory_only or args.fsdp_gathers_only:
     out = pathlib.Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
     if args.stats_flops_only:
@@ -451,6 +491,9 @@ def main(argv=None) -> dict | None:
     if args.fsdp_memory_only:
       result["fsdp_memory"] = fsdp_memory_table(args.bytes_model, args.devices)
       print_fsdp_memory(result["fsdp_memory"])
+    if args.fsdp_gathers_only:
+      result["fsdp_gathers"] = fsdp_gathers_table(args.bytes_model, max(args.devices))
+      print(json.dumps(result["fsdp_gathers"], indent=1))
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")
     return result
