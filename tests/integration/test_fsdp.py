@@ -8,7 +8,8 @@ parameters and gradients are split over a mesh axis (FSDP), in two layouts:
 * ``2d``: a ``("data", "model") = (4, 2)`` mesh, the factors split over
   ``"data"`` and every parameter split over ``"model"`` along its last axis
   (so the blocks must change both their split and their axis to reach their
-  owners).
+  owners); ``2d-data`` (slow run): the same mesh, parameters split over
+  ``"data"`` along their first axis.
 
 Each on an auto and an explicit mesh (the default axis type of ``jax.make_mesh``).
 The checks:
@@ -70,7 +71,8 @@ UPDATE_RTOL = 1e-3
 STEPS = 5  # statistics at 2 and 4, roots at 4, step 5 preconditioned by them
 MESH_KINDS = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
 # layout: (mesh shape, axis names, the factors' axis, the axis the parameters are split over, which of their axes)
-LAYOUTS = {"fsdp": ((8,), ("fsdp",), "fsdp", "fsdp", 0), "2d": ((4, 2), ("data", "model"), "data", "model", -1)}
+LAYOUTS = {"fsdp": ((8,), ("fsdp",), "fsdp", "fsdp", 0), "2d": ((4, 2), ("data", "model"), "data", "model", -1),
+           "2d-data": ((4, 2), ("data", "model"), "data", "data", 0)}
 
 
 def _setup(layout, kind):
@@ -116,13 +118,17 @@ def test_all_gathers_helper_finds_a_whole_parameter_gather():
   assert [g["shape"] for g in found] == [SHAPES["a"]]
 
 
+# The default run covers both optimizers, both mesh kinds and both layouts; the slow run every combination.
 @pytest.mark.parametrize("optimizer, layout, kind", [
-    ("shampoo", "fsdp", "auto"), ("shampoo", "fsdp", "explicit"), ("shampoo", "2d", "auto"),
-    ("soap", "fsdp", "explicit"),
+    ("shampoo", "fsdp", "explicit"), ("soap", "2d", "auto"),
+    pytest.param("shampoo", "fsdp", "auto", marks=pytest.mark.slow),
+    pytest.param("shampoo", "2d", "auto", marks=pytest.mark.slow),
     pytest.param("shampoo", "2d", "explicit", marks=pytest.mark.slow),
     pytest.param("soap", "fsdp", "auto", marks=pytest.mark.slow),
-    pytest.param("soap", "2d", "auto", marks=pytest.mark.slow),
-    pytest.param("soap", "2d", "explicit", marks=pytest.mark.slow)])
+    pytest.param("soap", "fsdp", "explicit", marks=pytest.mark.slow),
+    pytest.param("soap", "2d", "explicit", marks=pytest.mark.slow),
+    pytest.param("shampoo", "2d-data", "explicit", marks=pytest.mark.slow),
+    pytest.param("soap", "2d-data", "auto", marks=pytest.mark.slow)])
 def test_update_gathers_no_whole_gradient(optimizer, layout, kind):
   hlo = _compiled_update(optimizer, layout, kind).as_text()
   found = _whole_gradient_gathers(hlo)
@@ -149,7 +155,8 @@ def _trajectory(tx, params, grads, shardings=None):
 
 
 @pytest.mark.parametrize("optimizer, layout, kind", [
-    ("shampoo", "fsdp", "explicit"), ("soap", "2d", "auto"),
+    ("shampoo", "fsdp", "explicit"),
+    pytest.param("soap", "2d", "auto", marks=pytest.mark.slow),
     pytest.param("shampoo", "2d", "auto", marks=pytest.mark.slow),
     pytest.param("soap", "fsdp", "explicit", marks=pytest.mark.slow)])
 def test_fsdp_update_matches_single_device(optimizer, layout, kind):
