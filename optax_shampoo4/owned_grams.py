@@ -33,6 +33,7 @@ one array, which XLA resolves by gathering it whole.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -116,7 +117,9 @@ def owned_gram_tables(plan: partition.Plan, num_shards: int) -> dict[str, OwnedG
   return tables
 
 
-def owned_blocks(table: OwnedGrams, matrices: list, num_shards: int) -> list[list[jax.Array | None]]:
+def owned_blocks(table: OwnedGrams, matrices: list, num_shards: int,
+                 layout: Callable[[tuple[int, ...]], Callable[[jax.Array], jax.Array]] | None = None
+                 ) -> list[list[jax.Array | None]]:
   """Per group of ``table``, ``[left blocks, right blocks]``, each in device order: ``f32[num_shards · width, m, n]``.
 
   Device ``d``'s blocks of a side (:meth:`GramGroup.side_picks`) are at
@@ -130,10 +133,14 @@ def owned_blocks(table: OwnedGrams, matrices: list, num_shards: int) -> list[lis
     table: the bucket's static table (:func:`owned_gram_tables`).
     matrices: per leaf, its float32 matrix view (None for passthrough leaves).
     num_shards: number of devices (``len(group.picks)``).
+    layout: optional ``layout(block shape)(block)``, a layout for each
+      block before it is stacked (e.g. ``engine.BlockLayout.for_blocks``).
   """
   out = []
   for group in table.groups:
     blocks = [matrices[leaf][r0:r1, c0:c1] for leaf, (r0, r1), (c0, c1), _ in group.blocks]
+    if layout is not None:
+      blocks = [layout(x.shape)(x) for x in blocks]
     sides = []
     for side in ("left", "right"):
       picks = group.side_picks(side)

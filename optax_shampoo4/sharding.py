@@ -194,6 +194,18 @@ def laid_out_by_xla(fn: Callable, mesh: Mesh | None, out_specs: Any, *args: Any)
     return jax.sharding.auto_axes(fn, out_sharding=out_shardings)(*args)
 
 
+def hint(x: jax.Array, mesh: Mesh, spec: PartitionSpec | None) -> jax.Array:
+  """``x`` laid out as ``spec`` on ``mesh``'s devices, as a hint to XLA (identity for ``spec=None``).
+
+  For the inside of :func:`laid_out_by_xla` (or an auto mesh): the
+  constraint names the mesh with every axis auto.
+  """
+  if spec is None:
+    return x
+  auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(auto, spec))
+
+
 def shard_map_replicated(fn: Callable, mesh: Mesh, *args: Any) -> Any:
   """``jax.shard_map(fn)`` with every operand and result replicated, on auto or explicit meshes.
 
