@@ -193,9 +193,10 @@ def fsdp_gathers_table(model: str, n: int) -> dict:
   Parameters, gradients and the state laid out as in :func:`fsdp_memory_table`;
   the whole update is compiled (refresh branches included; minutes for
   GPT-2 on 2 cores) and its per-device all-gathers listed
-  (``benchmarks/hlo_flops.py``). ``largest_vs_smallest_gradient`` compares
-  the largest float all-gather's per-device result with the smallest
-  preconditioned gradient: below 1 means no whole gradient is gathered.
+  (``benchmarks/hlo_flops.py``): those of the factor arrays (the 4-bit roots'
+  float32 diagonals and block scales, gathered for the preconditioning) and
+  the others, whose largest per-device result is compared with the smallest
+  preconditioned gradient: below 1 (or none) means no whole gradient is gathered.
   """
   params = MODELS[model]()
   mesh = _mesh(n)
@@ -208,11 +209,15 @@ def fsdp_gathers_table(model: str, n: int) -> dict:
   update = jax.jit(tx.update, out_shardings=(param_shardings, state_shardings))
   hlo = update.lower(params, _abstract_with(abstract, state_shardings), params).compile().as_text()
   gathers = [g for g in all_gathers(hlo) if g["dtype"].startswith(("f", "bf"))]
+  factor_shapes = {tuple(leaf.shape) for st in jax.tree.leaves(abstract, is_leaf=_is_state) if _is_state(st)
+                   for leaf in jax.tree.leaves(st.factors)}
+  others = [g for g in gathers if tuple(g["shape"]) not in factor_shapes]
   smallest = min(int(np.prod(p.shape)) for p in jax.tree.leaves(params) if len(p.shape) >= 2)
-  largest = max((g["elements"] for g in gathers), default=0)
+  largest = max((g["elements"] for g in others), default=0)
   return {"model": model, "devices": n, "compile_s": time.perf_counter() - t0, "float_all_gathers": len(gathers),
-          "largest_float_all_gather_elements": largest, "smallest_gradient_elements": smallest,
-          "largest_vs_smallest_gradient": largest / smallest,
+          "of_factor_arrays": len(gathers) - len(others), "other_float_all_gathers": len(others),
+          "largest_other_elements": largest, "smallest_gradient_elements": smallest,
+          "largest_other_vs_smallest_gradient": largest / smallest,
           "all_to_alls": hlo.count(" all-to-all("), "shapes": sorted({str(g["shape"]) for g in gathers})}
 
 

@@ -40,13 +40,12 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from optax_shampoo4 import block_moves, linalg, optax_compat, options, partition, sharding
 from optax_shampoo4 import factors as fct
-from optax_shampoo4 import linalg, optax_compat, options, partition, sharding
 from optax_shampoo4 import quantization as qz
 from optax_shampoo4.owned_grams import owned_blocks, owned_gram_tables, owned_grams
 
 Buckets = dict[str, fct.Bucket]
-FREE = PartitionSpec.UNCONSTRAINED  # a dimension of a layout hint that XLA may lay out as it finds it
 
 
 class Step(NamedTuple):
@@ -212,7 +211,7 @@ class FactorEngine:
         return fct.update_stats(self.config, bucket, own, beta, row_order=order)
 
       update = sharding.shard_over_factors(on_each_device, self.mesh, axis, 3, 1)
-      layout = BlockLayout(self.mesh, axis, plan)
+      layout = block_moves.BlockLayout(self.mesh, axis, plan)
       blocks = sharding.laid_out_by_xla(
           lambda m: owned_blocks(tables[key.name], layout.aligned_views(m), self.num_shards, layout.for_blocks),
           self.mesh, PartitionSpec(axis), matrices)
@@ -268,12 +267,12 @@ class FactorEngine:
     where that balances the work (never with ``split_rows=False``, for an
     ``fn`` that needs whole left factors). Each item's block is moved to the
     device that computes it from wherever the gradient lives
-    (:func:`item_blocks` split over the mesh axis: a local slice of
+    (:func:`~optax_shampoo4.block_moves.item_blocks` split over the mesh axis: a local slice of
     replicated gradients, an all-to-all of FSDP ones); each device takes its
     items' factors from ``stored`` (which should be replicated and may be
     quantized), dequantizes only those rows, runs ``fn`` batched over its
     items under ``jax.shard_map``, and the results are put back together in
-    the layout of ``matrices`` (:func:`reassemble`; XLA moves them: an
+    the layout of ``matrices`` (:func:`~optax_shampoo4.block_moves.reassemble`; XLA moves them: an
     all-gather for replicated gradients, all-to-alls for split ones). Every
     device thus does ``1/N`` of the products (within
     :attr:`~optax_shampoo4.partition.Schedule.balance`) and receives only
@@ -298,23 +297,23 @@ class FactorEngine:
       return [map_blocks(matrix, lp, whole) if lp.preconditioned else None
               for matrix, lp in zip(matrices, plan.leaves)]
     schedule = self.schedule(plan, split_rows)
-    layout = BlockLayout(self.mesh, self.mesh_axis, plan)
+    layout = block_moves.BlockLayout(self.mesh, self.mesh_axis, plan)
 
     def to_items(matrices):
       views = layout.aligned_views(matrices)
-      return [item_blocks(group, views, self.num_shards, layout.for_blocks(group.shape))
+      return [block_moves.item_blocks(group, views, self.num_shards, layout.for_blocks(group.shape))
               for group in schedule.groups]
 
     items = sharding.laid_out_by_xla(to_items, self.mesh, PartitionSpec(self.mesh_axis), matrices)
     results = self._apply_on_mesh(schedule, stored, items, fn)
-    return sharding.laid_out_by_xla(lambda results: reassemble(schedule, plan, results, layout), self.mesh,
-                                    [_spec(m) for m in matrices], results)
+    return sharding.laid_out_by_xla(lambda results: block_moves.reassemble(schedule, plan, results, layout), self.mesh,
+                                    [sharding.spec_of(m) for m in matrices], results)
 
   def _apply_on_mesh(self, schedule: partition.Schedule, stored: dict, items: list[jax.Array],
                      fn: Callable) -> list[jax.Array]:
     """Per group of ``schedule``, ``fn`` of its items, ``[num_shards · per_shard, rows, n]``, split over the mesh.
 
-    ``items``: per group, the block of every item (:func:`item_blocks`); each
+    ``items``: per group, the block of every item (:func:`~optax_shampoo4.block_moves.item_blocks`); each
     device computes its own items, and the results stay split.
     """
     axis, num_shards = self.mesh_axis, self.num_shards
@@ -333,78 +332,6 @@ class FactorEngine:
   def gathered(self, tree: Any) -> Any:
     """``tree`` replicated on every device, e.g. roots still quantized (identity without a mesh)."""
     return sharding.replicate(tree, self.mesh)
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockLayout:
-  """Layouts that keep the moves of gradient blocks aligned with the blocks (all-to-alls, not gathers).
-
-  A matrix view split over the devices along a dimension that the blocks
-  cut (a parameter split like FSDP, its shards' bounds not those of the
-  blocks) would make XLA gather whole stacks of blocks to slice them. So a
-  view is first split where every block takes an even share: along its rows
-  if it has one row of blocks, else along its columns if it has one column
-  of blocks (:meth:`view_spec`; one all-to-all from the parameter's
-  layout), and each block along its own rows or columns (:meth:`for_blocks`).
-  Only the factor axis is named: the other mesh axes (a ``data × model``
-  mesh's ``model``) stay where XLA finds them (``FREE``). The hints name
-  ``mesh``'s devices with auto axes (:func:`~optax_shampoo4.sharding.hint`),
-  for the inside of :func:`~optax_shampoo4.sharding.laid_out_by_xla`.
-  """
-
-  mesh: jax.sharding.Mesh
-  axis: str
-  plan: partition.Plan
-
-  def view_spec(self, leaf_plan: partition.LeafPlan) -> PartitionSpec | None:
-    """The split of a leaf's matrix view that cuts each of its blocks evenly (None: none does)."""
-    if len({b.rows for b in leaf_plan.blocks}) == 1:
-      return PartitionSpec(self.axis, FREE)
-    if len({b.cols for b in leaf_plan.blocks}) == 1:
-      return PartitionSpec(FREE, self.axis)
-    return None
-
-  def aligned_views(self, matrices: list) -> list:
-    """The matrix views (None for passthrough leaves) split as :meth:`view_spec` says."""
-    return [None if m is None else sharding.hint(m, self.mesh, self.view_spec(lp))
-            for m, lp in zip(matrices, self.plan.leaves)]
-
-  def for_blocks(self, shape: tuple[int, ...]) -> Callable[[jax.Array], jax.Array]:
-    """``block -> block`` split along its rows (else its columns) where they divide over the devices."""
-    size = self.mesh.shape[self.axis]
-    spec = (PartitionSpec(self.axis, FREE) if shape[0] % size == 0 else
-            PartitionSpec(FREE, self.axis) if shape[1] % size == 0 else None)
-    return lambda block: sharding.hint(block, self.mesh, spec)
-
-
-def reassemble(schedule: partition.Schedule, plan: partition.Plan, results: list[jax.Array],
-               layout: BlockLayout | None = None) -> list:
-  """Per leaf, its matrix view put together from the per-item ``results`` of ``schedule`` (None: passthrough).
-
-  With ``layout``, each group's results are first split along their columns
-  (an all-to-all from the split over items), so that merging a block's row
-  chunks moves nothing, and each block then takes its view's split.
-  """
-  blocks = {}
-  for group, result in zip(schedule.groups, results):  # [num_shards * per_shard, rows, n]
-    m, n = group.shape
-    if layout is not None and n % layout.mesh.shape[layout.axis] == 0:
-      result = sharding.hint(result, layout.mesh, PartitionSpec(FREE, FREE, layout.axis))
-    whole = result[:len(group.blocks) * group.chunks].reshape(len(group.blocks), group.chunks * group.rows, n)
-    for position, (leaf, block) in enumerate(group.blocks):
-      spec = None if layout is None else layout.view_spec(plan.leaves[leaf])
-      blocks[block] = whole[position, :m] if layout is None else sharding.hint(whole[position, :m], layout.mesh,
-                                                                                spec)
-  views = [join_blocks(lp, blocks.__getitem__) if lp.preconditioned else None for lp in plan.leaves]
-  return views if layout is None else layout.aligned_views(views)
-
-
-def _spec(x: Any) -> Any:
-  """The ``PartitionSpec`` of ``x``'s type (explicit sharding), replicated where it has none; None for None."""
-  if x is None:
-    return None
-  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-  return PartitionSpec() if spec is None else spec
 
 
 def _real_counts(plan: partition.Plan) -> dict[str, int]:
@@ -460,23 +387,6 @@ def _group_products(group: partition.BlockGroup, items: jax.Array, stored: dict,
   return jax.vmap(fn)(left, local_blocks, right)
 
 
-def item_blocks(group: partition.BlockGroup, matrices: list, num_shards: int,
-                layout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
-  """The block of every item of ``group``, in item order: ``f32[num_shards · per_shard, m, n]``.
-
-  Split over ``num_shards`` devices along the leading axis this gives each
-  device the blocks of its own items (zeros for padding items); a block cut
-  into row chunks goes to every device that computes one of its chunks.
-  Plain slices and a stack of the matrix views: in a sharded program they
-  keep the gradients' layout until the split moves them to their owners;
-  ``layout`` (e.g. :meth:`BlockLayout.for_blocks`) lays out each block first.
-  """
-  blocks = [matrices[leaf][b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] for leaf, b in group.blocks]
-  blocks = blocks if layout is None else [layout(block) for block in blocks]
-  blocks.append(jnp.zeros(group.shape, jnp.float32))
-  return jnp.stack([blocks[item[0]] for share in group.items(num_shards) for item in share])
-
-
 def _factor(factors: dict[str, jax.Array], side: partition.FactorSlot | None) -> jax.Array | None:
   """The factor of one side of a block (None for a side without one)."""
   return None if side is None else factors[side.bucket.name][side.index]
@@ -512,13 +422,7 @@ def map_blocks(matrix: jax.Array, leaf_plan: partition.LeafPlan,
 
   ``fn`` must return an array of the block's shape.
   """
-  return join_blocks(leaf_plan, lambda b: fn(matrix[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]], b))
-
-
-def join_blocks(leaf_plan: partition.LeafPlan, block_of: Callable[[partition.BlockPlan], jax.Array]) -> jax.Array:
-  """A leaf's matrix view put together from ``block_of(block_plan)`` of each of its blocks."""
-  row_starts = sorted({b.rows[0] for b in leaf_plan.blocks})
-  return jnp.block([[block_of(b) for b in leaf_plan.blocks if b.rows[0] == start] for start in row_starts])
+  return block_moves.join_blocks(leaf_plan, lambda b: fn(matrix[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]], b))
 
 
 def after_previous(inputs: Any, done: Buckets) -> Any:

@@ -270,6 +270,14 @@ def moment_sharding(param_sharding: Any, shape: tuple[int, ...]) -> Any:
   return param_sharding
 
 
+def spec_of(x: Any) -> Any:
+  """The ``PartitionSpec`` of ``x``'s type (explicit sharding), replicated where it has none; None for None."""
+  if x is None:
+    return None
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return PartitionSpec() if spec is None else spec
+
+
 def explicit_layout(x: Any) -> NamedSharding | None:
   """The layout of ``x`` if it is split over an axis of explicit sharding (part of its type), else None."""
   layout = getattr(jax.typeof(x), "sharding", None)
