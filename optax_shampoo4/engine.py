@@ -204,6 +204,7 @@ class FactorEngine:
                                                                 row_order=order)
     tables = owned_gram_tables(plan, self.num_shards)
     axis = self.mesh_axis
+    layout = block_moves.BlockLayout(self.mesh, axis, plan)
 
     def fold(key, bucket, order, beta):
       def on_each_device(bucket, order, blocks, beta):
@@ -211,7 +212,6 @@ class FactorEngine:
         return fct.update_stats(self.config, bucket, own, beta, row_order=order)
 
       update = sharding.shard_over_factors(on_each_device, self.mesh, axis, 3, 1)
-      layout = block_moves.BlockLayout(self.mesh, axis, plan)
       blocks = sharding.laid_out_by_xla(
           lambda m: owned_blocks(tables[key.name], layout.aligned_views(m), self.num_shards, layout.for_blocks),
           self.mesh, PartitionSpec(axis), matrices)
