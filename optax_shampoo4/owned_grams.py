@@ -134,7 +134,7 @@ def owned_blocks(table: OwnedGrams, matrices: list, num_shards: int,
     matrices: per leaf, its float32 matrix view (None for passthrough leaves).
     num_shards: number of devices (``len(group.picks)``).
     layout: optional ``layout(block shape)(block)``, a layout for each
-      block before it is stacked (e.g. ``engine.BlockLayout.for_blocks``).
+      block before it is stacked (e.g. ``block_moves.BlockLayout.for_blocks``).
   """
   out = []
   for group in table.groups:
