@@ -122,17 +122,6 @@ def like(tree: Any, reference: Any, mesh: Mesh) -> Any:
                       tree, reference)
 
 
-def like_inputs(outputs: Any, inputs: Any, mesh: Mesh | None) -> Any:
-  """Explicit sharding: ``outputs`` in the layouts of ``inputs`` (same structure); otherwise unchanged.
-
-  E.g. the preconditioned blocks take the layout of the gradients they came
-  from (FSDP: split like the parameters), so they combine with them.
-  """
-  if mesh is None:
-    return outputs
-  return like(outputs, inputs, layout_mesh(mesh, inputs))
-
-
 def shard_over_factors(fn: Callable, mesh: Mesh | None, mesh_axis: str, num_sharded: int,
                        num_replicated: int) -> Callable:
   """Runs ``fn`` on each device's slice of the factor axis (identity if no mesh).
@@ -204,19 +193,6 @@ def hint(x: jax.Array, mesh: Mesh, spec: PartitionSpec | None) -> jax.Array:
     return x
   auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
   return jax.lax.with_sharding_constraint(x, NamedSharding(auto, spec))
-
-
-def shard_map_replicated(fn: Callable, mesh: Mesh, *args: Any) -> Any:
-  """``jax.shard_map(fn)`` with every operand and result replicated, on auto or explicit meshes.
-
-  ``fn`` runs on every device with whole operands (e.g. to compute its own
-  share of some work from ``lax.axis_index`` and all-gather it).
-  """
-  layout = layout_mesh(mesh, args)
-  if is_explicit(layout):
-    args = constrain(args, layout, PartitionSpec())
-  return jax.shard_map(fn, mesh=layout, in_specs=(PartitionSpec(),) * len(args), out_specs=PartitionSpec(),
-                       check_vma=False)(*args)
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
