@@ -6,7 +6,7 @@ Run:  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/distr
 
 (The script asks for 8 virtual CPU devices itself when ``XLA_FLAGS`` does not say otherwise.)
 
-Two tables:
+The tables:
 
 1. **Bytes per device** (exact, no allocation): the 4-bit ``adamw_shampoo4`` state of a
    parameter tree from ``benchmarks/model_shapes.py`` (default GPT-2 124M), built with
@@ -46,6 +46,15 @@ Two tables:
    and refreshes only those factors. ``--stats-flops-only`` computes this table alone and adds it to
    an existing JSON (``stats_flops``).
 
+5. **FSDP train state per device** (exact, no allocation; ``--bytes-model``): parameters split over the
+   mesh along their largest dimension divisible by N, Adam's moments like them, the factors over their
+   bucket axis; the whole train state (parameters + optimizer state) per device against ``total / N``.
+   ``--fsdp-memory-only`` computes this table alone and adds it to an existing JSON (``fsdp_memory``).
+
+6. **FSDP all-gathers** (``--fsdp-gathers-only``, minutes): the whole FSDP ``tx.update`` compiled on the
+   largest ``--devices`` and its float all-gathers listed (``benchmarks/hlo_flops.py``): none as large as a
+   gradient (the gradient blocks move to their owners by all-to-all); added to the JSON (``fsdp_gathers``).
+
 Writes ``benchmarks/results/distributed.json`` and ``.png``.
 """
 
@@ -60,10 +69,12 @@ import subprocess
 import sys
 import time
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see benchmarks/speed.py
+# Run as a script only: a test importing the tables has its own devices and must not change its subprocesses' flags.
+if __name__ == "__main__":
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see benchmarks/speed.py
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -74,7 +85,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import optax_shampoo4 as s4  # noqa: E402
-from benchmarks.hlo_flops import dot_flops  # noqa: E402
+from benchmarks.hlo_flops import all_gathers, dot_flops  # noqa: E402
 from benchmarks.model_shapes import MODELS  # noqa: E402
 from optax_shampoo4 import engine, linalg  # noqa: E402
 from optax_shampoo4 import factors as fct  # noqa: E402
@@ -124,6 +135,100 @@ def bytes_table(model: str, device_counts: list[int]) -> dict:
     r["ideal_fraction"] = device_counts[0] / n
   return {"model": model, "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
           "rows": rows}
+
+
+def fsdp_param_sharding(mesh: jax.sharding.Mesh, shape: tuple[int, ...], axis: str = "data") -> NamedSharding:
+  """FSDP: a parameter split over ``axis`` along its largest dimension that divides evenly (else replicated)."""
+  n = mesh.shape[axis]
+  dims = sorted((d for d, size in enumerate(shape) if size % n == 0), key=lambda d: -shape[d])
+  if not dims:
+    return NamedSharding(mesh, P())
+  spec = [None] * len(shape)
+  spec[dims[0]] = axis
+  return NamedSharding(mesh, P(*spec))
+
+
+def _per_device_and_total(tree, shardings) -> tuple[int, int]:
+  """(bytes on one device, bytes of the whole arrays) of ``tree`` laid out by ``shardings`` (exact)."""
+  per_device = total = 0
+  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    per_device += int(np.prod(sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+    total += int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+  return per_device, total
+
+
+def fsdp_memory_table(model: str, device_counts: list[int]) -> dict:
+  """The whole train state (params + 4-bit ``adamw_shampoo4`` state) per device, FSDP-style.
+
+  Parameters split over the mesh along their largest evenly dividing
+  dimension (:func:`fsdp_param_sharding`), the optimizer state placed by
+  ``s4.state_sharding(..., params_sharding=)``: factors split over their
+  bucket axis, Adam's moments like their parameters. Exact, from each
+  leaf's shard shape (nothing is allocated). ``vs_even_split`` is the
+  per-device bytes over ``total / N`` (1.0: a perfect split; the total
+  counts the padding factors of this N).
+  """
+  params = MODELS[model]()
+  rows = {}
+  for n in device_counts:
+    mesh = _mesh(n)
+    param_shardings = jax.tree.map(lambda p, mesh=mesh: fsdp_param_sharding(mesh, p.shape), params)
+    abstract = jax.eval_shape(_tx(mesh).init, params)
+    state_shardings = s4.state_sharding(abstract, mesh, params_sharding=param_shardings)
+    params_device, params_total = _per_device_and_total(params, param_shardings)
+    state_device, state_total = _per_device_and_total(abstract, state_shardings)
+    per_device, total = params_device + state_device, params_total + state_total
+    rows[n] = {"params_per_device": params_device, "params_total": params_total,
+               "opt_state_per_device": state_device, "opt_state_total": state_total,
+               "train_state_per_device": per_device, "train_state_total": total,
+               "vs_even_split": per_device / (total / n)}
+  return {"model": model, "optimizer": "adamw_shampoo4 (4-bit, defaults)",
+          "layout": "params split along their largest dimension divisible by N; Adam moments like them; "
+                    "factors split over their bucket axis", "rows": rows}
+
+
+def fsdp_gathers_table(model: str, n: int) -> dict:
+  """The float all-gathers of the compiled FSDP ``tx.update`` (4-bit ``adamw_shampoo4``) on ``n`` devices.
+
+  Parameters, gradients and the state laid out as in :func:`fsdp_memory_table`;
+  the whole update is compiled (refresh branches included; minutes for
+  GPT-2 on 2 cores) and its per-device all-gathers listed
+  (``benchmarks/hlo_flops.py``): those of the factor arrays (the 4-bit roots'
+  float32 diagonals and block scales, gathered for the preconditioning) and
+  the others, whose largest per-device result is compared with the smallest
+  preconditioned gradient: below 1 (or none) means no whole gradient is gathered.
+  """
+  params = MODELS[model]()
+  mesh = _mesh(n)
+  param_shardings = jax.tree.map(lambda p: fsdp_param_sharding(mesh, p.shape), params)
+  tx = _tx(mesh)
+  abstract = jax.eval_shape(tx.init, params)
+  state_shardings = s4.state_sharding(abstract, mesh, params_sharding=param_shardings)
+  params = _abstract_with(params, param_shardings)
+  t0 = time.perf_counter()
+  update = jax.jit(tx.update, out_shardings=(param_shardings, state_shardings))
+  hlo = update.lower(params, _abstract_with(abstract, state_shardings), params).compile().as_text()
+  gathers = [g for g in all_gathers(hlo) if g["dtype"].startswith(("f", "bf"))]
+  factor_shapes = {tuple(leaf.shape) for st in jax.tree.leaves(abstract, is_leaf=_is_state) if _is_state(st)
+                   for leaf in jax.tree.leaves(st.factors)}
+  others = [g for g in gathers if tuple(g["shape"]) not in factor_shapes]
+  smallest = min(int(np.prod(p.shape)) for p in jax.tree.leaves(params) if len(p.shape) >= 2)
+  largest = max((g["elements"] for g in others), default=0)
+  return {"model": model, "devices": n, "compile_s": time.perf_counter() - t0, "float_all_gathers": len(gathers),
+          "of_factor_arrays": len(gathers) - len(others), "other_float_all_gathers": len(others),
+          "largest_other_elements": largest, "smallest_gradient_elements": smallest,
+          "largest_other_vs_smallest_gradient": largest / smallest,
+          "all_to_alls": hlo.count(" all-to-all("), "shapes": sorted({str(g["shape"]) for g in gathers})}
+
+
+def print_fsdp_memory(table: dict) -> None:
+  print(f"\nFSDP train state per device (params + optimizer state), {table['model']}, {table['optimizer']}")
+  print(f"{'N':>3s} {'params MiB/dev':>14s} {'opt state MiB/dev':>17s} {'total MiB/dev':>13s} "
+        f"{'total/N MiB':>11s} {'vs total/N':>10s}")
+  for n, r in table["rows"].items():
+    print(f"{int(n):3d} {r['params_per_device'] / MIB:14.1f} {r['opt_state_per_device'] / MIB:17.1f} "
+          f"{r['train_state_per_device'] / MIB:13.1f} {r['train_state_total'] / int(n) / MIB:11.1f} "
+          f"{r['vs_even_split']:10.4f}")
 
 
 # ----------------------------------------------------------------------------- every-step flops
@@ -369,6 +474,10 @@ def main(argv=None) -> dict | None:
   parser.add_argument("--skip-flops", action="store_true")
   parser.add_argument("--stats-flops-only", action="store_true",
                       help="compute only the statistics-step flops table and add it to --out")
+  parser.add_argument("--fsdp-memory-only", action="store_true",
+                      help="compute only the FSDP train-state table (exact, seconds) and add it to --out")
+  parser.add_argument("--fsdp-gathers-only", action="store_true",
+                      help="compile the FSDP update on the largest --devices and add its all-gathers to --out")
   parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed.json"))
   args = parser.parse_args(argv)
@@ -378,25 +487,34 @@ def main(argv=None) -> dict | None:
   if max(args.devices) > jax.device_count():
     parser.error(f"--devices {args.devices}: only {jax.device_count()} devices visible")
 
-  if args.stats_flops_only:
+  if args.stats_flops_only or args.fsdp_memory_only or args.fsdp_gathers_only:
     out = pathlib.Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
-    result["stats_flops"] = stats_flops_table(args.flops_model, args.devices)
-    print_stats_flops(result["stats_flops"])
+    if args.stats_flops_only:
+      result["stats_flops"] = stats_flops_table(args.flops_model, args.devices)
+      print_stats_flops(result["stats_flops"])
+    if args.fsdp_memory_only:
+      result["fsdp_memory"] = fsdp_memory_table(args.bytes_model, args.devices)
+      print_fsdp_memory(result["fsdp_memory"])
+    if args.fsdp_gathers_only:
+      result["fsdp_gathers"] = fsdp_gathers_table(args.bytes_model, max(args.devices))
+      print(json.dumps(result["fsdp_gathers"], indent=1))
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")
     return result
   memory = bytes_table(args.bytes_model, args.devices)
+  fsdp_memory = fsdp_memory_table(args.bytes_model, args.devices)
   flops = None if args.skip_flops else flops_table(args.flops_model, args.devices, args.flops_program)
   timing = None if args.skip_timing else time_table(args.devices, args.steps, args.repeats)
   print_tables(memory, timing)
+  print_fsdp_memory(fsdp_memory)
   if flops is not None:
     print_flops(flops)
   stats_flops = None if args.skip_flops else stats_flops_table(args.flops_model, args.devices)
   if stats_flops is not None:
     print_stats_flops(stats_flops)
   result = {
-      "memory": memory, "timing": timing, "flops": flops, "stats_flops": stats_flops,
+      "memory": memory, "fsdp_memory": fsdp_memory, "timing": timing, "flops": flops, "stats_flops": stats_flops,
       "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                       "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
                       "cpu_count": os.cpu_count(), "machine": platform.machine(),

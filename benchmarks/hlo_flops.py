@@ -91,3 +91,33 @@ def dot_flops(hlo_text: str) -> dict[str, int]:
       totals["in_branches" if name in in_branch else "every_call"] += flops
       totals["dots"] += 1
   return totals
+
+
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+(all-gather(?:-start)?)\(")
+_TYPED_SHAPE = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
+
+
+def all_gathers(hlo_text: str) -> list[dict]:
+  """The ``all-gather`` instructions of an HLO module with their result types.
+
+  Args:
+    hlo_text: ``compiled.as_text()`` (the per-device program).
+
+  Returns:
+    One ``{"name", "dtype", "shape", "elements"}`` per all-gather (for an
+    asynchronous ``all-gather-start``, its gathered result: the last array of
+    its result tuple), in program order. ``elements`` is the product of the
+    per-device result shape: what every device holds after the gather.
+  """
+  found = []
+  for line in hlo_text.splitlines():
+    match = _COLLECTIVE.match(line)
+    if not match:
+      continue
+    typed = _TYPED_SHAPE.findall(match.group(2))
+    if not typed:
+      continue
+    dtype, dims = typed[-1]
+    shape = _dims(dims)
+    found.append({"name": match.group(1), "dtype": dtype, "shape": shape, "elements": math.prod(shape)})
+  return found

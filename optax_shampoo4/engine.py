@@ -17,7 +17,10 @@ that an optimizer is only its own step:
 * :meth:`FactorEngine.apply_blocks`: the every-step per-block products
   (Shampoo's ``L̂ G R̂``, CASPR's combination, SOAP's rotations), split over
   the mesh by a static :class:`~optax_shampoo4.partition.Schedule` so that
-  each device computes only its share of the blocks, then all-gathered;
+  each device receives and computes only its share of the blocks, the
+  results returning in the gradients' layout (replicated gradients: an
+  all-gather of the results; FSDP gradients: all-to-alls both ways, never a
+  whole gradient on every device);
 * :meth:`FactorEngine.init_factors`, :meth:`FactorEngine.start_step` and
   :func:`failure_counts`: the parts every optimizer's ``init`` / ``update``
   shares (the ``optax.tree.map_params`` placeholder, the step prologue, the
@@ -35,11 +38,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec
 
+from optax_shampoo4 import block_moves, linalg, optax_compat, options, partition, sharding
 from optax_shampoo4 import factors as fct
-from optax_shampoo4 import linalg, optax_compat, options, partition, sharding
 from optax_shampoo4 import quantization as qz
-from optax_shampoo4.owned_grams import owned_gram_tables, owned_grams
+from optax_shampoo4.owned_grams import owned_blocks, owned_gram_tables, owned_grams
 
 Buckets = dict[str, fct.Bucket]
 
@@ -188,9 +192,11 @@ class FactorEngine:
     """``fold(key, bucket, row_order, beta) -> (bucket, accepted)``: one bucket's statistics update.
 
     Without a mesh the Gram matrices of every block are formed once
-    (:func:`gram_matrices`). With one, each device forms only those of the
-    factors it owns, inside the refresh's ``shard_map``
-    (:mod:`~optax_shampoo4.owned_grams`), from the (replicated) matrix views.
+    (:func:`gram_matrices`). With one, each device receives only the blocks
+    of the factors it owns, split over the mesh axis from the gradients'
+    own layout (:func:`~optax_shampoo4.owned_grams.owned_blocks`: with FSDP
+    gradients an all-to-all, not an all-gather), and forms their Gram
+    matrices inside the refresh's ``shard_map``.
     """
     if self.mesh is None:
       grams = gram_matrices(plan, matrices)
@@ -198,14 +204,18 @@ class FactorEngine:
                                                                 row_order=order)
     tables = owned_gram_tables(plan, self.num_shards)
     axis = self.mesh_axis
+    layout = block_moves.BlockLayout(self.mesh, axis, plan)
 
     def fold(key, bucket, order, beta):
-      def on_each_device(bucket, order, matrices, beta):
-        own = owned_grams(tables[key.name], matrices, lax.axis_index(axis))
+      def on_each_device(bucket, order, blocks, beta):
+        own = owned_grams(tables[key.name], blocks, lax.axis_index(axis))
         return fct.update_stats(self.config, bucket, own, beta, row_order=order)
 
-      update = sharding.shard_over_factors(on_each_device, self.mesh, axis, 2, 2)
-      return update(bucket, order, matrices, beta)
+      update = sharding.shard_over_factors(on_each_device, self.mesh, axis, 3, 1)
+      blocks = sharding.laid_out_by_xla(
+          lambda m: owned_blocks(tables[key.name], layout.aligned_views(m), self.num_shards, layout.for_blocks),
+          self.mesh, PartitionSpec(axis), matrices)
+      return update(bucket, order, blocks, beta)
 
     return fold
 
@@ -255,12 +265,18 @@ class FactorEngine:
     factors, block by block (``r0, r1 = 0, m``). With a mesh the blocks follow
     :meth:`schedule`: blocks of one shape are stacked, cut into row chunks
     where that balances the work (never with ``split_rows=False``, for an
-    ``fn`` that needs whole left factors), and each device gathers its
+    ``fn`` that needs whole left factors). Each item's block is moved to the
+    device that computes it from wherever the gradient lives
+    (:func:`~optax_shampoo4.block_moves.item_blocks` split over the mesh axis: a local slice of
+    replicated gradients, an all-to-all of FSDP ones); each device takes its
     items' factors from ``stored`` (which should be replicated and may be
     quantized), dequantizes only those rows, runs ``fn`` batched over its
-    items under ``jax.shard_map`` and all-gathers the results. Every device
-    thus does ``1/N`` of the products (within
-    :attr:`~optax_shampoo4.partition.Schedule.balance`).
+    items under ``jax.shard_map``, and the results are put back together in
+    the layout of ``matrices`` (:func:`~optax_shampoo4.block_moves.reassemble`; XLA moves them: an
+    all-gather for replicated gradients, all-to-alls for split ones). Every
+    device thus does ``1/N`` of the products (within
+    :attr:`~optax_shampoo4.partition.Schedule.balance`) and receives only
+    the blocks of its own items.
 
     Args:
       plan: the plan of the tree.
@@ -281,37 +297,33 @@ class FactorEngine:
       return [map_blocks(matrix, lp, whole) if lp.preconditioned else None
               for matrix, lp in zip(matrices, plan.leaves)]
     schedule = self.schedule(plan, split_rows)
-    results = self._apply_on_mesh(schedule, stored, matrices, fn)
-    where = {block: (g, position) for g, group in enumerate(schedule.groups)
-             for position, (_, block) in enumerate(group.blocks)}
+    layout = block_moves.BlockLayout(self.mesh, self.mesh_axis, plan)
 
-    def computed(block, b):
-      del block
-      g, position = where[b]
-      return results[g][position]
+    def to_items(matrices):
+      views = layout.aligned_views(matrices)
+      return [block_moves.item_blocks(group, views, self.num_shards, layout.for_blocks(group.shape))
+              for group in schedule.groups]
 
-    return sharding.like_inputs([map_blocks(matrix, lp, computed) if lp.preconditioned else None
-                                 for matrix, lp in zip(matrices, plan.leaves)], matrices, self.mesh)
+    items = sharding.laid_out_by_xla(to_items, self.mesh, PartitionSpec(self.mesh_axis), matrices)
+    results = self._apply_on_mesh(schedule, stored, items, fn)
+    return sharding.laid_out_by_xla(lambda results: block_moves.reassemble(schedule, plan, results, layout), self.mesh,
+                                    [sharding.spec_of(m) for m in matrices], results)
 
-  def _apply_on_mesh(self, schedule: partition.Schedule, stored: dict, matrices: list,
+  def _apply_on_mesh(self, schedule: partition.Schedule, stored: dict, items: list[jax.Array],
                      fn: Callable) -> list[jax.Array]:
-    """Per group of ``schedule``, ``fn`` of its blocks, ``[blocks, m, n]``, computed in shares and gathered."""
+    """Per group of ``schedule``, ``fn`` of its items, ``[num_shards · per_shard, rows, n]``, split over the mesh.
+
+    ``items``: per group, the block of every item (:func:`~optax_shampoo4.block_moves.item_blocks`); each
+    device computes its own items, and the results stay split.
+    """
     axis, num_shards = self.mesh_axis, self.num_shards
 
-    def on_each_device(stored, matrices):
+    def on_each_device(items, stored):
       shard = lax.axis_index(axis)
-      results = []
-      for group in schedule.groups:
-        local = _group_products(group, jnp.asarray(group.items(num_shards), jnp.int32)[shard],
-                                stored, matrices, fn)
-        gathered = lax.all_gather(local, axis, tiled=True)  # [num_shards * per_shard, rows, n]
-        m, n = group.shape
-        whole = gathered[:len(group.blocks) * group.chunks].reshape(
-            len(group.blocks), group.chunks * group.rows, n)
-        results.append(whole[:, :m])
-      return results
+      return [_group_products(group, jnp.asarray(group.items(num_shards), jnp.int32)[shard], stored, local, fn)
+              for group, local in zip(schedule.groups, items)]
 
-    return sharding.shard_map_replicated(on_each_device, self.mesh, stored, matrices)  # pyright: ignore[reportArgumentType]
+    return sharding.shard_over_factors(on_each_device, self.mesh, axis, 1, 1)(items, stored)
 
   def keep_split(self, buckets: Buckets) -> Buckets:
     """Keeps the returned buckets split over the mesh (identity without one)."""
@@ -362,13 +374,13 @@ def gram_matrices(plan: partition.Plan, matrices: list) -> dict[partition.Bucket
   return grams
 
 
-def _group_products(group: partition.BlockGroup, items: jax.Array, stored: dict, matrices: list,
+def _group_products(group: partition.BlockGroup, items: jax.Array, stored: dict, local_blocks: jax.Array,
                     fn: Callable) -> jax.Array:
-  """``fn`` on one device's items of ``group`` (``items``: ``int32[per_shard, 4]``) -> ``[per_shard, rows, n]``."""
-  m, n = group.shape
-  blocks = [matrices[leaf][b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] for leaf, b in group.blocks]
-  stacked = jnp.stack(blocks + [jnp.zeros((m, n), jnp.float32)])  # the last one for padding items
-  local_blocks = jnp.take(stacked, items[:, 0], axis=0)
+  """``fn`` on one device's items of ``group`` -> ``[per_shard, rows, n]``.
+
+  ``items``: ``int32[per_shard, 4]`` (:meth:`~optax_shampoo4.partition.BlockGroup.items`);
+  ``local_blocks``: ``f32[per_shard, m, n]``, each item's block.
+  """
   left = None if group.left is None else load_rows(stored[group.left.name], items[:, 1], items[:, 3], group.rows)
   right = None if group.right is None else fct.load(
       jax.tree.map(lambda x: jnp.take(x, items[:, 2], axis=0), stored[group.right.name]))
@@ -410,12 +422,7 @@ def map_blocks(matrix: jax.Array, leaf_plan: partition.LeafPlan,
 
   ``fn`` must return an array of the block's shape.
   """
-  row_starts = sorted({b.rows[0] for b in leaf_plan.blocks})
-  out_rows = []
-  for start in row_starts:
-    out_rows.append([fn(matrix[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]], b)
-                     for b in leaf_plan.blocks if b.rows[0] == start])
-  return jnp.block(out_rows)
+  return block_moves.join_blocks(leaf_plan, lambda b: fn(matrix[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]], b))
 
 
 def after_previous(inputs: Any, done: Buckets) -> Any:

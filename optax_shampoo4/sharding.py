@@ -19,6 +19,11 @@ Typical use::
 
 The every-step preconditioning is split too: each device computes ``L̂ G R̂``
 for its share of the blocks (:meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`).
+With FSDP (parameters and gradients split over a mesh axis, ``params_sharding``
+of :func:`~optax_shampoo4.state_utils.state_sharding`) each block reaches the
+device that owns it, and the results the parameters' layout, by all-to-alls
+(:func:`laid_out_by_xla`): a device receives only the gradient blocks it works on,
+never whole gradients.
 A state saved on one mesh resumes on another with
 :func:`~optax_shampoo4.state_utils.convert_state`.
 """
@@ -117,17 +122,6 @@ def like(tree: Any, reference: Any, mesh: Mesh) -> Any:
                       tree, reference)
 
 
-def like_inputs(outputs: Any, inputs: Any, mesh: Mesh | None) -> Any:
-  """Explicit sharding: ``outputs`` in the layouts of ``inputs`` (same structure); otherwise unchanged.
-
-  E.g. the preconditioned blocks take the layout of the gradients they came
-  from (FSDP: split like the parameters), so they combine with them.
-  """
-  if mesh is None:
-    return outputs
-  return like(outputs, inputs, layout_mesh(mesh, inputs))
-
-
 def shard_over_factors(fn: Callable, mesh: Mesh | None, mesh_axis: str, num_sharded: int,
                        num_replicated: int) -> Callable:
   """Runs ``fn`` on each device's slice of the factor axis (identity if no mesh).
@@ -163,17 +157,42 @@ def shard_over_factors(fn: Callable, mesh: Mesh | None, mesh_axis: str, num_shar
   return run
 
 
-def shard_map_replicated(fn: Callable, mesh: Mesh, *args: Any) -> Any:
-  """``jax.shard_map(fn)`` with every operand and result replicated, on auto or explicit meshes.
+def laid_out_by_xla(fn: Callable, mesh: Mesh | None, out_specs: Any, *args: Any) -> Any:
+  """``fn(*args)``, its results laid out as ``out_specs`` (a pytree of ``PartitionSpec``, or one for all).
 
-  ``fn`` runs on every device with whole operands (e.g. to compute its own
-  share of some work from ``lax.axis_index`` and all-gather it).
+  ``fn`` is a layout change written as plain array code (slices, stacks,
+  concatenations, e.g. gradient blocks moved to the devices that own them):
+  XLA chooses the collectives, which it does from the arrays' actual layouts
+  (an all-to-all where a split array changes its split axis, a local slice
+  where it was replicated). On auto meshes this is plain ``fn``: the layouts
+  come from the consumers (``shard_map``'s ``in_specs``, the caller's
+  ``out_shardings``). Under explicit sharding ``fn`` runs with the mesh's
+  axes made auto (``jax.sharding.auto_axes``), so that its intermediate
+  layouts are XLA's choice rather than types that must divide evenly, and
+  its results get the types ``out_specs``.
   """
-  layout = layout_mesh(mesh, args)
-  if is_explicit(layout):
-    args = constrain(args, layout, PartitionSpec())
-  return jax.shard_map(fn, mesh=layout, in_specs=(PartitionSpec(),) * len(args), out_specs=PartitionSpec(),
-                       check_vma=False)(*args)
+  layout = None if mesh is None else layout_mesh(mesh, args)
+  if layout is None or not is_explicit(layout):
+    return fn(*args)
+  if isinstance(out_specs, PartitionSpec):
+    out_shardings = NamedSharding(layout, out_specs)
+  else:
+    out_shardings = jax.tree.map(lambda spec: NamedSharding(layout, spec), out_specs,
+                                 is_leaf=lambda x: isinstance(x, PartitionSpec))
+  with jax.sharding.use_abstract_mesh(layout.abstract_mesh):
+    return jax.sharding.auto_axes(fn, out_sharding=out_shardings)(*args)
+
+
+def hint(x: jax.Array, mesh: Mesh, spec: PartitionSpec | None) -> jax.Array:
+  """``x`` laid out as ``spec`` on ``mesh``'s devices, as a hint to XLA (identity for ``spec=None``).
+
+  For the inside of :func:`laid_out_by_xla` (or an auto mesh): the
+  constraint names the mesh with every axis auto.
+  """
+  if spec is None:
+    return x
+  auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(auto, spec))
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
@@ -225,6 +244,14 @@ def moment_sharding(param_sharding: Any, shape: tuple[int, ...]) -> Any:
   except (ValueError, IndexError):
     return None
   return param_sharding
+
+
+def spec_of(x: Any) -> Any:
+  """The ``PartitionSpec`` of ``x``'s type (explicit sharding), replicated where it has none; None for None."""
+  if x is None:
+    return None
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return PartitionSpec() if spec is None else spec
 
 
 def explicit_layout(x: Any) -> NamedSharding | None:

@@ -5,7 +5,8 @@ On 8 virtual CPU devices (``tests/conftest.py``):
 * the static tables of :mod:`optax_shampoo4.owned_grams` give every real
   factor exactly one (device, position), the one its bucket index says
   (contiguous shares), with the right block and side;
-* under ``shard_map`` each device's share equals the float64 ``G Gᵀ`` /
+* each device's blocks (:func:`~optax_shampoo4.owned_grams.owned_blocks`,
+  split over the devices) give, under ``shard_map``, a share equal to the float64 ``G Gᵀ`` /
   ``Gᵀ G`` of its factors (zero for padding factors). Float32 error bound:
   an entry of ``X Xᵀ`` (``X`` with ``n`` columns) is off by at most
   ``γ_n Σ_j |x_ij x_kj| <= γ_n max_i (X Xᵀ)_ii`` (Cauchy-Schwarz), with
@@ -29,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from benchmarks.hlo_flops import dot_flops
 from optax_shampoo4 import engine, partition
 from optax_shampoo4 import factors as fct
-from optax_shampoo4.owned_grams import owned_gram_tables, owned_grams
+from optax_shampoo4.owned_grams import owned_blocks, owned_gram_tables, owned_grams
 
 NUM_DEVICES = 8
 CPUS = jax.devices("cpu")
@@ -102,12 +103,13 @@ def test_each_device_forms_its_own_grams(kind):
   for key, slots in plan.factor_slots().items():
     table = tables[key.name]
 
-    def share(matrices, table=table):
-      return owned_grams(table, matrices, jax.lax.axis_index("data"))
+    def share(blocks, table=table):
+      return owned_grams(table, blocks, jax.lax.axis_index("data"))
 
+    blocks = owned_blocks(table, [None if m is None else jnp.asarray(m) for m in matrices], NUM_DEVICES)
     got = jax.block_until_ready(jax.jit(jax.shard_map(
-        share, mesh=mesh, in_specs=P(), out_specs=P("data"), check_vma=False))(
-            [None if m is None else jnp.asarray(m) for m in matrices]))
+        share, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma=False))(
+            jax.device_put(blocks, jax.sharding.NamedSharding(mesh, P("data")))))
     got = np.asarray(got)
     assert got.shape == (dict(plan.bucket_sizes)[key], key.order, key.order)
     for index, slot in enumerate(slots):

@@ -215,6 +215,18 @@ def _stats_flops_text(stats_flops):
           + _table(["devices", "GFLOP per device", "of 1 device", "ideal 1/N"], rows))
 
 
+def _fsdp_memory_text(fsdp_memory):
+  """The FSDP train-state table (parameters and optimizer state split over N devices), if measured."""
+  if not fsdp_memory:
+    return ""
+  rows = [[n, f"{r['params_per_device'] / MIB:.1f}", f"{r['opt_state_per_device'] / MIB:.1f}",
+           f"{r['train_state_per_device'] / MIB:.1f}", f"{r['vs_even_split']:.4f}"]
+          for n, r in fsdp_memory["rows"].items()]
+  return (f"\nFSDP: the whole train state per device, {_model_label(fsdp_memory['model'])}, "
+          f"{fsdp_memory['optimizer']} ({fsdp_memory['layout']}; exact, from each leaf's shard shape):\n\n"
+          + _table(["devices", "params MiB", "optimizer state MiB", "train state MiB", "of total / N"], rows))
+
+
 def write_distributed(results_dir, out_dir):
   data = _load(results_dir, "distributed.json")
   memory, timing = data["memory"], data["timing"]
@@ -230,6 +242,7 @@ def write_distributed(results_dir, out_dir):
            f"{env['cpu_count']} cores (how the work divides, not a speed-up):\n\n"
            + _table(["devices", "refresh step", "of 1 device", "plain step", "of 1 device"], rows))
   text += _stats_flops_text(data.get("stats_flops"))
+  text += _fsdp_memory_text(data.get("fsdp_memory"))
   (out_dir / "distributed.md").write_text(text)
   fig, ax = plt.subplots(figsize=(5, 3.5))
   ns = [int(n) for n in memory["rows"]]
