@@ -27,6 +27,10 @@ that an optimizer is only its own step:
   failure counters of the state);
 * :func:`map_blocks`: apply a per-block function to a parameter's matrix view
   and reassemble it.
+
+The products themselves (every block's Gram matrices, one device's share of
+the every-step products) are in :mod:`optax_shampoo4.block_products`; the
+moves of blocks between devices in :mod:`optax_shampoo4.block_moves`.
 """
 
 from __future__ import annotations
@@ -40,9 +44,8 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from optax_shampoo4 import block_moves, linalg, optax_compat, options, partition, sharding
+from optax_shampoo4 import block_moves, block_products, optax_compat, options, partition, sharding
 from optax_shampoo4 import factors as fct
-from optax_shampoo4 import quantization as qz
 from optax_shampoo4.owned_grams import owned_blocks, owned_gram_tables, owned_grams
 
 Buckets = dict[str, fct.Bucket]
@@ -199,7 +202,7 @@ class FactorEngine:
     matrices inside the refresh's ``shard_map``.
     """
     if self.mesh is None:
-      grams = gram_matrices(plan, matrices)
+      grams = block_products.gram_matrices(plan, matrices)
       return lambda key, bucket, order, beta: fct.update_stats(self.config, bucket, grams[key], beta,
                                                                 row_order=order)
     tables = owned_gram_tables(plan, self.num_shards)
@@ -320,7 +323,7 @@ class FactorEngine:
 
     def on_each_device(items, stored):
       shard = lax.axis_index(axis)
-      return [_group_products(group, jnp.asarray(group.items(num_shards), jnp.int32)[shard], stored, local, fn)
+      return [block_products.group_products(group, jnp.asarray(group.items(num_shards), jnp.int32)[shard], stored, local, fn)
               for group, local in zip(schedule.groups, items)]
 
     return sharding.shard_over_factors(on_each_device, self.mesh, axis, 1, 1)(items, stored)
@@ -355,65 +358,9 @@ def all_finite(leaves: list) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [True]))
 
 
-def gram_matrices(plan: partition.Plan, matrices: list) -> dict[partition.BucketKey, jax.Array]:
-  """Per bucket, the stacked ``G Gᵀ`` (left) / ``Gᵀ G`` (right) of its blocks.
-
-  Padding factors (past the real ones) get zero matrices.
-  """
-  grams = {}
-  sizes = dict(plan.bucket_sizes)
-  for key, slots in plan.factor_slots().items():
-    parts = []
-    for leaf_index, block_index, side in slots:
-      block = plan.leaves[leaf_index].blocks[block_index]
-      g = matrices[leaf_index][block.rows[0]:block.rows[1], block.cols[0]:block.cols[1]]
-      gt = linalg.transpose(g)
-      parts.append(linalg.matmul(g, gt) if side == "left" else linalg.matmul(gt, g))
-    stacked = jnp.stack(parts)
-    grams[key] = jnp.pad(stacked, [(0, sizes[key] - len(parts)), (0, 0), (0, 0)])
-  return grams
-
-
-def _group_products(group: partition.BlockGroup, items: jax.Array, stored: dict, local_blocks: jax.Array,
-                    fn: Callable) -> jax.Array:
-  """``fn`` on one device's items of ``group`` -> ``[per_shard, rows, n]``.
-
-  ``items``: ``int32[per_shard, 4]`` (:meth:`~optax_shampoo4.partition.BlockGroup.items`);
-  ``local_blocks``: ``f32[per_shard, m, n]``, each item's block.
-  """
-  left = None if group.left is None else load_rows(stored[group.left.name], items[:, 1], items[:, 3], group.rows)
-  right = None if group.right is None else fct.load(
-      jax.tree.map(lambda x: jnp.take(x, items[:, 2], axis=0), stored[group.right.name]))
-  return jax.vmap(fn)(left, local_blocks, right)
-
-
 def _factor(factors: dict[str, jax.Array], side: partition.FactorSlot | None) -> jax.Array | None:
   """The factor of one side of a block (None for a side without one)."""
   return None if side is None else factors[side.bucket.name][side.index]
-
-
-def load_rows(stored: fct.StoredMatrix, slots: jax.Array, first_rows: jax.Array, num_rows: int) -> jax.Array:
-  """Rows ``first_rows[i] + [0, num_rows)`` of matrix ``slots[i]`` of a stacked ``[k, n, n]``, in float32.
-
-  Only those rows are dequantized (quantization blocks lie along rows). Rows
-  past ``n`` are zero. Returns ``f32[len(slots), num_rows, n]``.
-  """
-  leaves = jax.tree.leaves(stored)
-  k, order = leaves[0].shape[:2]
-  rows = first_rows[:, None] + jnp.arange(num_rows)  # [items, num_rows], row within its matrix
-  valid = rows < order
-  flat_rows = slots[:, None] * order + jnp.minimum(rows, order - 1)
-
-  def gather(x):  # [k, order, ...] -> [items, num_rows, ...]
-    return x.reshape((k * order,) + x.shape[2:])[flat_rows]
-
-  picked = jax.tree.map(gather, stored)
-  if isinstance(picked, qz.OffDiagQuantized):
-    values = qz.dequantize(picked.offdiag)
-    values = jnp.where(jnp.arange(order) == rows[..., None], picked.diag[..., None], values)
-  else:
-    values = fct.load(picked)
-  return jnp.where(valid[..., None], values, 0.0)
 
 
 def map_blocks(matrix: jax.Array, leaf_plan: partition.LeafPlan,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from optax_shampoo4 import engine, linalg, partition, sharding
+from optax_shampoo4 import block_products, engine, linalg, partition, sharding
 from optax_shampoo4 import factors as fct
 
 # The reference adds 1e-30 I before its first eigh (a no-op unless S is ~0).
@@ -43,7 +43,7 @@ def fold(stats: dict[str, fct.MatrixFactors], plan: partition.Plan, matrices: li
          finite: jax.Array) -> dict[str, fct.MatrixFactors]:
   r""":math:`S \leftarrow \beta S + (1-\beta) G G^\top` per factor where ``finite``, else ``S`` unchanged."""
   beta = jnp.asarray(beta, jnp.float32)
-  grams = engine.gram_matrices(plan, matrices)
+  grams = block_products.gram_matrices(plan, matrices)
   new = {}
   for key in plan.buckets:
     old = fct.load(stats[key.name].stats)  # dense float32: returned as it is

@@ -1,0 +1,75 @@
+"""The per-block products of the factor engine (:mod:`optax_shampoo4.engine`).
+
+* :func:`gram_matrices`: per bucket, the stacked ``G Gᵀ`` / ``Gᵀ G`` of its
+  blocks (the statistics of a step without a mesh);
+* :func:`group_products`: one device's share of the every-step products of a
+  :class:`~optax_shampoo4.partition.BlockGroup`, with only the rows of the
+  left factors it needs dequantized (:func:`load_rows`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from optax_shampoo4 import factors as fct
+from optax_shampoo4 import linalg, partition
+from optax_shampoo4 import quantization as qz
+
+
+def gram_matrices(plan: partition.Plan, matrices: list) -> dict[partition.BucketKey, jax.Array]:
+  """Per bucket, the stacked ``G Gᵀ`` (left) / ``Gᵀ G`` (right) of its blocks.
+
+  Padding factors (past the real ones) get zero matrices.
+  """
+  grams = {}
+  sizes = dict(plan.bucket_sizes)
+  for key, slots in plan.factor_slots().items():
+    parts = []
+    for leaf_index, block_index, side in slots:
+      block = plan.leaves[leaf_index].blocks[block_index]
+      g = matrices[leaf_index][block.rows[0]:block.rows[1], block.cols[0]:block.cols[1]]
+      gt = linalg.transpose(g)
+      parts.append(linalg.matmul(g, gt) if side == "left" else linalg.matmul(gt, g))
+    stacked = jnp.stack(parts)
+    grams[key] = jnp.pad(stacked, [(0, sizes[key] - len(parts)), (0, 0), (0, 0)])
+  return grams
+
+
+def group_products(group: partition.BlockGroup, items: jax.Array, stored: dict, local_blocks: jax.Array,
+                   fn: Callable) -> jax.Array:
+  """``fn`` on one device's items of ``group`` -> ``[per_shard, rows, n]``.
+
+  ``items``: ``int32[per_shard, 4]`` (:meth:`~optax_shampoo4.partition.BlockGroup.items`);
+  ``local_blocks``: ``f32[per_shard, m, n]``, each item's block.
+  """
+  left = None if group.left is None else load_rows(stored[group.left.name], items[:, 1], items[:, 3], group.rows)
+  right = None if group.right is None else fct.load(
+      jax.tree.map(lambda x: jnp.take(x, items[:, 2], axis=0), stored[group.right.name]))
+  return jax.vmap(fn)(left, local_blocks, right)
+
+
+def load_rows(stored: fct.StoredMatrix, slots: jax.Array, first_rows: jax.Array, num_rows: int) -> jax.Array:
+  """Rows ``first_rows[i] + [0, num_rows)`` of matrix ``slots[i]`` of a stacked ``[k, n, n]``, in float32.
+
+  Only those rows are dequantized (quantization blocks lie along rows). Rows
+  past ``n`` are zero. Returns ``f32[len(slots), num_rows, n]``.
+  """
+  leaves = jax.tree.leaves(stored)
+  k, order = leaves[0].shape[:2]
+  rows = first_rows[:, None] + jnp.arange(num_rows)  # [items, num_rows], row within its matrix
+  valid = rows < order
+  flat_rows = slots[:, None] * order + jnp.minimum(rows, order - 1)
+
+  def gather(x):  # [k, order, ...] -> [items, num_rows, ...]
+    return x.reshape((k * order,) + x.shape[2:])[flat_rows]
+
+  picked = jax.tree.map(gather, stored)
+  if isinstance(picked, qz.OffDiagQuantized):
+    values = qz.dequantize(picked.offdiag)
+    values = jnp.where(jnp.arange(order) == rows[..., None], picked.diag[..., None], values)
+  else:
+    values = fct.load(picked)
+  return jnp.where(valid[..., None], values, 0.0)
