@@ -160,7 +160,7 @@ def merge_earlier(result: dict, earlier: dict) -> None:
     ours = dict(result.get("illcond", {}))
     if ours and illcond_seeds(settings) != illcond_seeds(old_settings):
       raise ValueError(f"illcond seeds differ: {illcond_seeds(settings)} here, {illcond_seeds(old_settings)} merged")
-    result["illcond"] = {**earlier["illcond"], **ours}
+    result["illcond"] = {**ours, **{k: v for k, v in earlier["illcond"].items() if k not in ours}}
     for key in ("illcond_steps", "illcond_lrs", "illcond_rows"):
       if ours and settings.get(key) != old_settings.get(key):
         raise ValueError(f"{key} differs: {settings.get(key)} here, {old_settings.get(key)} merged")
