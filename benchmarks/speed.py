@@ -12,7 +12,7 @@ What is timed: ``jax.jit`` of one optimizer step,
 ``updates, state = opt.update(grads, state, params); params = optax.apply_updates(params, updates)``,
 on the parameter tree of a GPT-style decoder (``tiny``, the default: 2 layers, d_model 128,
 MLP 512, vocab 256, context 64 -- the shapes of example 2, ``examples/transformer_lm.py``;
-``small``: 4 layers, 256, 1024, 512, 128, 3.7M parameters),
+``small``: 4 layers, 256, 1024, 512, 128, 3.7M parameters; ``micro``: 1 layer, 32, 64, 64, 16, for smoke runs),
 with random parameters and fixed random gradients. A second table times *whole training
 steps* (forward + backward + update) of example 2's model on real byte batches (``--train-batches``),
 because that is what a user waits for: the optimizer's share shrinks as the batch grows. Optimizers: ``optax.adamw`` (the baseline:
