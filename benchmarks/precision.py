@@ -174,7 +174,8 @@ def merge_earlier(result: dict, earlier: dict) -> None:
       mine = examples.setdefault(example, {})
       for name, old in by_name.items():
         mine[name] = merge_example_entry(mine.get(name), old, old_settings, steps)
-    settings["examples"] = [e for e in quality.EXAMPLES if e in examples]
+    result["examples"] = {e: examples[e] for e in quality.EXAMPLES if e in examples}  # the examples' order
+    settings["examples"] = list(result["examples"])
     settings.setdefault("soap_lr", SOAP_LR)
 
 
