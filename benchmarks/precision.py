@@ -21,7 +21,7 @@ summation order differs), so their effect on quality is measured here:
 
 The table gives per row the 3-seed mean, the spread (max - min over seeds, or
 the standard deviation for illcond) and the ratio to the ``"highest"`` row. The
-issue's criterion: the default setting within 1 % of ``"highest"`` everywhere.
+criterion for a bf16 default: ``"default"`` within 1 % of ``"highest"`` everywhere.
 
   python benchmarks/precision.py --part examples --steps 100 --out benchmarks/results/precision_examples.json
   python benchmarks/precision.py --part illcond --problems ls_power_1e4 logreg_wine mlp \
@@ -29,6 +29,12 @@ issue's criterion: the default setting within 1 % of ``"highest"`` everywhere.
   python benchmarks/precision.py --table benchmarks/results/precision_examples.json   # print a written file
   python benchmarks/precision.py --part examples --from-runs --merge benchmarks/results/precision_illcond.json \
       --out benchmarks/results/precision.json   # the per-run files present plus the illcond part, one file
+
+``--merge`` takes from earlier outputs their illcond problems (same steps, seeds
+and learning rates) and the example seeds this run lacks (same step count), so
+a run of further seeds or problems extends a written file. The README's table:
+
+  python benchmarks/precision.py --table benchmarks/results/precision.json --readme README.md
 """
 
 from __future__ import annotations
