@@ -61,16 +61,18 @@ SUFFIXES = {"highest": "", "high": "_bf16x3", "default": "_bf16"}
 # example -> SOAP's learning rate there (quality.SOAP_RUNS; None: the example's own)
 SOAP_LR = {"cnn_digits": "3e-3", "transformer_lm": None, "autoencoder_mnist": "1e-2"}
 ILLCOND_ROWS = ("shampoo4", "soap4_4bit")
+METHODS = ("shampoo4", "soap4")  # --methods: the examples' names for ILLCOND_ROWS
 README_MARKERS = ("<!-- precision table: python benchmarks/precision.py --table "
                   "benchmarks/results/precision.json --readme README.md -->", "<!-- end of precision table -->")
 
 
-def example_names(example: str) -> tuple[list[str], list[str]]:
-  """``(optimizer names, --lr-for entries)`` of one example: every precision of 4-bit Shampoo and 4-bit SOAP."""
-  shampoo = [f"{quality.BASES[example]}+shampoo4{SUFFIXES[p]}" for p in PRECISIONS]
-  soap = [f"soap4{SUFFIXES[p]}" for p in PRECISIONS]
+def example_names(example: str, methods: tuple[str, ...] = METHODS) -> tuple[list[str], list[str]]:
+  """``(optimizer names, --lr-for entries)`` of one example: every precision of 4-bit Shampoo and 4-bit SOAP
+  (of those in ``methods``)."""
+  shampoo = [f"{quality.BASES[example]}+shampoo4{SUFFIXES[p]}" for p in PRECISIONS] if "shampoo4" in methods else []
+  soap = [f"soap4{SUFFIXES[p]}" for p in PRECISIONS] if "soap4" in methods else []
   lr = SOAP_LR[example]
-  return shampoo + soap, ([] if lr is None else [f"{name}={lr}" for name in soap])
+  return shampoo + soap, ([] if lr is None or not soap else [f"{name}={lr}" for name in soap])
 
 
 def run_examples(args: argparse.Namespace) -> dict:
@@ -78,7 +80,7 @@ def run_examples(args: argparse.Namespace) -> dict:
   out = {}
   for example in args.examples:
     module = quality.load_example(example)
-    names, lr_for = example_names(example)
+    names, lr_for = example_names(example, tuple(args.methods))
     finals = {name: [] for name in names}
     seconds = {name: 0.0 for name in names}
     for seed in args.seeds:
@@ -101,7 +103,7 @@ def examples_from_runs(args: argparse.Namespace) -> dict:
     written = [json.loads(f.read_text()) for f in files if f.exists()]
     if not written:
       continue
-    names, _ = example_names(example)
+    names, _ = example_names(example, tuple(args.methods))
     steps = {w["config"]["steps"] for w in written}
     if steps != {args.steps}:
       raise ValueError(f"{example}: the runs in {args.runs_dir} have steps {sorted(steps)}, --steps {args.steps}")
@@ -123,7 +125,7 @@ def run_illcond(args: argparse.Namespace) -> dict:
     build, loss = illcond.PROBLEMS[name]
     problems = [build(seed) for seed in args.seeds]
     out[name] = {}
-    for row in ILLCOND_ROWS:
+    for row in (r for r, m in zip(ILLCOND_ROWS, METHODS) if m in args.methods):
       for precision in PRECISIONS:
         start = time.perf_counter()
         trainer = illcond.make_trainer(illcond.make_row(row, precision), loss, args.illcond_steps)
@@ -138,6 +140,12 @@ def run_illcond(args: argparse.Namespace) -> dict:
 def illcond_seeds(settings: dict) -> list[int]:
   """The seeds of the illcond part (files written before ``illcond_seeds`` existed: ``seeds``)."""
   return settings.get("illcond_seeds", settings.get("seeds", []))
+
+
+def _ordered_rows(by_row: dict) -> dict:
+  """An illcond problem's ``row@precision`` entries in the order of ILLCOND_ROWS and PRECISIONS."""
+  order = [f"{row}@{p}" for row in ILLCOND_ROWS for p in PRECISIONS]
+  return {key: by_row[key] for key in sorted(by_row, key=lambda k: order.index(k) if k in order else len(order))}
 
 
 def merge_example_entry(new: dict | None, old: dict, old_settings: dict, steps: int) -> dict:
@@ -166,7 +174,8 @@ def merge_earlier(result: dict, earlier: dict) -> None:
     ours = dict(result.get("illcond", {}))
     if ours and illcond_seeds(settings) != illcond_seeds(old_settings):
       raise ValueError(f"illcond seeds differ: {illcond_seeds(settings)} here, {illcond_seeds(old_settings)} merged")
-    result["illcond"] = {**ours, **{k: v for k, v in earlier["illcond"].items() if k not in ours}}
+    result["illcond"] = {problem: _ordered_rows({**earlier["illcond"].get(problem, {}), **ours.get(problem, {})})
+                         for problem in [*ours, *(p for p in earlier["illcond"] if p not in ours)]}
     for key in ("illcond_steps", "illcond_lrs", "illcond_rows"):
       if ours and settings.get(key) != old_settings.get(key):
         raise ValueError(f"{key} differs: {settings.get(key)} here, {old_settings.get(key)} merged")
@@ -271,10 +280,13 @@ def write_readme(path: pathlib.Path, table: list[dict]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--part", choices=["examples", "illcond", "both"], default="both")
+  parser.add_argument("--part", choices=["examples", "illcond", "both", "merge"], default="both",
+                      help="merge: run nothing, combine the --merge files")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--examples", nargs="+", choices=list(quality.EXAMPLES), default=list(quality.EXAMPLES))
   parser.add_argument("--steps", type=int, default=100, help="steps of every example")
+  parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                      help="4-bit Shampoo and/or 4-bit SOAP (illcond: shampoo4 / soap4_4bit)")
   parser.add_argument("--problems", nargs="+", default=["ls_power_1e4", "logreg_wine", "mlp"])
   parser.add_argument("--illcond-steps", type=int, default=300)
   parser.add_argument("--lrs", type=float, nargs="+", default=None, help="illcond's base learning-rate grid")
@@ -310,7 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["illcond"] = run_illcond(args)
   for path in args.merge:
     merge_earlier(result, json.loads(path.read_text()))
-  result["settings"]["wall_time_s"] = None if args.from_runs else time.perf_counter() - start
+  ran = not args.from_runs and args.part != "merge"
+  result["settings"]["wall_time_s"] = time.perf_counter() - start if ran else None
   result["table"] = rows(result)
   print_table(result["table"])
   args.out.parent.mkdir(parents=True, exist_ok=True)
