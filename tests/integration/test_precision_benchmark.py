@@ -35,8 +35,14 @@ def test_merge_unions_illcond_problems_of_the_same_settings():
   summary = {"best_mean": 1.0, "best_std": 0.1, "best_lr": 0.1}
   result = {"settings": dict(settings, problems=["a"]), "illcond": {"a": {"shampoo4@highest": summary}}}
   precision.merge_earlier(result, {"settings": dict(settings, problems=["b"]),
-                                   "illcond": {"b": {"shampoo4@highest": summary}}})
+                                   "illcond": {"b": {"shampoo4@highest": summary, "soap4_4bit@highest": summary}}})
   assert result["settings"]["problems"] == ["a", "b"]
+  rerun = {"settings": dict(settings, problems=["a"]),
+           "illcond": {"a": {"soap4_4bit@highest": dict(summary, best_mean=2.0)}}}
+  precision.merge_earlier(rerun, result)  # a rerun of one row: the problem's other rows come from the earlier file
+  assert list(rerun["illcond"]["a"]) == ["shampoo4@highest", "soap4_4bit@highest"]
+  assert rerun["illcond"]["a"]["soap4_4bit@highest"]["best_mean"] == 2.0  # the rerun's own row wins
+  assert set(rerun["illcond"]) == {"a", "b"}
   other = dict(settings, illcond_steps=300)
   with pytest.raises(ValueError, match="illcond_steps"):
     precision.merge_earlier(result, {"settings": other, "illcond": {"c": {"shampoo4@highest": summary}}})
