@@ -189,7 +189,9 @@ def merge_earlier(result: dict, earlier: dict) -> None:
       mine = examples.setdefault(example, {})
       for name, old in by_name.items():
         mine[name] = merge_example_entry(mine.get(name), old, old_settings, steps)
-    result["examples"] = {e: examples[e] for e in quality.EXAMPLES if e in examples}  # the examples' order
+    order = {e: example_names(e)[0] for e in quality.EXAMPLES}  # the examples' and optimizers' order
+    result["examples"] = {e: dict(sorted(examples[e].items(), key=lambda item, e=e: order[e].index(item[0])))
+                          for e in quality.EXAMPLES if e in examples}
     settings["examples"] = list(result["examples"])
     settings.setdefault("soap_lr", SOAP_LR)
 
@@ -263,7 +265,9 @@ def readme_table(table: list[dict]) -> str:
     for family in families:
       values += [_change(cells.get((task, family, p))) for p in PRECISIONS[1:]]
       values.append(_relative_spread(cells.get((task, family, "highest"))))
-    lines.append(f"| `{task}` ({metric}, {first['seeds']}) | " + " | ".join(values) + " |")
+    seeds = " / ".join(dict.fromkeys(str(cells[(task, f, "highest")]["seeds"]) for f in families
+                                     if (task, f, "highest") in cells))  # Shampoo / SOAP where they differ
+    lines.append(f"| `{task}` ({metric}, {seeds}) | " + " | ".join(values) + " |")
   return "\n".join(lines) + "\n"
 
 
