@@ -31,20 +31,31 @@ OUT_DIR=${OUT_DIR:-${OUT:-benchmarks/results/gpu_check}}
 mkdir -p "$OUT_DIR/runs"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$CPU" = 1 ]; then export JAX_PLATFORMS=cpu; fi
+XLA_FLAGS_IN=${XLA_FLAGS:-}
 PY=${PYTHON:-python}
 STAGES="$OUT_DIR/stages.txt"
 : > "$STAGES"
 
 if [ "$SIZE" = tiny ]; then
+  # Every stage at its smallest: on CPU each optimizer's compilation dominates, so few optimizers, the
+  # smallest models (speed.py's micro decoder, a 1-layer d_model 32 transformer example) and 1-2 steps.
+  # XLA's backend optimization is off for the same reason (the run times of a smoke run are moot), except in
+  # the distributed stage, whose time is mostly running (refresh steps of speed.py's small decoder).
+  MICRO_LM=(--layers 1 --d-model 32 --d-mlp 64 --context 16)
   TESTS=(tests/test_partition.py tests/integration/test_distributed_step.py -k "schedule_splits or schedule_covers")
-  SPEED=(--model-size tiny --steps 1 --repeats 1 --budget 1 --warmup 1 --skip-peers --skip-profile --formats eigen
-         --train-batches)
-  QUALITY=(--examples transformer_lm --seeds 0 --steps 4)
-  LIMITS=(300 120 300 300)  # device, tests, speed, quality (seconds; a loaded CPU is slow)
+  # speed: AdamW and 4-bit Shampoo (SOAP: precision_speed); a bare --train-batches (no sizes) skips its table
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_backend_optimization_level=0"
+  SPEED=(--model-size micro --steps 1 --repeats 1 --budget 1 --warmup 1 --skip-peers --skip-profile
+         --formats eigen --only adamw+shampoo4 --train-batches)
+  QUALITY=(--examples transformer_lm --seeds 0 --steps 2 --variants shampoo4 --extra "${MICRO_LM[@]}")
+  # Limits: >= 3x each stage's wall time seen on 2 CPU cores at load average 9-13 (other jobs): device 37-71,
+  # tests 10-21, speed 57-60, quality 39-70, precision_speed 65-89, precision_train 194-308, distributed
+  # 141-236 s; CPU seconds (user + system, in gpu_check.json): 12, 3, 21, 19, 26, 83, 80.
+  LIMITS=(300 120 240 240)  # device, tests, speed, quality
   PRECISION_SPEED=(--tiny --steps 2 --warmup 1)
-  PRECISION_TRAIN=(--steps 4)
+  PRECISION_TRAIN=(--steps 2 "${MICRO_LM[@]}")
   DISTRIBUTED=(--devices 2 --steps 1 --repeats 1 --skip-flops)
-  LIMITS_PRECISION=(300 300 300)  # optimizer step, training step, distributed
+  LIMITS_PRECISION=(300 930 720)  # optimizer step, training step, distributed
 else
   TESTS=(tests/test_quantization.py tests/test_linalg.py tests/test_factors.py tests/test_partition.py
          tests/test_shampoo.py tests/integration/test_failures.py tests/test_alias.py tests/test_state_utils.py
@@ -59,14 +70,25 @@ else
   LIMITS_PRECISION=(60 60 40)  # optimizer step, training step, distributed: 2.7 minutes
 fi
 
-stage() {  # stage NAME LIMIT_S COMMAND...: runs a stage with a time limit, records status and seconds
+children_cpu() {  # sets CHILDREN_CPU: CPU seconds (user + system) of this shell's finished children so far
+  times > "$OUT_DIR/.times"  # in this shell, not a subshell: a subshell's own children count from zero
+  CHILDREN_CPU=$(awk 'NR == 2 { split($1, u, "m"); split($2, s, "m");
+                              printf "%.1f", 60 * (u[1] + s[1]) + u[2] + s[2] }' "$OUT_DIR/.times")
+}
+
+stage() {  # stage NAME LIMIT_S COMMAND...: runs a stage with a time limit, records status, seconds, CPU s
   local name=$1 limit=$2; shift 2
-  local start=$SECONDS status
+  local start=$SECONDS cpu_start status
+  children_cpu
+  cpu_start=$CHILDREN_CPU
   echo "=== $name (limit ${limit}s): $*" >&2
   timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
   status=$?
   tail -n 5 "$OUT_DIR/$name.log" >&2
-  echo "$name $status $((SECONDS - start))" >> "$STAGES"
+  children_cpu
+  local cpu_used
+  cpu_used=$(awk -v a="$cpu_start" -v b="$CHILDREN_CPU" 'BEGIN { print b - a }')
+  echo "$name $status $((SECONDS - start)) $cpu_used" >> "$STAGES"
 }
 
 missing() {  # prints the modules (arguments) that do not import
@@ -125,8 +147,9 @@ absent=$(missing flax tqdm)
 if [ -n "$absent" ]; then
   echo "quality skipped: $absent" >> "$STAGES"
 else
-  stage quality "${LIMITS[3]}" "$PY" benchmarks/quality.py "${QUALITY[@]}" --out-dir "$OUT_DIR" \
-    --runs-dir "$OUT_DIR/runs"
+  # QUALITY last: its --extra takes every later argument
+  stage quality "${LIMITS[3]}" "$PY" benchmarks/quality.py --out-dir "$OUT_DIR" --runs-dir "$OUT_DIR/runs" \
+    "${QUALITY[@]}"
 fi
 
 # 5. Precision of the per-step products: the optimizer step (GPT-2 124M shapes; --tiny: a small tree) and
@@ -143,8 +166,9 @@ else
     adamw+shampoo4_bf16 soap4 soap4_bf16x3 soap4_bf16
 fi
 
-# 6. The multi-device path (benchmarks/distributed.py, small).
-stage distributed "${LIMITS_PRECISION[2]}" "$PY" benchmarks/distributed.py "${DISTRIBUTED[@]}" \
+# 6. The multi-device path (benchmarks/distributed.py, small), with the caller's XLA flags.
+stage distributed "${LIMITS_PRECISION[2]}" env XLA_FLAGS="$XLA_FLAGS_IN" "$PY" benchmarks/distributed.py \
+  "${DISTRIBUTED[@]}" \
   --out "$OUT_DIR/distributed.json"
 
 "$PY" - "$STAGES" "$OUT_DIR/gpu_check.json" "$CPU" "$SIZE" <<'EOF'
@@ -157,9 +181,10 @@ for line in open(sys.argv[1]):
   else:
     code = int(status)
     stages[name] = {"status": "ok" if code == 0 else ("timeout" if code == 124 else "failed"),
-                    "exit_code": code, "seconds": int(rest[0])}
+                    "exit_code": code, "seconds": int(rest[0]), "cpu_seconds": float(rest[1])}
 summary = {"cpu_mode": sys.argv[3] == "1", "size": sys.argv[4], "stages": stages,
-           "total_seconds": sum(s.get("seconds", 0) for s in stages.values())}
+           "total_seconds": sum(s.get("seconds", 0) for s in stages.values()),
+           "total_cpu_seconds": round(sum(s.get("cpu_seconds", 0.0) for s in stages.values()), 1)}
 json.dump(summary, open(sys.argv[2], "w"), indent=1)
 print(json.dumps(summary, indent=1))
 sys.exit(0 if all(s["status"] in ("ok", "skipped") for s in stages.values()) else 1)

@@ -46,7 +46,7 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
 
 def tiny_shapes() -> dict:
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
-  return {"emb": f32(512, 64), "attn": f32(64, 192), "mlp_in": f32(64, 256), "mlp_out": f32(256, 64), "b": f32(64)}
+  return {"w": f32(128, 64), "v": f32(64, 64), "b": f32(64)}  # two factor orders (64, 128), both 4-bit
 
 
 def time_update(tx, shapes: dict, steps: int, warmup: int) -> dict:

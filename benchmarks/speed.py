@@ -1,6 +1,6 @@
 """Per-step optimizer time on a small decoder-only transformer, as ratios to AdamW from one run.
 
-Run:  python benchmarks/speed.py [--steps 10] [--repeats 5] [--budget 5] [--model-size small|tiny]
+Run:  python benchmarks/speed.py [--steps 10] [--repeats 5] [--budget 5] [--model-size small|tiny|micro]
                                  [--skip-peers] [--skip-profile]
                                  [--note TEXT] [--out benchmarks/results/speed.json] [--png ...speed.png]
 
@@ -12,7 +12,7 @@ What is timed: ``jax.jit`` of one optimizer step,
 ``updates, state = opt.update(grads, state, params); params = optax.apply_updates(params, updates)``,
 on the parameter tree of a GPT-style decoder (``tiny``, the default: 2 layers, d_model 128,
 MLP 512, vocab 256, context 64 -- the shapes of example 2, ``examples/transformer_lm.py``;
-``small``: 4 layers, 256, 1024, 512, 128, 3.7M parameters),
+``small``: 4 layers, 256, 1024, 512, 128, 3.7M parameters; ``micro``: 1 layer, 32, 64, 64, 16, for smoke runs),
 with random parameters and fixed random gradients. A second table times *whole training
 steps* (forward + backward + update) of example 2's model on real byte batches (``--train-batches``),
 because that is what a user waits for: the optimizer's share shrinks as the batch grows. Optimizers: ``optax.adamw`` (the baseline:
@@ -140,6 +140,8 @@ NUM_WARMUP_GRADS = 4
 MODEL_SIZES = {
     "small": dict(layers=4, d_model=256, mlp=1024, vocab=512, context=128),
     "tiny": dict(layers=2, d_model=128, mlp=512, vocab=256, context=64),
+    # a smoke run's size (benchmarks/gpu_check.sh --tiny): the fewest factors that still include 4-bit ones
+    "micro": dict(layers=1, d_model=32, mlp=64, vocab=64, context=16),
 }
 
 

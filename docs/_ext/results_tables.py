@@ -412,6 +412,20 @@ def precision_rows(data):
   return rows
 
 
+def precision_summary(table):
+  """One sentence per part: the largest change of each precision's mean from ``"highest"``, and the seeds run."""
+  lines = []
+  for part, label in (("examples", "Examples"), ("illcond", "Ill-conditioned problems")):
+    part_rows = [r for r in table if r["part"] == part and r["ratio"] is not None]
+    if not part_rows:
+      continue
+    largest = {p: max(abs(r["ratio"] - 1) for r in part_rows if r["precision"] == p) for p in ("high", "default")}
+    seeds = sorted({r["seeds"] for r in part_rows})
+    lines.append(f"{label} ({' or '.join(map(str, seeds))} seeds per row): largest change from `\"highest\"` "
+                 f"{100 * largest['default']:.1f} % at `\"default\"`, {100 * largest['high']:.1f} % at `\"high\"`.")
+  return "\n\n".join(lines) + "\n"
+
+
 def write_precision(results_dir, out_dir):
   """``precision.md``: the per-step products' precision, quality table and (when present) the GPU timings."""
   data = _load(results_dir, "precision.json")
@@ -421,6 +435,7 @@ def write_precision(results_dir, out_dir):
           "best learning rate's mean suboptimality (final loss for `mlp`), spread = standard deviation.\n\n")
   text += _table(["task", "method", "precision", "seeds", "mean", "spread", "/ highest"], precision_rows(data),
                  ["---", "---", "---", "---:", "---:", "---:", "---:"])
+  text += "\n" + precision_summary(data["table"])
   speed_path = pathlib.Path(results_dir) / "precision_speed.json"
   if speed_path.exists():
     speed = json.loads(speed_path.read_text())
