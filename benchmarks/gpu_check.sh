@@ -63,11 +63,11 @@ else
          -k "not resume")
   SPEED=(--model-size small --steps 5 --repeats 3 --budget 3 --skip-peers --skip-profile --train-batches 16)
   QUALITY=(--examples transformer_lm cnn_digits --seeds 0 1 --steps 150)
-  LIMITS=(100 190 100 80)  # device, tests, speed, quality: at most 7.8 minutes in all
+  LIMITS=(90 170 90 70)  # device, tests, speed, quality: at most 7 minutes in all
   PRECISION_SPEED=(--steps 10 --warmup 2)
   PRECISION_TRAIN=(--steps 60)
   DISTRIBUTED=(--devices 1 --steps 2 --repeats 1 --skip-flops)
-  LIMITS_PRECISION=(60 60 40)  # optimizer step, training step, distributed: 2.7 minutes
+  LIMITS_PRECISION=(50 50 40)  # optimizer step, training step, distributed: 2.3 minutes (9.3 in all, one GPU)
 fi
 
 children_cpu() {  # sets CHILDREN_CPU: CPU seconds (user + system) of this shell's finished children so far
