@@ -4,8 +4,9 @@ Like :mod:`results_tables`, each ``write_*`` function reads its JSON files and w
 folder, which the page includes; no number on the page is typed by hand.
 """
 
-import json
 import pathlib
+
+from results_tables import load_json, markdown_table
 
 # (label, fp32-moments row, 8-bit-moments row) of benchmarks/results/speed_moments*.json
 MOMENT_SPEED_ROWS = (
@@ -23,22 +24,13 @@ ENSEMBLES = (
 )
 
 
-def _load(results_dir, name):
-  return json.loads((pathlib.Path(results_dir) / name).read_text())
-
-
-def _table(header, rows):
-  lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-  return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]) + "\n"
-
-
 def write_speed_moments(results_dir, out_dir):
   """Plain optimizer steps with fp32 and 8-bit moments, and 8-bit before the faster moment store."""
-  now = _load(results_dir, "speed_moments.json")["rows"]
-  before = _load(results_dir, "speed_moments_before.json")["rows"]
+  now = load_json(results_dir, "speed_moments.json")["rows"]
+  before = load_json(results_dir, "speed_moments_before.json")["rows"]
   rows = [[label, f"{now[fp32]['plain_ms']:.3g} ms", f"{now[m8]['plain_ms']:.3g} ms", f"{before[m8]['plain_ms']:.3g} ms"]
           for label, fp32, m8 in MOMENT_SPEED_ROWS]
-  text = _table(["plain step", "fp32 moments", "8-bit moments", "8-bit, before"], rows)
+  text = markdown_table(["plain step", "fp32 moments", "8-bit moments", "8-bit, before"], rows)
   (pathlib.Path(out_dir) / "speed_moments.md").write_text(text)
 
 
@@ -58,7 +50,7 @@ def _relative_gaps(per_seed_runs, reference, prefix):
 
 def write_momentum_ensemble(results_dir, out_dir):
   """Per seed of the example's ensemble: fp32, fp32 with ulp-sized noise streams, and 8-bit rounding streams."""
-  data = _load(results_dir, "momentum_sensitivity_ensemble.json")
+  data = load_json(results_dir, "momentum_sensitivity_ensemble.json")
   rows = []
   for seed in data["seeds"]:
     runs = data["runs"][str(seed)]
@@ -66,14 +58,14 @@ def write_momentum_ensemble(results_dir, out_dir):
                  _relative_gaps(runs, "fp32", "m8")])
   streams = data["streams"]
   header = ["seed", "fp32", f"fp32 × (1 + 1e-6·N), {streams} streams", f"8-bit, {streams} rounding streams"]
-  (pathlib.Path(out_dir) / "momentum_ensemble.md").write_text(_table(header, rows))
+  (pathlib.Path(out_dir) / "momentum_ensemble.md").write_text(markdown_table(header, rows))
 
 
 def write_momentum_summary(results_dir, out_dir):
   """8-bit against fp32 momentum as distributions, for each base optimizer and learning rate."""
   rows = []
   for name, label in ENSEMBLES:
-    data = _load(results_dir, name)
+    data = load_json(results_dir, name)
     ensemble = data["ensemble"]
     per_seed = " / ".join(f"{100 * g:+.1f}" for g in ensemble["relative_gap_per_seed"])
     diverged = ensemble["diverged"]
@@ -81,7 +73,7 @@ def write_momentum_summary(results_dir, out_dir):
                  f"{100 * ensemble['relative_gap']:+.1f} % ± {100 * ensemble['relative_gap_stderr']:.1f} % "
                  f"(per seed {per_seed} %)", f"{diverged['reference']} / {diverged['m8']}", f"`{name}`"])
   header = ["`--ensemble`, lr", "base", "8-bit vs fp32 (+ 1e-6 streams)", "diverged (fp32 / 8-bit)", "file"]
-  (pathlib.Path(out_dir) / "momentum_summary.md").write_text(_table(header, rows))
+  (pathlib.Path(out_dir) / "momentum_summary.md").write_text(markdown_table(header, rows))
 
 
 def write_all(results_dir, out_dir):

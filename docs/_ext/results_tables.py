@@ -17,11 +17,13 @@ EXAMPLES = ("cnn_digits", "transformer_lm", "autoencoder_mnist")
 MIB = 2.0**20
 
 
-def _load(results_dir, name):
+def load_json(results_dir, name):
+  """The parsed JSON file ``name`` of the results folder."""
   return json.loads((pathlib.Path(results_dir) / name).read_text())
 
 
-def _table(header, rows, align=None):
+def markdown_table(header, rows, align=None):
+  """A MyST markdown table; by default the first column left-aligned, the others right-aligned."""
   align = align or ["---"] + ["---:"] * (len(header) - 1)
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
   lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -91,7 +93,7 @@ def plot_quality(summary, path, title):
 
 
 def write_quality(results_dir, out_dir, name, reference_suffix, title):
-  data = _load(results_dir, f"{name}.json")
+  data = load_json(results_dir, f"{name}.json")
   summary, seeds = data["summary"], data["settings"].get("seeds", [])
   text = ""
   for example in EXAMPLES:
@@ -99,7 +101,7 @@ def write_quality(results_dir, out_dir, name, reference_suffix, title):
       continue
     text += (f"\n**`{example}.py`**: final training loss, mean ± half the range over seeds "
              f"{', '.join(map(str, seeds))}; gap of the mean to `*{reference_suffix}`; held-out loss (mean):\n\n")
-    text += _table(["optimizer", "final training loss", f"vs `*{reference_suffix}`", "held-out loss",
+    text += markdown_table(["optimizer", "final training loss", f"vs `*{reference_suffix}`", "held-out loss",
                     "state MiB"], quality_rows(summary[example], reference_suffix))
   (out_dir / f"{name}.md").write_text(text)
   plot_quality(summary, out_dir / f"{name}.png", title)
@@ -139,7 +141,7 @@ def plot_speed(data, path):
 
 
 def write_speed(results_dir, out_dir):
-  data = _load(results_dir, "speed.json")
+  data = load_json(results_dir, "speed.json")
   settings = data["settings"]
   text = (f"Optimizer step alone on a {settings['params']:,}-parameter decoder; *plain*: a step without refresh, "
           f"*amortized*: plain + statistics refresh / {settings['T1']} + root refresh / {settings['T2']} "
@@ -147,13 +149,13 @@ def write_speed(results_dir, out_dir):
           f"{data['environment']['backend']}, {data.get('note', '')}.\n\n")
   header = ["optimizer", "plain step", "plain", "amortized", "refresh step", "stats refresh", "root refresh",
             "compile"]
-  text += _table(header, speed_rows(data))
+  text += markdown_table(header, speed_rows(data))
   train = data.get("train_step", {}).get("rows", {})
   if train:
     text += "\nWhole training step (forward, backward, update) on real batches, ratio to AdamW's:\n\n"
     rows = [[f"`{row['optimizer']}`", row["batch"], f"{_num(row['plain_ms'], 3)} ms", f"{row['plain_vs_adamw']:.2f}×",
              f"{row['amortized_vs_adamw']:.2f}×"] for row in train.values()]
-    text += _table(["optimizer", "batch", "plain step", "plain", "amortized"], rows)
+    text += markdown_table(["optimizer", "batch", "plain step", "plain", "amortized"], rows)
   (out_dir / "speed.md").write_text(text)
   plot_speed(data, out_dir / "speed.png")
 
@@ -173,12 +175,12 @@ def memory_tables(data):
           + [f"{model['ratios'][states[3]]['fp32_precond_over_precond']:.2f}×"]
           for key, model in models.items()]
   header = ["model", "max order"] + [f"{s} MiB" for s in states] + ["32-bit / 4-bit preconditioner"]
-  text = "Whole optimizer state with fp32 moments:\n\n" + _table(header, rows)
+  text = "Whole optimizer state with fp32 moments:\n\n" + markdown_table(header, rows)
   kinds = list(next(iter(models.values()))["moment_bits_vs_adamw"])
   rows = [[_model_label(key)] + [" / ".join(f"{model['moment_bits_vs_adamw'][k][b]:.3f}" for b in ("None", "8", "4"))
                                  for k in kinds] for key, model in models.items()]
   text += ("\nWhole optimizer state / `optax.adamw`'s, by `moment_bits` (None / 8 / 4):\n\n"
-           + _table(["model"] + kinds, rows, ["---"] * (len(kinds) + 1)))
+           + markdown_table(["model"] + kinds, rows, ["---"] * (len(kinds) + 1)))
   return text
 
 
@@ -199,7 +201,7 @@ def plot_memory(data, path):
 
 
 def write_memory(results_dir, out_dir):
-  data = _load(results_dir, "memory.json")
+  data = load_json(results_dir, "memory.json")
   (out_dir / "memory.md").write_text(memory_tables(data))
   plot_memory(data, out_dir / "memory.png")
 
@@ -212,7 +214,7 @@ def _stats_flops_text(stats_flops):
           for n, r in stats_flops["rows"].items()]
   return (f"\nMatrix-product flops per device of a statistics step, {_model_label(stats_flops['model'])} "
           f"(counted in the compiled {stats_flops['program']}; Gram matrices formed by the factors' owners):\n\n"
-          + _table(["devices", "GFLOP per device", "of 1 device", "ideal 1/N"], rows))
+          + markdown_table(["devices", "GFLOP per device", "of 1 device", "ideal 1/N"], rows))
 
 
 def _fsdp_memory_text(fsdp_memory):
@@ -224,23 +226,23 @@ def _fsdp_memory_text(fsdp_memory):
           for n, r in fsdp_memory["rows"].items()]
   return (f"\nFSDP: the whole train state per device, {_model_label(fsdp_memory['model'])}, "
           f"{fsdp_memory['optimizer']} ({fsdp_memory['layout']}; exact, from each leaf's shard shape):\n\n"
-          + _table(["devices", "params MiB", "optimizer state MiB", "train state MiB", "of total / N"], rows))
+          + markdown_table(["devices", "params MiB", "optimizer state MiB", "train state MiB", "of total / N"], rows))
 
 
 def write_distributed(results_dir, out_dir):
-  data = _load(results_dir, "distributed.json")
+  data = load_json(results_dir, "distributed.json")
   memory, timing = data["memory"], data["timing"]
   rows = [[n, f"{r['factors_per_device'] / MIB:.1f}", f"{r['factors_fraction_of_1_device']:.3f}",
            f"{r['ideal_fraction']:.3f}", f"{r['rest_per_device'] / MIB:.1f}"] for n, r in memory["rows"].items()]
   text = (f"Per-device bytes, {_model_label(memory['model'])} (exact, from each leaf's shard shape):\n\n"
-          + _table(["devices", "4-bit factors per device MiB", "of 1 device", "ideal 1/N", "rest per device MiB"],
+          + markdown_table(["devices", "4-bit factors per device MiB", "of 1 device", "ideal 1/N", "rest per device MiB"],
                    rows))
   rows = [[n, f"{r['refresh_ms']:.0f} ms", f"{r['refresh_vs_1_device']:.2f}", f"{r['plain_ms']:.0f} ms",
            f"{r['plain_vs_1_device']:.2f}"] for n, r in timing["rows"].items()]
   env = data["environment"]
   text += (f"\nStep times, {timing['model']}, {env['device_count']} virtual {env['backend']} devices on "
            f"{env['cpu_count']} cores (how the work divides, not a speed-up):\n\n"
-           + _table(["devices", "refresh step", "of 1 device", "plain step", "of 1 device"], rows))
+           + markdown_table(["devices", "refresh step", "of 1 device", "plain step", "of 1 device"], rows))
   text += _stats_flops_text(data.get("stats_flops"))
   text += _fsdp_memory_text(data.get("fsdp_memory"))
   (out_dir / "distributed.md").write_text(text)
@@ -258,14 +260,14 @@ def write_distributed(results_dir, out_dir):
 
 
 def write_quant_error(results_dir, out_dir):
-  data = _load(results_dir, "quant_error.json")
+  data = load_json(results_dir, "quant_error.json")
   paper = data["paper"]["table5"]["Linear-2"]
   real = data["results"]["real"]["modes"]["Linear-2/4bit/block64"]
   synthetic = data["results"]["A2"]["modes"]["Linear-2/4bit/block64"]
   rows = [[f"`{mode}`", f"{real[mode]['nre']:.4f}", f"{paper[mode][0]:.4f}", f"{synthetic[mode]['nre']:.4f}",
            f"{paper[mode][2]:.4f}"] for mode in paper if mode in real and mode in synthetic]
   text = ("Normalized error of $A^{-1/4}$, Linear-2 codebook, 4 bits, block 64 (paper: Table 5):\n\n"
-          + _table(["mode", "real statistic (ours)", "A1 (paper)", "synthetic A2 (ours)", "A2 (paper)"], rows))
+          + markdown_table(["mode", "real statistic (ours)", "A1 (paper)", "synthetic A2 (ours)", "A2 (paper)"], rows))
   (out_dir / "quant_error.md").write_text(text)
 
 
@@ -312,9 +314,9 @@ def _quality_gap(quality, entry, example):
 def write_choosing(results_dir, out_dir):
   """The optimizer-choice table: memory (GPT-2 124M shapes), amortized step cost and final training loss
   against AdamW on the two AdamW examples, each cell read from the benchmark files."""
-  model = _load(results_dir, "memory.json")["models"]["gpt2_124m"]
-  speed = _load(results_dir, "speed.json")["rows"]
-  quality = {name: _load(results_dir, f"{name}.json") for name in ("quality", "quality_variants", "quality_soap")}
+  model = load_json(results_dir, "memory.json")["models"]["gpt2_124m"]
+  speed = load_json(results_dir, "speed.json")["rows"]
+  quality = {name: load_json(results_dir, f"{name}.json") for name in ("quality", "quality_variants", "quality_soap")}
   rows = []
   for label, memory_entry, speed_key, quality_entry in CHOICES:
     ratio = _memory_ratio(model, memory_entry)
@@ -326,22 +328,22 @@ def write_choosing(results_dir, out_dir):
                 + ["—" if gap is None else _pct(gap) for gap in gaps])
   header = ["optimizer", "state memory vs AdamW (GPT-2 124M)", "optimizer step vs AdamW (amortized, CPU)"]
   header += [f"final loss vs AdamW, `{e}.py`" for e in QUALITY_EXAMPLES]
-  (out_dir / "choosing.md").write_text(_table(header, rows))
+  (out_dir / "choosing.md").write_text(markdown_table(header, rows))
 
 
 def write_soap_basis(results_dir, out_dir):
   """4-bit SOAP's basis variants on the CNN (``soap_basis.json``): final loss, mean over seeds, gap to fp32 SOAP."""
-  data = _load(results_dir, "soap_basis.json")
+  data = load_json(results_dir, "soap_basis.json")
   rows = [[f"`{name}`", f"{stats['mean']:.4f}", _pct(stats["relative_gap"])] for name, stats in data["summary"].items()]
   text = (f"{data['example']}, seeds {', '.join(str(s) for s in data['seeds'])}; final training loss: "
           f"{data['final_train_loss']} (mean over seeds):\n\n"
-          + _table(["basis storage and rectification", "final training loss", "vs fp32 SOAP"], rows))
+          + markdown_table(["basis storage and rectification", "final training loss", "vs fp32 SOAP"], rows))
   (out_dir / "soap_basis.md").write_text(text)
 
 
 def write_moment_store_parts(results_dir, out_dir):
   """The parts of re-quantizing a moment, two ways each (``moment_store_parts.json``): median times and ratio."""
-  data = _load(results_dir, "moment_store_parts.json")
+  data = load_json(results_dir, "moment_store_parts.json")
   by_part = {}
   for row in data["rows"]:
     by_part.setdefault(row["part"], []).append(row)
@@ -352,7 +354,7 @@ def write_moment_store_parts(results_dir, out_dir):
              for row in alternatives]
   text = (f"{data['size']:,} values, median of {data['repeats']} calls, backend `{data['backend']}` "
           f"({data.get('cpu_count', '?')} CPU cores):\n\n"
-          + _table(["part", "implementation", "median time", "speed-up over the slower"], rows))
+          + markdown_table(["part", "implementation", "median time", "speed-up over the slower"], rows))
   (out_dir / "moment_store_parts.md").write_text(text)
 
 
@@ -374,11 +376,11 @@ def illcond_rows(problem):
 
 
 def write_illcond(results_dir, out_dir):
-  data = _load(results_dir, "illcond.json")
+  data = load_json(results_dir, "illcond.json")
   text = f"{data['steps']} steps, seeds {data['seeds']}; mean over seeds at each row's best learning rate.\n"
   for name, problem in data["problems"].items():
     text += f"\n**`{name}`** ({problem['metric']}):\n\n"
-    text += _table(["optimizer", "best lr", "mean ± std", "vs `soap_ref`", "largest stable lr"], illcond_rows(problem))
+    text += markdown_table(["optimizer", "best lr", "mean ± std", "vs `soap_ref`", "largest stable lr"], illcond_rows(problem))
   (out_dir / "illcond.md").write_text(text)
   plot_illcond(data["problems"], out_dir / "illcond.png")
 
@@ -428,12 +430,12 @@ def precision_summary(table):
 
 def write_precision(results_dir, out_dir):
   """``precision.md``: the per-step products' precision, quality table and (when present) the GPU timings."""
-  data = _load(results_dir, "precision.json")
+  data = load_json(results_dir, "precision.json")
   settings = data["settings"]
   text = (f"Examples: {settings.get('example_steps', '—')} steps, final training loss, spread = max - min over "
           f"the seeds run (column seeds); ill-conditioned problems ({settings.get('illcond_steps', '—')} steps): "
           "best learning rate's mean suboptimality (final loss for `mlp`), spread = standard deviation.\n\n")
-  text += _table(["task", "method", "precision", "seeds", "mean", "spread", "/ highest"], precision_rows(data),
+  text += markdown_table(["task", "method", "precision", "seeds", "mean", "spread", "/ highest"], precision_rows(data),
                  ["---", "---", "---", "---:", "---:", "---:", "---:"])
   text += "\n" + precision_summary(data["table"])
   speed_path = pathlib.Path(results_dir) / "precision_speed.json"
@@ -443,7 +445,7 @@ def write_precision(results_dir, out_dir):
     rows = [[name, f"{1e3 * r['median_s']:.2f}", f"{r['median_s'] / base:.2f}"]
             for name, r in speed["results"].items()]
     text += (f"\nOptimizer step, {speed['model']} shapes, {speed['device_kind']} ({speed['backend']}):\n\n"
-             + _table(["optimizer", "median ms", "/ adamw"], rows))
+             + markdown_table(["optimizer", "median ms", "/ adamw"], rows))
   (out_dir / "precision.md").write_text(text)
 
 
