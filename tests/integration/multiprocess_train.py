@@ -77,8 +77,16 @@ def main():
   def loss_fn(params, tokens):
     return transformer_lm.next_byte_loss(nnx.merge(graphdef, params), tokens)
 
+  loss_and_grads = jax.value_and_grad(loss_fn)
+  if args.mesh_kind == "explicit":
+    # The model's embedding lookups (nnx.Embed: a gather) do not declare an output layout, which explicit
+    # sharding requires; the forward and backward pass run with the mesh's axes made automatic, the optimizer
+    # takes explicitly sharded (replicated) gradients.
+    loss_and_grads = jax.sharding.auto_axes(loss_and_grads, out_sharding=(P(), jax.tree.map(lambda _: P(), params)))
+  jax.set_mesh(mesh)  # the mesh auto_axes and the jitted step see
+
   def step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    loss, grads = loss_and_grads(params, tokens)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
