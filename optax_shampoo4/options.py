@@ -255,7 +255,7 @@ class SoapOptions:
 
   Build with :meth:`from_kwargs`. ``b1``, ``b2``, ``eps``, ``shampoo_beta``
   and ``precondition_every`` may be (injected) arrays; everything else is
-  static. ``shampoo_beta`` stays None when it means its default (``soap.statistic_beta``); ``project_nu``
+  static. ``shampoo_beta`` stays None when it means its default (``soap_eigenbasis.statistic_beta``); ``project_nu``
   None resolves to True for ``statistic="refresh"`` and False for
   ``"dense"`` (the reference only permutes :math:`v`).
   """
