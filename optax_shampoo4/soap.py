@@ -264,14 +264,14 @@ def scale_by_soap4(
     <https://arxiv.org/abs/2405.18144>`_, NeurIPS 2024.
   """
   opts = options.SoapOptions.from_kwargs(
-      b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,  # pyright: ignore[reportArgumentType]
+      b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
       max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
       mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order, bjorck_steps=bjorck_steps,
       mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits, project_nu=project_nu,
       head_fraction=head_fraction, statistic=statistic, precision=precision, tail_rectify=tail_rectify)
   factor_engine = make_engine(opts)
-  return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
-                                               functools.partial(update, opts, factor_engine))  # pyright: ignore[reportArgumentType]
+  return optax_compat.gradient_transformation(functools.partial(init, opts, factor_engine),
+                                              functools.partial(update, opts, factor_engine))
 
 
 def make_engine(opts: options.SoapOptions) -> engine.FactorEngine:

@@ -31,9 +31,13 @@ def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets
   step) is not run (see ``head_fraction``).
   """
   every_step_qr = opts.tail_rectify == "qr_every_step"
-  return {name: fct.rectified(factor_engine.gathered(bucket.eigvecs), opts.bjorck_steps[1], tail_steps=0,  # pyright: ignore[reportAttributeAccessIssue]
-                              tail_qr=every_step_qr)
-          for name, bucket in buckets.items()}
+  rows = {}
+  for name, bucket in buckets.items():
+    if not isinstance(bucket, fct.EigenFactors):
+      raise TypeError(f"SOAP's buckets are EigenFactors, got {type(bucket).__name__} for bucket {name!r}")
+    rows[name] = fct.rectified(factor_engine.gathered(bucket.eigvecs), opts.bjorck_steps[1], tail_steps=0,
+                               tail_qr=every_step_qr)
+  return rows
 
 
 def statistic_beta(opts: options.SoapOptions) -> jax.Array:
