@@ -4,7 +4,7 @@ At a refresh ``soap4`` carries the moments by the change of basis :math:`C = R_{
 two decoded bases (``m <- C m``, ``v <- (C∘C) v``). With 4-bit rows each basis carries its own rounding,
 so :math:`C` holds entries of about 0.02 (rms; up to 0.09, order 64) that are rounding only, and they move
 a share of the large coordinates' moments into the small ones at every refresh. This probe replaces
-:math:`C` (a patch of ``optax_shampoo4.soap.rotate_moments`` in this process only) by
+:math:`C` (a patch of ``optax_shampoo4.soap_eigenbasis.rotate_moments`` in this process only) by
 
 * ``perm``: its signed-permutation part (per row, the largest entry's sign; the moments only follow the
   re-sorting, no rotation at all);
@@ -31,9 +31,9 @@ if str(_ROOT) not in sys.path:
 
 import optax_shampoo4 as s4  # noqa: E402
 from benchmarks import illcond  # noqa: E402
-from optax_shampoo4 import soap  # noqa: E402
+from optax_shampoo4 import soap_eigenbasis  # noqa: E402
 
-_ROTATE_MOMENTS = soap.rotate_moments
+_ROTATE_MOMENTS = soap_eigenbasis.rotate_moments
 _Q = dict(weight_decay=0.0, min_quant_order=16)
 
 
@@ -59,7 +59,7 @@ if __name__ == "__main__":
   mode = sys.argv[1]
   if mode != "perm" and not mode.startswith("thr"):
     raise SystemExit(f"mode must be perm or thr<t>, got {mode!r}")
-  soap.rotate_moments = carried_by(mode)
+  soap_eigenbasis.rotate_moments = carried_by(mode)
   candidates = {f"soap4_4bit_{mode}": lambda: s4.soap4(1.0, **_Q),
                 f"soap4_8bit_{mode}": lambda: s4.soap4(1.0, bits=8, **_Q),
                 f"soap4_fp32_{mode}": lambda: s4.soap4(1.0, state_format="fp32", **_Q)}

@@ -18,9 +18,10 @@ from optax_shampoo4 import (
     sharding,
     state_utils,
 )
-from optax_shampoo4.alias import adagrad_shampoo4, adamw_shampoo4, distributed_shampoo4, sgdm_shampoo4, soap4
+from optax_shampoo4.alias import adagrad_shampoo4, adamw_shampoo4, sgdm_shampoo4
 from optax_shampoo4.factors import EigenFactors, MatrixFactors
 from optax_shampoo4.quantization import OffDiagQuantized, QuantizedArray, SplitRowsQuantized
+from optax_shampoo4.reference_aliases import distributed_shampoo4, soap4
 from optax_shampoo4.shampoo import ScaleByShampoo4State, scale_by_shampoo4
 from optax_shampoo4.soap import ScaleBySoap4State, scale_by_soap4
 from optax_shampoo4.state_utils import convert_state, state_nbytes, state_sharding

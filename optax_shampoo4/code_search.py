@@ -30,7 +30,7 @@ value instead (``jnp.searchsorted(..., method="compare_all")``, faster there).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,8 @@ from optax_shampoo4 import sharding
 
 _LIMIT = 2.0  # values in [-_LIMIT, _LIMIT] get their own buckets
 _MAX_WINDOW = 2  # comparisons per element after the lookup
+# As numpy's: "left" counts the entries < x, "right" those <= x.
+Side = Literal["left", "right"]
 _SIDES = ("left", "right")
 # Up to this many values, comparing against every one is faster on XLA:CPU than the lookup (the 4-bit tables);
 # for the 8-bit ones the lookup is faster than a binary search (benchmarks/moment_store_parts.py; the docs'
@@ -75,7 +77,7 @@ class _Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(values_bytes: bytes, side: str) -> _Plan:
+def _plan(values_bytes: bytes, side: Side) -> _Plan:
   values = np.frombuffer(values_bytes, np.float32)
   key_min, key_max = (int(k) for k in _order_key(np.array([-_LIMIT, _LIMIT], np.float32)))
   for shift in range(26, 9, -1):  # the coarsest buckets that need at most _MAX_WINDOW comparisons
@@ -86,15 +88,15 @@ def _plan(values_bytes: bytes, side: str) -> _Plan:
     low[0], high[-1] = -np.inf, np.inf  # clipped keys land in the end buckets
     # A backend may flush subnormals to zero in comparisons (XLA:CPU does): bracket both readings.
     low, high = np.minimum(low, _flushed(low)), np.maximum(high, _flushed(high))
-    counts = np.searchsorted(values, low, side)  # pyright: ignore[reportArgumentType, reportCallIssue]
-    window = int((np.searchsorted(values, high, side) - counts).max())  # pyright: ignore[reportArgumentType, reportCallIssue]
+    counts = np.searchsorted(values, low, side)
+    window = int((np.searchsorted(values, high, side) - counts).max())
     if window <= _MAX_WINDOW:
       break
   padded = np.concatenate([values, np.full(window, np.nan, np.float32)])  # NaN: never counted
   return _Plan(shift, first, (key_min, key_max), counts.astype(np.int32), padded, window)
 
 
-def sorted_search(values: np.ndarray, x: jax.Array, side: str = "left") -> jax.Array:
+def sorted_search(values: np.ndarray, x: jax.Array, side: Side = "left") -> jax.Array:
   """``jnp.searchsorted(values, x, side)`` for a small sorted constant ``values``, by bucket lookup.
 
   Args:

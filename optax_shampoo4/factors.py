@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Union
+from typing import NamedTuple, TypeVar, Union
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,7 @@ class EigenFactors(NamedTuple):
 
   eigvecs: StoredMatrix
   eigvals: jax.Array
-  root: StoredMatrix
+  root: StoredMatrix | None
 
 
 class MatrixFactors(NamedTuple):
@@ -68,11 +68,13 @@ class MatrixFactors(NamedTuple):
     root: its inverse 4th root ``[k, n, n]``.
   """
 
-  stats: StoredMatrix
-  root: StoredMatrix
+  stats: StoredMatrix | None
+  root: StoredMatrix | None
 
 
 Bucket = Union[EigenFactors, MatrixFactors]
+# One bucket type, kept through the functions that refresh it.
+BucketT = TypeVar("BucketT", bound=Bucket)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,15 +146,15 @@ class FactorConfig:
   root_method: str = "eigen"
   refresh_method: str = "qr"
   qr_iterations: int = 1
-  refresh_tol: Any = 1e-3
+  refresh_tol: jax.typing.ArrayLike = 1e-3
   initial_eigh: bool = False
-  jorge_damping: Any = 1e-6
+  jorge_damping: jax.typing.ArrayLike = 1e-6
   sort_refreshed: bool = True
   head_fraction: float = 0.0
   head_bits: int = 8
   epsilon_mode: str = "relative"
   tail_rectify: str = "bjorck"
-  quant_damping: Any = 0.0
+  quant_damping: jax.typing.ArrayLike = 0.0
 
   @property
   def absolute_epsilon(self) -> bool:
@@ -189,6 +191,13 @@ def load(stored: StoredMatrix) -> jax.Array:
     return qz.dequantize_offdiag(stored)
   if isinstance(stored, qz.QuantizedArray):
     return qz.dequantize(stored)
+  return stored
+
+
+def kept(stored: StoredMatrix | None, part: str) -> StoredMatrix:
+  """``stored``, a part (``"stats"``, ``"root"``) that the bucket's format keeps; None here is a bug."""
+  if stored is None:
+    raise ValueError(f"this bucket keeps no {part} (its format or root method stores none)")
   return stored
 
 
@@ -231,7 +240,7 @@ def _select(ok: jax.Array, new, old):
   return jax.tree.map(pick, new, old)
 
 
-def _guarded(ok: jax.Array, new: Bucket, old: Bucket) -> tuple[Bucket, jax.Array]:
+def _guarded(ok: jax.Array, new: BucketT, old: BucketT) -> tuple[BucketT, jax.Array]:
   return _select(ok, new, old), ok
 
 
@@ -247,7 +256,7 @@ def init_bucket(
     eigvals = jnp.full((size, order), eps, jnp.float32)
     return EigenFactors(config.store_eigvecs(eye, quantized), eigvals, root)
   if config.root_method == "jorge":  # Jorge keeps the root only, no statistic.
-    return MatrixFactors(None, root)  # pyright: ignore[reportArgumentType]
+    return MatrixFactors(None, root)
   return MatrixFactors(config.store(eps * eye, quantized, separate_diag=True), root)
 
 
@@ -264,10 +273,11 @@ def _jorge_stats(config: FactorConfig, bucket: MatrixFactors, grams: jax.Array,
   norms = jnp.linalg.norm(grams, axis=(-2, -1))
   damping = jnp.asarray(config.jorge_damping, jnp.float32) * norms
   damped = grams + damping[:, None, None] * jnp.eye(order, dtype=jnp.float32)
-  root, _ = roots.jorge_root_update(load(bucket.root), damped, beta)
-  root = jnp.where((norms > 0)[:, None, None], root, load(bucket.root))
+  old_root = kept(bucket.root, "root")
+  root, _ = roots.jorge_root_update(load(old_root), damped, beta)
+  root = jnp.where((norms > 0)[:, None, None], root, load(old_root))
   ok = _all_finite(root)
-  return _guarded(ok, MatrixFactors(None, config.store(root, is_quantized(bucket.root), True)), bucket)  # pyright: ignore[reportArgumentType, reportReturnType]
+  return _guarded(ok, MatrixFactors(None, config.store(root, is_quantized(old_root), True)), bucket)
 
 
 def _rectified_eigvecs(bucket: EigenFactors, steps: int) -> jax.Array:
@@ -366,9 +376,10 @@ def update_stats(
   elif config.root_method == "jorge":
     return _jorge_stats(config, bucket, grams, beta)
   else:
-    stat = beta * load(bucket.stats) + gram_weight(beta) * grams
+    old_stats = kept(bucket.stats, "stats")
+    stat = beta * load(old_stats) + gram_weight(beta) * grams
     ok = _all_finite(stat)
-    new = MatrixFactors(config.store(stat, is_quantized(bucket.stats), True), bucket.root)
+    new = MatrixFactors(config.store(stat, is_quantized(old_stats), True), bucket.root)
   return _guarded(ok, new, bucket)
 
 
@@ -402,16 +413,13 @@ def update_root(
       rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
       stat = linalg.matmul(linalg.transpose(rows) * jnp.maximum(bucket.eigvals, 0.0)[:, None, :], rows)
       root = roots.inverse_root_newton(stat, epsilon, absolute=config.absolute_epsilon)
-    new = EigenFactors(bucket.eigvecs, bucket.eigvals, None)  # pyright: ignore[reportArgumentType]
   elif config.root_method == "eigh":  # Distributed Shampoo's root: eigh of the dense statistic
-    eigvecs, eigvals = linalg.eigh_descending(load(bucket.stats))
+    eigvecs, eigvals = linalg.eigh_descending(load(kept(bucket.stats, "stats")))
     root = roots.inverse_root_from_eig(eigvecs, eigvals, epsilon, absolute=config.absolute_epsilon)
-    new = MatrixFactors(bucket.stats, None)  # pyright: ignore[reportArgumentType]
   else:
-    root = roots.inverse_root_newton(load(bucket.stats), epsilon, absolute=config.absolute_epsilon)
-    new = MatrixFactors(bucket.stats, None)  # pyright: ignore[reportArgumentType]
+    root = roots.inverse_root_newton(load(kept(bucket.stats, "stats")), epsilon, absolute=config.absolute_epsilon)
   ok = _all_finite(root)
-  new = new._replace(root=config.store(root, is_quantized(bucket.root), True))
+  new = bucket._replace(root=config.store(root, is_quantized(kept(bucket.root, "root")), True))
   return _guarded(ok, new, bucket)
 
 
@@ -434,4 +442,4 @@ def root_from_eigenbasis(config: FactorConfig, bucket: EigenFactors, epsilon: ja
 
 def root_matrices(bucket: Bucket) -> jax.Array:
   """The dequantized float32 inverse roots of a bucket, ``[k, n, n]``."""
-  return load(bucket.root)
+  return load(kept(bucket.root, "root"))

@@ -82,10 +82,10 @@ class Grafting:
   """
 
   kind: str
-  eps: Any
-  beta2: Any
+  eps: jax.typing.ArrayLike
+  beta2: jax.typing.ArrayLike
   per_block: bool
-  b1: Any = None
+  b1: jax.typing.ArrayLike | None = None
   bias_correction: bool = True
 
   @property

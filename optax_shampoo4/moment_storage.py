@@ -215,7 +215,7 @@ def store_moment(
   _check_kind(kind)
   x = jnp.asarray(x, jnp.float32)
   layout = moment_layout(x.shape, bits, kind)
-  if layout is None:
+  if layout is None or bits is None:  # (moment_layout gives None for bits=None)
     return x
   mapping, block = layout
   length = x.shape[-1]
@@ -236,10 +236,10 @@ def store_moment(
     normalized = blocks / jnp.where(scales != 0, scales, 1.0)[..., None]
     normalized = normalized.reshape(padded.shape)[..., :length]
   if kind == "second":  # a positive value never gets the zero code
-    table = _table(mapping, bits)  # pyright: ignore[reportArgumentType]
+    table = _table(mapping, bits)
     normalized = jnp.where(x > 0, jnp.maximum(normalized, table[table > 0].min()), normalized)
-  codes = _encode(normalized, mapping, bits, key)  # pyright: ignore[reportArgumentType]
-  return QuantizedMoment(codes, scales, tuple(x.shape), kind, bits, mapping, block)  # pyright: ignore[reportArgumentType]
+  codes = _encode(normalized, mapping, bits, key)
+  return QuantizedMoment(codes, scales, tuple(x.shape), kind, bits, mapping, block)
 
 
 def load_moment(stored: QuantizedMoment | jax.Array) -> jax.Array:

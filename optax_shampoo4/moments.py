@@ -178,7 +178,7 @@ def scale_by_adam(
 
   def update_fn(updates, state, params=None):
     del params
-    count = optax.safe_int32_increment(state.count)
+    count = jnp.asarray(optax.safe_int32_increment(state.count))
     if not jax.tree.leaves(updates):
       return updates, state._replace(count=count)
     correction1 = 1 - jnp.asarray(b1, jnp.float32) ** count
@@ -192,9 +192,9 @@ def scale_by_adam(
       return step.astype(g.dtype), mu, nu, _all_finite(mu, nu)
 
     steps, mu, nu, finite = _map_moments(leaf, updates, state.mu, state.mu_scales, state.nu, state.nu_scales)
-    mu, mu_scales = _store(mu, state.mu, state.mu_scales, finite, bits, "first", count)  # pyright: ignore[reportArgumentType]
-    nu, nu_scales = _store(nu, state.nu, state.nu_scales, finite, bits, "second", count)  # pyright: ignore[reportArgumentType]
-    return steps, QuantizedAdamState(count, mu, mu_scales, nu, nu_scales,  # pyright: ignore[reportArgumentType]
+    mu, mu_scales = _store(mu, state.mu, state.mu_scales, finite, bits, "first", count)
+    nu, nu_scales = _store(nu, state.nu, state.nu_scales, finite, bits, "second", count)
+    return steps, QuantizedAdamState(count, mu, mu_scales, nu, nu_scales,
                                      _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -246,7 +246,7 @@ def trace(
     del params
     if not jax.tree.leaves(updates):
       return updates, state
-    count = optax.safe_int32_increment(state.count)
+    count = jnp.asarray(optax.safe_int32_increment(state.count))
 
     def leaf(g, codes, scales):
       g32 = g.astype(jnp.float32)
@@ -255,8 +255,8 @@ def trace(
       return step.astype(g.dtype), buffer, _all_finite(buffer)
 
     steps, buffers, finite = _map_moments(leaf, updates, state.trace, state.trace_scales)
-    codes, scales = _store(buffers, state.trace, state.trace_scales, finite, bits, "first", count)  # pyright: ignore[reportArgumentType]
-    return steps, QuantizedTraceState(count, codes, scales, _count_failures(state.nonfinite_count, finite))  # pyright: ignore[reportArgumentType]
+    codes, scales = _store(buffers, state.trace, state.trace_scales, finite, bits, "first", count)
+    return steps, QuantizedTraceState(count, codes, scales, _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -307,7 +307,7 @@ def scale_by_rss(
     del params
     if not jax.tree.leaves(updates):
       return updates, state
-    count = optax.safe_int32_increment(state.count)
+    count = jnp.asarray(optax.safe_int32_increment(state.count))
 
     def leaf(g, codes, scales):
       g32 = g.astype(jnp.float32)
@@ -316,7 +316,7 @@ def scale_by_rss(
       return step.astype(g.dtype), total, _all_finite(total)
 
     steps, sums, finite = _map_moments(leaf, updates, state.sum_of_squares, state.sum_of_squares_scales)
-    codes, scales = _store(sums, state.sum_of_squares, state.sum_of_squares_scales, finite, bits, "second", count)  # pyright: ignore[reportArgumentType]
-    return steps, QuantizedRssState(count, codes, scales, _count_failures(state.nonfinite_count, finite))  # pyright: ignore[reportArgumentType]
+    codes, scales = _store(sums, state.sum_of_squares, state.sum_of_squares_scales, finite, bits, "second", count)
+    return steps, QuantizedRssState(count, codes, scales, _count_failures(state.nonfinite_count, finite))
 
   return optax.GradientTransformation(init_fn, update_fn)

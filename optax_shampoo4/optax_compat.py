@@ -1,4 +1,7 @@
-"""What :func:`optax.tree.map_params` needs from an ``init`` that sizes its state from shapes.
+"""What optax needs from the transforms: a typed constructor, and the placeholder of :func:`optax.tree.map_params`.
+
+:func:`gradient_transformation` builds an :class:`optax.GradientTransformationExtraArgs` from step
+functions typed with their own state.
 
 ``optax.tree.map_params(opt, f, state)`` calls ``opt.init`` on a leafless
 placeholder object (optax's ``_ParamsPlaceholder``), then maps ``f`` over every
@@ -14,7 +17,9 @@ placeholder hides. For those, ``init`` puts :data:`NON_PARAMS`, an opaque leaf:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import optax
 
 
 class _NonParams:
@@ -34,3 +39,15 @@ def is_params_placeholder(tree: Any) -> bool:
   except ImportError:  # pragma: no cover - other optax layouts
     return type(tree).__name__ == "_ParamsPlaceholder"
   return isinstance(tree, _ParamsPlaceholder)
+
+
+def gradient_transformation(init: optax.TransformInitFn,
+                            update: Callable[..., tuple[Any, Any]]) -> optax.GradientTransformationExtraArgs:
+  """``optax.GradientTransformationExtraArgs(init, update)`` for step functions typed with their own state.
+
+  optax's protocols type ``update``'s state as any ``OptState``; an ``update`` whose state parameter is
+  its transform's NamedTuple accepts less, so a type checker rejects it (parameters are contravariant),
+  although optax only ever passes it the state that ``init`` returned. Taking ``update`` as a callable
+  of any signature here states that contract once.
+  """
+  return optax.GradientTransformationExtraArgs(init, update)

@@ -44,6 +44,7 @@ from typing import Any, Literal, get_args
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import grafting as grafting_lib
@@ -153,7 +154,7 @@ def _check_store_root(store_root: Any, state_format: str, root_method: str) -> b
   return store_root
 
 
-def _quantization(bits: Any, mapping: Any, quant_block: Any, min_quant_order: Any) -> tuple[int, str, int, int]:
+def _quantization(bits: Any, mapping: Any, quant_block: Any, min_quant_order: Any) -> tuple[int, Mapping, int, int]:
   """``(bits, mapping, quant_block, min_quant_order)`` resolved and checked."""
   bits = _static("bits", bits, DEFAULT_BITS, 1)
   quant_block = _static("quant_block", quant_block, DEFAULT_QUANT_BLOCK, 2)
@@ -173,10 +174,10 @@ class ShampooOptions:
   """
 
   max_order: int
-  beta: Any
-  epsilon: Any
-  stats_every: Any
-  root_every: Any
+  beta: ArrayLike
+  epsilon: ArrayLike
+  stats_every: ArrayLike
+  root_every: ArrayLike
   state_format: StateFormat
   bits: int
   mapping: Mapping
@@ -186,28 +187,34 @@ class ShampooOptions:
   root_method: RootMethod
   refresh_method: RefreshMethod
   qr_iterations: int
-  refresh_tol: Any
+  refresh_tol: ArrayLike
   mesh: jax.sharding.Mesh | None
   mesh_axis: str
   grafting: grafting_lib.Grafting
-  start_preconditioning_step: Any
+  start_preconditioning_step: ArrayLike | None
   combine: Combine
   store_root: bool
   epsilon_mode: EpsilonMode = "relative"
   stats_bias_correction: bool = False
   precondition_1d: bool = False
   precision: Precision = DEFAULT_PRECISION
-  quant_damping: Any = 0.0
+  quant_damping: ArrayLike = 0.0
 
   @classmethod
-  def from_kwargs(cls, *, max_order=None, beta=0.95, epsilon=1e-6, stats_every=100, root_every=500,
-                  state_format="eigen", bits=None, mapping="linear2", quant_block=None, min_quant_order=None,
-                  bjorck_steps=(1, 4), root_method=None, refresh_method=DEFAULT_REFRESH_METHOD,
-                  qr_iterations=None, refresh_tol=DEFAULT_REFRESH_TOL, mesh=None, mesh_axis="data",
-                  grafting="frobenius", grafting_eps=None, grafting_beta2=None, grafting_per_block=None,
-                  start_preconditioning_step=None, filter_beta=None, filter_bias_correction=True,
-                  combine="shampoo", store_root=True, epsilon_mode: EpsilonMode = "relative", stats_bias_correction=False,
-                  precondition_1d=False, precision=DEFAULT_PRECISION, quant_damping: Any = 0.0) -> ShampooOptions:
+  def from_kwargs(cls, *, max_order: int | None = None, beta: ArrayLike = 0.95, epsilon: ArrayLike = 1e-6,
+                  stats_every: ArrayLike = 100, root_every: ArrayLike = 500, state_format: StateFormat = "eigen",
+                  bits: int | None = None, mapping: Mapping = "linear2", quant_block: int | None = None,
+                  min_quant_order: int | None = None, bjorck_steps: tuple[int, int] = (1, 4),
+                  root_method: RootMethod | None = None, refresh_method: RefreshMethod = DEFAULT_REFRESH_METHOD,
+                  qr_iterations: int | None = None, refresh_tol: ArrayLike = DEFAULT_REFRESH_TOL,
+                  mesh: jax.sharding.Mesh | None = None, mesh_axis: str = "data",
+                  grafting: GraftingType = "frobenius", grafting_eps: ArrayLike | None = None,
+                  grafting_beta2: ArrayLike | None = None, grafting_per_block: bool | None = None,
+                  start_preconditioning_step: ArrayLike | None = None, filter_beta: ArrayLike | None = None,
+                  filter_bias_correction: bool = True, combine: Combine = "shampoo", store_root: bool = True,
+                  epsilon_mode: EpsilonMode = "relative", stats_bias_correction: bool = False,
+                  precondition_1d: bool = False, precision: Precision = DEFAULT_PRECISION,
+                  quant_damping: ArrayLike = 0.0) -> ShampooOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     max_order = _static("max_order", max_order, DEFAULT_MAX_ORDER, 1)
     bits, mapping, quant_block, min_quant_order = _quantization(bits, mapping, quant_block, min_quant_order)
@@ -228,13 +235,13 @@ class ShampooOptions:
       validation.check_traceable_int("start_preconditioning_step", start_preconditioning_step, 0)
     sharding.validate_mesh(mesh, mesh_axis)
     return cls(max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
-               state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,  # pyright: ignore[reportArgumentType]
+               state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
                min_quant_order=min_quant_order, bjorck_steps=_bjorck_steps(bjorck_steps),
-               root_method=root_method, refresh_method=refresh_method, qr_iterations=qr_iterations,  # pyright: ignore[reportArgumentType]
+               root_method=root_method, refresh_method=refresh_method, qr_iterations=qr_iterations,
                refresh_tol=refresh_tol, mesh=mesh, mesh_axis=mesh_axis,
                grafting=grafting_lib.resolve(grafting, grafting_eps, grafting_beta2, grafting_per_block,
                                              filter_beta, filter_bias_correction),
-               start_preconditioning_step=start_preconditioning_step, combine=combine,  # pyright: ignore[reportArgumentType]
+               start_preconditioning_step=start_preconditioning_step, combine=combine,
                store_root=_check_store_root(store_root, state_format, root_method), epsilon_mode=epsilon_mode,
                stats_bias_correction=_check_bool("stats_bias_correction", stats_bias_correction),
                precondition_1d=_check_bool("precondition_1d", precondition_1d),
@@ -255,16 +262,16 @@ class SoapOptions:
 
   Build with :meth:`from_kwargs`. ``b1``, ``b2``, ``eps``, ``shampoo_beta``
   and ``precondition_every`` may be (injected) arrays; everything else is
-  static. ``shampoo_beta`` stays None when it means its default (``soap.statistic_beta``); ``project_nu``
+  static. ``shampoo_beta`` stays None when it means its default (``soap_eigenbasis.statistic_beta``); ``project_nu``
   None resolves to True for ``statistic="refresh"`` and False for
   ``"dense"`` (the reference only permutes :math:`v`).
   """
 
-  b1: Any
-  b2: Any
-  eps: Any
-  shampoo_beta: Any
-  precondition_every: Any
+  b1: ArrayLike
+  b2: ArrayLike
+  eps: ArrayLike
+  shampoo_beta: ArrayLike | None
+  precondition_every: ArrayLike
   max_order: int
   max_precond_dim: int
   state_format: SoapStateFormat
@@ -283,11 +290,16 @@ class SoapOptions:
   tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY
 
   @classmethod
-  def from_kwargs(cls, *, b1=0.95, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_every=None,
-                  max_order=None, max_precond_dim=None, state_format="eigen", bits=None, mapping="linear2",
-                  quant_block=None, min_quant_order=None, bjorck_steps=(1, 1), mesh=None, mesh_axis="data",
-                  moment_bits=None, project_nu=None, head_fraction=None, statistic: SoapStatistic = "refresh",
-                  precision=DEFAULT_PRECISION, tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY) -> SoapOptions:
+  def from_kwargs(cls, *, b1: ArrayLike = 0.95, b2: ArrayLike = 0.95, eps: ArrayLike = 1e-8,
+                  shampoo_beta: ArrayLike | None = None, precondition_every: ArrayLike | None = None,
+                  max_order: int | None = None, max_precond_dim: int | None = None,
+                  state_format: SoapStateFormat = "eigen", bits: int | None = None, mapping: Mapping = "linear2",
+                  quant_block: int | None = None, min_quant_order: int | None = None,
+                  bjorck_steps: tuple[int, int] = (1, 1), mesh: jax.sharding.Mesh | None = None,
+                  mesh_axis: str = "data", moment_bits: int | None = None, project_nu: bool | None = None,
+                  head_fraction: float | None = None, statistic: SoapStatistic = "refresh",
+                  precision: Precision = DEFAULT_PRECISION,
+                  tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY) -> SoapOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     validation.check_range("b1", b1, 0.0, 1.0)
     validation.check_range("b2", b2, 0.0, 1.0)
@@ -306,8 +318,8 @@ class SoapOptions:
     project_nu = statistic == "refresh" if project_nu is None else _check_bool("project_nu", project_nu)
     sharding.validate_mesh(mesh, mesh_axis)
     return cls(b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
-               max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,  # pyright: ignore[reportArgumentType]
-               mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,  # pyright: ignore[reportArgumentType]
+               max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
+               mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
                bjorck_steps=_bjorck_steps(bjorck_steps), mesh=mesh, mesh_axis=mesh_axis,
                moment_bits=moment_bits, project_nu=project_nu, head_fraction=_head_fraction(head_fraction),
                statistic=statistic, precision=check_precision(precision), tail_rectify=tail_rectify)
@@ -334,8 +346,8 @@ def soap_factor_config(bits: int, mapping: str, quant_block: int, bjorck_steps: 
   :func:`~optax_shampoo4.factors.update_stats`), so the refreshed columns
   stay aligned with the carried moments' coordinates.
   """
-  return fct.FactorConfig("eigen", bits, mapping, quant_block, tuple(int(s) for s in bjorck_steps), "eigen",  # pyright: ignore[reportArgumentType]
-                          sort_refreshed=False, head_fraction=float(head_fraction), tail_rectify=tail_rectify)
+  return fct.FactorConfig("eigen", bits, mapping, quant_block, (int(bjorck_steps[0]), int(bjorck_steps[1])),
+                          "eigen", sort_refreshed=False, head_fraction=float(head_fraction), tail_rectify=tail_rectify)
 
 
 def _head_fraction(value: Any) -> float:

@@ -15,6 +15,8 @@ References:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -154,16 +156,16 @@ def inverse_root_newton(
   err = jnp.max(jnp.abs(m - eye), axis=(-2, -1))
   alpha = -1.0 / p
 
-  def matrix_power(t):
-    result = None
-    base, k = t, p
+  def matrix_power(t: jax.Array) -> jax.Array:
+    """``t**p``: the powers ``t**(2**i)`` of ``p``'s set bits, multiplied from the lowest bit up."""
+    factors, base, k = [], t, p
     while k:
       if k & 1:
-        result = base if result is None else matmul(result, base)
+        factors.append(base)
       k >>= 1
       if k:
         base = matmul(base, base)
-    return result
+    return functools.reduce(matmul, factors)
 
   def cond(carry):
     i, _, _, _, active = carry
@@ -173,7 +175,7 @@ def inverse_root_newton(
     i, x, m, err, active = carry
     t = (1.0 - alpha) * eye + alpha * m
     x_new = matmul(x, t)
-    m_new = matmul(matrix_power(t), m)  # pyright: ignore[reportArgumentType]
+    m_new = matmul(matrix_power(t), m)
     err_new = jnp.max(jnp.abs(m_new - eye), axis=(-2, -1))
     accept = active & (err_new <= 1.2 * err) & jnp.all(jnp.isfinite(x_new), axis=(-2, -1))
     sel = accept[..., None, None]

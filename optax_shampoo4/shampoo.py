@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optax_shampoo4 import engine, linalg, options, partition
+from optax_shampoo4 import engine, linalg, optax_compat, options, partition
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import grafting as grafting_lib
 
@@ -267,18 +267,18 @@ def scale_by_shampoo4(
     <https://arxiv.org/abs/1802.09568>`_, ICML 2018.
   """
   opts = options.ShampooOptions.from_kwargs(
-      max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,  # pyright: ignore[reportArgumentType]
+      max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
       state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
       min_quant_order=min_quant_order, bjorck_steps=bjorck_steps, root_method=root_method,
-      refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,  # pyright: ignore[reportArgumentType]
+      refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=grafting_eps, grafting_beta2=grafting_beta2,
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       filter_beta=filter_beta, filter_bias_correction=filter_bias_correction, combine=combine,
       store_root=store_root, epsilon_mode=epsilon_mode, stats_bias_correction=stats_bias_correction,
       precondition_1d=precondition_1d, precision=precision, quant_damping=quant_damping)
   factor_engine = make_engine(opts)
-  return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
-                                               functools.partial(update, opts, factor_engine))  # pyright: ignore[reportArgumentType]
+  return optax_compat.gradient_transformation(functools.partial(init, opts, factor_engine),
+                                              functools.partial(update, opts, factor_engine))
 
 
 def make_engine(opts: options.ShampooOptions) -> engine.FactorEngine:
@@ -362,13 +362,14 @@ def precondition_blocks(opts: options.ShampooOptions, factor_engine: engine.Fact
   chunks. ``epsilon``: the roots' damping (:func:`root_epsilon`), used when
   no root is stored.
   """
+  roots: dict[str, fct.StoredMatrix]
   if opts.store_root:
     roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
   else:
-    roots = factor_engine.roots_from_eigenbases(buckets, epsilon, opts.precision)
+    roots = {**factor_engine.roots_from_eigenbases(buckets, epsilon, opts.precision)}
   caspr = opts.combine == "caspr"
   product = functools.partial(caspr_product if caspr else shampoo_product, precision=opts.precision)
-  return factor_engine.apply_blocks(plan, matrices, roots, product,  # pyright: ignore[reportArgumentType]
+  return factor_engine.apply_blocks(plan, matrices, roots, product,
                                     split_rows=not (caspr or opts.precondition_1d))
 
 

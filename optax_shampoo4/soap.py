@@ -6,7 +6,8 @@ eigenvalues plus 4-bit eigenvectors — is exactly the pair ``(L, Q_L)`` SOAP
 needs, and SOAP needs no inverse root, so each factor stores one 4-bit matrix.
 The factors are the shared engine's (:mod:`optax_shampoo4.engine`): bucketed,
 refreshed under ``shard_map`` with a mesh, with the same failure policy as
-:func:`~optax_shampoo4.scale_by_shampoo4`.
+:func:`~optax_shampoo4.scale_by_shampoo4`. This module holds the transform, its state and
+Adam's step; the bases, their refresh and the rotations are :mod:`optax_shampoo4.soap_eigenbasis`'s.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optax_shampoo4 import engine, linalg, moment_storage, optax_compat, options, partition, soap_dense
+from optax_shampoo4 import engine, moment_storage, optax_compat, options, partition, soap_dense
 from optax_shampoo4 import factors as fct
+from optax_shampoo4 import soap_eigenbasis as basis
 
 FORMATS = options.SOAP_FORMATS
 soap_factor_config = options.soap_factor_config  # SOAP's FactorConfig from its storage options
@@ -262,14 +264,14 @@ def scale_by_soap4(
     <https://arxiv.org/abs/2405.18144>`_, NeurIPS 2024.
   """
   opts = options.SoapOptions.from_kwargs(
-      b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,  # pyright: ignore[reportArgumentType]
+      b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
       max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
       mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order, bjorck_steps=bjorck_steps,
       mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits, project_nu=project_nu,
       head_fraction=head_fraction, statistic=statistic, precision=precision, tail_rectify=tail_rectify)
   factor_engine = make_engine(opts)
-  return optax.GradientTransformationExtraArgs(functools.partial(init, opts, factor_engine),
-                                               functools.partial(update, opts, factor_engine))  # pyright: ignore[reportArgumentType]
+  return optax_compat.gradient_transformation(functools.partial(init, opts, factor_engine),
+                                              functools.partial(update, opts, factor_engine))
 
 
 def make_engine(opts: options.SoapOptions) -> engine.FactorEngine:
@@ -314,7 +316,7 @@ def update(opts: options.SoapOptions, factor_engine: engine.FactorEngine, update
   step = factor_engine.start_step(updates, state.count)
   mu = load_moments(opts, step, state.mu, state.mu_scales, "first")
   nu = load_moments(opts, step, state.nu, state.nu_scales, "second")
-  rows = bases(opts, factor_engine, state.factors)
+  rows = basis.bases(opts, factor_engine, state.factors)
   # Adam in the current basis (bases built from earlier gradients only).
   adam_step = step.count - 1
   stepped = step.grads_finite & (adam_step > 0)
@@ -322,10 +324,10 @@ def update(opts: options.SoapOptions, factor_engine: engine.FactorEngine, update
   refresh_due = (adam_step == 0) | (adam_step % jnp.asarray(opts.precondition_every, jnp.int32) == 0)
   stats = state.stats
   if opts.statistic == "dense":
-    stats = soap_dense.fold(stats, step.plan, step.matrices, statistic_beta(opts), step.grads_finite)
+    stats = soap_dense.fold(stats, step.plan, step.matrices, basis.statistic_beta(opts), step.grads_finite)
   buckets, mu, nu, failures = lax.cond(
       refresh_due & step.grads_finite,
-      functools.partial(refresh_bases, opts, factor_engine, step, rows, stats, adam_step == 0),
+      functools.partial(basis.refresh_bases, opts, factor_engine, step, rows, stats, adam_step == 0),
       _no_refresh, (state.factors, mu, nu))
   buckets = factor_engine.keep_split(buckets)
   mu_stored, mu_scales = store_moments(opts, step, stepped, mu, state.mu, state.mu_scales, "first")
@@ -334,19 +336,6 @@ def update(opts: options.SoapOptions, factor_engine: engine.FactorEngine, update
       count=step.count, factors=buckets, mu=mu_stored, nu=nu_stored, mu_scales=mu_scales, nu_scales=nu_scales,
       stats=stats, **engine.failure_counts(state, step.grads_finite, refresh_due, failures))
   return jax.tree.unflatten(step.treedef, outputs), new_state
-
-
-def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets: engine.Buckets) -> dict:
-  r"""Per bucket, the eigenvectors as rows (:math:`Q^\top`), dequantized, rectified and gathered.
-
-  With an 8-bit head, each step rectifies the head and projects it out of the
-  4-bit rows; the 4-bit rows' own Björck (:math:`2n^3` per factor, most of the
-  step) is not run (see ``head_fraction``).
-  """
-  every_step_qr = opts.tail_rectify == "qr_every_step"
-  return {name: fct.rectified(factor_engine.gathered(bucket.eigvecs), opts.bjorck_steps[1], tail_steps=0,  # pyright: ignore[reportAttributeAccessIssue]
-                              tail_qr=every_step_qr)
-          for name, bucket in buckets.items()}
 
 
 def load_moments(opts: options.SoapOptions, step: engine.Step, stored: Any, scales: Any, kind: str) -> list:
@@ -381,7 +370,8 @@ def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
   b1, b2, eps = (jnp.asarray(x, jnp.float32) for x in (opts.b1, opts.b2, opts.eps))
   s = jnp.maximum(adam_step, 1).astype(jnp.float32)
   step_scale = jnp.sqrt(1.0 - b2**s) / (1.0 - b1**s)
-  rotated = rotate(factor_engine, step.plan, step.matrices, rows, forward=True, precision=opts.precision)
+  rotated = basis.rotate(factor_engine, step.plan, step.matrices, rows, forward=True,
+                         precision=opts.precision)
   directions, new_mu, new_nu = [], [], []
   for leaf, g, lp, m, v in zip(step.leaves, rotated, step.plan.leaves, mu, nu):
     g = g if lp.preconditioned else leaf.astype(jnp.float32)
@@ -390,53 +380,10 @@ def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
     directions.append(step_scale * m_next / (jnp.sqrt(v_next) + eps))
     new_mu.append(jnp.where(stepped, m_next, m))
     new_nu.append(jnp.where(stepped, v_next, v))
-  back = rotate(factor_engine, step.plan, directions, rows, forward=False, precision=opts.precision)
+  back = basis.rotate(factor_engine, step.plan, directions, rows, forward=False, precision=opts.precision)
   outputs = [jnp.where(stepped, (b if lp.preconditioned else d).reshape(leaf.shape), 0.0).astype(leaf.dtype)
              for leaf, d, b, lp in zip(step.leaves, directions, back, step.plan.leaves)]
   return outputs, new_mu, new_nu
-
-
-def statistic_beta(opts: options.SoapOptions) -> jax.Array:
-  r"""The statistic's EMA decay per fold: ``shampoo_beta``; where it is None, ``b2`` for the dense
-  statistic (folded every step) and :math:`b_2^f` (``f`` = ``precondition_every``) for the refresh
-  statistic (folded every ``f`` steps: the same time constant)."""
-  if opts.shampoo_beta is not None:
-    return jnp.asarray(opts.shampoo_beta, jnp.float32)
-  b2 = jnp.asarray(opts.b2, jnp.float32)
-  if opts.statistic == "dense":
-    return b2
-  return b2 ** jnp.asarray(opts.precondition_every, jnp.float32)
-
-
-def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, step: engine.Step, rows: dict,
-                  stats: Any, first: jax.Array, operand: tuple) -> tuple:
-  """Refreshes the bases (folding the gradient in first for the refresh statistic) and carries the moments.
-
-  ``operand`` is ``(buckets, mu, nu)``; returns ``(buckets, mu, nu, failures)``.
-  ``stats`` (the dense statistics) and ``first`` (the first refresh) are
-  used by ``statistic="dense"`` only.
-  """
-  buckets, mu, nu = operand
-  if opts.statistic == "dense":
-    buckets, kept, failures = soap_dense.refresh(factor_engine, step.plan, buckets, stats, rows, first)
-  else:
-    # Sorted by eigenvalue (descending) inside the refresh: the refreshed columns come out sorted, so
-    # the 8-bit head holds the largest eigenvalues' rows.
-    order = {name: jnp.argsort(-b.eigvals, axis=-1) for name, b in buckets.items()}
-    buckets, failures, accepted = factor_engine.refresh_stats(buckets, step.plan, step.matrices,
-                                                              statistic_beta(opts), order)
-    # A rejected factor kept its previous eigenpairs, in their previous order.
-    kept = {name: jnp.where(accepted[name][:, None], o, jnp.arange(o.shape[-1])) for name, o in order.items()}
-  if not opts.project_nu:
-    nu = [_permute(v, lp, kept) if lp.preconditioned else v for v, lp in zip(nu, step.plan.leaves)]
-  new_rows = bases(opts, factor_engine, buckets)
-  # C = Qₙₑ𝓌ᵀ Q_old per factor (rows are Qᵀ; the sort's permutation included): m is carried into the
-  # new basis, m ← C_L m C_Rᵀ; with project_nu, v ← (C_L∘C_L) v (C_R∘C_R)ᵀ.
-  change = {name: linalg.matmul(new_rows[name], linalg.transpose(rows[name])) for name in rows}
-  mu = rotate_moments(factor_engine, step.plan, mu, change, opts.precision)
-  if opts.project_nu:
-    nu = rotate_moments(factor_engine, step.plan, nu, {name: c * c for name, c in change.items()}, opts.precision)
-  return buckets, mu, nu, failures
 
 
 def _no_refresh(operand: tuple) -> tuple:
@@ -444,64 +391,6 @@ def _no_refresh(operand: tuple) -> tuple:
   return buckets, mu, nu, jnp.zeros([], jnp.int32)
 
 
-def rotate(factor_engine: engine.FactorEngine, plan: partition.Plan, matrices: list, rows: dict,
-           forward: bool, precision: str = "highest") -> list:
-  r"""Per preconditioned leaf, every block rotated: :math:`R_L X R_R^\top` (``forward``) or :math:`R_L^\top X R_R`.
-
-  ``rows`` holds per factor the matrix :math:`R` (the basis as rows,
-  :math:`Q^\top`, or a change of basis). The products are split over the
-  mesh (:meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`; the
-  backward one in whole blocks, as it needs whole columns of :math:`R_L`)
-  at ``precision`` (:func:`~optax_shampoo4.linalg.step_matmul`). Other
-  leaves give None.
-  """
-  views = [m if lp.preconditioned else None for m, lp in zip(matrices, plan.leaves)]
-  if forward:
-    return factor_engine.apply_blocks(plan, views, rows, functools.partial(forward_product, precision=precision))
-  return factor_engine.apply_blocks(plan, views, rows, functools.partial(backward_product, precision=precision),
-                                    split_rows=False)
-
-
-def rotate_moments(factor_engine: engine.FactorEngine, plan: partition.Plan, moments: list, change: dict,
-                   precision: str = "highest") -> list:
-  """Moments carried into new bases: preconditioned leaves rotated forward by ``change``, others kept."""
-  rotated = rotate(factor_engine, plan, moments, change, forward=True, precision=precision)
-  return [r if lp.preconditioned else m for r, m, lp in zip(rotated, moments, plan.leaves)]
-
-
-def forward_product(left_rows: jax.Array | None, block: jax.Array, right: jax.Array | None,
-                    precision: str = "highest") -> jax.Array:
-  r""":math:`R_L X R_R^\top` of one block (rows of it, given rows of :math:`R_L`); a None side is the identity."""
-  if left_rows is not None:
-    block = linalg.step_matmul(left_rows, block, precision)
-  if right is not None:
-    block = linalg.step_matmul(block, linalg.transpose(right), precision)
-  return block
-
-
-def backward_product(left: jax.Array | None, block: jax.Array, right: jax.Array | None,
-                     precision: str = "highest") -> jax.Array:
-  r""":math:`R_L^\top X R_R` of one block; a None side is the identity."""
-  if left is not None:
-    block = linalg.step_matmul(linalg.transpose(left), block, precision)
-  if right is not None:
-    block = linalg.step_matmul(block, right, precision)
-  return block
-
-
 def _in_view(moment: jax.Array, leaf_plan: partition.LeafPlan) -> jax.Array:
   """A stored moment in the layout the step works in (the matrix view for preconditioned leaves)."""
   return moment.reshape(leaf_plan.matrix_shape) if leaf_plan.preconditioned else moment
-
-
-def _permute(matrix: jax.Array, leaf_plan: partition.LeafPlan, order: dict) -> jax.Array:
-  """Per block: rows and columns reordered as the block's left / right eigenvectors."""
-
-  def permute_block(block, b):
-    if b.left is not None:
-      block = jnp.take(block, order[b.left.bucket.name][b.left.index], axis=0)
-    if b.right is not None:
-      block = jnp.take(block, order[b.right.bucket.name][b.right.index], axis=1)
-    return block
-
-  return engine.map_blocks(matrix, leaf_plan, permute_block)

@@ -35,7 +35,7 @@ FIRST_EIGH_SHIFT = 1e-30
 
 def init_stats(plan: partition.Plan) -> dict[str, fct.MatrixFactors]:
   """Zero statistics, one ``[k, n, n]`` float32 array per bucket of ``plan``."""
-  return {key.name: fct.MatrixFactors(jnp.zeros((size, key.order, key.order), jnp.float32), None)  # pyright: ignore[reportArgumentType]
+  return {key.name: fct.MatrixFactors(jnp.zeros((size, key.order, key.order), jnp.float32), None)
           for key, size in plan.bucket_sizes}
 
 
@@ -46,9 +46,9 @@ def fold(stats: dict[str, fct.MatrixFactors], plan: partition.Plan, matrices: li
   grams = block_products.gram_matrices(plan, matrices)
   new = {}
   for key in plan.buckets:
-    old = fct.load(stats[key.name].stats)  # dense float32: returned as it is
+    old = fct.load(fct.kept(stats[key.name].stats, "stats"))  # dense float32: returned as it is
     folded = beta * old + (1.0 - beta) * grams[key].astype(jnp.float32)
-    new[key.name] = fct.MatrixFactors(jnp.where(finite, folded, old), None)  # pyright: ignore[reportArgumentType]
+    new[key.name] = fct.MatrixFactors(jnp.where(finite, folded, old), None)
   return new
 
 

@@ -200,7 +200,7 @@ def convert_state(state: Any, tx: Any, params: Any, shardings: Any = None) -> An
 
   # Arrays on other devices than the result's (e.g. restored onto the old mesh) go through the host.
   if shardings is None:
-    default = jax.config.jax_default_device  # pyright: ignore[reportAttributeAccessIssue]
+    default = jax.config.jax_default_device  # pyright: ignore[reportAttributeAccessIssue]  (a dynamic attribute)
     if not isinstance(default, jax.Device):
       default = jax.devices(default)[0] if isinstance(default, str) else jax.devices()[0]
     devices = {default}

@@ -107,3 +107,14 @@ def test_alias_type_errors_name_the_argument():
     s4.adamw_shampoo4("fast")
   with pytest.raises(TypeError, match="nesterov"):
     s4.sgdm_shampoo4(0.1, nesterov="yes")
+
+
+def test_alias_module_keeps_the_reference_aliases_importable():
+  """``optax_shampoo4.alias`` still names every alias, those moved to ``reference_aliases`` included."""
+  from optax_shampoo4 import alias, reference_aliases
+
+  for name in ("adamw_shampoo4", "sgdm_shampoo4", "adagrad_shampoo4", "distributed_shampoo4", "soap4"):
+    assert getattr(alias, name) is getattr(s4, name), name
+  assert s4.soap4 is reference_aliases.soap4 and s4.distributed_shampoo4 is reference_aliases.distributed_shampoo4
+  assert sorted(alias.__all__) == sorted(["adamw_shampoo4", "sgdm_shampoo4", "adagrad_shampoo4",
+                                          "distributed_shampoo4", "soap4"])

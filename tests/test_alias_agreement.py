@@ -11,7 +11,6 @@ import inspect
 import pytest
 
 import optax_shampoo4 as s4
-from optax_shampoo4 import alias
 
 # Alias keyword -> transform keyword, where the alias renames one.
 DISTRIBUTED_RENAMES = {"eps": "grafting_eps", "b2": "grafting_beta2", "b1": "filter_beta",
@@ -77,7 +76,8 @@ def test_alias_forwards_every_shared_keyword(alias_name, monkeypatch):
     received.update(kwargs)
     return transform(*args, **kwargs)
 
-  monkeypatch.setattr(alias, attribute, recording)
+  # Patched where the alias is defined (optax_shampoo4.alias or optax_shampoo4.reference_aliases).
+  monkeypatch.setattr(inspect.getmodule(getattr(s4, alias_name)), attribute, recording)
   getattr(s4, alias_name)()
   alias_defaults = _defaults(getattr(s4, alias_name))
   for a, t in _shared(alias_name).items():

@@ -367,12 +367,12 @@ def test_tail_rectify_qr_makes_the_basis_exactly_orthonormal(tail_rectify):
 
 
 def test_tail_rectify_qr_every_step_uses_the_orthonormal_basis_at_each_step():
-  from optax_shampoo4 import options, soap
+  from optax_shampoo4 import options, soap, soap_eigenbasis
 
   opts = {name: options.SoapOptions.from_kwargs(min_quant_order=8, quant_block=8, tail_rectify=name)
           for name in ("qr", "qr_every_step")}
   _, state = _trained_soap_state("qr")
-  rows = {name: np.asarray(soap.bases(o, soap.make_engine(o), state.factors)["order64_q"][0], np.float64)
+  rows = {name: np.asarray(soap_eigenbasis.bases(o, soap.make_engine(o), state.factors)["order64_q"][0], np.float64)
           for name, o in opts.items()}
   np.testing.assert_allclose(rows["qr_every_step"] @ rows["qr_every_step"].T, np.eye(64), atol=2e-5)
   assert np.abs(rows["qr"] @ rows["qr"].T - np.eye(64)).max() > 1e-3  # "qr" projects the head out only

@@ -1,0 +1,141 @@
+r"""SOAP's eigenbases (:func:`~optax_shampoo4.scale_by_soap4`): the bases each step rotates with, their
+refresh, and the rotations.
+
+* :func:`bases`: per bucket the eigenvectors as rows, :math:`Q^\top`, dequantized, rectified (Björck, or
+  head first with an 8-bit head) and gathered from the mesh.
+* :func:`refresh_bases`: the refresh of every basis (one warm-started QR step from the eigen-pair statistic,
+  or :mod:`optax_shampoo4.soap_dense`'s from the dense one), with Adam's moments carried into the new bases
+  by the change of basis :math:`C = Q_{new}^\top Q_{old}`: :math:`m \leftarrow C_L m C_R^\top`, and
+  :math:`v` permuted or projected with :math:`C \circ C`.
+* :func:`rotate`: :math:`Q_L^\top X Q_R` block by block (and back), split over the mesh by
+  :meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_shampoo4 import engine, linalg, options, partition, soap_dense
+from optax_shampoo4 import factors as fct
+
+
+def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets: engine.Buckets) -> dict:
+  r"""Per bucket, the eigenvectors as rows (:math:`Q^\top`), dequantized, rectified and gathered.
+
+  With an 8-bit head, each step rectifies the head and projects it out of the
+  4-bit rows; the 4-bit rows' own Björck (:math:`2n^3` per factor, most of the
+  step) is not run (see ``head_fraction``).
+  """
+  every_step_qr = opts.tail_rectify == "qr_every_step"
+  rows = {}
+  for name, bucket in buckets.items():
+    if not isinstance(bucket, fct.EigenFactors):
+      raise TypeError(f"SOAP's buckets are EigenFactors, got {type(bucket).__name__} for bucket {name!r}")
+    rows[name] = fct.rectified(factor_engine.gathered(bucket.eigvecs), opts.bjorck_steps[1], tail_steps=0,
+                               tail_qr=every_step_qr)
+  return rows
+
+
+def statistic_beta(opts: options.SoapOptions) -> jax.Array:
+  r"""The statistic's EMA decay per fold: ``shampoo_beta``; where it is None, ``b2`` for the dense
+  statistic (folded every step) and :math:`b_2^f` (``f`` = ``precondition_every``) for the refresh
+  statistic (folded every ``f`` steps: the same time constant)."""
+  if opts.shampoo_beta is not None:
+    return jnp.asarray(opts.shampoo_beta, jnp.float32)
+  b2 = jnp.asarray(opts.b2, jnp.float32)
+  if opts.statistic == "dense":
+    return b2
+  return b2 ** jnp.asarray(opts.precondition_every, jnp.float32)
+
+
+def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, step: engine.Step, rows: dict,
+                  stats: Any, first: jax.Array, operand: tuple) -> tuple:
+  """Refreshes the bases (folding the gradient in first for the refresh statistic) and carries the moments.
+
+  ``operand`` is ``(buckets, mu, nu)``; returns ``(buckets, mu, nu, failures)``.
+  ``stats`` (the dense statistics) and ``first`` (the first refresh) are
+  used by ``statistic="dense"`` only.
+  """
+  buckets, mu, nu = operand
+  if opts.statistic == "dense":
+    buckets, kept, failures = soap_dense.refresh(factor_engine, step.plan, buckets, stats, rows, first)
+  else:
+    # Sorted by eigenvalue (descending) inside the refresh: the refreshed columns come out sorted, so
+    # the 8-bit head holds the largest eigenvalues' rows.
+    order = {name: jnp.argsort(-b.eigvals, axis=-1) for name, b in buckets.items()}
+    buckets, failures, accepted = factor_engine.refresh_stats(buckets, step.plan, step.matrices,
+                                                              statistic_beta(opts), order)
+    # A rejected factor kept its previous eigenpairs, in their previous order.
+    kept = {name: jnp.where(accepted[name][:, None], o, jnp.arange(o.shape[-1])) for name, o in order.items()}
+  if not opts.project_nu:
+    nu = [_permute(v, lp, kept) if lp.preconditioned else v for v, lp in zip(nu, step.plan.leaves)]
+  new_rows = bases(opts, factor_engine, buckets)
+  # C = Qₙₑ𝓌ᵀ Q_old per factor (rows are Qᵀ; the sort's permutation included): m is carried into the
+  # new basis, m ← C_L m C_Rᵀ; with project_nu, v ← (C_L∘C_L) v (C_R∘C_R)ᵀ.
+  change = {name: linalg.matmul(new_rows[name], linalg.transpose(rows[name])) for name in rows}
+  mu = rotate_moments(factor_engine, step.plan, mu, change, opts.precision)
+  if opts.project_nu:
+    nu = rotate_moments(factor_engine, step.plan, nu, {name: c * c for name, c in change.items()}, opts.precision)
+  return buckets, mu, nu, failures
+
+
+def rotate(factor_engine: engine.FactorEngine, plan: partition.Plan, matrices: list, rows: dict,
+           forward: bool, precision: str = "highest") -> list:
+  r"""Per preconditioned leaf, every block rotated: :math:`R_L X R_R^\top` (``forward``) or :math:`R_L^\top X R_R`.
+
+  ``rows`` holds per factor the matrix :math:`R` (the basis as rows,
+  :math:`Q^\top`, or a change of basis). The products are split over the
+  mesh (:meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`; the
+  backward one in whole blocks, as it needs whole columns of :math:`R_L`)
+  at ``precision`` (:func:`~optax_shampoo4.linalg.step_matmul`). Other
+  leaves give None.
+  """
+  views = [m if lp.preconditioned else None for m, lp in zip(matrices, plan.leaves)]
+  if forward:
+    return factor_engine.apply_blocks(plan, views, rows, functools.partial(forward_product, precision=precision))
+  return factor_engine.apply_blocks(plan, views, rows, functools.partial(backward_product, precision=precision),
+                                    split_rows=False)
+
+
+def rotate_moments(factor_engine: engine.FactorEngine, plan: partition.Plan, moments: list, change: dict,
+                   precision: str = "highest") -> list:
+  """Moments carried into new bases: preconditioned leaves rotated forward by ``change``, others kept."""
+  rotated = rotate(factor_engine, plan, moments, change, forward=True, precision=precision)
+  return [r if lp.preconditioned else m for r, m, lp in zip(rotated, moments, plan.leaves)]
+
+
+def forward_product(left_rows: jax.Array | None, block: jax.Array, right: jax.Array | None,
+                    precision: str = "highest") -> jax.Array:
+  r""":math:`R_L X R_R^\top` of one block (rows of it, given rows of :math:`R_L`); a None side is the identity."""
+  if left_rows is not None:
+    block = linalg.step_matmul(left_rows, block, precision)
+  if right is not None:
+    block = linalg.step_matmul(block, linalg.transpose(right), precision)
+  return block
+
+
+def backward_product(left: jax.Array | None, block: jax.Array, right: jax.Array | None,
+                     precision: str = "highest") -> jax.Array:
+  r""":math:`R_L^\top X R_R` of one block; a None side is the identity."""
+  if left is not None:
+    block = linalg.step_matmul(linalg.transpose(left), block, precision)
+  if right is not None:
+    block = linalg.step_matmul(block, right, precision)
+  return block
+
+
+def _permute(matrix: jax.Array, leaf_plan: partition.LeafPlan, order: dict) -> jax.Array:
+  """Per block: rows and columns reordered as the block's left / right eigenvectors."""
+
+  def permute_block(block, b):
+    if b.left is not None:
+      block = jnp.take(block, order[b.left.bucket.name][b.left.index], axis=0)
+    if b.right is not None:
+      block = jnp.take(block, order[b.right.bucket.name][b.right.index], axis=1)
+    return block
+
+  return engine.map_blocks(matrix, leaf_plan, permute_block)
