@@ -161,7 +161,7 @@ class FactorEngine:
     """The prologue of every step: flatten, plan, count, matrix views, finiteness."""
     leaves, treedef = jax.tree.flatten(updates)
     plan = self.plan(updates)
-    return Step(leaves, treedef, plan, optax.safe_increment(count), matrix_views(leaves, plan),  # pyright: ignore[reportArgumentType]
+    return Step(leaves, treedef, plan, jnp.asarray(optax.safe_increment(count)), matrix_views(leaves, plan),
                 all_finite(leaves))
 
   def refresh_stats(self, buckets: Buckets, plan: partition.Plan, matrices: list, beta: jax.Array,
