@@ -157,10 +157,15 @@ class FactorEngine:
     options.check_param_dtypes(params, owner)
     return self.init_buckets(self.plan(params), epsilon, with_root=with_root)
 
-  def start_step(self, updates: Any, count: jax.Array) -> Step:
-    """The prologue of every step: flatten, plan, count, matrix views, finiteness."""
+  def start_step(self, updates: Any, count: jax.Array, buckets: Any) -> Step:
+    """The prologue of every step: flatten, plan, count, matrix views, finiteness.
+
+    ``buckets`` (the state's) are checked against the plan of ``updates``
+    (:func:`check_buckets_match`).
+    """
     leaves, treedef = jax.tree.flatten(updates)
     plan = self.plan(updates)
+    check_buckets_match(plan, buckets)
     return Step(leaves, treedef, plan, jnp.asarray(optax.safe_increment(count)), matrix_views(leaves, plan),
                 all_finite(leaves))
 
@@ -335,6 +340,24 @@ class FactorEngine:
   def gathered(self, tree: Any) -> Any:
     """``tree`` replicated on every device, e.g. roots still quantized (identity without a mesh)."""
     return sharding.replicate(tree, self.mesh)
+
+
+def check_buckets_match(plan: partition.Plan, buckets: Any) -> None:
+  """Raises ValueError unless ``buckets`` hold the factors ``plan`` asks for (names and sizes).
+
+  A gradient tree whose leaf shapes differ from the parameters the state was
+  initialised with gives another plan; this names it before any product.
+  A state of ``optax.tree.map_params``' placeholder is not checked.
+  """
+  if not isinstance(buckets, dict):
+    return
+  want = {key.name: size for key, size in plan.bucket_sizes}
+  have = {name: jax.tree.leaves(bucket)[0].shape[0] for name, bucket in buckets.items()}
+  if want != have:
+    raise ValueError(
+        "updates do not match the optimizer state: their shapes need the factor buckets "
+        f"{want} (name: number of factors), the state holds {have}; was the state initialised with "
+        "parameters of other shapes?")
 
 
 def _real_counts(plan: partition.Plan) -> dict[str, int]:

@@ -300,7 +300,7 @@ def update(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, upd
            state: ScaleByShampoo4State, params: Any = None, **extra_args: Any) -> tuple[Any, ScaleByShampoo4State]:
   """One step: refresh what is due, precondition every block, graft; see :func:`scale_by_shampoo4`."""
   del params, extra_args
-  step = factor_engine.start_step(updates, state.count)
+  step = factor_engine.start_step(updates, state.count, state.factors)
   stats_due = every(step.count, opts.stats_every)
   buckets, failures = refresh(opts, factor_engine, state.factors, step, stats_due)
   graft_state, filtered = opts.grafting.update(state.grafting, step.leaves, step.count, ~step.grads_finite,

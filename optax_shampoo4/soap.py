@@ -313,7 +313,7 @@ def update(opts: options.SoapOptions, factor_engine: engine.FactorEngine, update
            state: ScaleBySoap4State, params: Any = None, **extra_args: Any) -> tuple[Any, ScaleBySoap4State]:
   """One step: Adam in the current bases, then (when due) a basis refresh; see :func:`scale_by_soap4`."""
   del params, extra_args
-  step = factor_engine.start_step(updates, state.count)
+  step = factor_engine.start_step(updates, state.count, state.factors)
   mu = load_moments(opts, step, state.mu, state.mu_scales, "first")
   nu = load_moments(opts, step, state.nu, state.nu_scales, "second")
   rows = basis.bases(opts, factor_engine, state.factors)

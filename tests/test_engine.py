@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import optax_shampoo4 as s4
 from optax_shampoo4 import engine, optax_compat, options, partition
 
 SHAPES = {"w": (24, 40), "v": (40, 12), "b": (7,)}
@@ -27,15 +28,26 @@ def _tree(seed=0):
 def test_start_step_counts_plans_and_checks_finiteness():
   eng = _engine()
   tree = _tree()
-  step = eng.start_step(tree, jnp.asarray(4, jnp.int32))
+  step = eng.start_step(tree, jnp.asarray(4, jnp.int32), None)
   assert int(step.count) == 5 and bool(step.grads_finite)
   assert [None if m is None else m.shape for m in step.matrices] == [
       lp.matrix_shape if lp.preconditioned else None for lp in step.plan.leaves]
   assert step.treedef == jax.tree.structure(tree) and len(step.leaves) == 3
-  saturated = eng.start_step(tree, jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
+  saturated = eng.start_step(tree, jnp.asarray(np.iinfo(np.int32).max, jnp.int32), None)
   assert int(saturated.count) == np.iinfo(np.int32).max  # optax.safe_increment
   tree["b"] = tree["b"].at[3].set(jnp.inf)
-  assert not bool(eng.start_step(tree, jnp.zeros([], jnp.int32)).grads_finite)
+  assert not bool(eng.start_step(tree, jnp.zeros([], jnp.int32), None).grads_finite)
+
+
+@pytest.mark.parametrize("factory", [s4.scale_by_shampoo4, s4.scale_by_soap4])
+def test_updates_of_other_shapes_than_the_state_are_named(factory):
+  tx = factory(max_order=16)
+  state = tx.init(_tree())
+  other = dict(_tree(), w=jnp.ones((24, 41)))  # one more column: another block of another order
+  with pytest.raises(ValueError, match="updates do not match the optimizer state"):
+    jax.jit(tx.update)(other, state)
+  eng = _engine()
+  engine.check_buckets_match(eng.plan(_tree()), eng.init_buckets(eng.plan(_tree()), jnp.float32(0.0)))  # matches
 
 
 @pytest.mark.parametrize("finite, due, failures, want", [
