@@ -169,7 +169,7 @@ def test_inject_hyperparams_with_moment_bits():
       **hparams, moment_bits=8, **SHAMPOO)
   plain = s4.adamw_shampoo4(**hparams, moment_bits=8, **SHAMPOO)
   state, plain_state = injected.init(params), plain.init(params)
-  assert set(state.hyperparams) == {"learning_rate", "b1", "b2", "eps", "weight_decay", "beta", "epsilon",
+  assert set(state.hyperparams) == {"learning_rate", "b1", "b2", "eps", "weight_decay", "beta", "epsilon", "quant_damping",
                                     "refresh_tol"}
   update, plain_update = jax.jit(injected.update), jax.jit(plain.update)
   for _ in range(2):
