@@ -82,6 +82,8 @@ DEFAULT_MIN_QUANT_ORDER = 64
 DEFAULT_PRECONDITION_EVERY = 10
 DEFAULT_MAX_PRECOND_DIM = 10000
 DEFAULT_HEAD_FRACTION = 1 / 8  # measured: benchmarks/illcond.py, docs/results/illcond.md
+HEAD_BITS = (8, 16)
+DEFAULT_HEAD_BITS = 16  # measured: benchmarks/soap_head_bits.py, docs/results/illcond.md
 DEFAULT_TAIL_RECTIFY = "bjorck"
 # The per-step products' precision (linalg.step_matmul); the refresh maths is always HIGHEST.
 DEFAULT_PRECISION: Precision = "highest"
@@ -288,6 +290,7 @@ class SoapOptions:
   statistic: SoapStatistic = "refresh"
   precision: Precision = DEFAULT_PRECISION
   tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY
+  head_bits: int = DEFAULT_HEAD_BITS
 
   @classmethod
   def from_kwargs(cls, *, b1: ArrayLike = 0.95, b2: ArrayLike = 0.95, eps: ArrayLike = 1e-8,
@@ -299,7 +302,7 @@ class SoapOptions:
                   mesh_axis: str = "data", moment_bits: int | None = None, project_nu: bool | None = None,
                   head_fraction: float | None = None, statistic: SoapStatistic = "refresh",
                   precision: Precision = DEFAULT_PRECISION,
-                  tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY) -> SoapOptions:
+                  tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY, head_bits: int | None = None) -> SoapOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     validation.check_range("b1", b1, 0.0, 1.0)
     validation.check_range("b2", b2, 0.0, 1.0)
@@ -322,7 +325,8 @@ class SoapOptions:
                mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
                bjorck_steps=_bjorck_steps(bjorck_steps), mesh=mesh, mesh_axis=mesh_axis,
                moment_bits=moment_bits, project_nu=project_nu, head_fraction=_head_fraction(head_fraction),
-               statistic=statistic, precision=check_precision(precision), tail_rectify=tail_rectify)
+               statistic=statistic, precision=check_precision(precision), tail_rectify=tail_rectify,
+               head_bits=_head_bits(head_bits, bits))
 
   @property
   def quantized_from(self) -> int:
@@ -335,11 +339,12 @@ class SoapOptions:
   def factor_config(self) -> fct.FactorConfig:
     """SOAP's factor settings (:func:`soap_factor_config`)."""
     return soap_factor_config(self.bits, self.mapping, self.quant_block, self.bjorck_steps, self.head_fraction,
-                              self.tail_rectify)
+                              self.tail_rectify, self.head_bits)
 
 
 def soap_factor_config(bits: int, mapping: str, quant_block: int, bjorck_steps: tuple[int, int],
-                       head_fraction: float = 0.0, tail_rectify: str = "bjorck") -> fct.FactorConfig:
+                       head_fraction: float = 0.0, tail_rectify: str = "bjorck",
+                       head_bits: int = DEFAULT_HEAD_BITS) -> fct.FactorConfig:
   """SOAP's factors: the ``"eigen"`` format with eigen roots, refreshed by one QR step, not re-sorted.
 
   SOAP sorts the eigenpairs before the QR step (``row_order`` of
@@ -347,7 +352,19 @@ def soap_factor_config(bits: int, mapping: str, quant_block: int, bjorck_steps: 
   stay aligned with the carried moments' coordinates.
   """
   return fct.FactorConfig("eigen", bits, mapping, quant_block, (int(bjorck_steps[0]), int(bjorck_steps[1])),
-                          "eigen", sort_refreshed=False, head_fraction=float(head_fraction), tail_rectify=tail_rectify)
+                          "eigen", sort_refreshed=False, head_fraction=float(head_fraction), tail_rectify=tail_rectify,
+                          head_bits=head_bits)
+
+
+def _head_bits(value: Any, bits: int) -> int:
+  """The head rows' bits: one of :data:`HEAD_BITS`, more than the tail's ``bits`` (None: the default)."""
+  if value is None:
+    return DEFAULT_HEAD_BITS
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in HEAD_BITS:
+    raise ValueError(f"head_bits must be one of {HEAD_BITS} or None, got head_bits={value!r}")
+  if value <= bits:
+    raise ValueError(f"head_bits must exceed bits (the tail's), got head_bits={value!r} with bits={bits!r}")
+  return int(value)
 
 
 def _head_fraction(value: Any) -> float:

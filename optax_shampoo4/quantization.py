@@ -1,4 +1,4 @@
-"""Block-wise absmax quantization with 3-, 4- and 8-bit codebooks.
+"""Block-wise absmax quantization with 3-, 4- and 8-bit codebooks, and 16-bit uniform codes.
 
 A vector ``x`` of length ``n`` is cut into blocks of ``block`` consecutive
 elements along its last axis (the last block is zero-padded). Each block keeps
@@ -31,6 +31,13 @@ cannot). Scale blocks and packing groups are independent: a row is unpacked
 whole before its scales are applied, so a 3-bit block need not be a multiple
 of 8.
 
+16-bit codes (``mapping="linear"`` only; used for the few most precise rows of
+an eigenvector matrix, :func:`quantize_split_rows`) have no codebook: the
+uniform grid :math:`R(j) = j / 32767`, :math:`j = -32767, \\dots, 32767`, so
+the rounding error is at most :math:`s / 65534` (:data:`WIDE_LEVELS`). The
+code :math:`j + 32767` is kept as two ``uint8``, low byte first, so every
+code array of a state stays ``uint8``.
+
 References:
   Wang et al., `4-bit Shampoo for Memory-Efficient Network Training
   <https://arxiv.org/abs/2405.18144>`_, NeurIPS 2024 (§3.3, App. C).
@@ -52,6 +59,8 @@ from optax_shampoo4 import code_search, sharding
 
 MAPPINGS = ("linear2", "dynamic_tree", "linear")
 BITS = (3, 4, 8)
+WIDE_BITS = 16  # uniform codes without a codebook (mapping "linear"), two bytes each
+WIDE_LEVELS = 32767  # 16-bit codes hold j / WIDE_LEVELS, |j| <= WIDE_LEVELS
 GROUP_CODES = 8  # 3-bit codes per packed group
 GROUP_BYTES = 3  # bytes per packed group of 3-bit codes
 # Unsigned codebooks in [0, 1] for non-negative arrays (second moments): no code is spent on a sign.
@@ -102,12 +111,16 @@ def _unsigned_codebook(mapping: str, bits: int) -> np.ndarray:
   return np.asarray(values)
 
 
-def validate_mapping_bits(mapping: str, bits: int) -> None:
-  """Raises ValueError unless ``mapping`` and ``bits`` name a codebook."""
+def validate_mapping_bits(mapping: str, bits: int, wide: bool = False) -> None:
+  """Raises ValueError unless ``mapping`` and ``bits`` name a codebook (or, with ``wide``, are
+  ``("linear", 16)``: the uniform 16-bit codes)."""
   if mapping not in MAPPINGS:
     raise ValueError(f"mapping must be one of {MAPPINGS}, got mapping={mapping!r}")
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in BITS:
-    raise ValueError(f"bits must be one of {BITS}, got bits={bits!r}")
+  allowed = BITS + (WIDE_BITS,) if wide else BITS
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in allowed:
+    raise ValueError(f"bits must be one of {allowed}, got bits={bits!r}")
+  if bits == WIDE_BITS and mapping != "linear":
+    raise ValueError(f"bits=16 (the uniform grid) needs mapping='linear', got mapping={mapping!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,12 +175,13 @@ class QuantizedArray:
   Attributes:
     codes: ``uint8[..., 3 * ceil(length / 8)]`` for 3 bits (eight codes in
       three bytes, see the module docstring), ``uint8[..., ceil(length / 2)]``
-      for 4 bits (two codes a byte, low nibble first) or
-      ``uint8[..., length]`` for 8 bits.
+      for 4 bits (two codes a byte, low nibble first),
+      ``uint8[..., length]`` for 8 bits or ``uint8[..., 2 * length]`` for 16
+      bits (two bytes a code, low byte first).
     scales: ``f32[..., ceil(length / block)]``, the absmax of each block.
     length: the size of the last axis of the original array (static).
     mapping: the codebook name (static).
-    bits: 3, 4 or 8 (static).
+    bits: 3, 4, 8 or 16 (static).
     block: elements per scale (static).
   """
 
@@ -203,6 +217,8 @@ def packed_length(length: int, bits: int) -> int:
     return GROUP_BYTES * -(-length // GROUP_CODES)
   if bits == 4:
     return -(-length // 2)
+  if bits == WIDE_BITS:
+    return 2 * length
   return length
 
 
@@ -220,6 +236,18 @@ def _unpack_nibbles(packed: jax.Array) -> jax.Array:
   """Inverse of :func:`_pack_nibbles`."""
   pairs = jnp.stack([packed & 0x0F, packed >> 4], axis=-1)
   return pairs.reshape(packed.shape[:-1] + (2 * packed.shape[-1],))
+
+
+def _pack_wide(codes: jax.Array) -> jax.Array:
+  """uint16-valued int32 codes ``[..., n]`` -> uint8[..., 2n], each code's low byte first."""
+  pairs = jnp.stack([codes & 0xFF, codes >> 8], axis=-1).astype(jnp.uint8)
+  return pairs.reshape(codes.shape[:-1] + (2 * codes.shape[-1],))
+
+
+def _unpack_wide(packed: jax.Array) -> jax.Array:
+  """Inverse of :func:`_pack_wide`, as int32."""
+  pairs = packed.reshape(packed.shape[:-1] + (packed.shape[-1] // 2, 2)).astype(jnp.int32)
+  return pairs[..., 0] | (pairs[..., 1] << 8)
 
 
 _SHIFTS_3BIT = np.arange(GROUP_CODES, dtype=np.uint32) * 3
@@ -249,8 +277,8 @@ def quantize(
 
   Args:
     x: a float array ``[..., n]`` with ``n >= 1``; computed in float32.
-    mapping: codebook name, see :func:`codebook`.
-    bits: 3, 4 or 8.
+    mapping: codebook name, see :func:`codebook` (``"linear"`` for 16 bits).
+    bits: 3, 4, 8, or 16 (uniform codes, see the module docstring).
     block: elements per absmax scale (even for 4 bits), see
       :func:`validate_block`.
 
@@ -265,7 +293,7 @@ def quantize(
     >>> s4.quantization.dequantize(q).tolist()
     [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
   """
-  validate_mapping_bits(mapping, bits)
+  validate_mapping_bits(mapping, bits, wide=True)
   validate_block(block, bits)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -280,6 +308,10 @@ def quantize(
   scales = jnp.max(jnp.abs(blocks), axis=-1)
   safe = jnp.where(scales > 0, scales, 1.0)
   normalized = blocks / safe[..., None]
+  if bits == WIDE_BITS:
+    wide = jnp.round(normalized * WIDE_LEVELS).astype(jnp.int32) + WIDE_LEVELS
+    codes = _pack_wide(wide.reshape(x.shape[:-1] + (n_blocks * block,))[..., :length])
+    return QuantizedArray(codes, scales, length, mapping, bits, block)
   table = _codebook_numpy(mapping, bits)
   # The nearest code: how many midpoints between codes lie below the value (a bucket lookup, exact; no
   # while loop, which in an untaken refresh branch would slow every step on XLA:CPU).
@@ -304,7 +336,9 @@ def dequantize(q: QuantizedArray) -> jax.Array:
     raise TypeError(f"q must be a QuantizedArray (from quantize), got {type(q).__name__}")
   n_blocks = q.scales.shape[-1]
   padded_len = n_blocks * q.block
-  if q.bits == 4:
+  if q.bits == WIDE_BITS:
+    codes = _unpack_wide(q.codes)
+  elif q.bits == 4:
     codes = _unpack_nibbles(q.codes)
   elif q.bits == 3:
     codes = _unpack_3bit(q.codes)
@@ -314,7 +348,10 @@ def dequantize(q: QuantizedArray) -> jax.Array:
   codes = jnp.pad(
       codes, [(0, 0)] * (codes.ndim - 1) + [(0, padded_len - codes.shape[-1])]
   )
-  values = sharding.table_lookup(codebook(q.mapping, q.bits), codes.astype(jnp.int32))
+  if q.bits == WIDE_BITS:
+    values = (codes - WIDE_LEVELS).astype(jnp.float32) / WIDE_LEVELS
+  else:
+    values = sharding.table_lookup(codebook(q.mapping, q.bits), codes.astype(jnp.int32))
   values = values.reshape(q.scales.shape + (q.block,)) * q.scales[..., None]
   return values.reshape(q.scales.shape[:-1] + (padded_len,))[..., : q.length]
 
@@ -368,6 +405,9 @@ def quantize_split_rows(
 ) -> SplitRowsQuantized:
   """Stores ``m`` ``[..., n, n]`` with rows ``[:head_rows]`` in ``head_bits`` bits, the rest in ``bits``.
 
+  ``head_bits`` is 8 (``mapping``'s codebook) or 16 (the uniform 16-bit codes,
+  whatever ``mapping`` is); ``mapping`` and ``bits`` are the tail's.
+
   Example:
     >>> import jax.numpy as jnp, optax_shampoo4 as s4
     >>> s = s4.quantization.quantize_split_rows(jnp.eye(4), head_rows=1, block=2)
@@ -379,7 +419,8 @@ def quantize_split_rows(
   m = jnp.asarray(m, jnp.float32)
   if m.ndim < 2 or not 0 < head_rows < m.shape[-2]:
     raise ValueError(f"head_rows must be in (0, {m.shape[-2] if m.ndim >= 2 else 0}), got head_rows={head_rows!r}")
-  return SplitRowsQuantized(quantize(m[..., :head_rows, :], mapping, head_bits, block),
+  head_mapping = "linear" if head_bits == WIDE_BITS else mapping
+  return SplitRowsQuantized(quantize(m[..., :head_rows, :], head_mapping, head_bits, block),
                             quantize(m[..., head_rows:, :], mapping, bits, block))
 
 

@@ -87,6 +87,7 @@ def scale_by_soap4(
     statistic: options.SoapStatistic = "refresh",
     precision: options.Precision = options.DEFAULT_PRECISION,
     tail_rectify: options.TailRectify = options.DEFAULT_TAIL_RECTIFY,
+    head_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam in the (4-bit) eigenbasis of Shampoo's Kronecker factors (SOAP).
 
@@ -108,7 +109,7 @@ def scale_by_soap4(
   :math:`G G^\top` / :math:`G^\top G` is folded in and the basis refreshed by
   one warm-started QR step, the eigenpairs sorted by descending eigenvalue
   before it (:func:`~optax_shampoo4.factors.update_stats` with
-  ``row_order``, so the refreshed basis comes out sorted and the 8-bit
+  ``row_order``, so the refreshed basis comes out sorted and the 16-bit
   head of ``head_fraction`` holds the largest eigenvalues' rows:
   :math:`A = \beta_s Q\Lambda Q^\top + (1-\beta_s) G G^\top`,
   :math:`Q \leftarrow \mathrm{qr}(A Q)`, :math:`\lambda = \mathrm{diag}(Q^\top A Q)`),
@@ -184,7 +185,7 @@ def scale_by_soap4(
     min_quant_order: factors of smaller order are kept in float32 (None: 64).
     bjorck_steps: ``(t1, t2)`` Björck iterations on the dequantized
       eigenvectors before a refresh and before every step's rotation. With
-      an 8-bit head (``head_fraction``) a refresh rectifies head first with
+      a head (``head_fraction``) a refresh rectifies head first with
       ``t1`` steps on both parts, and each step only rectifies the head
       (``t2`` steps) and projects it out of the 4-bit rows: their own Björck
       step would cost :math:`2n^3` per factor, most of the step (its effect
@@ -206,21 +207,31 @@ def scale_by_soap4(
       rotated basis) stored with the schemes of :mod:`optax_shampoo4.moments`
       (block-wise codes; 4-bit second moments rank-1 normalized), dequantized,
       updated and re-quantized inside each step (static).
-    head_fraction: with 4-bit bases, the fraction of each basis' eigenvectors
-      (those of the largest eigenvalues, at least one) stored in 8 bits;
-      before use the basis is rectified head first
-      (:func:`~optax_shampoo4.linalg.bjorck_head_first`: the 8-bit rows, then
-      the 4-bit rows made orthogonal to them). Adam's :math:`v` in a
+    head_fraction: with quantized bases, the fraction of each basis'
+      eigenvectors (those of the largest eigenvalues, at least one) stored in
+      ``head_bits`` bits; before use the basis is rectified head first
+      (:func:`~optax_shampoo4.linalg.bjorck_head_first`: the head rows, then
+      the low-bit rows made orthogonal to them). Adam's :math:`v` in a
       coordinate whose basis row is off by a relative error :math:`\delta`
       picks up about :math:`\delta^2 \bar\lambda` from the dominant
       directions; at 4 bits this swamps the small-eigenvalue coordinates,
       whose steps SOAP exists to enlarge. Keeping the dominant rows precise
       and projecting them out of the rest removes their share of that leak
-      (for eigenvalues :math:`\propto i^{-2}`, order 128: about 95 % of it) for
-      about 12 % more factor bytes at the default 1/8 (quality measured by
-      ``benchmarks/soap_basis.py`` and ``benchmarks/illcond.py``: 1/8 beat
-      1/16 on ill-conditioned problems, :doc:`/results/illcond`). 0
-      stores every row in 4 bits (static; None: 1/8).
+      (for eigenvalues :math:`\propto i^{-2}`, order 128: about 95 % of it;
+      quality measured by ``benchmarks/soap_basis.py`` and
+      ``benchmarks/illcond.py``: 1/8 beat 1/16 on ill-conditioned problems,
+      :doc:`/results/illcond`). 0 stores every row in ``bits`` bits (static;
+      None: 1/8).
+    head_bits: bits of the head rows: 16 (uniform 16-bit codes, the
+      default) or 8 (``mapping``'s codebook); more than ``bits``. On
+      ill-conditioned problems the head's own rounding is what leaks: a
+      statistic spanning :math:`\kappa` decades needs the dominant rows
+      within about :math:`\kappa^{-1/2}`, which 8 bits (steps of about
+      :math:`10^{-2}`) are not and 16 bits are (``benchmarks/soap_head_bits.py``:
+      on ``ls_power_1e6`` the 8-bit head stays 3.7× the reference SOAP's
+      suboptimality, the 16-bit one matches it). At GPT-2 124M shapes the
+      16-bit head costs 2 % more state than the 8-bit one (whole state
+      1.14× AdamW's, ``benchmarks/memory.py``) (static; None: 16).
     statistic: ``"refresh"`` (the eigen-pair is the statistic, folded at
       refreshes; low memory) or ``"dense"`` (the authors' dense float32
       statistic folded every step, see above) (static).
@@ -230,7 +241,7 @@ def scale_by_soap4(
       ``"highest"`` (float32 operands), ``"high"`` (bf16×3) or ``"default"``
       (bfloat16 operands, float32 accumulation). The refresh maths (QR,
       Björck, the change of basis) always runs at full float32 precision.
-    tail_rectify: with an 8-bit head, how a refresh rectifies the decoded
+    tail_rectify: with a head (``head_fraction``), how a refresh rectifies the decoded
       4-bit rows before it rebuilds the statistic
       :math:`Q \Lambda Q^\top` from them: ``"bjorck"`` (projected out of
       the head, then ``bjorck_steps[0]`` Björck steps) or ``"qr"``
@@ -268,7 +279,8 @@ def scale_by_soap4(
       max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
       mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order, bjorck_steps=bjorck_steps,
       mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits, project_nu=project_nu,
-      head_fraction=head_fraction, statistic=statistic, precision=precision, tail_rectify=tail_rectify)
+      head_fraction=head_fraction, statistic=statistic, precision=precision, tail_rectify=tail_rectify,
+      head_bits=head_bits)
   factor_engine = make_engine(opts)
   return optax_compat.gradient_transformation(functools.partial(init, opts, factor_engine),
                                               functools.partial(update, opts, factor_engine))

@@ -2,7 +2,7 @@ r"""SOAP's eigenbases (:func:`~optax_shampoo4.scale_by_soap4`): the bases each s
 refresh, and the rotations.
 
 * :func:`bases`: per bucket the eigenvectors as rows, :math:`Q^\top`, dequantized, rectified (Björck, or
-  head first with an 8-bit head) and gathered from the mesh.
+  head first with a 16-bit head) and gathered from the mesh.
 * :func:`refresh_bases`: the refresh of every basis (one warm-started QR step from the eigen-pair statistic,
   or :mod:`optax_shampoo4.soap_dense`'s from the dense one), with Adam's moments carried into the new bases
   by the change of basis :math:`C = Q_{new}^\top Q_{old}`: :math:`m \leftarrow C_L m C_R^\top`, and
@@ -26,7 +26,7 @@ from optax_shampoo4 import factors as fct
 def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets: engine.Buckets) -> dict:
   r"""Per bucket, the eigenvectors as rows (:math:`Q^\top`), dequantized, rectified and gathered.
 
-  With an 8-bit head, each step rectifies the head and projects it out of the
+  With a head (16-bit by default), each step rectifies the head and projects it out of the
   4-bit rows; the 4-bit rows' own Björck (:math:`2n^3` per factor, most of the
   step) is not run (see ``head_fraction``).
   """
@@ -65,7 +65,7 @@ def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
     buckets, kept, failures = soap_dense.refresh(factor_engine, step.plan, buckets, stats, rows, first)
   else:
     # Sorted by eigenvalue (descending) inside the refresh: the refreshed columns come out sorted, so
-    # the 8-bit head holds the largest eigenvalues' rows.
+    # the head holds the largest eigenvalues' rows.
     order = {name: jnp.argsort(-b.eigvals, axis=-1) for name, b in buckets.items()}
     buckets, failures, accepted = factor_engine.refresh_stats(buckets, step.plan, step.matrices,
                                                               statistic_beta(opts), order)

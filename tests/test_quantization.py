@@ -592,6 +592,30 @@ def test_bad_shapes():
     qz.quantize_offdiag(jnp.ones((4,)))
 
 
+@pytest.mark.parametrize("block", [64, 7])
+def test_16_bit_uniform_codes_round_trip_within_half_a_step(block):
+  rng = np.random.default_rng(12)
+  x = (rng.standard_normal((3, 70)) * np.logspace(-3, 2, 70)).astype(np.float32)
+  q = qz.quantize(jnp.asarray(x), "linear", 16, block)
+  assert q.codes.dtype == np.uint8 and q.codes.shape == (3, 140)  # two bytes a code
+  n_blocks = -(-70 // block)
+  padded = np.pad(np.abs(x.astype(np.float64)), [(0, 0), (0, n_blocks * block - 70)])
+  scales = padded.reshape(3, n_blocks, block).max(-1)
+  np.testing.assert_allclose(q.scales, scales, rtol=0)
+  back = np.asarray(qz.dequantize(q), np.float64)
+  # Nearest of j / 32767: at most half a step, s / 65534, plus float32 rounding of x / s and of the result.
+  step = np.repeat(scales, block, axis=1)[:, :70] / 65534
+  assert np.all(np.abs(back - x) <= step * (1 + 1e-3) + 4e-7 * np.abs(x))
+  # The code bytes: j + 32767, low byte first.
+  codes = np.asarray(q.codes).reshape(3, 70, 2).astype(np.int64)
+  j = codes[..., 0] + 256 * codes[..., 1] - 32767
+  np.testing.assert_array_equal(j, np.round(x / np.repeat(scales, block, axis=1)[:, :70] * 32767))
+  with pytest.raises(ValueError, match="bits=16"):
+    qz.quantize(jnp.asarray(x), "linear2", 16, block)
+  with pytest.raises(ValueError, match="bits"):
+    qz.codebook("linear", 16)  # no codebook: the grid is computed
+
+
 def test_odd_block_is_allowed_for_8_bits():
   rng = np.random.default_rng(11)
   x = rng.standard_normal((3, 10)).astype(np.float32)
@@ -748,6 +772,22 @@ class TestHeadRows:
     np.testing.assert_array_equal(back[head:], qz.dequantize(qz.quantize(jnp.asarray(u[head:]), "linear2", 4, 64)))
     np.testing.assert_array_equal(qz.dequantize_split_rows(qz.quantize_split_rows(jnp.eye(6), 2, block=2)), np.eye(6))
 
+  def test_16_bit_head_rows_are_orthogonal_to_the_tail_to_16_bit_precision(self):
+    # The tail rows, projected out of the decoded head, overlap a true head eigenvector only by that
+    # row's rounding error: at most sqrt(n) * s / 65534 with s <= 1 (16-bit uniform codes), where the
+    # 8-bit head's overlap is of order sqrt(n) * 2 / 255 * 0.1 (linear2 steps near 0.1 are about 2/255).
+    n, head = 64, 8
+    u = haar(n, np.random.default_rng(4))
+    rows = jnp.asarray(u.T, jnp.float32)
+    overlap = {}
+    for head_bits in (8, 16):
+      split = qz.quantize_split_rows(rows, head, head_bits, "linear2", 4, 64)
+      rectified = np.asarray(la.bjorck_head_first(qz.dequantize_split_rows(split), head, 1), np.float64)
+      overlap[head_bits] = np.abs(rectified[head:] @ u[:, :head]).max()
+    bound = np.sqrt(n) / 65534 + 1e-5  # + float32 rounding of the projection and one Björck step
+    assert overlap[16] < bound, overlap
+    assert overlap[8] > 10 * bound, overlap  # the check sees the difference
+
   @pytest.mark.parametrize("head_rows", [0, 5, -1])
   def test_split_rows_bad_head(self, head_rows):
     with pytest.raises(ValueError, match="head_rows"):
@@ -801,8 +841,16 @@ class TestHeadRows:
     np.testing.assert_array_equal(fct.load(left)[0], np.eye(64))
     plain = s4.scale_by_soap4(min_quant_order=8, quant_block=8, head_fraction=0.0).init(params)
     assert isinstance(plain.factors["order64_q"].eigvecs, s4.QuantizedArray)
+    assert left.head.bits == 16 and left.tail.bits == 4  # the default head: 16-bit codes
+    eight_head = s4.scale_by_soap4(min_quant_order=8, quant_block=8, head_bits=8).init(params)
+    assert eight_head.factors["order64_q"].eigvecs.head.bits == 8
     eight = s4.scale_by_soap4(min_quant_order=8, quant_block=8, bits=8).init(params)
-    assert isinstance(eight.factors["order64_q"].eigvecs, s4.QuantizedArray)  # nothing to gain at 8 bits
+    assert eight.factors["order64_q"].eigvecs.head.bits == 16  # 8-bit rows under a 16-bit head
+    for bad in (12, 32, 4, 16.0):
+      with pytest.raises(ValueError, match="head_bits"):
+        s4.scale_by_soap4(head_bits=bad)
+    with pytest.raises(ValueError, match="head_bits"):
+      s4.soap4(bits=8, head_bits=8)  # a head must be more precise than the tail
     for bad in (-0.1, 1.0, float("nan")):
       with pytest.raises(ValueError, match="head_fraction"):
         s4.scale_by_soap4(head_fraction=bad)
@@ -843,8 +891,8 @@ class TestHeadRows:
     head = new.eigvecs.head.shape[-2]
     assert head == 4
     # Up to sign each refreshed row is the eigenvector of its eigenvalue (one QR step from a 4-bit basis);
-    # the largest eigenvalues' rows, 4-bit before, are now the 8-bit head.
-    assert new.eigvecs.head.bits == 8 and new.eigvecs.tail.bits == 4
+    # the largest eigenvalues' rows, 4-bit before, are now the 16-bit head.
+    assert new.eigvecs.head.bits == 16 and new.eigvecs.tail.bits == 4
     cos = np.abs(np.sum(rows * u[::-1], axis=1))
     assert cos[:head].min() > 0.99 and cos[head:].min() > 0.95
 
