@@ -119,7 +119,11 @@ class FactorConfig:
       (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`, rectified
       head first by :func:`~optax_shampoo4.linalg.bjorck_head_first`); 0
       stores every row in ``bits`` bits.
-    head_bits: bits of the head rows (8).
+    head_bits: bits of the head rows (8, or 16: uniform codes).
+    mid_fraction: with a head, the fraction of the eigenvectors after it
+      stored in ``mid_bits`` bits (a second tier, rectified after the head
+      and before the tail); 0: none.
+    mid_bits: bits of those rows (8).
     tail_rectify: how a refresh rectifies the decoded low-bit rows of a
       factor with a head (``head_fraction``), after projecting the head out
       of them: ``"bjorck"`` (``bjorck_steps[0]`` Björck steps) or ``"qr"``
@@ -152,6 +156,8 @@ class FactorConfig:
   sort_refreshed: bool = True
   head_fraction: float = 0.0
   head_bits: int = 8
+  mid_fraction: float = 0.0
+  mid_bits: int = 8
   epsilon_mode: str = "relative"
   tail_rectify: str = "bjorck"
   quant_damping: jax.typing.ArrayLike = 0.0
@@ -167,11 +173,19 @@ class FactorConfig:
       return 0
     return min(order - 1, max(1, math.ceil(order * self.head_fraction)))
 
+  def mid_rows(self, order: int) -> int:
+    """Eigenvectors after the head stored in ``mid_bits`` bits (0: none; always at least one tail row)."""
+    head = self.head_rows(order)
+    if not head or self.mid_fraction <= 0 or not self.bits < self.mid_bits < self.head_bits:
+      return 0
+    return max(0, min(order - head - 1, math.ceil(order * self.mid_fraction)))
+
   def store_eigvecs(self, rows: jax.Array, quantized: bool) -> StoredMatrix:
     """Encodes eigenvectors ``[..., n, n]`` (one a row, descending eigenvalues) for the state."""
     head = self.head_rows(rows.shape[-1])
     if quantized and head:
-      return qz.quantize_split_rows(rows, head, self.head_bits, self.mapping, self.bits, self.quant_block)
+      return qz.quantize_split_rows(rows, head, self.head_bits, self.mapping, self.bits, self.quant_block,
+                                    self.mid_rows(rows.shape[-1]), self.mid_bits)
     return self.store(rows, quantized, False)
 
   def store(self, matrix: jax.Array, quantized: bool, separate_diag: bool) -> StoredMatrix:
@@ -210,16 +224,14 @@ def rectified(stored: StoredMatrix, steps: int, tail_steps: int | None = None, t
   """Stored eigenvectors (rows) dequantized and Björck-rectified; dense float32 ones as they are.
 
   Split rows (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`) are
-  rectified head first (:func:`~optax_shampoo4.linalg.bjorck_head_first`,
-  ``tail_steps`` Björck steps on the tail; None: ``steps``), or with
-  ``tail_qr`` the tail made exactly orthonormal by Gram–Schmidt
-  (:func:`~optax_shampoo4.linalg.orthonormal_head_first_parts`; ``tail_steps`` unused).
+  rectified tier by tier, most precise first
+  (:func:`~optax_shampoo4.linalg.rectified_tiers`: ``tail_steps`` Björck
+  steps on the last tier, None: ``steps``), or with ``tail_qr`` the last
+  tier made exactly orthonormal by Gram–Schmidt (``tail_steps`` unused).
   """
   if isinstance(stored, qz.SplitRowsQuantized):
-    head, tail = qz.dequantize(stored.head), qz.dequantize(stored.tail)
-    if tail_qr:
-      return linalg.orthonormal_head_first_parts(head, tail, steps)
-    return linalg.bjorck_head_first_parts(head, tail, steps, tail_steps)
+    tiers = [qz.dequantize(part) for part in qz.row_tiers(stored)]
+    return linalg.rectified_tiers(tiers, steps, tail_steps, tail_qr)
   rows = load(stored)
   if is_quantized(stored):
     return linalg.bjorck(rows, steps)

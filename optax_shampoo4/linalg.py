@@ -170,11 +170,7 @@ def bjorck_head_first_parts(head: jax.Array, tail: jax.Array, steps: int = 1,
   (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`): the result is
   joined once, after the rectification.
   """
-  tail_steps = steps if tail_steps is None else tail_steps
-  if steps > 0:
-    head = bjorck(head, steps)
-    tail = bjorck(tail - matmul(matmul(tail, transpose(head)), head), tail_steps)
-  return jnp.concatenate([head, tail], axis=-2)
+  return rectified_tiers([head, tail], steps, tail_steps)
 
 
 def orthonormal_head_first_parts(head: jax.Array, tail: jax.Array, steps: int = 1) -> jax.Array:
@@ -192,10 +188,37 @@ def orthonormal_head_first_parts(head: jax.Array, tail: jax.Array, steps: int = 
   never moves the rows of larger eigenvalues. ``steps=0`` returns the parts
   joined unchanged.
   """
-  if steps > 0:
-    head = bjorck(head, steps)
-    tail = orthonormal_rows(tail - matmul(matmul(tail, transpose(head)), head))
-  return jnp.concatenate([head, tail], axis=-2)
+  return rectified_tiers([head, tail], steps, tail_qr=True)
+
+
+def rectified_tiers(tiers: list[jax.Array], steps: int = 1, tail_steps: int | None = None,
+                    tail_qr: bool = False) -> jax.Array:
+  """Row blocks ``[T_0; T_1; ...]``, most precise first, rectified one after the other and joined.
+
+  .. math::
+
+    T_0 \\leftarrow \\mathrm{Björck}^{s}(T_0), \\quad
+    T_k \\leftarrow \\mathrm{Björck}^{s}\\big(T_k - T_k H_k^\\top H_k\\big), \\;
+    H_k = [T_0; \\dots; T_{k-1}]
+
+  (block Gram–Schmidt), the last block with ``tail_steps`` Björck steps
+  (None: ``steps``) or, with ``tail_qr``, exact Gram–Schmidt by
+  :func:`orthonormal_rows`. No block's error reaches a block before it, so a
+  coarser block never moves the more precise rows of larger eigenvalues.
+  ``steps=0`` returns the blocks joined unchanged.
+  """
+  if steps == 0:
+    return jnp.concatenate(tiers, axis=-2)
+  tail_steps = steps if tail_steps is None else tail_steps
+  done = bjorck(tiers[0], steps)
+  for index, block in enumerate(tiers[1:], start=1):
+    block = block - matmul(matmul(block, transpose(done)), done)
+    if index < len(tiers) - 1:
+      block = bjorck(block, steps)
+    else:
+      block = orthonormal_rows(block) if tail_qr else bjorck(block, tail_steps)
+    done = jnp.concatenate([done, block], axis=-2)
+  return done
 
 
 def _q_one_at_a_time(m: jax.Array) -> jax.Array:

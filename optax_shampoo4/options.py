@@ -84,6 +84,7 @@ DEFAULT_MAX_PRECOND_DIM = 10000
 DEFAULT_HEAD_FRACTION = 1 / 8  # measured: benchmarks/illcond.py, docs/results/illcond.md
 HEAD_BITS = (8, 16)
 DEFAULT_HEAD_BITS = 16  # measured: benchmarks/soap_head_bits.py, docs/results/illcond.md
+DEFAULT_MID_FRACTION = 1 / 8  # 8-bit rows after the head; measured as the head bits
 DEFAULT_TAIL_RECTIFY = "bjorck"
 # The per-step products' precision (linalg.step_matmul); the refresh maths is always HIGHEST.
 DEFAULT_PRECISION: Precision = "highest"
@@ -291,6 +292,7 @@ class SoapOptions:
   precision: Precision = DEFAULT_PRECISION
   tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY
   head_bits: int = DEFAULT_HEAD_BITS
+  mid_fraction: float = DEFAULT_MID_FRACTION
 
   @classmethod
   def from_kwargs(cls, *, b1: ArrayLike = 0.95, b2: ArrayLike = 0.95, eps: ArrayLike = 1e-8,
@@ -302,7 +304,8 @@ class SoapOptions:
                   mesh_axis: str = "data", moment_bits: int | None = None, project_nu: bool | None = None,
                   head_fraction: float | None = None, statistic: SoapStatistic = "refresh",
                   precision: Precision = DEFAULT_PRECISION,
-                  tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY, head_bits: int | None = None) -> SoapOptions:
+                  tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY, head_bits: int | None = None,
+                  mid_fraction: float | None = None) -> SoapOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     validation.check_range("b1", b1, 0.0, 1.0)
     validation.check_range("b2", b2, 0.0, 1.0)
@@ -324,9 +327,10 @@ class SoapOptions:
                max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
                mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
                bjorck_steps=_bjorck_steps(bjorck_steps), mesh=mesh, mesh_axis=mesh_axis,
-               moment_bits=moment_bits, project_nu=project_nu, head_fraction=_head_fraction(head_fraction),
+               moment_bits=moment_bits, project_nu=project_nu, head_fraction=_fraction("head_fraction", head_fraction, DEFAULT_HEAD_FRACTION),
                statistic=statistic, precision=check_precision(precision), tail_rectify=tail_rectify,
-               head_bits=_head_bits(head_bits, bits))
+               head_bits=_head_bits(head_bits, bits),
+               mid_fraction=_fraction("mid_fraction", mid_fraction, DEFAULT_MID_FRACTION))
 
   @property
   def quantized_from(self) -> int:
@@ -339,12 +343,12 @@ class SoapOptions:
   def factor_config(self) -> fct.FactorConfig:
     """SOAP's factor settings (:func:`soap_factor_config`)."""
     return soap_factor_config(self.bits, self.mapping, self.quant_block, self.bjorck_steps, self.head_fraction,
-                              self.tail_rectify, self.head_bits)
+                              self.tail_rectify, self.head_bits, self.mid_fraction)
 
 
 def soap_factor_config(bits: int, mapping: str, quant_block: int, bjorck_steps: tuple[int, int],
                        head_fraction: float = 0.0, tail_rectify: str = "bjorck",
-                       head_bits: int = DEFAULT_HEAD_BITS) -> fct.FactorConfig:
+                       head_bits: int = DEFAULT_HEAD_BITS, mid_fraction: float = 0.0) -> fct.FactorConfig:
   """SOAP's factors: the ``"eigen"`` format with eigen roots, refreshed by one QR step, not re-sorted.
 
   SOAP sorts the eigenpairs before the QR step (``row_order`` of
@@ -353,7 +357,7 @@ def soap_factor_config(bits: int, mapping: str, quant_block: int, bjorck_steps: 
   """
   return fct.FactorConfig("eigen", bits, mapping, quant_block, (int(bjorck_steps[0]), int(bjorck_steps[1])),
                           "eigen", sort_refreshed=False, head_fraction=float(head_fraction), tail_rectify=tail_rectify,
-                          head_bits=head_bits)
+                          head_bits=head_bits, mid_fraction=float(mid_fraction))
 
 
 def _head_bits(value: Any, bits: int) -> int:
@@ -367,12 +371,13 @@ def _head_bits(value: Any, bits: int) -> int:
   return int(value)
 
 
-def _head_fraction(value: Any) -> float:
+def _fraction(name: str, value: Any, default: float) -> float:
+  """A static fraction of a basis' rows in [0, 1) (None: ``default``)."""
   if value is None:
-    return DEFAULT_HEAD_FRACTION
+    return default
   if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-    raise TypeError(f"head_fraction must be a float in [0, 1), got head_fraction={value!r}")
-  validation.check_range("head_fraction", value, 0.0, 1.0)
+    raise TypeError(f"{name} must be a float in [0, 1), got {name}={value!r}")
+  validation.check_range(name, value, 0.0, 1.0)
   return float(value)
 
 

@@ -393,20 +393,25 @@ class SplitRowsQuantized(NamedTuple):
 
   For eigenvector matrices kept one eigenvector a row in descending eigenvalue
   order: the ``head`` rows (largest eigenvalues) in ``head.bits`` bits, the
-  ``tail`` rows in ``tail.bits``. See :func:`quantize_split_rows`.
+  ``tail`` rows in ``tail.bits``. The head may itself be split (a 16-bit head,
+  then 8-bit rows): :func:`row_tiers` lists the parts, most precise first.
+  See :func:`quantize_split_rows`.
   """
 
-  head: QuantizedArray  # rows [..., :r, :]
+  head: QuantizedArray | SplitRowsQuantized  # rows [..., :r, :]
   tail: QuantizedArray  # rows [..., r:, :]
 
 
 def quantize_split_rows(
-    m: jax.Array, head_rows: int, head_bits: int = 8, mapping: str = "linear2", bits: int = 4, block: int = 64
+    m: jax.Array, head_rows: int, head_bits: int = 8, mapping: str = "linear2", bits: int = 4, block: int = 64,
+    mid_rows: int = 0, mid_bits: int = 8,
 ) -> SplitRowsQuantized:
   """Stores ``m`` ``[..., n, n]`` with rows ``[:head_rows]`` in ``head_bits`` bits, the rest in ``bits``.
 
   ``head_bits`` is 8 (``mapping``'s codebook) or 16 (the uniform 16-bit codes,
-  whatever ``mapping`` is); ``mapping`` and ``bits`` are the tail's.
+  whatever ``mapping`` is); ``mapping`` and ``bits`` are the tail's. With
+  ``mid_rows`` > 0 the ``mid_rows`` rows after the head are a second tier in
+  ``mid_bits`` bits (``mapping``'s codebook), kept as a split head.
 
   Example:
     >>> import jax.numpy as jnp, optax_shampoo4 as s4
@@ -415,15 +420,29 @@ def quantize_split_rows(
     ((1, 4), (3, 2))
     >>> s4.quantization.dequantize_split_rows(s).tolist() == jnp.eye(4).tolist()
     True
+    >>> tiers = s4.quantization.quantize_split_rows(jnp.eye(4), 1, 16, block=2, mid_rows=1)
+    >>> [t.bits for t in s4.quantization.row_tiers(tiers)]
+    [16, 8, 4]
   """
   m = jnp.asarray(m, jnp.float32)
-  if m.ndim < 2 or not 0 < head_rows < m.shape[-2]:
-    raise ValueError(f"head_rows must be in (0, {m.shape[-2] if m.ndim >= 2 else 0}), got head_rows={head_rows!r}")
+  n = m.shape[-2] if m.ndim >= 2 else 0
+  if m.ndim < 2 or not 0 < head_rows < n:
+    raise ValueError(f"head_rows must be in (0, {n}), got head_rows={head_rows!r}")
+  if not 0 <= mid_rows < n - head_rows:
+    raise ValueError(f"mid_rows must be in [0, {n - head_rows}), got mid_rows={mid_rows!r}")
   head_mapping = "linear" if head_bits == WIDE_BITS else mapping
-  return SplitRowsQuantized(quantize(m[..., :head_rows, :], head_mapping, head_bits, block),
-                            quantize(m[..., head_rows:, :], mapping, bits, block))
+  head = quantize(m[..., :head_rows, :], head_mapping, head_bits, block)
+  if mid_rows:
+    head = SplitRowsQuantized(head, quantize(m[..., head_rows:head_rows + mid_rows, :], mapping, mid_bits, block))
+  return SplitRowsQuantized(head, quantize(m[..., head_rows + mid_rows:, :], mapping, bits, block))
+
+
+def row_tiers(stored: SplitRowsQuantized) -> list[QuantizedArray]:
+  """The parts of a :class:`SplitRowsQuantized`, top rows (most precise) first."""
+  head = row_tiers(stored.head) if isinstance(stored.head, SplitRowsQuantized) else [stored.head]
+  return head + [stored.tail]
 
 
 def dequantize_split_rows(stored: SplitRowsQuantized) -> jax.Array:
   """The float32 matrix of a :class:`SplitRowsQuantized`."""
-  return jnp.concatenate([dequantize(stored.head), dequantize(stored.tail)], axis=-2)
+  return jnp.concatenate([dequantize(part) for part in row_tiers(stored)], axis=-2)

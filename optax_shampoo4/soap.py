@@ -88,6 +88,7 @@ def scale_by_soap4(
     precision: options.Precision = options.DEFAULT_PRECISION,
     tail_rectify: options.TailRectify = options.DEFAULT_TAIL_RECTIFY,
     head_bits: int | None = None,
+    mid_fraction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam in the (4-bit) eigenbasis of Shampoo's Kronecker factors (SOAP).
 
@@ -225,13 +226,20 @@ def scale_by_soap4(
     head_bits: bits of the head rows: 16 (uniform 16-bit codes, the
       default) or 8 (``mapping``'s codebook); more than ``bits``. On
       ill-conditioned problems the head's own rounding is what leaks: a
-      statistic spanning :math:`\kappa` decades needs the dominant rows
-      within about :math:`\kappa^{-1/2}`, which 8 bits (steps of about
-      :math:`10^{-2}`) are not and 16 bits are (``benchmarks/soap_head_bits.py``:
-      on ``ls_power_1e6`` the 8-bit head stays 3.7× the reference SOAP's
-      suboptimality, the 16-bit one matches it). At GPT-2 124M shapes the
-      16-bit head costs 2 % more state than the 8-bit one (whole state
-      1.14× AdamW's, ``benchmarks/memory.py``) (static; None: 16).
+      statistic spanning :math:`\kappa` needs the dominant rows within about
+      :math:`\kappa^{-1/2}`, which 8 bits (steps of about :math:`10^{-2}`) are
+      not and 16 bits are (``benchmarks/soap_head_bits.py``: on
+      ``ls_power_1e6`` an 8-bit head stays 3.7× the reference SOAP's
+      suboptimality, a 16-bit one matches it) (static; None: 16).
+    mid_fraction: with a 16-bit head, the fraction of the eigenvectors after
+      it stored in 8 bits (a second tier: rectified after the head, before
+      the 4-bit rows, so neither the head's precision nor theirs is lost).
+      Where the spectrum spans many decades over all rows (log-uniform), the
+      4-bit rows of the next-largest eigenvalues leak into the smallest as
+      the head did (``ls_logunif_1e6``: 4.1× the reference SOAP's
+      suboptimality without it, 1.3× with it; 6 seeds). 0: none (static;
+      None: 1/8). At GPT-2 124M shapes the defaults' whole state is 1.15×
+      AdamW's (an 8-bit head alone: 1.11×; ``benchmarks/memory.py``).
     statistic: ``"refresh"`` (the eigen-pair is the statistic, folded at
       refreshes; low memory) or ``"dense"`` (the authors' dense float32
       statistic folded every step, see above) (static).
@@ -280,7 +288,7 @@ def scale_by_soap4(
       mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order, bjorck_steps=bjorck_steps,
       mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits, project_nu=project_nu,
       head_fraction=head_fraction, statistic=statistic, precision=precision, tail_rectify=tail_rectify,
-      head_bits=head_bits)
+      head_bits=head_bits, mid_fraction=mid_fraction)
   factor_engine = make_engine(opts)
   return optax_compat.gradient_transformation(functools.partial(init, opts, factor_engine),
                                               functools.partial(update, opts, factor_engine))

@@ -836,27 +836,52 @@ class TestHeadRows:
     params = {"w": jnp.zeros((64, 32))}
     state = s4.scale_by_soap4(min_quant_order=8, quant_block=8).init(params)
     left = state.factors["order64_q"].eigvecs
-    assert isinstance(left, s4.SplitRowsQuantized) and left.head.shape[-2] == 8  # 64 / 8
-    assert isinstance(state.factors["order32_q"].eigvecs.head, qz.QuantizedArray)  # 2 head rows of 32
+    # The defaults: 1/8 of the rows in 16 bits, the next 1/8 in 8 bits, the rest in 4.
+    assert [(t.bits, t.shape[-2]) for t in qz.row_tiers(left)] == [(16, 8), (8, 8), (4, 48)]
+    assert [(t.bits, t.shape[-2]) for t in qz.row_tiers(state.factors["order32_q"].eigvecs)] == [
+        (16, 4), (8, 4), (4, 24)]
     np.testing.assert_array_equal(fct.load(left)[0], np.eye(64))
     plain = s4.scale_by_soap4(min_quant_order=8, quant_block=8, head_fraction=0.0).init(params)
-    assert isinstance(plain.factors["order64_q"].eigvecs, s4.QuantizedArray)
-    assert left.head.bits == 16 and left.tail.bits == 4  # the default head: 16-bit codes
+    assert isinstance(plain.factors["order64_q"].eigvecs, s4.QuantizedArray)  # no head, no second tier
+    no_mid = s4.scale_by_soap4(min_quant_order=8, quant_block=8, mid_fraction=0.0).init(params)
+    assert [t.bits for t in qz.row_tiers(no_mid.factors["order64_q"].eigvecs)] == [16, 4]
     eight_head = s4.scale_by_soap4(min_quant_order=8, quant_block=8, head_bits=8).init(params)
-    assert eight_head.factors["order64_q"].eigvecs.head.bits == 8
+    assert [t.bits for t in qz.row_tiers(eight_head.factors["order64_q"].eigvecs)] == [8, 4]  # no 8-bit tier
     eight = s4.scale_by_soap4(min_quant_order=8, quant_block=8, bits=8).init(params)
-    assert eight.factors["order64_q"].eigvecs.head.bits == 16  # 8-bit rows under a 16-bit head
+    assert [t.bits for t in qz.row_tiers(eight.factors["order64_q"].eigvecs)] == [16, 8]  # under a 16-bit head
     for bad in (12, 32, 4, 16.0):
       with pytest.raises(ValueError, match="head_bits"):
         s4.scale_by_soap4(head_bits=bad)
     with pytest.raises(ValueError, match="head_bits"):
       s4.soap4(bits=8, head_bits=8)  # a head must be more precise than the tail
-    for bad in (-0.1, 1.0, float("nan")):
-      with pytest.raises(ValueError, match="head_fraction"):
-        s4.scale_by_soap4(head_fraction=bad)
-    for bad in (True, "0.1"):
-      with pytest.raises(TypeError, match="head_fraction"):
-        s4.soap4(head_fraction=bad)
+    for name in ("head_fraction", "mid_fraction"):
+      for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=name):
+          s4.scale_by_soap4(**{name: bad})
+      for bad in (True, "0.1"):
+        with pytest.raises(TypeError, match=name):
+          s4.soap4(**{name: bad})
+
+  def test_tiers_are_rectified_one_after_the_other_as_float64_block_gram_schmidt(self):
+    # rectified_tiers against a float64 block Gram-Schmidt: each tier projected out of the tiers before it,
+    # then polar-orthonormalized (Björck's limit); the last tier only projected with tail_steps=0.
+    n, sizes = 32, (4, 4, 24)
+    rng = np.random.default_rng(7)
+    v = haar(n, rng) + 0.01 * rng.standard_normal((n, n))
+    parts = np.split(v, np.cumsum(sizes)[:-1])
+    done = polar64(parts[0])
+    for k, part in enumerate(parts[1:], start=1):
+      part = part - part @ done.T @ done
+      done = np.concatenate([done, polar64(part) if k < len(parts) - 1 else part])
+    got = la.rectified_tiers([jnp.asarray(p, jnp.float32) for p in parts], steps=6, tail_steps=0)
+    # Björck converges quadratically from singular values within 0.01 * sqrt(n) of 1: 6 steps reach float32.
+    np.testing.assert_allclose(np.asarray(got, np.float64), done, atol=2e-5)
+    stored = qz.quantize_split_rows(jnp.asarray(v, jnp.float32), 4, 16, "linear2", 4, 32, mid_rows=4)
+    assert [t.shape[-2] for t in qz.row_tiers(stored)] == list(sizes)
+    np.testing.assert_array_equal(fct.rectified(stored, 6, 0),
+                                  la.rectified_tiers([qz.dequantize(t) for t in qz.row_tiers(stored)], 6, 0))
+    with pytest.raises(ValueError, match="mid_rows"):
+      qz.quantize_split_rows(jnp.eye(8), 4, mid_rows=4)  # no tail row left
 
   @sweep(3)
   def test_refresh_with_row_order_sorts_the_eigenpairs_before_the_qr_step(self, seed):

@@ -199,17 +199,16 @@ def test_eigen_format_stores_4bit_eigenvectors_and_stays_close(eigen_run, fp32_r
   state = eigen_run[-1][1]
   bucket = state.factors["order8_q"]
   assert isinstance(bucket, s4.EigenFactors) and bucket.root is None
-  # Order 8 with the default head_fraction 1/8: the first eigenvector in 16 bits, the other seven in 4.
+  # Order 8 with the default fractions 1/8 and 1/8: the first eigenvector in 16 bits, the next in 8, six in 4.
   assert isinstance(bucket.eigvecs, s4.SplitRowsQuantized)
-  assert (bucket.eigvecs.head.bits, bucket.eigvecs.head.shape[-2]) == (16, 1)
-  assert (bucket.eigvecs.tail.bits, bucket.eigvecs.tail.shape[-2]) == (4, 7)
+  assert [(t.bits, t.shape[-2]) for t in s4.quantization.row_tiers(bucket.eigvecs)] == [(16, 1), (8, 1), (4, 6)]
   assert int(state.failed_refreshes) == 0
   # Stated bound (order 8, 4-bit blocks of 4, two refreshes): a 4-bit row is off by about
   # delta = 0.11 (relative; test_quantization's split-rows test), and the update passes through the basis
   # twice on each side (rotate, Adam, rotate back), so each step's update of the rotated matrix is within
   # 4 delta ~ 0.45 (relative Frobenius) of the float32 format's and 2 delta ~ 0.22 on average (measured
   # 11-36 %, the largest at the first, sign-like Adam step; 8 bits: under 1 %; the seven 4-bit rows are not
-  # Björck-rectified at each step, only made orthogonal to the 16-bit head row). The order-6 factor of
+  # Björck-rectified at each step, only made orthogonal to the 16- and 8-bit rows). The order-6 factor of
   # "wide" and the Adam-only vector are float32 in both formats: identical.
   gaps = []
   for step in range(1, STEPS):
@@ -224,8 +223,9 @@ def test_eigen_format_stores_4bit_eigenvectors_and_stays_close(eigen_run, fp32_r
 def test_state_nbytes_reports_soap_parts(eigen_run):
   state = eigen_run[-1][1]
   nbytes = s4.state_nbytes(state)
-  # order 8, block 4: codes 1 x 16 (16-bit head row) + 7 x 4 bytes per factor, scales 8 x 2 floats.
-  assert nbytes["quantized_codes"] == 2 * (1 * 16 + 7 * 4)
+  # order 8, block 4: codes 1 x 16 (16-bit head row) + 1 x 8 (8-bit row) + 6 x 4 bytes per factor,
+  # scales 8 x 2 floats.
+  assert nbytes["quantized_codes"] == 2 * (1 * 16 + 1 * 8 + 6 * 4)
   assert nbytes["quantized_scales"] == 2 * 8 * 2 * 4
   assert nbytes["first_order"] == 2 * 4 * (64 + 6 * 24 + 5)
   assert nbytes["dense_factors"] == 6 * 6 * 4  # the order-6 left factor of "wide", float32
