@@ -236,7 +236,7 @@ def paper_notes(results: dict) -> list[str]:
         f"{(fp32 + 4 * n + adam8) / MIB:,.0f} MiB > 81,920: consistent with the OOM.",
         f"The first table pairs Shampoo with fp32 AdamW ({st['adamw']['total'] / MIB:,.0f} MiB); "
         f"with 8-bit moments (moment_bits=8) the whole AdamW + 4-bit Shampoo state is "
-        f"{r['moment_bits_vs_adamw']['AdamW+4-bit Shampoo']['8']:.2f}x fp32 AdamW's.",
+        f"{r['moment_bits_vs_adamw']['adamw+shampoo4']['8']:.2f}x fp32 AdamW's.",
     ]
   return notes
 
@@ -318,8 +318,8 @@ def main(argv=None) -> dict:
   precond_bits = {model: measure_precond_bits(model, orders[model]) for model in args.models}
   for model, parts_by_config in precond_bits.items():
     print_precond_bits(model, orders[model], parts_by_config)
-    result["soap"] = measure_soap(model)
-    print_soap_table(model, result["soap"])
+    results[model]["soap"] = measure_soap(model)
+    print_soap_table(model, results[model]["soap"])
   notes = paper_notes(results)
   print("\nNotes:")
   for note in notes:

@@ -6,9 +6,10 @@ projects them out of the 4-bit rows. A coordinate whose row overlaps a dominant 
 spans many decades this swamps the small coordinates unless the dominant rows are precise to about
 :math:`\\kappa^{-1/2}`. Rows (same sweep, seeds and metric as ``illcond.py``, ratios to the authors' SOAP):
 
-* ``soap4_head8``: the head in 8 bits (``head_bits=8``, the default before);
-* ``soap4_head16``: the head in 16-bit uniform codes (``head_bits=16``, the default);
-* ``soap4_head16_sixteenth``: a 16-bit head of 1/16 of the rows (``head_fraction=1/16``).
+* ``soap4_head8``: an 8-bit head, no second tier (``head_bits=8``: the default before);
+* ``soap4_head16``: a 16-bit head, no second tier (``head_bits=16, mid_fraction=0``);
+* ``soap4_head16_mid8``: a 16-bit head and the next 1/8 of the rows in 8 bits (the defaults), each tier
+  rectified after the ones before it.
 
   python benchmarks/soap_head_bits.py [--problems ls_power_1e6 ls_logunif_1e6] \\
       [--out benchmarks/results/soap_head_bits.json]
@@ -28,9 +29,9 @@ from benchmarks import illcond  # noqa: E402
 
 _Q = dict(weight_decay=0.0, min_quant_order=16)
 CANDIDATES = {
-    "soap4_head8": lambda **kw: s4.soap4(1.0, head_bits=8, **_Q, **kw),
-    "soap4_head16": lambda **kw: s4.soap4(1.0, head_bits=16, **_Q, **kw),
-    "soap4_head16_sixteenth": lambda **kw: s4.soap4(1.0, head_bits=16, head_fraction=1 / 16, **_Q, **kw),
+    "soap4_head8": lambda **kw: s4.soap4(1.0, head_bits=8, mid_fraction=0.0, **_Q, **kw),
+    "soap4_head16": lambda **kw: s4.soap4(1.0, head_bits=16, mid_fraction=0.0, **_Q, **kw),
+    "soap4_head16_mid8": lambda **kw: s4.soap4(1.0, head_bits=16, mid_fraction=1 / 8, **_Q, **kw),
 }
 
 
