@@ -24,7 +24,7 @@ DS_QUANT_DAMPING = 1e-6
 # The default state layout of distributed_shampoo4 with a quantized basis: the bytes of the 4-bit basis and
 # the 4-bit root spent on an 8-bit basis, the roots formed from it at every step (see the docstring).
 DS_BASIS_BITS = 8
-DS_BJORCK_STEPS = (1, 1)
+DS_BJORCK_STEPS = (1, 0)
 
 
 def distributed_shampoo4(
@@ -117,17 +117,19 @@ def distributed_shampoo4(
   (``benchmarks/illcond.py``). ``state_format="fp32"`` ignores it: the twin stays Meta's algorithm.
 
   The quantized state's default layout (``store_root=None, bits=None`` with ``state_format="eigen"``
-  and eigenpair roots) is ``bits=8, store_root=False, bjorck_steps=(1, 1)``: an 8-bit basis and no
+  and eigenpair roots) is ``bits=8, store_root=False, bjorck_steps=(1, 0)``: an 8-bit basis and no
   stored root, the same bytes as a 4-bit basis plus a 4-bit root (slightly fewer: no float32 root
-  diagonal). The roots are then formed from the stored eigenpairs at every step (one Björck step and a
-  product per factor, no decomposition), so they follow every statistics update. On ill-conditioned
+  diagonal). The roots are then formed from the stored eigenpairs at every step (a decode and a
+  product per factor, no decomposition and, as the 8-bit basis is orthonormal to its rounding, no
+  Björck step), so they follow every statistics update; each step costs that product, of order
+  :math:`n^3` per factor, where a stored root is only decoded. On ill-conditioned
   statistics (spectra over several decades) the 4-bit basis and the 4-bit root each cost up to
   ~25–150× in suboptimality (``benchmarks/shampoo4_quant_sources.py``): every refresh re-encodes the
   statistic :math:`V\Lambda V^\top` through 4-bit eigenvectors, whose rounding moves mass of the
   largest eigenvalues into the smallest, and the root's 4-bit rounding, relative to its largest
-  entries, swamps its smallest eigenvalues. With this layout the alias is within 1.01× of its float32
+  entries, swamps its smallest eigenvalues. With this layout the alias is within 1.05× of its float32
   twin or better on every ``benchmarks/illcond.py`` problem but the two solved to the float32 floor
-  (:math:`f - f^* \approx 10^{-12}`: 1.14×, 1.19×; the 4-bit layout: 1.54×, 1.57×, and up to 26×
+  (:math:`f - f^* \approx 10^{-12}`: 1.14×, 1.17×; the 4-bit layout: 1.54×, 1.57×, and up to 26×
   elsewhere). Passing ``store_root`` or ``bits`` chooses the layout as in :func:`scale_by_shampoo4`:
   ``store_root=True`` (``bits=None``: 4) is the paper's 4-bit layout (:func:`ds_state_layout`).
 
@@ -197,14 +199,14 @@ def ds_state_layout(state_format: Any, root_method: Any, store_root: Any, bits: 
 
   With ``store_root=None`` and ``bits=None``, an eigen-form state (``state_format="eigen"``, roots
   from the eigenpairs) gets the default layout: no stored root and an 8-bit basis, with
-  ``bjorck_steps=(1, 1)`` unless given. Otherwise ``store_root=None`` stores the roots,
+  ``bjorck_steps=(1, 0)`` unless given. Otherwise ``store_root=None`` stores the roots,
   ``bjorck_steps=None`` is ``(1, 4)`` and ``bits=None`` the transform's default (4). The values are
   validated by :func:`~optax_shampoo4.scale_by_shampoo4`.
 
   Example:
     >>> from optax_shampoo4.reference_aliases import ds_state_layout
     >>> ds_state_layout("eigen", None, None, None, None)
-    (False, 8, (1, 1))
+    (False, 8, (1, 0))
     >>> ds_state_layout("fp32", None, None, None, None)
     (True, None, (1, 4))
   """

@@ -26,7 +26,8 @@ def _state_bytes(opt, params) -> int:
 
 
 def test_default_layout_stores_an_8bit_basis_and_no_root():
-  assert ds_state_layout("eigen", None, None, None, None) == (False, 8, (1, 1))
+  assert ds_state_layout("eigen", None, None, None, None) == (False, 8, (1, 0))
+  assert ds_state_layout("eigen", None, None, None, (2, 2)) == (False, 8, (2, 2))
   assert ds_state_layout("eigen", None, None, 4, None) == (True, 4, (1, 4))  # bits given: the paper's layout
   assert ds_state_layout("eigen", None, True, None, None) == (True, None, (1, 4))
   assert ds_state_layout("eigen", "newton", None, None, None) == (True, None, (1, 4))
