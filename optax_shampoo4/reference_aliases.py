@@ -21,6 +21,10 @@ from optax_shampoo4.soap import scale_by_soap4
 # distributed_shampoo4's floor under a quantized basis' eigenvalues, relative to the largest
 # (benchmarks/illcond.py: ds_4bit against ds_fp32; docs/results/illcond.md).
 DS_QUANT_DAMPING = 1e-6
+# The default state layout of distributed_shampoo4 with a quantized basis: the bytes of the 4-bit basis and
+# the 4-bit root spent on an 8-bit basis, the roots formed from it at every step (see the docstring).
+DS_BASIS_BITS = 8
+DS_BJORCK_STEPS = (1, 0)
 
 
 def distributed_shampoo4(
@@ -50,14 +54,14 @@ def distributed_shampoo4(
     mapping: options.Mapping = "linear2",
     quant_block: int | None = None,
     min_quant_order: int | None = None,
-    bjorck_steps: tuple[int, int] = (1, 4),
+    bjorck_steps: tuple[int, int] | None = None,
     root_method: options.RootMethod | None = None,
     refresh_method: options.RefreshMethod = DEFAULT_REFRESH_METHOD,
     qr_iterations: int | None = None,
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
-    store_root: bool = True,
+    store_root: bool | None = None,
     precision: options.Precision = options.DEFAULT_PRECISION,
     quant_damping: jax.typing.ArrayLike = DS_QUANT_DAMPING,
     moment_bits: int | None = None,
@@ -112,6 +116,23 @@ def distributed_shampoo4(
   made the 4-bit optimizer unstable at learning rates where the float32 one is stable
   (``benchmarks/illcond.py``). ``state_format="fp32"`` ignores it: the twin stays Meta's algorithm.
 
+  The quantized state's default layout (``store_root=None, bits=None`` with ``state_format="eigen"``
+  and eigenpair roots) is ``bits=8, store_root=False, bjorck_steps=(1, 0)``: an 8-bit basis and no
+  stored root, the same bytes as a 4-bit basis plus a 4-bit root (slightly fewer: no float32 root
+  diagonal). The roots are then formed from the stored eigenpairs at every step (a decode and a
+  product per factor, no decomposition and, as the 8-bit basis is orthonormal to its rounding, no
+  Björck step), so they follow every statistics update; each step costs that product, of order
+  :math:`n^3` per factor, where a stored root is only decoded. On ill-conditioned
+  statistics (spectra over several decades) the 4-bit basis and the 4-bit root each cost up to
+  ~25–150× in suboptimality (``benchmarks/shampoo4_quant_sources.py``): every refresh re-encodes the
+  statistic :math:`V\Lambda V^\top` through 4-bit eigenvectors, whose rounding moves mass of the
+  largest eigenvalues into the smallest, and the root's 4-bit rounding, relative to its largest
+  entries, swamps its smallest eigenvalues. With this layout the alias is within 1.05× of its float32
+  twin or better on every ``benchmarks/illcond.py`` problem but the two solved to the float32 floor
+  (:math:`f - f^* \approx 10^{-12}`: 1.14×, 1.17×; the 4-bit layout: 1.54×, 1.57×, and up to 26×
+  elsewhere). Passing ``store_root`` or ``bits`` chooses the layout as in :func:`scale_by_shampoo4`:
+  ``store_root=True`` (``bits=None``: 4) is the paper's 4-bit layout (:func:`ds_state_layout`).
+
   Args:
     learning_rate: a float or an optax schedule.
     b1: decay of the filtered gradient :math:`M` (Meta's ``betas[0]``); 0 turns
@@ -151,6 +172,7 @@ def distributed_shampoo4(
   """
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   validation.check_range("momentum", momentum, 0.0, 1.0)  # moments.trace checks it as `decay`, in [0, 1]
+  store_root, bits, bjorck_steps = ds_state_layout(state_format, root_method, store_root, bits, bjorck_steps)
   shampoo = scale_by_shampoo4(
       max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
       state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
@@ -169,6 +191,28 @@ def distributed_shampoo4(
       moments.trace(decay=momentum, nesterov=nesterov, bits=moment_bits),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def ds_state_layout(state_format: Any, root_method: Any, store_root: Any, bits: Any,
+                    bjorck_steps: Any) -> tuple[Any, Any, Any]:
+  """``(store_root, bits, bjorck_steps)`` of :func:`distributed_shampoo4`, its ``None`` defaults resolved.
+
+  With ``store_root=None`` and ``bits=None``, an eigen-form state (``state_format="eigen"``, roots
+  from the eigenpairs) gets the default layout: no stored root and an 8-bit basis, with
+  ``bjorck_steps=(1, 0)`` unless given. Otherwise ``store_root=None`` stores the roots,
+  ``bjorck_steps=None`` is ``(1, 4)`` and ``bits=None`` the transform's default (4). The values are
+  validated by :func:`~optax_shampoo4.scale_by_shampoo4`.
+
+  Example:
+    >>> from optax_shampoo4.reference_aliases import ds_state_layout
+    >>> ds_state_layout("eigen", None, None, None, None)
+    (False, 8, (1, 0))
+    >>> ds_state_layout("fp32", None, None, None, None)
+    (True, None, (1, 4))
+  """
+  if store_root is None and bits is None and state_format == "eigen" and root_method in (None, "eigen"):
+    return False, DS_BASIS_BITS, DS_BJORCK_STEPS if bjorck_steps is None else bjorck_steps
+  return store_root is None or store_root, bits, (1, 4) if bjorck_steps is None else bjorck_steps
 
 
 def soap4(

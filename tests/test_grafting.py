@@ -202,9 +202,10 @@ def test_bad_grafting_arguments_name_themselves(kwargs, name):
 
 def test_distributed_shampoo4_matches_reference_step():
   lr, b1, b2, eps, wd, momentum = 0.05, 0.8, 0.99, 1e-8, 0.1, 0.5
-  # The reference keeps the paper's statistic (relative epsilon, from epsilon I, vectors passed through).
+  # The reference keeps the paper's statistic (relative epsilon, from epsilon I, vectors passed through) and
+  # forms its roots every ROOT_EVERY steps, as a stored root (the alias' default layout forms them every step).
   opt = s4.distributed_shampoo4(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, momentum=momentum,
-                                nesterov=True, epsilon_mode="relative", precondition_1d=False,
+                                nesterov=True, epsilon_mode="relative", precondition_1d=False, store_root=True,
                                 **{k: v for k, v in SHAMPOO.items()})
   reference = ReferenceGrafting(SHAPES, "adam", eps, b2, True, start=ROOT_EVERY, filter_beta=b1)
   rng = np.random.default_rng(7)
