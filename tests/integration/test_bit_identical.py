@@ -82,6 +82,7 @@ CONFIGS = {
     "soap_eigen_bits3": lambda: _soap(bits=3),
     "soap_no_head": lambda: _soap(head_fraction=0.0),
     "soap_head_quarter": lambda: _soap(head_fraction=0.25),
+    "soap_head8_no_mid": lambda: _soap(head_bits=8, mid_fraction=0.0),
     "soap_fp32": lambda: _soap(state_format="fp32"),
     "soap_moment_bits8": lambda: _soap(moment_bits=8),
     "soap_moment_bits4": lambda: _soap(moment_bits=4),
