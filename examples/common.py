@@ -188,8 +188,9 @@ def describe_shampoo_factors(opt_state: Any) -> str:
       order, kind = bucket_name.removeprefix("order").split("_")
       count = jax.tree.leaves(bucket)[0].shape[0]  # factors are stacked along axis 0
       stored = [leaf for leaf in jax.tree.leaves(bucket, is_leaf=_is_stored_codes) if _is_stored_codes(leaf)]
-      if stored and isinstance(stored[0], s4.SplitRowsQuantized):  # e.g. SOAP's 4-bit basis with 8-bit head rows
-        label = f"{stored[0].tail.bits}-bit, {stored[0].head.shape[-2]} rows {stored[0].head.bits}-bit"
+      if stored and isinstance(stored[0], s4.SplitRowsQuantized):  # e.g. SOAP's 4-bit basis with 16-/8-bit rows
+        tiers = s4.quantization.row_tiers(stored[0])
+        label = f"{tiers[-1].bits}-bit, " + ", ".join(f"{t.shape[-2]} rows {t.bits}-bit" for t in tiers[:-1])
       else:
         label = f"{stored[0].bits if stored else 4}-bit"
       buckets.append((int(order), count, label if kind == "q" else "fp32"))

@@ -192,8 +192,9 @@ def describe_shampoo_factors(opt_state) -> str:
         count = jax.tree.leaves(bucket)[0].shape[0]  # factors are stacked along axis 0
         label = "4-bit" if kind == "q" else "fp32"
         eigvecs = getattr(bucket, "eigvecs", None)
-        if isinstance(eigvecs, s4.SplitRowsQuantized):  # SOAP: the largest-eigenvalue rows in 8 bits
-          label += f", {eigvecs.head.shape[-2]} rows 8-bit"
+        if isinstance(eigvecs, s4.SplitRowsQuantized):  # SOAP: the largest-eigenvalue rows in 16 and 8 bits
+          tiers = s4.quantization.row_tiers(eigvecs)
+          label += "".join(f", {t.shape[-2]} rows {t.bits}-bit" for t in tiers[:-1])
         buckets.append((int(order), count, label))
   return ", ".join(f"{count} x order {order} ({kind})" for order, count, kind in sorted(buckets, reverse=True))
 
