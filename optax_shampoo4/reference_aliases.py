@@ -255,9 +255,8 @@ def soap4(
 
   Keyword-only arguments ``shampoo_beta``, ``precondition_every``, ``max_order``, ``max_precond_dim``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``, ``mesh``,
-  ``mesh_axis``, ``project_nu``, ``head_fraction``, ``head_bits``, ``mid_fraction``, ``statistic``, ``precision``, ``tail_rectify``: passed to
-  :func:`~optax_shampoo4.scale_by_soap4` (same
-  defaults).
+  ``mesh_axis``, ``project_nu``, ``head_fraction``, ``head_bits``, ``mid_fraction``, ``statistic``,
+  ``precision``, ``tail_rectify``: passed to :func:`~optax_shampoo4.scale_by_soap4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
