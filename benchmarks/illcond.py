@@ -158,6 +158,34 @@ def _newton_logreg(x: np.ndarray, onehot: np.ndarray, iters: int = 100) -> float
   return loss(w)
 
 
+def float32_floor(kind: str, cond: float, seed: int, steps: int = 300) -> float:
+  r"""The suboptimality a float32 iteration holds on a least-squares problem: Newton steps
+  :math:`W \leftarrow W - \tfrac12 H^{-1}\nabla f` computed in float32 on the float32 data, started at the
+  optimum of that data rounded to float32, evaluated like the rows (float64 loss on the float64 data).
+  Below about 10x this, ratios between rows compare float32 rounding, not optimizers."""
+  data, fstar = _ls_data(kind, cond, seed)
+  x64, y64 = (data[k].astype(np.float32).astype(np.float64) for k in ("x", "y"))
+  w, *_ = np.linalg.lstsq(x64, y64, rcond=None)
+  x, y = jnp.asarray(x64, jnp.float32), jnp.asarray(y64, jnp.float32)
+  h_inv = jnp.asarray(np.linalg.inv(x64.T @ x64 / len(x64)), jnp.float32)
+
+  def newton(w, _):
+    return w - 0.5 * (h_inv @ (x.T @ (x @ w - y) / x.shape[0])), None
+
+  final = jax.lax.scan(newton, jnp.asarray(w, jnp.float32), None, length=steps)[0]
+  return float(_ls_loss({"w": np.asarray(final, np.float64)}, data, np)) - fstar
+
+
+def add_floors(payload: dict) -> dict:
+  """``payload`` with ``float32_floor`` (per seed, :func:`float32_floor`) on each least-squares problem."""
+  for name, problem in payload["problems"].items():
+    if name.startswith("ls_"):
+      _, kind, exponent = name.split("_")
+      problem["float32_floor"] = [float32_floor(kind, float(exponent), s)
+                                  for s in payload["seeds"]]
+  return payload
+
+
 def make_logreg(name: str) -> Callable[[int], Problem]:
   from sklearn import datasets
 
@@ -319,18 +347,28 @@ HEADLINE = (("`soap4` 4-bit / ref. SOAP", "soap4_4bit", "soap_ref"), ("`soap4` f
 
 
 def headline_table(problems: dict) -> str:
-  """Markdown: per problem, the ratios of :data:`HEADLINE` (best-lr means over seeds; — where a row is missing)."""
+  """Markdown: per problem, the ratios of :data:`HEADLINE` (best-lr means over seeds; — where a row is missing).
+
+  A ratio whose reference is within 10x the problem's float32 floor (``float32_floor``, see ``--floors``)
+  is marked ‡: both rows are then at float32 rounding.
+  """
   lines = ["| problem (metric) | " + " | ".join(title for title, _, _ in HEADLINE) + " |",
            "|---|" + "---:|" * len(HEADLINE)]
+  marked = False
   for name, problem in problems.items():
     summary = problem["summary"]
+    floor = float(np.mean(problem["float32_floor"])) if "float32_floor" in problem else 0.0
     cells = []
     for _, row, ref in HEADLINE:
       if row in summary and ref in summary and summary[ref]["best_mean"] > 0:
-        cells.append(f"{summary[row]['best_mean'] / summary[ref]['best_mean']:.2f}×")
+        at_floor = summary[ref]["best_mean"] < 10 * floor
+        marked |= at_floor
+        cells.append(f"{summary[row]['best_mean'] / summary[ref]['best_mean']:.2f}×" + (" ‡" if at_floor else ""))
       else:
         cells.append("—")
     lines.append(f"| `{name}` ({problem['metric']}) | " + " | ".join(cells) + " |")
+  if marked:
+    lines.append("\n‡ the reference row is within 10× the float32 floor (`python benchmarks/illcond.py --floors`).")
   return "\n".join(lines)
 
 
@@ -370,9 +408,17 @@ def main(argv=None) -> dict:
                       help="precision= of the library rows' every-step products (benchmarks/precision.py)")
   parser.add_argument("--merge", action="store_true",
                       help="replace only the rows run in the existing --out JSON (keep the other rows and problems)")
+  parser.add_argument("--floors", metavar="JSON", default=None,
+                      help="add each least-squares problem's float32 floor to an existing JSON and exit")
   parser.add_argument("--headline", metavar="JSON", default=None,
                       help="print the README's ratio table of an existing JSON and exit (runs nothing)")
   args = parser.parse_args(argv)
+  if args.floors:
+    path = pathlib.Path(args.floors)
+    payload = add_floors(json.loads(path.read_text()))
+    path.write_text(json.dumps(payload, indent=1, default=float))
+    print({name: p.get("float32_floor") for name, p in payload["problems"].items()})
+    return payload
   if args.headline:
     print(headline_table(json.loads(pathlib.Path(args.headline).read_text())["problems"]))
     return {}

@@ -47,3 +47,19 @@ def test_logistic_optimum_is_stationary_and_below_nearby_points():
     p /= p.sum(1, keepdims=True)
     w -= 1e-7 * (x.T @ (p - onehot) / len(x) + illcond.L2_LOGREG * w)
   assert illcond._logreg_loss({"w": w}, problem.data, np) >= problem.fstar - 1e-12
+
+
+def test_float32_floor_is_float32_rounding_and_marks_the_headline():
+  # f - f* of a float32 Newton iteration held at the optimum: positive (float32 cannot represent the float64
+  # optimum) and of the order of float32 rounding of f*, eps32 * f* ~ 1e-7 * f* at most; a wrong optimum or
+  # a diverging iteration would be many orders above it.
+  _, fstar = illcond._ls_data("power", 1e2, 0)
+  floor = illcond.float32_floor("power", 1e2, 0, steps=20)
+  assert 0.0 < floor < 1e-7 * fstar
+  summary = {"ds_fp32": {"best_mean": 2 * floor}, "ds_4bit": {"best_mean": 3 * floor}}
+  at_floor = illcond.headline_table({"ls_power_1e2": {"metric": "f - f*", "summary": summary,
+                                                      "float32_floor": [floor]}})
+  assert "1.50× ‡" in at_floor and "float32 floor" in at_floor
+  far = {"ds_fp32": {"best_mean": 1e3 * floor}, "ds_4bit": {"best_mean": 2e3 * floor}}
+  assert "‡" not in illcond.headline_table({"ls_power_1e2": {"metric": "f - f*", "summary": far,
+                                                             "float32_floor": [floor]}})
