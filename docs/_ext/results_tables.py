@@ -274,22 +274,22 @@ def write_quant_error(results_dir, out_dir):
 # The configurations of the optimizer-choice table and where each benchmark file keeps them (names, no numbers):
 # (label, memory entry of memory.json's GPT-2 model, speed.json row, (quality file, optimizer) or None).
 CHOICES = (
-    ("`optax.adamw`", ("moment_bits", "AdamW", "None"), "adamw", ("quality", "adamw")),
-    ("AdamW, 8-bit moments (`s4.moments`)", ("moment_bits", "AdamW", "8"), "adamw m8", None),
-    ("AdamW + 32-bit Shampoo (`state_format=\"fp32\"`)", ("state", "adamw+shampoo fp32"), "ours fp32",
+    ("`optax.adamw`", ("moment_bits", "adamw", "None"), "adamw", ("quality", "adamw")),
+    ("AdamW, 8-bit moments (`s4.moments`)", ("moment_bits", "adamw", "8"), "adamw m8", None),
+    ("AdamW + 32-bit Shampoo (`state_format=\"fp32\"`)", ("state", "adamw+shampoo32"), "ours fp32",
      ("quality", "adamw+shampoo32")),
-    ("AdamW + 8-bit Shampoo (`bits=8`)", ("state", "adamw+shampoo 8-bit (ours)"), None,
+    ("AdamW + 8-bit Shampoo (`bits=8`)", ("state", "adamw+shampoo8"), None,
      ("quality", "adamw+shampoo8")),
-    ("**`s4.adamw_shampoo4`** (defaults)", ("moment_bits", "AdamW+4-bit Shampoo", "None"), "ours eigen",
+    ("**`s4.adamw_shampoo4`** (defaults)", ("moment_bits", "adamw+shampoo4", "None"), "ours eigen",
      ("quality", "adamw+shampoo4")),
-    ("`s4.adamw_shampoo4(moment_bits=8)`", ("moment_bits", "AdamW+4-bit Shampoo", "8"), "ours eigen m8",
+    ("`s4.adamw_shampoo4(moment_bits=8)`", ("moment_bits", "adamw+shampoo4", "8"), "ours eigen m8",
      ("quality_variants", "adamw+shampoo4_m8")),
-    ("`s4.adamw_shampoo4(moment_bits=8, store_root=False)`", ("moment_bits", "AdamW+4-bit Shampoo, no root", "8"),
+    ("`s4.adamw_shampoo4(moment_bits=8, store_root=False)`", ("moment_bits", "adamw+shampoo4_noroot", "8"),
      "ours eigen no root m8", None),
     ("`s4.adamw_shampoo4(bits=3)`", None, "ours eigen 3-bit", ("quality_variants", "adamw+shampoo3")),
     ("SOAP, fp32 eigenvectors (`state_format=\"fp32\"`)", None, "ours soap32", ("quality_soap", "soap32")),
-    ("**`s4.soap4`** (defaults)", ("moment_bits", "4-bit SOAP", "None"), "ours soap4", ("quality_soap", "soap4")),
-    ("`s4.soap4(moment_bits=8)`", ("moment_bits", "4-bit SOAP", "8"), "ours soap4 m8", None),
+    ("**`s4.soap4`** (defaults)", ("moment_bits", "soap4", "None"), "ours soap4", ("quality_soap", "soap4")),
+    ("`s4.soap4(moment_bits=8)`", ("moment_bits", "soap4", "8"), "ours soap4 m8", None),
 )
 QUALITY_EXAMPLES = ("transformer_lm", "autoencoder_mnist")
 
