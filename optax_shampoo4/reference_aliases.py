@@ -172,16 +172,16 @@ def distributed_shampoo4(
   """
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   validation.check_range("momentum", momentum, 0.0, 1.0)  # moments.trace checks it as `decay`, in [0, 1]
-  store_root, bits, bjorck_steps = ds_state_layout(state_format, root_method, store_root, bits, bjorck_steps)
+  keep_root, basis_bits, rectify_steps = ds_state_layout(state_format, root_method, store_root, bits, bjorck_steps)
   shampoo = scale_by_shampoo4(
       max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
-      state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
-      min_quant_order=min_quant_order, bjorck_steps=bjorck_steps, root_method=root_method,
+      state_format=state_format, bits=basis_bits, mapping=mapping, quant_block=quant_block,
+      min_quant_order=min_quant_order, bjorck_steps=rectify_steps, root_method=root_method,
       refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=eps, grafting_beta2=b2,
       grafting_per_block=grafting_per_block,
       start_preconditioning_step=root_every if start_preconditioning_step is None else start_preconditioning_step,
-      combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
+      combine=combine, store_root=keep_root, epsilon_mode=epsilon_mode,
       stats_bias_correction=use_bias_correction, precondition_1d=precondition_1d, precision=precision,
       quant_damping=quant_damping,
       filter_beta=b1, filter_bias_correction=use_bias_correction)
@@ -193,8 +193,8 @@ def distributed_shampoo4(
   )
 
 
-def ds_state_layout(state_format: Any, root_method: Any, store_root: Any, bits: Any,
-                    bjorck_steps: Any) -> tuple[Any, Any, Any]:
+def ds_state_layout(state_format: Any, root_method: Any, store_root: bool | None, bits: int | None,
+                    bjorck_steps: tuple[int, int] | None) -> tuple[bool, int | None, tuple[int, int]]:
   """``(store_root, bits, bjorck_steps)`` of :func:`distributed_shampoo4`, its ``None`` defaults resolved.
 
   With ``store_root=None`` and ``bits=None``, an eigen-form state (``state_format="eigen"``, roots
@@ -212,7 +212,7 @@ def ds_state_layout(state_format: Any, root_method: Any, store_root: Any, bits: 
   """
   if store_root is None and bits is None and state_format == "eigen" and root_method in (None, "eigen"):
     return False, DS_BASIS_BITS, DS_BJORCK_STEPS if bjorck_steps is None else bjorck_steps
-  return store_root is None or store_root, bits, (1, 4) if bjorck_steps is None else bjorck_steps
+  return store_root is None or bool(store_root), bits, (1, 4) if bjorck_steps is None else bjorck_steps
 
 
 def soap4(
