@@ -225,8 +225,9 @@ SHAMPOO_ROWS = ("adamw+shampoo4_qr", "adamw+shampoo4_qr4", "adamw+shampoo4_eigh"
                 "adamw+shampoo4_adaptive_tol1", "adamw+shampoo4_noroot", "adamw+shampoo4_caspr", "adamw+shampoo3",
                 "adamw+naive4_jorge", "adamw+shampoo4_m8", "adamw+shampoo4_noroot_m8")
 # SOAP rows: float32 and 4-bit eigenbasis; the stored 4-bit basis used without the per-step Björck step
-# (bjorck_steps=(1, 0)); 8-bit Adam moments; every basis row in 4 bits (head_fraction=0).
-SOAP_ROWS = ("soap32", "soap4", "soap4_bjorck10", "soap4_m8", "soap4_nohead")
+# (bjorck_steps=(1, 0)); 8-bit Adam moments; every basis row in 4 bits (head_fraction=0); an 8-bit head and no
+# second tier (the layout before the 16-/8-bit tiers).
+SOAP_ROWS = ("soap32", "soap4", "soap4_bjorck10", "soap4_m8", "soap4_nohead", "soap4_head8")
 PEERS = ("distributed_shampoo", "distributed_shampoo int8", "psgdax kron")
 WEIGHT_DECAY = 1e-4  # optax.adamw's and s4.adamw_shampoo4's default
 SOAP_WEIGHT_DECAY = 1e-2  # s4.soap4's default

@@ -66,7 +66,8 @@ SOAP_VARIANTS: dict[str, dict[str, Any]] = {
     "soap32": {"state_format": "fp32"},
     "soap32_ref": {"state_format": "fp32", "statistic": "dense"},  # the SOAP authors' algorithm (reference semantics)
     "soap8": {"bits": 8},
-    "soap4": {"bits": 4},  # the default: 1/8 of each basis (largest eigenvalues) in 8 bits
+    "soap4": {"bits": 4},  # the default: 1/8 of each basis (largest eigenvalues) in 16 bits, the next 1/8 in 8
+    "soap4_head8": {"bits": 4, "head_bits": 8, "mid_fraction": 0.0},  # an 8-bit head of 1/8, no second tier
     "soap4_nohead": {"bits": 4, "head_fraction": 0.0},  # every basis row in 4 bits
     "soap4_bjorck22": {"bits": 4, "bjorck_steps": (2, 2)},  # two Björck steps before refreshes and each rotation
     "soap4_bjorck10": {"bits": 4, "bjorck_steps": (1, 0)},  # no per-step Björck
