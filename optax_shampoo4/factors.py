@@ -33,13 +33,13 @@ import jax.numpy as jnp
 
 from optax_shampoo4 import linalg, roots
 from optax_shampoo4 import quantization as qz
+from optax_shampoo4.stored_matrices import StoredMatrix, is_quantized, kept, load, rectified  # noqa: F401
 
 FORMATS = ("eigen", "naive", "fp32")
 ROOT_METHODS = ("eigen", "newton", "jorge", "eigh")
 REFRESH_METHODS = ("qr", "eigh", "adaptive")
 
 # A square matrix in the state: dense f32, quantized rows, or f32 diag + quantized off-diagonal.
-StoredMatrix = Union[jax.Array, qz.QuantizedArray, qz.OffDiagQuantized, qz.SplitRowsQuantized]
 
 
 class EigenFactors(NamedTuple):
@@ -195,47 +195,6 @@ class FactorConfig:
     if separate_diag:
       return qz.quantize_offdiag(matrix, self.mapping, self.bits, self.quant_block)
     return qz.quantize(matrix, self.mapping, self.bits, self.quant_block)
-
-
-def load(stored: StoredMatrix) -> jax.Array:
-  """Decodes a stored matrix to float32 ``[..., n, n]``."""
-  if isinstance(stored, qz.SplitRowsQuantized):
-    return qz.dequantize_split_rows(stored)
-  if isinstance(stored, qz.OffDiagQuantized):
-    return qz.dequantize_offdiag(stored)
-  if isinstance(stored, qz.QuantizedArray):
-    return qz.dequantize(stored)
-  return stored
-
-
-def kept(stored: StoredMatrix | None, part: str) -> StoredMatrix:
-  """``stored``, a part (``"stats"``, ``"root"``) that the bucket's format keeps; None here is a bug."""
-  if stored is None:
-    raise ValueError(f"this bucket keeps no {part} (its format or root method stores none)")
-  return stored
-
-
-def is_quantized(stored: StoredMatrix) -> bool:
-  """Whether a stored matrix is quantized (else dense float32)."""
-  return isinstance(stored, (qz.QuantizedArray, qz.OffDiagQuantized, qz.SplitRowsQuantized))
-
-
-def rectified(stored: StoredMatrix, steps: int, tail_steps: int | None = None, tail_qr: bool = False) -> jax.Array:
-  """Stored eigenvectors (rows) dequantized and Björck-rectified; dense float32 ones as they are.
-
-  Split rows (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`) are
-  rectified tier by tier, most precise first
-  (:func:`~optax_shampoo4.linalg.rectified_tiers`: ``tail_steps`` Björck
-  steps on the last tier, None: ``steps``), or with ``tail_qr`` the last
-  tier made exactly orthonormal by Gram–Schmidt (``tail_steps`` unused).
-  """
-  if isinstance(stored, qz.SplitRowsQuantized):
-    tiers = [qz.dequantize(part) for part in qz.row_tiers(stored)]
-    return linalg.rectified_tiers(tiers, steps, tail_steps, tail_qr)
-  rows = load(stored)
-  if is_quantized(stored):
-    return linalg.bjorck(rows, steps)
-  return rows
 
 
 def _all_finite(x: jax.Array) -> jax.Array:
