@@ -37,7 +37,8 @@ The tables:
    (default) compiles the every-step part alone (``apply_blocks`` with Shampoo's product, as the
    transform calls it; about a minute per N on 2 cores); ``update`` compiles the whole
    ``tx.update`` and counts the dots outside the gated refresh branches (same numbers, several
-   minutes per N for GPT-2: the refresh branches dominate compilation).
+   minutes per N for GPT-2: the refresh branches dominate compilation). ``--flops-only`` computes this
+   table alone and adds it to an existing JSON (``flops``).
 
 4. **Statistics-step matrix-product flops per device** (exact, from compiled programs, no timing;
    ``--flops-model``): ``FactorEngine.refresh_stats`` (4-bit eigen factors, max order 1024: the
@@ -472,6 +473,8 @@ def main(argv=None) -> dict | None:
   parser.add_argument("--flops-model", default="gpt2_124m", choices=list(MODELS))
   parser.add_argument("--flops-program", default="step", choices=["step", "update"])
   parser.add_argument("--skip-flops", action="store_true")
+  parser.add_argument("--flops-only", action="store_true",
+                      help="compute only the every-step flops table (exact, minutes) and add it to --out")
   parser.add_argument("--stats-flops-only", action="store_true",
                       help="compute only the statistics-step flops table and add it to --out")
   parser.add_argument("--fsdp-memory-only", action="store_true",
@@ -487,9 +490,12 @@ def main(argv=None) -> dict | None:
   if max(args.devices) > jax.device_count():
     parser.error(f"--devices {args.devices}: only {jax.device_count()} devices visible")
 
-  if args.stats_flops_only or args.fsdp_memory_only or args.fsdp_gathers_only:
+  if args.flops_only or args.stats_flops_only or args.fsdp_memory_only or args.fsdp_gathers_only:
     out = pathlib.Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
+    if args.flops_only:
+      result["flops"] = flops_table(args.flops_model, args.devices, args.flops_program)
+      print_flops(result["flops"])
     if args.stats_flops_only:
       result["stats_flops"] = stats_flops_table(args.flops_model, args.devices)
       print_stats_flops(result["stats_flops"])
