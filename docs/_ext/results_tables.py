@@ -206,6 +206,17 @@ def write_memory(results_dir, out_dir):
   plot_memory(data, out_dir / "memory.png")
 
 
+def _step_flops_text(flops):
+  """The every-step L̂GR̂ flops table (the products split over the devices by a static schedule), if measured."""
+  if not flops:
+    return ""
+  rows = [[n, f"{r['dot_flops_per_device'] / 1e9:.1f}", f"{r['vs_1_device']:.3f}", f"{1 / int(n):.3f}",
+           f"{r['balance']:.3f}"] for n, r in flops["rows"].items()]
+  return (f"\nMatrix-product flops per device of the every-step preconditioning, {_model_label(flops['model'])} "
+          f"(counted in the compiled {flops['program']} program):\n\n"
+          + markdown_table(["devices", "GFLOP per device", "of 1 device", "ideal 1/N", "schedule balance"], rows))
+
+
 def _stats_flops_text(stats_flops):
   """The statistics-step flops table (each device forms and refreshes only its own factors), if measured."""
   if not stats_flops:
@@ -243,6 +254,7 @@ def write_distributed(results_dir, out_dir):
   text += (f"\nStep times, {timing['model']}, {env['device_count']} virtual {env['backend']} devices on "
            f"{env['cpu_count']} cores (how the work divides, not a speed-up):\n\n"
            + markdown_table(["devices", "refresh step", "of 1 device", "plain step", "of 1 device"], rows))
+  text += _step_flops_text(data.get("flops"))
   text += _stats_flops_text(data.get("stats_flops"))
   text += _fsdp_memory_text(data.get("fsdp_memory"))
   (out_dir / "distributed.md").write_text(text)
