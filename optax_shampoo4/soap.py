@@ -134,13 +134,14 @@ def scale_by_soap4(
   (``benchmarks/illcond.py``, ``docs/results/illcond.md``). Correcting the
   eigenvalues from every gradient, :math:`\lambda \leftarrow \beta\lambda +
   (1-\beta)\,\mathrm{diag}(Q^\top G G^\top Q)` (free: Adam's rotated gradient
-  gives it), does worse, not better: what rotates the basis is the
-  statistic's off-diagonal part in the current basis, and what this
-  statistic lacks is that part from every gradient, which takes an
-  :math:`n \times n` accumulator (``benchmarks/soap_window.py``, small MLP,
-  final loss vs the reference: eigen-pair 1.36×, eigenvalue correction
-  1.69×, every gradient's off-diagonal part since the last refresh 1.02×,
-  the same in 8 bits 1.11×; 6 seeds).
+  gives it), does not close the gap where there is one: what rotates the
+  basis is the statistic's off-diagonal part in the current basis, and what
+  this statistic lacks is that part from every gradient, which takes an
+  :math:`n \times n` accumulator (``benchmarks/soap_window.py``, 3 seeds, vs
+  the reference: small MLP 1.42× with this statistic, 1.60× with the eigenvalue
+  correction, 1.01× with every gradient's off-diagonal part since the last
+  refresh, 0.96× with that part in 8 bits; deep linear network 1.50×, 1.56×,
+  0.96×, 0.68×).
 
   ``state_format="fp32"`` runs the same algorithm with float32 eigenvectors
   (no quantization, no Björck): the two formats differ only in storage (an
