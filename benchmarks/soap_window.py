@@ -10,7 +10,8 @@ variants form a ladder from the library's eigen-pair statistic to the reference:
 
 * ``refresh``: folded at refresh steps only, :math:`A = \beta^f Q\Lambda Q^\top + (1-\beta^f) GG^\top`
   (the library's ``statistic="refresh"``); ``refresh_f5`` / ``refresh_f2``: the same with a refresh every
-  5 / 2 steps (more gradients sampled, at 2× / 5× the refresh cost);
+  5 / 2 steps (more gradients sampled, at 2× / 5× the refresh cost), ``refresh_f9`` / ``refresh_f11``:
+  every 9 / 11 steps (an odd interval samples both phases of a gradient that alternates step to step);
 * ``corrected``: :math:`\lambda \leftarrow \beta\lambda + (1-\beta)\mathrm{diag} R` every step (the
   eigenvalue correction in the current basis); the refresh adds the off-diagonal part of its own step's
   :math:`R` with weight :math:`1-\beta^f` (no memory beyond the eigen-pair);
@@ -33,7 +34,7 @@ variants form a ladder from the library's eigen-pair statistic to the reference:
 Problems and metric as ``benchmarks/illcond.py`` (suboptimality or final loss, mean over seeds at the best
 learning rate of a sweep, and the whole sweep):
 
-  python benchmarks/soap_window.py --seeds 0 1 2 3 4 5   # mlp, ls_logunif_1e4, logreg_wine: soap_window.json
+  python benchmarks/soap_window.py --seeds 0 1 2 3 4 5   # mlp, deeplinear, ls_logunif_1e4, logreg_wine
   python benchmarks/soap_window.py --problems all --seeds 0 1 2 \
       --variants refresh corrected window window_q8 dense --out benchmarks/results/soap_window_all.json
 """
@@ -41,6 +42,7 @@ learning rate of a sweep, and the whole sweep):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -61,8 +63,8 @@ from benchmarks.soap_reference import outer_product, project, project_back, soap
 
 CARRIER_QUANT = {"carried_q8": (8, "dynamic_tree"), "carried_q4": (4, "linear2"),
                  "window_q8": (8, "dynamic_tree"), "window_q4": (4, "linear2")}
-VARIANTS = ("refresh", "refresh_f5", "refresh_f2", "corrected", "momentum", "window", "window_head", "window_q8",
-            "window_q4", "carried", "carried_q8", "carried_q4", "dense")
+VARIANTS = ("refresh", "refresh_f5", "refresh_f2", "refresh_f9", "refresh_f11", "corrected", "momentum",
+            "window", "window_head", "window_q8", "window_q4", "carried", "carried_q8", "carried_q4", "dense")
 
 
 class WindowState(NamedTuple):
@@ -88,21 +90,107 @@ def carrier_store(variant: str) -> Callable[[jax.Array], jax.Array]:
                                                                                  block=64)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+  """A variant's settings: the statistic kept (``variant``), Adam's constants and the refresh interval."""
+
+  variant: str
+  b1: float = 0.95
+  b2: float = 0.95
+  eps: float = 1e-8
+  every: int = 10
+
+  @property
+  def beta_f(self) -> float:
+    return self.b2**self.every
+
+  def store(self, off: jax.Array) -> jax.Array:
+    return carrier_store(self.variant)(off)
+
+
+def fold_factor(w: Window, lam: jax.Array, off: jax.Array, r: jax.Array, started: jax.Array) -> tuple:
+  """One factor's every-step fold of :math:`R`; returns ``(lam, off, A in the current basis)``."""
+  beta = w.b2
+  if w.variant == "refresh":
+    return lam, off, w.beta_f * jnp.diag(lam) + (1 - w.beta_f) * r
+  lam = beta * lam + (1 - beta) * jnp.diag(r)
+  if w.variant in ("corrected", "momentum"):
+    weight = 1.0 if w.variant == "momentum" else 1 - w.beta_f
+    return lam, off, jnp.diag(lam) + jnp.where(started, weight, 1 - beta) * offdiag(r)
+  off = w.store(beta * off + (1 - beta) * offdiag(r))
+  if w.variant == "window_head":  # only the rows and columns of the leading eighth (sorted basis)
+    lead = jnp.arange(r.shape[0]) < max(1, r.shape[0] // 8)
+    off = jnp.where(lead[:, None] | lead[None, :], off, 0.0)
+  return lam, off, jnp.diag(lam) + off
+
+
+def first_or_refresh(w: Window, a: jax.Array, lam: jax.Array, off: jax.Array, q: jax.Array,
+                     refresh: jax.Array, started: jax.Array) -> tuple:
+  """``(Q, lam, off, order)`` after this step: eigh at call 1, a sorted power step at a refresh."""
+  n = a.shape[0]
+  order = jnp.argsort(-jnp.diag(a), stable=True)
+  p = s4.linalg.orthonormal_basis(a[:, order])  # qr(A_rot[:, o]): Q_new = Q P
+  p_first, _ = s4.linalg.eigh_descending(a + 1e-30 * jnp.eye(n))
+  p = jnp.where(started, p, p_first)
+  b = s4.linalg.matmul(p.T, s4.linalg.matmul(a, p))
+  changed = refresh | ~started
+  off_after = offdiag(b) if w.variant.startswith("carried") else jnp.zeros_like(b)
+  return (jnp.where(changed, s4.linalg.matmul(q, p), q), jnp.where(changed, jnp.diag(b), lam),
+          jnp.where(changed, w.store(off_after), off), order)
+
+
+def statistic_grams(w: Window, rotated: jax.Array, m: jax.Array, q: tuple, t: jax.Array,
+                    started: jax.Array) -> list:
+  r"""Per rotated dimension :math:`R_k = Q_k^\top G G^\top Q_k` (``momentum``: its off-diagonal part from
+  Adam's bias-corrected first moment, :math:`\hat m \hat m^\top`)."""
+  grams = [None if qk is None else outer_product(rotated, k) for k, qk in enumerate(q)]
+  if w.variant != "momentum":
+    return grams
+  moment = m / (1 - w.b1**t)
+  mixed = [None if r is None else offdiag(outer_product(moment, k)) + jnp.diag(jnp.diag(r))
+           for k, r in enumerate(grams)]
+  return [None if r is None else jnp.where(started, x, r) for x, r in zip(mixed, grams)]
+
+
+def leaf_update(w: Window, g, m, v, lam, off, q, step, started) -> tuple:
+  """One leaf's step: ``(direction, m, v, lam, off, bases)``."""
+  rotated = project(g, q)
+  m_new, v_new = w.b1 * m + (1 - w.b1) * rotated, w.b2 * v + (1 - w.b2) * rotated**2
+  t = jnp.maximum(step, 1).astype(jnp.float32)
+  direction = jnp.sqrt(1 - w.b2**t) / (1 - w.b1**t) * project_back(m_new / (jnp.sqrt(v_new) + w.eps), q)
+  direction = jnp.where(started, direction, 0.0)
+  m_new, v_new = jnp.where(started, m_new, m), jnp.where(started, v_new, v)
+  if all(b is None for b in q):
+    return direction, m_new, v_new, lam, off, q
+  refresh = started & (step % w.every == 0)
+  new = []
+  for k, (lk, ok, r, qk) in enumerate(zip(lam, off, statistic_grams(w, rotated, m_new, q, t, started), q)):
+    if r is None:
+      new.append((None, None, None))
+      continue
+    lk, ok, a = fold_factor(w, lk, ok, r, started)
+    qk_new, lk, ok, order = first_or_refresh(w, a, lk, ok, qk, refresh, started)
+    v_new = jnp.where(refresh, jnp.take(v_new, order, axis=k), v_new)
+    new.append((qk_new, lk, ok))
+  q_new, lam, off = (tuple(c) for c in zip(*new))
+  m_new = lax.cond(refresh, lambda: project(project_back(m_new, q), q_new), lambda: m_new)
+  return direction, m_new, v_new, lam, off, q_new
+
+
 def scale_by_soap_window(variant: str, b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8,
                          every: int = 10) -> optax.GradientTransformation:
   """SOAP's normalized direction with the statistic kept as ``variant`` says (see the module docstring)."""
-  beta, store = b2, carrier_store(variant)
-  every = int(variant.split("_f")[1]) if variant.startswith("refresh_f") else every
-  variant = "refresh" if variant.startswith("refresh_f") else variant
-  beta_f = beta**every
+  if variant.startswith("refresh_f"):  # refresh_f<k>: the refresh statistic, a refresh every k steps
+    variant, every = "refresh", int(variant[len("refresh_f"):])
+  w = Window(variant, b1, b2, eps, every)
 
   def init_fn(params):
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    rot = lambda p: p.ndim >= 2  # noqa: E731
-    lam = jax.tree.map(lambda p: tuple(jnp.zeros(n) if rot(p) else None for n in p.shape), params)
-    off = jax.tree.map(lambda p: tuple(jnp.zeros((n, n)) if rot(p) else None for n in p.shape), params)
-    bases = jax.tree.map(lambda p: tuple(jnp.eye(n) if rot(p) else None for n in p.shape), params)
-    return WindowState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), zeros, zeros, lam, off, bases)
+    def per_dim(make):  # one entry per dimension of a rank >= 2 leaf
+      return jax.tree.map(lambda p: tuple(make(n) if p.ndim >= 2 else None for n in p.shape), params)
+
+    return WindowState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), zeros, zeros,
+                       per_dim(jnp.zeros), per_dim(lambda n: jnp.zeros((n, n))), per_dim(jnp.eye))
 
   def update_fn(updates, state, params=None):
     del params
@@ -110,80 +198,11 @@ def scale_by_soap_window(variant: str, b1: float = 0.95, b2: float = 0.95, eps: 
     step = state.step + started.astype(jnp.int32)
     leaves, treedef = jax.tree.flatten(updates)
     flat = treedef.flatten_up_to
-    outs = []
-    for g, m, v, lam, off, q in zip(leaves, flat(state.mu), flat(state.nu), flat(state.lam), flat(state.off),
-                                    flat(state.bases)):
-      outs.append(leaf_update(g.astype(jnp.float32), m, v, lam, off, q, step, started))
+    outs = [leaf_update(w, g.astype(jnp.float32), *rest, step, started)
+            for g, *rest in zip(leaves, flat(state.mu), flat(state.nu), flat(state.lam), flat(state.off),
+                                flat(state.bases))]
     cols = [treedef.unflatten(list(c)) for c in zip(*outs)]
     return cols[0], WindowState(state.count + 1, step, *cols[1:])
-
-  def leaf_update(g, m, v, lam, off, q, step, started):
-    rotated = project(g, q)
-    m_new, v_new = b1 * m + (1 - b1) * rotated, b2 * v + (1 - b2) * rotated**2
-    t = jnp.maximum(step, 1).astype(jnp.float32)
-    direction = jnp.sqrt(1 - b2**t) / (1 - b1**t) * project_back(m_new / (jnp.sqrt(v_new) + eps), q)
-    direction = jnp.where(started, direction, 0.0)
-    m_new, v_new = jnp.where(started, m_new, m), jnp.where(started, v_new, v)
-    if all(b is None for b in q):
-      return direction, m_new, v_new, lam, off, q
-    refresh = started & (step % every == 0)
-    grams = [None if qk is None else outer_product(rotated, k) for k, qk in enumerate(q)]  # R_k = Q_kᵀ G Gᵀ Q_k
-    if variant == "momentum":  # the off-diagonal part from Adam's (bias-corrected) first moment instead
-      moment = m_new / (1 - b1**t)
-      grams = [None if r is None else jnp.where(started, offdiag(outer_product(moment, k)) + jnp.diag(jnp.diag(r)), r)
-               for k, r in enumerate(grams)]
-    lam, off, a_rot = fold(lam, off, grams, started)
-    new = [first_or_refresh(a, lk, ok, qk, refresh, started) for a, lk, ok, qk in zip(a_rot, lam, off, q)]
-    orders = [None if n is None else n[3] for n in new]
-    for k, o in enumerate(orders):
-      if o is not None:
-        v_new = jnp.where(refresh, jnp.take(v_new, o, axis=k), v_new)
-    q_new = tuple(None if n is None else n[0] for n in new)
-    lam = tuple(None if n is None else n[1] for n in new)
-    off = tuple(None if n is None else store(n[2]) for n in new)
-    m_new = lax.cond(refresh, lambda: project(project_back(m_new, q), q_new), lambda: m_new)
-    return direction, m_new, v_new, lam, off, q_new
-
-  def fold(lam, off, grams, started):
-    """Every step's fold; returns ``(lam, off, A in the current basis)`` (A used where a refresh is due)."""
-    new_lam, new_off, a_rot = [], [], []
-    for lk, ok, r in zip(lam, off, grams):
-      if r is None:
-        new_lam.append(None), new_off.append(None), a_rot.append(None)
-        continue
-      if variant == "refresh":
-        a = beta_f * jnp.diag(lk) + (1 - beta_f) * r
-        lk_new, ok_new = lk, ok
-      else:
-        lk_new = beta * lk + (1 - beta) * jnp.diag(r)
-        if variant in ("corrected", "momentum"):
-          ok_new = ok
-          weight = 1.0 if variant == "momentum" else 1 - beta_f
-          a = jnp.diag(lk_new) + jnp.where(started, weight, 1 - beta) * offdiag(r)
-        else:
-          ok_new = store(beta * ok + (1 - beta) * offdiag(r))
-          if variant == "window_head":  # only the rows and columns of the leading eighth (sorted basis)
-            lead = jnp.arange(r.shape[0]) < max(1, r.shape[0] // 8)
-            ok_new = jnp.where(lead[:, None] | lead[None, :], ok_new, 0.0)
-          a = jnp.diag(lk_new) + ok_new
-      new_lam.append(lk_new), new_off.append(ok_new), a_rot.append(a)
-    return tuple(new_lam), tuple(new_off), a_rot
-
-  def first_or_refresh(a, lk, ok, qk, refresh, started):
-    """``(Q, lam, off, order)`` after this step: eigh at call 1, a sorted power step at a refresh."""
-    if a is None:
-      return None
-    n = a.shape[0]
-    order = jnp.argsort(-jnp.diag(a), stable=True)
-    p = s4.linalg.orthonormal_basis(a[:, order])  # qr(A_rot[:, o]): Q_new = Q P
-    p_first, _ = s4.linalg.eigh_descending(a + 1e-30 * jnp.eye(n))
-    p = jnp.where(started, p, p_first)
-    b = s4.linalg.matmul(p.T, s4.linalg.matmul(a, p))
-    changed = refresh | ~started
-    keep_residual = variant in ("carried", "carried_q8", "carried_q4")
-    off_after = offdiag(b) if keep_residual else jnp.zeros_like(b)
-    return (jnp.where(changed, s4.linalg.matmul(qk, p), qk), jnp.where(changed, jnp.diag(b), lk),
-            jnp.where(changed, off_after, ok), order)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -196,7 +215,7 @@ def make_opt(variant: str) -> optax.GradientTransformation:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--problems", nargs="+", default=["mlp", "ls_logunif_1e4", "logreg_wine"])
+  parser.add_argument("--problems", nargs="+", default=["mlp", "deeplinear", "ls_logunif_1e4", "logreg_wine"])
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--steps", type=int, default=300)
@@ -223,8 +242,8 @@ def main(argv=None) -> dict:
       print(f"  {variant:<12} best {s['best_mean']:.4g} ± {s['best_std']:.2g} @ {s['best_lr']:.2g}  "
             f"x{ratio:.3g}   [{sweep}]", flush=True)
     results[name] = {"metric": metric, "summary": summaries}
-    pathlib.Path(args.out).write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "problems": results},
-                                                 indent=1, default=float))
+    payload = {"steps": args.steps, "seeds": args.seeds, "problems": results}
+    pathlib.Path(args.out).write_text(json.dumps(payload, indent=1, default=float))
   return results
 
 

@@ -1,4 +1,4 @@
-"""``benchmarks/soap_window.py``: its statistic ladder against the float64 transcription of the SOAP authors' code.
+"""``benchmarks/soap_window.py``: its statistic ladder against the float64 transcription of the authors' SOAP.
 
 The ``carried`` variant keeps the reference's statistic in the current basis
 (diagonal plus carried off-diagonal part), so it must equal the transcription
