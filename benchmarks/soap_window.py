@@ -29,7 +29,10 @@ variants form a ladder from the library's eigen-pair statistic to the reference:
   reference's statistic in other coordinates (equal up to rounding,
   ``tests/integration/test_soap_window_benchmark.py``); ``carried_q8`` / ``carried_q4``: with :math:`O`
   stored as in ``window_q8`` / ``window_q4``;
-* ``dense``: the reference's dense statistic (``benchmarks/soap_reference.py``).
+* ``dense``: the reference's dense statistic (``benchmarks/soap_reference.py``);
+* ``refresh_eigh`` / ``corrected_eigh`` / ``window_eigh``: each refresh an exact eigendecomposition of
+  :math:`A` (the eigen-pair then *is* :math:`A`: nothing left off the diagonal to drop) in place of the
+  power step (``v`` permuted by the sort of :math:`\mathrm{diag}\,A`, as the power step's).
 
 Problems and metric as ``benchmarks/illcond.py`` (suboptimality or final loss, mean over seeds at the best
 learning rate of a sweep, and the whole sweep):
@@ -37,6 +40,8 @@ learning rate of a sweep, and the whole sweep):
   python benchmarks/soap_window.py --seeds 0 1 2 3 4 5   # mlp, deeplinear, ls_logunif_1e4, logreg_wine
   python benchmarks/soap_window.py --problems all --seeds 0 1 2 \
       --variants refresh corrected window window_q8 dense --out benchmarks/results/soap_window_all.json
+  python benchmarks/soap_window.py --seeds 0 1 2 3 4 5 \
+      --variants refresh_eigh corrected_eigh window_eigh dense --out benchmarks/results/soap_window_eigh.json
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ from benchmarks.soap_reference import outer_product, project, project_back, soap
 CARRIER_QUANT = {"carried_q8": (8, "dynamic_tree"), "carried_q4": (4, "linear2"),
                  "window_q8": (8, "dynamic_tree"), "window_q4": (4, "linear2")}
 VARIANTS = ("refresh", "refresh_f5", "refresh_f2", "refresh_f9", "refresh_f11", "corrected", "momentum",
-            "window", "window_head", "window_q8", "window_q4", "carried", "carried_q8", "carried_q4", "dense")
+            "window", "window_head", "window_q8", "window_q4", "carried", "carried_q8", "carried_q4", "dense",
+            "refresh_eigh", "corrected_eigh", "window_eigh")
 
 
 class WindowState(NamedTuple):
@@ -95,6 +101,7 @@ class Window:
   """A variant's settings: the statistic kept (``variant``), Adam's constants and the refresh interval."""
 
   variant: str
+  eigh: bool = False  # each refresh an exact eigendecomposition of A (no residual), not one power step
   b1: float = 0.95
   b2: float = 0.95
   eps: float = 1e-8
@@ -131,7 +138,7 @@ def first_or_refresh(w: Window, a: jax.Array, lam: jax.Array, off: jax.Array, q:
   order = jnp.argsort(-jnp.diag(a), stable=True)
   p = s4.linalg.orthonormal_basis(a[:, order])  # qr(A_rot[:, o]): Q_new = Q P
   p_first, _ = s4.linalg.eigh_descending(a + 1e-30 * jnp.eye(n))
-  p = jnp.where(started, p, p_first)
+  p = jnp.where(started, p, p_first) if not w.eigh else p_first
   b = s4.linalg.matmul(p.T, s4.linalg.matmul(a, p))
   changed = refresh | ~started
   off_after = offdiag(b) if w.variant.startswith("carried") else jnp.zeros_like(b)
@@ -180,9 +187,11 @@ def leaf_update(w: Window, g, m, v, lam, off, q, step, started) -> tuple:
 def scale_by_soap_window(variant: str, b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8,
                          every: int = 10) -> optax.GradientTransformation:
   """SOAP's normalized direction with the statistic kept as ``variant`` says (see the module docstring)."""
+  eigh = variant.endswith("_eigh")
+  variant = variant.removesuffix("_eigh")
   if variant.startswith("refresh_f"):  # refresh_f<k>: the refresh statistic, a refresh every k steps
     variant, every = "refresh", int(variant[len("refresh_f"):])
-  w = Window(variant, b1, b2, eps, every)
+  w = Window(variant, eigh, b1, b2, eps, every)
 
   def init_fn(params):
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
