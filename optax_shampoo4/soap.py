@@ -131,7 +131,19 @@ def scale_by_soap4(
   :math:`\beta_s = b_2` per refresh would average over :math:`f/(1-b_2)`
   ≈ 200 steps, which trailed the authors' SOAP by 16 % on a small
   autoencoder and 2-4× in suboptimality on ill-conditioned least squares
-  (``benchmarks/illcond.py``, ``docs/results/illcond.md``).
+  (``benchmarks/illcond.py``, ``docs/results/illcond.md``). Correcting the
+  eigenvalues from every gradient, :math:`\lambda \leftarrow \beta\lambda +
+  (1-\beta)\,\mathrm{diag}(Q^\top G G^\top Q)` (free: Adam's rotated gradient
+  gives it), does not close the gap where there is one: what rotates the
+  basis is the statistic's off-diagonal part in the current basis, and what
+  this statistic lacks is that part from every gradient, which takes an
+  :math:`n \times n` accumulator (``benchmarks/soap_window.py``, 3 seeds, vs
+  the reference: small MLP 1.42× with this statistic, 1.60× with the eigenvalue
+  correction, 1.01× with every gradient's off-diagonal part since the last
+  refresh, 0.99× with that part in 8 bits; deep linear network 1.50×, 1.56×,
+  0.96×, 0.87×; 8 bits cost :math:`n^2` bytes per factor, twice the 4-bit
+  eigenvectors, and cut the largest stable learning rate on least squares
+  from 3.2 to 1).
 
   ``state_format="fp32"`` runs the same algorithm with float32 eigenvectors
   (no quantization, no Björck): the two formats differ only in storage (an
