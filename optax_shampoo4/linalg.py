@@ -192,7 +192,7 @@ def orthonormal_head_first_parts(head: jax.Array, tail: jax.Array, steps: int = 
 
 
 def rectified_tiers(tiers: list[jax.Array], steps: int = 1, tail_steps: int | None = None,
-                    tail_qr: bool = False) -> jax.Array:
+                    tail_qr: bool = False, always_project: bool = False) -> jax.Array:
   """Row blocks ``[T_0; T_1; ...]``, most precise first, rectified one after the other and joined.
 
   .. math::
@@ -205,9 +205,11 @@ def rectified_tiers(tiers: list[jax.Array], steps: int = 1, tail_steps: int | No
   (None: ``steps``) or, with ``tail_qr``, exact Gram–Schmidt by
   :func:`orthonormal_rows`. No block's error reaches a block before it, so a
   coarser block never moves the more precise rows of larger eigenvalues.
-  ``steps=0`` returns the blocks joined unchanged.
+  ``steps=0`` returns the blocks joined unchanged, or with ``always_project``
+  each projected out of the ones before it and no Björck step (block
+  Gram–Schmidt without normalization).
   """
-  if steps == 0:
+  if steps == 0 and not always_project:
     return jnp.concatenate(tiers, axis=-2)
   tail_steps = steps if tail_steps is None else tail_steps
   done = bjorck(tiers[0], steps)

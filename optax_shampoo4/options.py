@@ -300,7 +300,7 @@ class SoapOptions:
                   max_order: int | None = None, max_precond_dim: int | None = None,
                   state_format: SoapStateFormat = "eigen", bits: int | None = None, mapping: Mapping = "linear2",
                   quant_block: int | None = None, min_quant_order: int | None = None,
-                  bjorck_steps: tuple[int, int] = (1, 1), mesh: jax.sharding.Mesh | None = None,
+                  bjorck_steps: tuple[int, int] | None = None, mesh: jax.sharding.Mesh | None = None,
                   mesh_axis: str = "data", moment_bits: int | None = None, project_nu: bool | None = None,
                   head_fraction: float | None = None, statistic: SoapStatistic = "refresh",
                   precision: Precision = DEFAULT_PRECISION,
@@ -323,11 +323,14 @@ class SoapOptions:
     _check_choice("tail_rectify", tail_rectify, TAIL_RECTIFY)
     project_nu = statistic == "refresh" if project_nu is None else _check_bool("project_nu", project_nu)
     sharding.validate_mesh(mesh, mesh_axis)
+    head_fraction = _fraction("head_fraction", head_fraction, DEFAULT_HEAD_FRACTION)
+    if bjorck_steps is None:  # tiered bases: each step projects the tiers, no Björck step needed
+      bjorck_steps = (1, 0) if head_fraction > 0 and tail_rectify != "qr_every_step" else (1, 1)
     return cls(b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
                max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
                mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
                bjorck_steps=_bjorck_steps(bjorck_steps), mesh=mesh, mesh_axis=mesh_axis,
-               moment_bits=moment_bits, project_nu=project_nu, head_fraction=_fraction("head_fraction", head_fraction, DEFAULT_HEAD_FRACTION),
+               moment_bits=moment_bits, project_nu=project_nu, head_fraction=head_fraction,
                statistic=statistic, precision=check_precision(precision), tail_rectify=tail_rectify,
                head_bits=_head_bits(head_bits, bits),
                mid_fraction=_fraction("mid_fraction", mid_fraction, DEFAULT_MID_FRACTION))

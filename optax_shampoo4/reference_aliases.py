@@ -232,7 +232,7 @@ def soap4(
     mapping: options.Mapping = "linear2",
     quant_block: int | None = None,
     min_quant_order: int | None = None,
-    bjorck_steps: tuple[int, int] = (1, 1),
+    bjorck_steps: tuple[int, int] | None = None,
     moment_bits: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",

@@ -78,7 +78,7 @@ def scale_by_soap4(
     mapping: options.Mapping = "linear2",
     quant_block: int | None = None,
     min_quant_order: int | None = None,
-    bjorck_steps: tuple[int, int] = (1, 1),
+    bjorck_steps: tuple[int, int] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
     moment_bits: int | None = None,
@@ -198,11 +198,16 @@ def scale_by_soap4(
     min_quant_order: factors of smaller order are kept in float32 (None: 64).
     bjorck_steps: ``(t1, t2)`` Björck iterations on the dequantized
       eigenvectors before a refresh and before every step's rotation. With
-      a head (``head_fraction``) a refresh rectifies head first with
-      ``t1`` steps on both parts, and each step only rectifies the head
-      (``t2`` steps) and projects it out of the 4-bit rows: their own Björck
-      step would cost :math:`2n^3` per factor, most of the step (its effect
-      on quality: ``benchmarks/soap_basis.py``, :doc:`/results/design`).
+      a head (``head_fraction``) a refresh rectifies tier by tier with
+      ``t1`` steps on each, and each step projects every tier out of the
+      more precise ones before it, after ``t2`` steps on all but the 4-bit
+      rows: their own Björck step would cost :math:`2n^3` per factor, most
+      of the step (its effect on quality: ``benchmarks/soap_basis.py``,
+      :doc:`/results/design`). None: ``(1, 0)`` with a head (the 16- and
+      8-bit rows come out of the refresh orthonormal to their precision; a
+      Björck step on them each step changed no illcond problem by more than
+      its seed spread and cost about a tenth of the step), ``(1, 1)``
+      without or with ``tail_rectify="qr_every_step"``.
     mesh: optional device mesh; the factor axis of each bucket is split over
       ``mesh_axis`` and refreshed under ``jax.shard_map`` (as
       :func:`~optax_shampoo4.scale_by_shampoo4`). Results do not depend on it.

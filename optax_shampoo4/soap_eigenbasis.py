@@ -26,9 +26,10 @@ from optax_shampoo4 import factors as fct
 def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets: engine.Buckets) -> dict:
   r"""Per bucket, the eigenvectors as rows (:math:`Q^\top`), dequantized, rectified and gathered.
 
-  With a head (16-bit by default), each step rectifies the head and projects it out of the
-  4-bit rows; the 4-bit rows' own Björck (:math:`2n^3` per factor, most of the
-  step) is not run (see ``head_fraction``).
+  With a head (16-bit by default), each step projects every tier of rows out of the more precise
+  ones before it, after ``bjorck_steps[1]`` Björck steps on all but the 4-bit rows (none by
+  default); the 4-bit rows' own Björck (:math:`2n^3` per factor, most of the step) is not run
+  (see ``head_fraction``).
   """
   every_step_qr = opts.tail_rectify == "qr_every_step"
   rows = {}
@@ -36,7 +37,7 @@ def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets
     if not isinstance(bucket, fct.EigenFactors):
       raise TypeError(f"SOAP's buckets are EigenFactors, got {type(bucket).__name__} for bucket {name!r}")
     rows[name] = fct.rectified(factor_engine.gathered(bucket.eigvecs), opts.bjorck_steps[1], tail_steps=0,
-                               tail_qr=every_step_qr)
+                               tail_qr=every_step_qr, always_project=True)
   return rows
 
 

@@ -40,18 +40,20 @@ def is_quantized(stored: StoredMatrix) -> bool:
   return isinstance(stored, (qz.QuantizedArray, qz.OffDiagQuantized, qz.SplitRowsQuantized))
 
 
-def rectified(stored: StoredMatrix, steps: int, tail_steps: int | None = None, tail_qr: bool = False) -> jax.Array:
+def rectified(stored: StoredMatrix, steps: int, tail_steps: int | None = None, tail_qr: bool = False,
+              always_project: bool = False) -> jax.Array:
   """Stored eigenvectors (rows) dequantized and Björck-rectified; dense float32 ones as they are.
 
   Split rows (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`) are
   rectified tier by tier, most precise first
   (:func:`~optax_shampoo4.linalg.rectified_tiers`: ``tail_steps`` Björck
   steps on the last tier, None: ``steps``), or with ``tail_qr`` the last
-  tier made exactly orthonormal by Gram–Schmidt (``tail_steps`` unused).
+  tier made exactly orthonormal by Gram–Schmidt (``tail_steps`` unused);
+  with ``always_project`` the tiers are projected even for ``steps=0``.
   """
   if isinstance(stored, qz.SplitRowsQuantized):
     tiers = [qz.dequantize(part) for part in qz.row_tiers(stored)]
-    return linalg.rectified_tiers(tiers, steps, tail_steps, tail_qr)
+    return linalg.rectified_tiers(tiers, steps, tail_steps, tail_qr, always_project)
   rows = load(stored)
   if is_quantized(stored):
     return linalg.bjorck(rows, steps)
