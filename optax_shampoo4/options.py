@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,9 @@ Mapping = Literal["linear2", "dynamic_tree", "linear"]
 GraftingType = Literal["frobenius", "sgd", "adagrad", "rmsprop", "adam"]
 EpsilonMode = Literal["relative", "absolute"]
 Precision = Literal["highest", "high", "default"]
+# What of the inverse roots a Shampoo state keeps: all (True), nothing (False) or their eigenvalues.
+STORE_ROOT_EIGVALS = "eigvals"
+StoreRoot = Union[bool, Literal["eigvals"]]
 
 COMBINES = get_args(Combine)
 EPSILON_MODES = get_args(EpsilonMode)
@@ -148,11 +151,16 @@ def _check_jorge_beta(beta: Any, root_method: str) -> None:
                      f"gram term, got beta={beta!r}")
 
 
-def _check_store_root(store_root: Any, state_format: str, root_method: str) -> bool:
-  store_root = _check_bool("store_root", store_root)
-  if not store_root and (state_format != "eigen" or root_method != "eigen"):
+def _check_store_root(store_root: Any, state_format: str, root_method: str) -> StoreRoot:
+  """``store_root`` checked: True, False or ``"eigvals"`` (the last two form the roots from eigenpairs)."""
+  if isinstance(store_root, str):
+    if store_root != STORE_ROOT_EIGVALS:
+      raise TypeError(f"store_root must be a bool or {STORE_ROOT_EIGVALS!r}, got store_root={store_root!r}")
+  else:
+    store_root = _check_bool("store_root", store_root)
+  if store_root is not True and (state_format != "eigen" or root_method != "eigen"):
     raise ValueError(
-        "store_root=False forms the roots from stored eigenvectors: it needs state_format='eigen' and "
+        f"store_root={store_root!r} forms the roots from stored eigenvectors: it needs state_format='eigen' and "
         f"root_method='eigen' (or None), got state_format={state_format!r}, root_method={root_method!r}")
   return store_root
 
@@ -196,7 +204,7 @@ class ShampooOptions:
   grafting: grafting_lib.Grafting
   start_preconditioning_step: ArrayLike | None
   combine: Combine
-  store_root: bool
+  store_root: StoreRoot
   epsilon_mode: EpsilonMode = "relative"
   stats_bias_correction: bool = False
   precondition_1d: bool = False
@@ -214,7 +222,7 @@ class ShampooOptions:
                   grafting: GraftingType = "frobenius", grafting_eps: ArrayLike | None = None,
                   grafting_beta2: ArrayLike | None = None, grafting_per_block: bool | None = None,
                   start_preconditioning_step: ArrayLike | None = None, filter_beta: ArrayLike | None = None,
-                  filter_bias_correction: bool = True, combine: Combine = "shampoo", store_root: bool = True,
+                  filter_bias_correction: bool = True, combine: Combine = "shampoo", store_root: StoreRoot = True,
                   epsilon_mode: EpsilonMode = "relative", stats_bias_correction: bool = False,
                   precondition_1d: bool = False, precision: Precision = DEFAULT_PRECISION,
                   quant_damping: ArrayLike = 0.0) -> ShampooOptions:

@@ -78,7 +78,7 @@ def scale_by_shampoo4(
     filter_beta: jax.typing.ArrayLike | None = None,
     filter_bias_correction: bool = True,
     combine: options.Combine = "shampoo",
-    store_root: bool = True,
+    store_root: options.StoreRoot = True,
     epsilon_mode: options.EpsilonMode = "relative",
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
@@ -211,7 +211,13 @@ def scale_by_shampoo4(
       is formed from the stored eigenpairs (after ``bjorck_steps[1]`` Björck
       iterations), which halves the preconditioner's memory and costs those
       products at every step; the roots then follow the latest statistics
-      (``root_every`` has no effect).
+      (``root_every`` has no effect). ``"eigvals"`` also stores no root
+      matrix but keeps, per factor, the eigenvalues :math:`\Lambda_r` as of
+      the last root update (every ``root_every`` steps, one float32 vector):
+      the roots formed at every step are
+      :math:`V (\Lambda_r + \epsilon\max\lambda_r I)^{-1/4} V^\top` with the
+      current basis :math:`V`, so the spectrum they apply changes on the
+      stored root's schedule (measured: ``benchmarks/shampoo4_root_eigvals.py``).
     epsilon_mode: ``"relative"`` (the paper: roots of :math:`A +
       \epsilon\lambda_{\max}(A) I`, statistics start at :math:`\epsilon I`)
       or ``"absolute"`` (Distributed Shampoo: roots of :math:`A + \epsilon I`,
@@ -292,7 +298,9 @@ def init(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, param
   zero = jnp.zeros([], jnp.int32)
   graft_state = opts.grafting.init(params)
   initial = 0.0 if opts.epsilon_mode == "absolute" else opts.epsilon
-  buckets = factor_engine.init_factors(params, initial, "scale_by_shampoo4", with_root=opts.store_root)
+  buckets = factor_engine.init_factors(params, initial, "scale_by_shampoo4", with_root=opts.store_root is True)
+  if opts.store_root == options.STORE_ROOT_EIGVALS and isinstance(buckets, dict):
+    buckets = {name: keep_root_eigvals(bucket) for name, bucket in buckets.items()}
   return ScaleByShampoo4State(zero, buckets, zero, zero, zero, graft_state)
 
 
@@ -329,12 +337,19 @@ def refresh(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, bu
   root_due = every(step.count, opts.root_every)
   if opts.start_preconditioning_step is not None:
     root_due |= step.count == opts.start_preconditioning_step
-  if opts.store_root:
+  if opts.store_root is not False:
     buckets, root_failures = lax.cond(
         root_due, lambda b: factor_engine.refresh_roots(b, epsilon, step.plan), engine.no_refresh, buckets)
   else:
     root_failures = jnp.zeros([], jnp.int32)
   return factor_engine.keep_split(buckets), stats_failures + root_failures
+
+
+def keep_root_eigvals(bucket: fct.Bucket) -> fct.Bucket:
+  """An ``"eigen"`` bucket that keeps its roots as eigenvalues (``store_root="eigvals"``), from its current ones."""
+  if isinstance(bucket, fct.EigenFactors):
+    return bucket._replace(root=None, root_eigvals=bucket.eigvals)
+  return bucket
 
 
 def root_epsilon(opts: options.ShampooOptions, count: jax.Array) -> jax.Array:
@@ -363,7 +378,7 @@ def precondition_blocks(opts: options.ShampooOptions, factor_engine: engine.Fact
   no root is stored.
   """
   roots: dict[str, fct.StoredMatrix]
-  if opts.store_root:
+  if opts.store_root is True:
     roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
   else:
     roots = {**factor_engine.roots_from_eigenbases(buckets, epsilon, opts.precision)}

@@ -543,3 +543,100 @@ class TestJorgeRootMethod:
     naive = s4.state_nbytes(jax.eval_shape(s4.scale_by_shampoo4(state_format="naive").init, shapes))
     # Jorge keeps one quantized matrix per factor (the root), the naive format two (statistic and root).
     assert jorge["preconditioner"] * 2 == naive["preconditioner"]
+
+
+# --- store_root="eigvals" ---------------------------------------------------------------------------------
+
+EIGVALS_CONFIG = STORE_ROOT_CONFIG | dict(root_every=3, store_root="eigvals")
+
+
+def _np_root_from(bucket, index, eigvals, bjorck_steps):
+  """float64 :math:`V (\\Lambda + \\epsilon\\max\\lambda)^{-1/4} V^\\top` of the state's basis and ``eigvals``."""
+  rows = np.asarray(fct.load(bucket.eigvecs)[index], np.float64)
+  if fct.is_quantized(bucket.eigvecs):
+    rows = _np_bjorck(rows, bjorck_steps)
+  eigvals = np.maximum(np.asarray(eigvals, np.float64), 0.0)
+  return rows.T @ np.diag((eigvals + STORE_ROOT_EPSILON * eigvals.max()) ** -0.25) @ rows
+
+
+def _trajectory(steps, **kwargs):
+  """The states after each of ``steps`` updates, with the last step's gradients and updates."""
+  tx = s4.scale_by_shampoo4(**(EIGVALS_CONFIG | kwargs))
+  state = tx.init(_store_root_params())
+  update = jax.jit(tx.update)
+  states = []
+  for step in range(steps):
+    grads = _store_root_grads(step)
+    updates, state = update(grads, state)
+    states.append(state)
+  return grads, updates, states
+
+
+class TestStoreRootEigvals:
+  """``store_root="eigvals"``: no root matrix; the eigenvalues of the last root update with the current basis."""
+
+  def test_eigenvalues_are_captured_at_root_updates_only(self):
+    _, _, states = _trajectory(5, bits=8)
+    for step, state in enumerate(states, start=1):
+      for name, bucket in state.factors.items():
+        assert bucket.root is None
+        if step < 3:  # before the first root update (root_every=3): the initial eigenvalues, epsilon
+          np.testing.assert_array_equal(np.asarray(bucket.root_eigvals), STORE_ROOT_EPSILON)
+        else:
+          np.testing.assert_array_equal(np.asarray(bucket.root_eigvals), np.asarray(states[2].factors[name].eigvals))
+    # After step 3 the statistics moved on (stats_every=1), so the roots use older eigenvalues than the basis.
+    last = states[-1].factors
+    assert all(not np.allclose(np.asarray(b.eigvals), np.asarray(b.root_eigvals), rtol=1e-3) for b in last.values())
+
+  @pytest.mark.parametrize("bits", [4, 8])
+  def test_update_equals_float64_reference_with_the_captured_eigenvalues(self, bits):
+    """Step 5: current (rectified) basis with step 3's eigenvalues; fp32 products vs float64, 2e-3 relative."""
+    grads, updates, states = _trajectory(5, bits=bits)
+    buckets = states[-1].factors
+    left = next(b for name, b in buckets.items() if name.startswith("order48"))
+    right = next(b for name, b in buckets.items() if name.startswith("order32"))
+    g = np.asarray(grads["w"], np.float64)
+    roots = [_np_root_from(b, 0, b.root_eigvals[0], 4) for b in (left, right)]
+    preconditioned = roots[0] @ g @ roots[1]
+    expected = preconditioned * np.linalg.norm(g) / np.linalg.norm(preconditioned)
+    np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+    # The stale eigenvalues matter: with the current ones the update differs by far more than the tolerance.
+    current = [_np_root_from(b, 0, b.eigvals[0], 4) for b in (left, right)]
+    other = current[0] @ g @ current[1]
+    other = other * np.linalg.norm(g) / np.linalg.norm(other)
+    assert np.abs(other - expected).max() > 1e-2 * np.abs(expected).max()
+
+  def test_equals_stored_root_at_a_root_update_in_float32(self):
+    """Unquantized factors: on a root-update step both layouts apply the same root (the basis of that step)."""
+    kwargs = dict(min_quant_order=64)
+    _, formed, _ = _trajectory(3, **kwargs)
+    _, kept, _ = _trajectory(3, store_root=True, **kwargs)
+    np.testing.assert_allclose(np.asarray(formed["w"]), np.asarray(kept["w"]), rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(kept["w"]).max()))
+
+  def test_memory_is_store_root_false_plus_one_vector_per_factor(self):
+    shapes = {"w": jax.ShapeDtypeStruct((768, 3072), jnp.float32)}
+    nbytes = {}
+    for store_root in (False, "eigvals"):
+      tx = s4.scale_by_shampoo4(store_root=store_root, bits=8)
+      nbytes[store_root] = s4.state_nbytes(jax.eval_shape(tx.init, shapes))
+    extra = nbytes["eigvals"]["preconditioner"] - nbytes[False]["preconditioner"]
+    assert extra == nbytes[False]["eigenvalues"] > 0  # a second float32 vector as long as the eigenvalues
+
+  def test_nonfinite_gradient_leaves_state_untouched(self):
+    _, _, states = _trajectory(2)
+    tx = s4.scale_by_shampoo4(**EIGVALS_CONFIG)
+    bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), _store_root_grads(5))
+    updates, new_state = jax.jit(tx.update)(bad, states[-1])
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    for a, b in zip(jax.tree.leaves(states[-1].factors), jax.tree.leaves(new_state.factors)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  @pytest.mark.parametrize("kwargs, error", [
+      (dict(state_format="fp32"), ValueError),
+      (dict(root_method="newton"), ValueError),
+      (dict(store_root="eigenvalues"), TypeError),
+  ])
+  def test_bad_combinations_raise_naming_the_argument(self, kwargs, error):
+    with pytest.raises(error, match="store_root"):
+      s4.scale_by_shampoo4(**(dict(store_root="eigvals") | kwargs))
