@@ -25,10 +25,12 @@ steps, ``min_quant_order=16``; the rows' ratio is to ``shampoo32``, the dense fl
 * ``4bit_eigvals``: ``bits=4, store_root="eigvals"`` (about half the paper layout's bytes).
 
 Same sweep, seeds and metric as ``benchmarks/illcond.py`` (mean :math:`f - f^*` at the best learning
-rate, final loss for ``mlp``; largest learning rate stable on every seed):
+rate, final loss for ``mlp``; largest learning rate stable on every seed). ``--flops-only`` adds the
+matrix-product flops of one step outside the refresh branches (from the compiled HLO, no timing): the
+per-step cost of forming the roots.
 
   python benchmarks/shampoo4_root_eigvals.py [--problems ls_logunif_1e4 mlp] [--variants 8bit_eigvals]
-      [--out benchmarks/results/shampoo4_root_eigvals.json]
+      [--out benchmarks/results/shampoo4_root_eigvals.json] [--flops-only]
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
 import optax_shampoo4 as s4  # noqa: E402
-from benchmarks import illcond  # noqa: E402
+from benchmarks import hlo_flops, illcond  # noqa: E402
 
 SHAMPOO = dict(weight_decay=0.0, stats_every=10, root_every=50)
 QUANT = dict(min_quant_order=16)
@@ -69,6 +71,16 @@ def preconditioner_bytes(kwargs: dict) -> int:
   tx = s4.adamw_shampoo4(1e-3, **kwargs)
   state = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct(BYTES_SHAPE, jnp.float32)})
   return s4.state_nbytes(state)["preconditioner"]
+
+
+def step_flops(kwargs: dict) -> int:
+  """Matrix-product flops of one step outside the refresh branches (the every-step cost), one ``BYTES_SHAPE``
+  matrix, counted in the compiled HLO (:func:`benchmarks.hlo_flops.dot_flops`; no timing)."""
+  tx = s4.adamw_shampoo4(1e-3, **kwargs)
+  params = {"w": jax.ShapeDtypeStruct(BYTES_SHAPE, jnp.float32)}
+  state = jax.eval_shape(tx.init, params)
+  compiled = jax.jit(tx.update).lower(params, state, params).compile()
+  return hlo_flops.dot_flops(compiled.as_text())["every_call"]
 
 
 def run_problem(name: str, variants: list[str], seeds: list[int], steps: int) -> dict:
@@ -96,6 +108,12 @@ def print_table(results: dict, nbytes: dict) -> None:
   print(f"{'state bytes':<16}" + "".join(f"{nbytes[v]:>23,}" for v in variants) + f"   (one {BYTES_SHAPE} matrix)")
 
 
+def print_flops(flops: dict) -> None:
+  print(f"\nmatrix-product GFLOP per step outside the refreshes, one {BYTES_SHAPE} matrix (compiled HLO)")
+  for name, value in flops.items():
+    print(f"  {name:<24} {value / 1e9:8.2f}")
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--problems", nargs="+", default=list(illcond.PROBLEMS), choices=list(illcond.PROBLEMS))
@@ -103,7 +121,16 @@ def main(argv=None) -> dict:
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--out", default=str(_ROOT / "benchmarks" / "results" / "shampoo4_root_eigvals.json"))
+  parser.add_argument("--flops-only", action="store_true",
+                      help="count each variant's every-step flops, add them to the existing --out JSON and exit")
   args = parser.parse_args(argv)
+  if args.flops_only:
+    flops = {v: step_flops(VARIANTS[v]) for v in args.variants}
+    print_flops(flops)
+    out = pathlib.Path(args.out)
+    payload = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps({**payload, "step_flops": flops}, indent=1, default=float))
+    return flops
   nbytes = {v: preconditioner_bytes(VARIANTS[v]) for v in args.variants}
   nbytes["shampoo32"] = preconditioner_bytes({"state_format": "fp32"})
   results = {}
