@@ -64,6 +64,9 @@ def distributed_shampoo4(
     store_root: bool | None = None,
     precision: options.Precision = options.DEFAULT_PRECISION,
     quant_damping: jax.typing.ArrayLike = DS_QUANT_DAMPING,
+    head_fraction: float = 0.0,
+    head_bits: int | None = None,
+    tail_rectify: options.ShampooTailRectify = options.DEFAULT_TAIL_RECTIFY,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Distributed Shampoo's update rule (Shi et al. 2023) on the 4-bit Shampoo state.
@@ -93,8 +96,8 @@ def distributed_shampoo4(
   Keyword-only arguments ``max_order``, ``beta``, ``epsilon``, ``stats_every``, ``root_every``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
-  ``store_root``, ``epsilon_mode``, ``precondition_1d``, ``precision``, ``quant_damping``: passed to
-  :func:`scale_by_shampoo4`; here
+  ``store_root``, ``epsilon_mode``, ``precondition_1d``, ``precision``, ``quant_damping``, ``head_fraction``,
+  ``head_bits``, ``tail_rectify``: passed to :func:`scale_by_shampoo4`; here
   ``stats_every=10`` and ``root_every=100`` (Meta's AlgoPerf submission refreshed its roots every 100
   steps) and, by default, Meta's statistics: ``beta=1.0`` (the Gram matrices are summed from zero, as
   Meta's ``betas[1] = 1``), ``epsilon=1e-12`` added as an absolute constant at root time
@@ -183,7 +186,7 @@ def distributed_shampoo4(
       start_preconditioning_step=root_every if start_preconditioning_step is None else start_preconditioning_step,
       combine=combine, store_root=keep_root, epsilon_mode=epsilon_mode,
       stats_bias_correction=use_bias_correction, precondition_1d=precondition_1d, precision=precision,
-      quant_damping=quant_damping,
+      quant_damping=quant_damping, head_fraction=head_fraction, head_bits=head_bits, tail_rectify=tail_rectify,
       filter_beta=b1, filter_bias_correction=use_bias_correction)
   return optax.chain(
       shampoo,

@@ -84,6 +84,9 @@ def scale_by_shampoo4(
     precondition_1d: bool = False,
     precision: options.Precision = options.DEFAULT_PRECISION,
     quant_damping: jax.typing.ArrayLike = 0.0,
+    head_fraction: float = 0.0,
+    head_bits: int | None = None,
+    tail_rectify: options.ShampooTailRectify = options.DEFAULT_TAIL_RECTIFY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients with 4-bit Shampoo, grafted to the gradient norm.
 
@@ -250,6 +253,25 @@ def scale_by_shampoo4(
       with :math:`\epsilon'` the damping above (``root_method="eigen"`` only;
       ignored by ``"fp32"`` and ``"naive"``). A floor under the eigenvalues
       of a quantized basis for small absolute ε (default 0; may be injected).
+    head_fraction: with the quantized ``"eigen"`` format, the fraction of each
+      factor's eigenvectors with the largest eigenvalues (the first
+      :math:`\lceil n f \rceil` rows) stored in ``head_bits`` bits instead of
+      ``bits`` (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`); 0
+      (the paper) stores every row in ``bits``. Each statistics update
+      re-encodes :math:`V\Lambda V^\top` through the stored basis, and a
+      rounding error :math:`\delta` of the rows of :math:`\lambda_{\max}`
+      puts about :math:`\delta\lambda_{\max}` into the directions of the
+      smallest eigenvalues, which the inverse root weights most; precise
+      head rows keep that leak small. With ``bits=8``, ``head_fraction=1/16``
+      and ``head_bits=16`` the basis costs one byte per element plus
+      1/16, about the paper layout's basis and root together.
+    head_bits: bits of the head rows, 16 (uniform codes; the default) or 8;
+      more than ``bits``.
+    tail_rectify: how a statistics update rectifies the decoded rows after a
+      head: ``"bjorck"`` (``bjorck_steps[0]`` Björck steps, head first) or
+      ``"qr"`` (Gram–Schmidt in descending-eigenvalue order, exactly
+      orthonormal); roots are formed after ``bjorck_steps[1]`` Björck steps
+      tier by tier either way.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; chain a first-order
@@ -281,7 +303,8 @@ def scale_by_shampoo4(
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       filter_beta=filter_beta, filter_bias_correction=filter_bias_correction, combine=combine,
       store_root=store_root, epsilon_mode=epsilon_mode, stats_bias_correction=stats_bias_correction,
-      precondition_1d=precondition_1d, precision=precision, quant_damping=quant_damping)
+      precondition_1d=precondition_1d, precision=precision, quant_damping=quant_damping,
+      head_fraction=head_fraction, head_bits=head_bits, tail_rectify=tail_rectify)
   factor_engine = make_engine(opts)
   return optax_compat.gradient_transformation(functools.partial(init, opts, factor_engine),
                                               functools.partial(update, opts, factor_engine))
