@@ -23,6 +23,9 @@ steps, ``min_quant_order=16``; the rows' ratio is to ``shampoo32``, the dense fl
   layout's bytes; ``state_bytes`` column: the preconditioner of one 768x3072 matrix).
 * ``8bit_eigvals_bjorck10``: also ``bjorck_steps=(1, 0)`` (no Björck step when forming each step's root).
 * ``4bit_eigvals``: ``bits=4, store_root="eigvals"`` (about half the paper layout's bytes).
+* ``8bit_eigvals_head16``: ``8bit_eigvals`` with the 1/16 rows of the largest eigenvalues in 16 bits
+  (``head_fraction=1/16, head_bits=16, tail_rectify="qr"``): exactly the paper layout's bytes;
+  ``8bit_eigvals_head16_bjorck11``: also ``bjorck_steps=(1, 1)`` (one Björck step per formed root).
 
 Same sweep, seeds and metric as ``benchmarks/illcond.py`` (mean :math:`f - f^*` at the best learning
 rate, final loss for ``mlp``; largest learning rate stable on every seed). ``--flops-only`` adds the
@@ -62,6 +65,10 @@ VARIANTS = {
     "8bit_eigvals": dict(QUANT, bits=8, store_root="eigvals"),
     "8bit_eigvals_bjorck10": dict(QUANT, bits=8, store_root="eigvals", bjorck_steps=(1, 0)),
     "4bit_eigvals": dict(QUANT, store_root="eigvals"),
+    "8bit_eigvals_head16": dict(QUANT, bits=8, store_root="eigvals", head_fraction=1 / 16, head_bits=16,
+                                tail_rectify="qr"),
+    "8bit_eigvals_head16_bjorck11": dict(QUANT, bits=8, store_root="eigvals", head_fraction=1 / 16, head_bits=16,
+                                         tail_rectify="qr", bjorck_steps=(1, 1)),
 }
 BYTES_SHAPE = (768, 3072)
 
@@ -96,7 +103,7 @@ def run_problem(name: str, variants: list[str], seeds: list[int], steps: int) ->
 def print_table(results: dict, nbytes: dict) -> None:
   variants = [v for v in nbytes if v != "shampoo32"]
   print("\nratio of each variant's mean (best lr) to shampoo32's; * = smaller largest stable lr than shampoo32")
-  print(f"{'problem':<16}" + "".join(f"{v:>23}" for v in variants))
+  print(f"{'problem':<16}" + "".join(f"{v:>30}" for v in variants))
   for name, summaries in results.items():
     ref = summaries["shampoo32"]
     cells = []
@@ -104,14 +111,14 @@ def print_table(results: dict, nbytes: dict) -> None:
       s = summaries[v]
       less_stable = (s["largest_stable_lr"] or 0) < (ref["largest_stable_lr"] or 0)
       cells.append(f"{s['best_mean'] / ref['best_mean']:.3f}" + ("*" if less_stable else " "))
-    print(f"{name:<16}" + "".join(f"{c:>23}" for c in cells))
-  print(f"{'state bytes':<16}" + "".join(f"{nbytes[v]:>23,}" for v in variants) + f"   (one {BYTES_SHAPE} matrix)")
+    print(f"{name:<16}" + "".join(f"{c:>30}" for c in cells))
+  print(f"{'state bytes':<16}" + "".join(f"{nbytes[v]:>30,}" for v in variants) + f"   (one {BYTES_SHAPE} matrix)")
 
 
 def print_flops(flops: dict) -> None:
   print(f"\nmatrix-product GFLOP per step outside the refreshes, one {BYTES_SHAPE} matrix (compiled HLO)")
   for name, value in flops.items():
-    print(f"  {name:<24} {value / 1e9:8.2f}")
+    print(f"  {name:<30} {value / 1e9:8.2f}")
 
 
 def main(argv=None) -> dict:
