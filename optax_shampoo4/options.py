@@ -231,7 +231,7 @@ class ShampooOptions:
                   filter_bias_correction: bool = True, combine: Combine = "shampoo", store_root: StoreRoot = True,
                   epsilon_mode: EpsilonMode = "relative", stats_bias_correction: bool = False,
                   precondition_1d: bool = False, precision: Precision = DEFAULT_PRECISION,
-                  quant_damping: ArrayLike = 0.0, head_fraction: float = 0.0, head_bits: int | None = None,
+                  quant_damping: ArrayLike = 0.0, head_fraction: float | None = None, head_bits: int | None = None,
                   tail_rectify: ShampooTailRectify = DEFAULT_TAIL_RECTIFY) -> ShampooOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     max_order = _static("max_order", max_order, DEFAULT_MAX_ORDER, 1)

@@ -64,7 +64,7 @@ def distributed_shampoo4(
     store_root: bool | None = None,
     precision: options.Precision = options.DEFAULT_PRECISION,
     quant_damping: jax.typing.ArrayLike = DS_QUANT_DAMPING,
-    head_fraction: float = 0.0,
+    head_fraction: float | None = None,
     head_bits: int | None = None,
     tail_rectify: options.ShampooTailRectify = options.DEFAULT_TAIL_RECTIFY,
     moment_bits: int | None = None,

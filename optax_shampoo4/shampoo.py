@@ -84,7 +84,7 @@ def scale_by_shampoo4(
     precondition_1d: bool = False,
     precision: options.Precision = options.DEFAULT_PRECISION,
     quant_damping: jax.typing.ArrayLike = 0.0,
-    head_fraction: float = 0.0,
+    head_fraction: float | None = None,
     head_bits: int | None = None,
     tail_rectify: options.ShampooTailRectify = options.DEFAULT_TAIL_RECTIFY,
 ) -> optax.GradientTransformationExtraArgs:
@@ -256,7 +256,7 @@ def scale_by_shampoo4(
     head_fraction: with the quantized ``"eigen"`` format, the fraction of each
       factor's eigenvectors with the largest eigenvalues (the first
       :math:`\lceil n f \rceil` rows) stored in ``head_bits`` bits instead of
-      ``bits`` (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`); 0
+      ``bits`` (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`); None or 0
       (the paper) stores every row in ``bits``. Each statistics update
       re-encodes :math:`V\Lambda V^\top` through the stored basis, and a
       rounding error :math:`\delta` of the rows of :math:`\lambda_{\max}`
