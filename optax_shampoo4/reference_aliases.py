@@ -61,7 +61,7 @@ def distributed_shampoo4(
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
-    store_root: bool | None = None,
+    store_root: options.StoreRoot | None = None,
     precision: options.Precision = options.DEFAULT_PRECISION,
     quant_damping: jax.typing.ArrayLike = DS_QUANT_DAMPING,
     head_fraction: float | None = None,
@@ -196,8 +196,8 @@ def distributed_shampoo4(
   )
 
 
-def ds_state_layout(state_format: Any, root_method: Any, store_root: bool | None, bits: int | None,
-                    bjorck_steps: tuple[int, int] | None) -> tuple[bool, int | None, tuple[int, int]]:
+def ds_state_layout(state_format: Any, root_method: Any, store_root: options.StoreRoot | None, bits: int | None,
+                    bjorck_steps: tuple[int, int] | None) -> tuple[options.StoreRoot, int | None, tuple[int, int]]:
   """``(store_root, bits, bjorck_steps)`` of :func:`distributed_shampoo4`, its ``None`` defaults resolved.
 
   With ``store_root=None`` and ``bits=None``, an eigen-form state (``state_format="eigen"``, roots
@@ -215,7 +215,7 @@ def ds_state_layout(state_format: Any, root_method: Any, store_root: bool | None
   """
   if store_root is None and bits is None and state_format == "eigen" and root_method in (None, "eigen"):
     return False, DS_BASIS_BITS, DS_BJORCK_STEPS if bjorck_steps is None else bjorck_steps
-  return store_root is None or bool(store_root), bits, (1, 4) if bjorck_steps is None else bjorck_steps
+  return True if store_root is None else store_root, bits, (1, 4) if bjorck_steps is None else bjorck_steps
 
 
 def soap4(
