@@ -20,7 +20,10 @@ and upwards until a learning rate is unstable), 3 seeds each; a run is unstable 
 not finite or exceeds its initial loss, or the loss rose above 10x the initial loss on the way. Each (problem, row) is compiled once (``lax.scan`` over steps,
 the learning rate a traced argument multiplying the update of an optimizer built with learning rate 1).
 
-Rows: AdamW; ``adamw_shampoo4`` fp32 / 4-bit (statistics every 10, roots every 50 steps); the authors'
+Rows: AdamW; ``adamw_shampoo4`` fp32 / 4-bit (statistics every 10, roots every 50 steps) and, at the 4-bit
+layout's bytes, ``shampoo4_eigvals`` (``bits=8, store_root="eigvals"``: an 8-bit basis, no root matrix, the
+roots formed at every step with the eigenvalues of the last root update) and ``shampoo4_eigvals_head`` (the
+same with the 1/16 rows of the largest eigenvalues in 16 bits); the authors'
 SOAP in dense float32 (``benchmarks/soap_reference.py``); ``soap4`` fp32 / 8-bit / 4-bit; and
 ``distributed_shampoo4`` fp32 / 4-bit (statistics every step, roots every 10 steps: Meta's schedule).
 Weight decay is 0 everywhere (it would change the optimum). Quantized rows use ``min_quant_order=16``
@@ -233,6 +236,7 @@ PROBLEMS["mlp"] = (make_mlp, _mlp_loss)
 _SHAMPOO = dict(weight_decay=0.0, stats_every=10, root_every=50)
 _DS = dict(stats_every=1, root_every=10)
 _QUANT = dict(min_quant_order=16)
+_EIGVALS_HEAD = dict(bits=8, store_root="eigvals", head_fraction=1 / 16, head_bits=16, tail_rectify="qr")
 
 ROWS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adamw": lambda: optax.adamw(1.0, weight_decay=0.0),
@@ -247,6 +251,13 @@ ROWS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "shampoo8": lambda **kw: s4.adamw_shampoo4(1.0, bits=8, **_SHAMPOO, **_QUANT, **kw),
     "ds_8bit": lambda **kw: s4.distributed_shampoo4(1.0, bits=8, **_DS, **_QUANT, **kw),
     "ds_4bit_nofloor": lambda **kw: s4.distributed_shampoo4(1.0, quant_damping=0.0, **_DS, **_QUANT, **kw),
+    # The paper layout's bytes spent differently: an 8-bit basis and, per factor, the eigenvalues of the last
+    # root update in place of the 4-bit root (store_root="eigvals").
+    "shampoo4_eigvals": lambda **kw: s4.adamw_shampoo4(1.0, bits=8, store_root="eigvals", **_SHAMPOO, **_QUANT,
+                                                       **kw),
+    # The same with the 1/16 rows of the largest eigenvalues in 16 bits (Gram-Schmidt tail): exactly the paper
+    # layout's bytes.
+    "shampoo4_eigvals_head": lambda **kw: s4.adamw_shampoo4(1.0, **_EIGVALS_HEAD, **_SHAMPOO, **_QUANT, **kw),
 }
 # Rows run by default (the 8-bit ones and the 4-bit DS without its damping floor on request).
 DEFAULT_ROWS = [name for name in ROWS if name not in ("shampoo8", "ds_8bit", "ds_4bit_nofloor")]
@@ -343,7 +354,9 @@ def print_table(problem: str, summaries: dict[str, dict], metric_name: str) -> N
 
 # The README's table: (column title, row, the row it is divided by).
 HEADLINE = (("`soap4` 4-bit / ref. SOAP", "soap4_4bit", "soap_ref"), ("`soap4` fp32 / ref. SOAP", "soap4_fp32", "soap_ref"),
-            ("DS 4-bit / DS fp32", "ds_4bit", "ds_fp32"), ("Shampoo 4-bit / 32-bit", "shampoo4", "shampoo32"))
+            ("DS 4-bit / DS fp32", "ds_4bit", "ds_fp32"), ("Shampoo 4-bit / 32-bit", "shampoo4", "shampoo32"),
+            ("Shampoo `store_root=\"eigvals\"` / 32-bit", "shampoo4_eigvals", "shampoo32"),
+            ("the same + 16-bit head / 32-bit", "shampoo4_eigvals_head", "shampoo32"))
 
 
 def headline_table(problems: dict) -> str:

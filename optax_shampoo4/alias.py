@@ -60,12 +60,15 @@ def adamw_shampoo4(
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
     combine: options.Combine = "shampoo",
-    store_root: bool = True,
+    store_root: options.StoreRoot = True,
     epsilon_mode: options.EpsilonMode = "relative",
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
     precision: options.Precision = options.DEFAULT_PRECISION,
     quant_damping: jax.typing.ArrayLike = 0.0,
+    head_fraction: float | None = None,
+    head_bits: int | None = None,
+    tail_rectify: options.ShampooTailRectify = options.DEFAULT_TAIL_RECTIFY,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW on the 4-bit Shampoo direction, with decoupled weight decay.
@@ -85,7 +88,8 @@ def adamw_shampoo4(
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
   ``start_preconditioning_step``, ``combine``, ``store_root``, ``epsilon_mode``, ``stats_bias_correction``,
-  ``precondition_1d``, ``precision``, ``quant_damping``: passed to :func:`scale_by_shampoo4` (same defaults).
+  ``precondition_1d``, ``precision``, ``quant_damping``, ``head_fraction``, ``head_bits``, ``tail_rectify``: passed
+  to :func:`scale_by_shampoo4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -113,7 +117,8 @@ def adamw_shampoo4(
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
       stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d,
-      precision=precision, quant_damping=quant_damping)
+      precision=precision, quant_damping=quant_damping, head_fraction=head_fraction, head_bits=head_bits,
+      tail_rectify=tail_rectify)
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   return optax.chain(
       shampoo,
@@ -153,12 +158,15 @@ def sgdm_shampoo4(
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
     combine: options.Combine = "shampoo",
-    store_root: bool = True,
+    store_root: options.StoreRoot = True,
     epsilon_mode: options.EpsilonMode = "relative",
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
     precision: options.Precision = options.DEFAULT_PRECISION,
     quant_damping: jax.typing.ArrayLike = 0.0,
+    head_fraction: float | None = None,
+    head_bits: int | None = None,
+    tail_rectify: options.ShampooTailRectify = options.DEFAULT_TAIL_RECTIFY,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD with momentum on the 4-bit Shampoo direction, coupled L2 after grafting.
@@ -176,7 +184,8 @@ def sgdm_shampoo4(
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
   ``start_preconditioning_step``, ``combine``, ``store_root``, ``epsilon_mode``, ``stats_bias_correction``,
-  ``precondition_1d``, ``precision``, ``quant_damping``: passed to :func:`scale_by_shampoo4` (same defaults).
+  ``precondition_1d``, ``precision``, ``quant_damping``, ``head_fraction``, ``head_bits``, ``tail_rectify``: passed
+  to :func:`scale_by_shampoo4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -199,7 +208,8 @@ def sgdm_shampoo4(
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
       stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d,
-      precision=precision, quant_damping=quant_damping)
+      precision=precision, quant_damping=quant_damping, head_fraction=head_fraction, head_bits=head_bits,
+      tail_rectify=tail_rectify)
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   validation.check_range("momentum", momentum, 0.0, 1.0)  # moments.trace checks it as `decay`, in [0, 1]
   return optax.chain(
@@ -238,12 +248,15 @@ def adagrad_shampoo4(
     grafting_per_block: bool | None = None,
     start_preconditioning_step: int | None = None,
     combine: options.Combine = "shampoo",
-    store_root: bool = True,
+    store_root: options.StoreRoot = True,
     epsilon_mode: options.EpsilonMode = "relative",
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
     precision: options.Precision = options.DEFAULT_PRECISION,
     quant_damping: jax.typing.ArrayLike = 0.0,
+    head_fraction: float | None = None,
+    head_bits: int | None = None,
+    tail_rectify: options.ShampooTailRectify = options.DEFAULT_TAIL_RECTIFY,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adagrad on the 4-bit Shampoo direction (the paper's Table 10 recipe).
@@ -253,7 +266,8 @@ def adagrad_shampoo4(
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
   ``grafting``, ``grafting_eps``, ``grafting_beta2``, ``grafting_per_block``,
   ``start_preconditioning_step``, ``combine``, ``store_root``, ``epsilon_mode``, ``stats_bias_correction``,
-  ``precondition_1d``, ``precision``, ``quant_damping``: passed to :func:`scale_by_shampoo4` (same defaults).
+  ``precondition_1d``, ``precision``, ``quant_damping``, ``head_fraction``, ``head_bits``, ``tail_rectify``: passed
+  to :func:`scale_by_shampoo4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -274,7 +288,8 @@ def adagrad_shampoo4(
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       combine=combine, store_root=store_root, epsilon_mode=epsilon_mode,
       stats_bias_correction=stats_bias_correction, precondition_1d=precondition_1d,
-      precision=precision, quant_damping=quant_damping)
+      precision=precision, quant_damping=quant_damping, head_fraction=head_fraction, head_bits=head_bits,
+      tail_rectify=tail_rectify)
   options.check_alias_options(learning_rate, moment_bits=moment_bits)
   return optax.chain(
       shampoo,

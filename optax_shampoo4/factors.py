@@ -52,12 +52,18 @@ class EigenFactors(NamedTuple):
     eigvals: ``f32[k, n]``, the Rayleigh quotients matching ``eigvecs`` rows.
     root: the inverse 4th root ``[k, n, n]``, float32 diagonal + quantized
       off-diagonal (:class:`~optax_shampoo4.quantization.OffDiagQuantized`)
-      or dense float32.
+      or dense float32; None where no root is stored.
+    root_eigvals: ``f32[k, n]`` or None: with no stored root, the
+      eigenvalues as of the last root update (PIRU), which the roots formed
+      at every step use with the current basis (``store_root="eigvals"`` of
+      :func:`~optax_shampoo4.scale_by_shampoo4`); None: the roots use
+      ``eigvals``.
   """
 
   eigvecs: StoredMatrix
   eigvals: jax.Array
   root: StoredMatrix | None
+  root_eigvals: jax.Array | None = None
 
 
 class MatrixFactors(NamedTuple):
@@ -343,7 +349,7 @@ def update_stats(
     eigvecs, eigvals = refresh_eigenbasis(config, stat, cols)
     ok = _all_finite(eigvecs) & _all_finite(eigvals)
     stored = config.store_eigvecs(linalg.transpose(eigvecs), is_quantized(bucket.eigvecs))
-    new = EigenFactors(stored, eigvals, bucket.root)
+    new = bucket._replace(eigvecs=stored, eigvals=eigvals)
   elif config.root_method == "jorge":
     return _jorge_stats(config, bucket, grams, beta)
   else:
@@ -367,6 +373,8 @@ def update_root(
   eigendecomposition of the statistic (Distributed Shampoo's root; accurate
   on a near-singular statistic with absolute ε, where Newton stalls). With
   ``"jorge"`` the root was already updated with the statistics: no-op.
+  A bucket that keeps its roots as eigenvalues only (``root_eigvals`` not
+  None) captures the current eigenvalues, :math:`\\Lambda_r \\leftarrow \\Lambda`.
   With ``config.epsilon_mode="absolute"`` the damping is :math:`\\epsilon I`
   in place of :math:`\\epsilon \\max\\lambda\\, I`.
 
@@ -377,6 +385,8 @@ def update_root(
   epsilon = jnp.asarray(epsilon, jnp.float32)
   if config.root_method == "jorge":  # the root already follows the statistic (update_stats)
     return bucket, jnp.ones(jax.tree.leaves(bucket.root)[0].shape[:1], bool)
+  if isinstance(bucket, EigenFactors) and bucket.root_eigvals is not None:  # the root is kept as its eigenvalues
+    return _guarded(_all_finite(bucket.eigvals), bucket._replace(root_eigvals=bucket.eigvals), bucket)
   if isinstance(bucket, EigenFactors):
     if config.root_method == "eigen":
       root = root_from_eigenbasis(config, bucket, epsilon)
@@ -403,10 +413,13 @@ def root_from_eigenbasis(config: FactorConfig, bucket: EigenFactors, epsilon: ja
   (plus :math:`\\delta\\max\\lambda` with ``config.quant_damping`` δ): PIRU's root (paper Alg. 2), also formed at every step when no root is
   stored (``store_root=False``), then with the final product at the step's
   ``precision`` (:func:`~optax_shampoo4.linalg.step_matmul`; the Björck
-  rectification stays at full float32 precision).
+  rectification stays at full float32 precision). A bucket with
+  ``root_eigvals`` uses them in place of :math:`\\Lambda` (row ``i`` of
+  :math:`V` with the ``i``-th eigenvalue as of the last root update).
   """
   rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
-  return roots.inverse_root_from_eig(linalg.transpose(rows), bucket.eigvals, jnp.asarray(epsilon, jnp.float32),
+  eigvals = bucket.eigvals if bucket.root_eigvals is None else bucket.root_eigvals
+  return roots.inverse_root_from_eig(linalg.transpose(rows), eigvals, jnp.asarray(epsilon, jnp.float32),
                                      absolute=config.absolute_epsilon, precision=precision,
                                      relative_floor=config.quant_damping)
 

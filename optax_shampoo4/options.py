@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,9 @@ Mapping = Literal["linear2", "dynamic_tree", "linear"]
 GraftingType = Literal["frobenius", "sgd", "adagrad", "rmsprop", "adam"]
 EpsilonMode = Literal["relative", "absolute"]
 Precision = Literal["highest", "high", "default"]
+# What of the inverse roots a Shampoo state keeps: all (True), nothing (False) or their eigenvalues.
+STORE_ROOT_EIGVALS = "eigvals"
+StoreRoot = Union[bool, Literal["eigvals"]]
 
 COMBINES = get_args(Combine)
 EPSILON_MODES = get_args(EpsilonMode)
@@ -86,6 +89,9 @@ HEAD_BITS = (8, 16)
 DEFAULT_HEAD_BITS = 16  # measured: benchmarks/soap_head_bits.py, docs/results/illcond.md
 DEFAULT_MID_FRACTION = 1 / 8  # 8-bit rows after the head; measured as the head bits
 DEFAULT_TAIL_RECTIFY = "bjorck"
+# Shampoo rectifies at its refreshes only (SOAP's "qr_every_step" concerns the every-step rotations).
+ShampooTailRectify = Literal["bjorck", "qr"]
+SHAMPOO_TAIL_RECTIFY = get_args(ShampooTailRectify)
 # The per-step products' precision (linalg.step_matmul); the refresh maths is always HIGHEST.
 DEFAULT_PRECISION: Precision = "highest"
 
@@ -148,11 +154,16 @@ def _check_jorge_beta(beta: Any, root_method: str) -> None:
                      f"gram term, got beta={beta!r}")
 
 
-def _check_store_root(store_root: Any, state_format: str, root_method: str) -> bool:
-  store_root = _check_bool("store_root", store_root)
-  if not store_root and (state_format != "eigen" or root_method != "eigen"):
+def _check_store_root(store_root: Any, state_format: str, root_method: str) -> StoreRoot:
+  """``store_root`` checked: True, False or ``"eigvals"`` (the last two form the roots from eigenpairs)."""
+  if isinstance(store_root, str):
+    if store_root != STORE_ROOT_EIGVALS:
+      raise TypeError(f"store_root must be a bool or {STORE_ROOT_EIGVALS!r}, got store_root={store_root!r}")
+  else:
+    store_root = _check_bool("store_root", store_root)
+  if store_root is not True and (state_format != "eigen" or root_method != "eigen"):
     raise ValueError(
-        "store_root=False forms the roots from stored eigenvectors: it needs state_format='eigen' and "
+        f"store_root={store_root!r} forms the roots from stored eigenvectors: it needs state_format='eigen' and "
         f"root_method='eigen' (or None), got state_format={state_format!r}, root_method={root_method!r}")
   return store_root
 
@@ -196,12 +207,15 @@ class ShampooOptions:
   grafting: grafting_lib.Grafting
   start_preconditioning_step: ArrayLike | None
   combine: Combine
-  store_root: bool
+  store_root: StoreRoot
   epsilon_mode: EpsilonMode = "relative"
   stats_bias_correction: bool = False
   precondition_1d: bool = False
   precision: Precision = DEFAULT_PRECISION
   quant_damping: ArrayLike = 0.0
+  head_fraction: float = 0.0
+  head_bits: int = DEFAULT_HEAD_BITS
+  tail_rectify: ShampooTailRectify = DEFAULT_TAIL_RECTIFY
 
   @classmethod
   def from_kwargs(cls, *, max_order: int | None = None, beta: ArrayLike = 0.95, epsilon: ArrayLike = 1e-6,
@@ -214,10 +228,11 @@ class ShampooOptions:
                   grafting: GraftingType = "frobenius", grafting_eps: ArrayLike | None = None,
                   grafting_beta2: ArrayLike | None = None, grafting_per_block: bool | None = None,
                   start_preconditioning_step: ArrayLike | None = None, filter_beta: ArrayLike | None = None,
-                  filter_bias_correction: bool = True, combine: Combine = "shampoo", store_root: bool = True,
+                  filter_bias_correction: bool = True, combine: Combine = "shampoo", store_root: StoreRoot = True,
                   epsilon_mode: EpsilonMode = "relative", stats_bias_correction: bool = False,
                   precondition_1d: bool = False, precision: Precision = DEFAULT_PRECISION,
-                  quant_damping: ArrayLike = 0.0) -> ShampooOptions:
+                  quant_damping: ArrayLike = 0.0, head_fraction: float | None = None, head_bits: int | None = None,
+                  tail_rectify: ShampooTailRectify = DEFAULT_TAIL_RECTIFY) -> ShampooOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     max_order = _static("max_order", max_order, DEFAULT_MAX_ORDER, 1)
     bits, mapping, quant_block, min_quant_order = _quantization(bits, mapping, quant_block, min_quant_order)
@@ -248,7 +263,8 @@ class ShampooOptions:
                store_root=_check_store_root(store_root, state_format, root_method), epsilon_mode=epsilon_mode,
                stats_bias_correction=_check_bool("stats_bias_correction", stats_bias_correction),
                precondition_1d=_check_bool("precondition_1d", precondition_1d),
-               precision=check_precision(precision), quant_damping=quant_damping)
+               precision=check_precision(precision), quant_damping=quant_damping,
+               **_shampoo_head(head_fraction, head_bits, tail_rectify, bits, state_format))
 
   def factor_config(self) -> fct.FactorConfig:
     """The factor maths' settings (:class:`~optax_shampoo4.factors.FactorConfig`)."""
@@ -256,7 +272,18 @@ class ShampooOptions:
                             self.root_method, refresh_method=self.refresh_method,
                             qr_iterations=self.qr_iterations, refresh_tol=self.refresh_tol,
                             jorge_damping=self.epsilon, epsilon_mode=self.epsilon_mode,
-                            quant_damping=self.quant_damping)
+                            quant_damping=self.quant_damping, head_fraction=self.head_fraction,
+                            head_bits=self.head_bits, tail_rectify=self.tail_rectify)
+
+
+def _shampoo_head(head_fraction: Any, head_bits: Any, tail_rectify: Any, bits: int, state_format: str) -> dict:
+  """Shampoo's row tiers checked: ``{head_fraction, head_bits, tail_rectify}`` (a head needs the eigen format)."""
+  head_fraction = _fraction("head_fraction", head_fraction, 0.0)
+  _check_choice("tail_rectify", tail_rectify, SHAMPOO_TAIL_RECTIFY)
+  if head_fraction > 0 and state_format != "eigen":
+    raise ValueError(f"head_fraction stores some eigenvectors in more bits: it needs state_format='eigen', got "
+                     f"head_fraction={head_fraction!r} with state_format={state_format!r}")
+  return dict(head_fraction=head_fraction, head_bits=_head_bits(head_bits, bits), tail_rectify=tail_rectify)
 
 
 @dataclasses.dataclass(frozen=True)

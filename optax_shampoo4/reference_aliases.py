@@ -61,9 +61,12 @@ def distributed_shampoo4(
     refresh_tol: jax.typing.ArrayLike = DEFAULT_REFRESH_TOL,
     mesh: jax.sharding.Mesh | None = None,
     mesh_axis: str = "data",
-    store_root: bool | None = None,
+    store_root: options.StoreRoot | None = None,
     precision: options.Precision = options.DEFAULT_PRECISION,
     quant_damping: jax.typing.ArrayLike = DS_QUANT_DAMPING,
+    head_fraction: float | None = None,
+    head_bits: int | None = None,
+    tail_rectify: options.ShampooTailRectify = options.DEFAULT_TAIL_RECTIFY,
     moment_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Distributed Shampoo's update rule (Shi et al. 2023) on the 4-bit Shampoo state.
@@ -93,8 +96,8 @@ def distributed_shampoo4(
   Keyword-only arguments ``max_order``, ``beta``, ``epsilon``, ``stats_every``, ``root_every``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``,
   ``root_method``, ``refresh_method``, ``qr_iterations``, ``refresh_tol``, ``mesh``, ``mesh_axis``,
-  ``store_root``, ``epsilon_mode``, ``precondition_1d``, ``precision``, ``quant_damping``: passed to
-  :func:`scale_by_shampoo4`; here
+  ``store_root``, ``epsilon_mode``, ``precondition_1d``, ``precision``, ``quant_damping``, ``head_fraction``,
+  ``head_bits``, ``tail_rectify``: passed to :func:`scale_by_shampoo4`; here
   ``stats_every=10`` and ``root_every=100`` (Meta's AlgoPerf submission refreshed its roots every 100
   steps) and, by default, Meta's statistics: ``beta=1.0`` (the Gram matrices are summed from zero, as
   Meta's ``betas[1] = 1``), ``epsilon=1e-12`` added as an absolute constant at root time
@@ -183,7 +186,7 @@ def distributed_shampoo4(
       start_preconditioning_step=root_every if start_preconditioning_step is None else start_preconditioning_step,
       combine=combine, store_root=keep_root, epsilon_mode=epsilon_mode,
       stats_bias_correction=use_bias_correction, precondition_1d=precondition_1d, precision=precision,
-      quant_damping=quant_damping,
+      quant_damping=quant_damping, head_fraction=head_fraction, head_bits=head_bits, tail_rectify=tail_rectify,
       filter_beta=b1, filter_bias_correction=use_bias_correction)
   return optax.chain(
       shampoo,
@@ -193,8 +196,8 @@ def distributed_shampoo4(
   )
 
 
-def ds_state_layout(state_format: Any, root_method: Any, store_root: bool | None, bits: int | None,
-                    bjorck_steps: tuple[int, int] | None) -> tuple[bool, int | None, tuple[int, int]]:
+def ds_state_layout(state_format: Any, root_method: Any, store_root: options.StoreRoot | None, bits: int | None,
+                    bjorck_steps: tuple[int, int] | None) -> tuple[options.StoreRoot, int | None, tuple[int, int]]:
   """``(store_root, bits, bjorck_steps)`` of :func:`distributed_shampoo4`, its ``None`` defaults resolved.
 
   With ``store_root=None`` and ``bits=None``, an eigen-form state (``state_format="eigen"``, roots
@@ -212,7 +215,7 @@ def ds_state_layout(state_format: Any, root_method: Any, store_root: bool | None
   """
   if store_root is None and bits is None and state_format == "eigen" and root_method in (None, "eigen"):
     return False, DS_BASIS_BITS, DS_BJORCK_STEPS if bjorck_steps is None else bjorck_steps
-  return store_root is None or bool(store_root), bits, (1, 4) if bjorck_steps is None else bjorck_steps
+  return True if store_root is None else store_root, bits, (1, 4) if bjorck_steps is None else bjorck_steps
 
 
 def soap4(

@@ -78,12 +78,15 @@ def scale_by_shampoo4(
     filter_beta: jax.typing.ArrayLike | None = None,
     filter_bias_correction: bool = True,
     combine: options.Combine = "shampoo",
-    store_root: bool = True,
+    store_root: options.StoreRoot = True,
     epsilon_mode: options.EpsilonMode = "relative",
     stats_bias_correction: bool = False,
     precondition_1d: bool = False,
     precision: options.Precision = options.DEFAULT_PRECISION,
     quant_damping: jax.typing.ArrayLike = 0.0,
+    head_fraction: float | None = None,
+    head_bits: int | None = None,
+    tail_rectify: options.ShampooTailRectify = options.DEFAULT_TAIL_RECTIFY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients with 4-bit Shampoo, grafted to the gradient norm.
 
@@ -211,7 +214,13 @@ def scale_by_shampoo4(
       is formed from the stored eigenpairs (after ``bjorck_steps[1]`` Björck
       iterations), which halves the preconditioner's memory and costs those
       products at every step; the roots then follow the latest statistics
-      (``root_every`` has no effect).
+      (``root_every`` has no effect). ``"eigvals"`` also stores no root
+      matrix but keeps, per factor, the eigenvalues :math:`\Lambda_r` as of
+      the last root update (every ``root_every`` steps, one float32 vector):
+      the roots formed at every step are
+      :math:`V (\Lambda_r + \epsilon\max\lambda_r I)^{-1/4} V^\top` with the
+      current basis :math:`V`, so the spectrum they apply changes on the
+      stored root's schedule (measured: ``benchmarks/shampoo4_root_eigvals.py``).
     epsilon_mode: ``"relative"`` (the paper: roots of :math:`A +
       \epsilon\lambda_{\max}(A) I`, statistics start at :math:`\epsilon I`)
       or ``"absolute"`` (Distributed Shampoo: roots of :math:`A + \epsilon I`,
@@ -244,6 +253,25 @@ def scale_by_shampoo4(
       with :math:`\epsilon'` the damping above (``root_method="eigen"`` only;
       ignored by ``"fp32"`` and ``"naive"``). A floor under the eigenvalues
       of a quantized basis for small absolute ε (default 0; may be injected).
+    head_fraction: with the quantized ``"eigen"`` format, the fraction of each
+      factor's eigenvectors with the largest eigenvalues (the first
+      :math:`\lceil n f \rceil` rows) stored in ``head_bits`` bits instead of
+      ``bits`` (:class:`~optax_shampoo4.quantization.SplitRowsQuantized`); None or 0
+      (the paper) stores every row in ``bits``. Each statistics update
+      re-encodes :math:`V\Lambda V^\top` through the stored basis, and a
+      rounding error :math:`\delta` of the rows of :math:`\lambda_{\max}`
+      puts about :math:`\delta\lambda_{\max}` into the directions of the
+      smallest eigenvalues, which the inverse root weights most; precise
+      head rows keep that leak small. With ``bits=8``, ``head_fraction=1/16``
+      and ``head_bits=16`` the basis costs one byte per element plus
+      1/16, about the paper layout's basis and root together.
+    head_bits: bits of the head rows, 16 (uniform codes; the default) or 8;
+      more than ``bits``.
+    tail_rectify: how a statistics update rectifies the decoded rows after a
+      head: ``"bjorck"`` (``bjorck_steps[0]`` Björck steps, head first) or
+      ``"qr"`` (Gram–Schmidt in descending-eigenvalue order, exactly
+      orthonormal); roots are formed after ``bjorck_steps[1]`` Björck steps
+      tier by tier either way.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; chain a first-order
@@ -275,7 +303,8 @@ def scale_by_shampoo4(
       grafting_per_block=grafting_per_block, start_preconditioning_step=start_preconditioning_step,
       filter_beta=filter_beta, filter_bias_correction=filter_bias_correction, combine=combine,
       store_root=store_root, epsilon_mode=epsilon_mode, stats_bias_correction=stats_bias_correction,
-      precondition_1d=precondition_1d, precision=precision, quant_damping=quant_damping)
+      precondition_1d=precondition_1d, precision=precision, quant_damping=quant_damping,
+      head_fraction=head_fraction, head_bits=head_bits, tail_rectify=tail_rectify)
   factor_engine = make_engine(opts)
   return optax_compat.gradient_transformation(functools.partial(init, opts, factor_engine),
                                               functools.partial(update, opts, factor_engine))
@@ -292,7 +321,9 @@ def init(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, param
   zero = jnp.zeros([], jnp.int32)
   graft_state = opts.grafting.init(params)
   initial = 0.0 if opts.epsilon_mode == "absolute" else opts.epsilon
-  buckets = factor_engine.init_factors(params, initial, "scale_by_shampoo4", with_root=opts.store_root)
+  buckets = factor_engine.init_factors(params, initial, "scale_by_shampoo4", with_root=opts.store_root is True)
+  if opts.store_root == options.STORE_ROOT_EIGVALS and isinstance(buckets, dict):
+    buckets = {name: keep_root_eigvals(bucket) for name, bucket in buckets.items()}
   return ScaleByShampoo4State(zero, buckets, zero, zero, zero, graft_state)
 
 
@@ -329,12 +360,19 @@ def refresh(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, bu
   root_due = every(step.count, opts.root_every)
   if opts.start_preconditioning_step is not None:
     root_due |= step.count == opts.start_preconditioning_step
-  if opts.store_root:
+  if opts.store_root is not False:
     buckets, root_failures = lax.cond(
         root_due, lambda b: factor_engine.refresh_roots(b, epsilon, step.plan), engine.no_refresh, buckets)
   else:
     root_failures = jnp.zeros([], jnp.int32)
   return factor_engine.keep_split(buckets), stats_failures + root_failures
+
+
+def keep_root_eigvals(bucket: fct.Bucket) -> fct.Bucket:
+  """An ``"eigen"`` bucket that keeps its roots as eigenvalues (``store_root="eigvals"``), from its current ones."""
+  if isinstance(bucket, fct.EigenFactors):
+    return bucket._replace(root=None, root_eigvals=bucket.eigvals)
+  return bucket
 
 
 def root_epsilon(opts: options.ShampooOptions, count: jax.Array) -> jax.Array:
@@ -363,7 +401,7 @@ def precondition_blocks(opts: options.ShampooOptions, factor_engine: engine.Fact
   no root is stored.
   """
   roots: dict[str, fct.StoredMatrix]
-  if opts.store_root:
+  if opts.store_root is True:
     roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
   else:
     roots = {**factor_engine.roots_from_eigenbases(buckets, epsilon, opts.precision)}

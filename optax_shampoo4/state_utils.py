@@ -298,6 +298,8 @@ def state_nbytes(state: Any) -> dict[str, int]:
       if isinstance(node, fct.EigenFactors):
         add_stored(node.eigvecs)
         parts["eigenvalues"] += _nbytes(node.eigvals)
+        if node.root_eigvals is not None:  # store_root="eigvals": the roots' eigenvalues
+          parts["eigenvalues"] += _nbytes(node.root_eigvals)
         add_stored(node.root)
       elif isinstance(node, fct.MatrixFactors):
         add_stored(node.stats)
