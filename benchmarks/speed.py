@@ -56,8 +56,8 @@ Method
   fires: rotate into the basis, Adam, rotate back), ``full`` refreshes every step (sort, fold the
   Gram matrices, one QR step, re-project the first moment); amortized as ``plain + (full -
   plain) / 10``. Compare ``soap4`` plain with ``adamw+shampoo4`` plain (4-bit Shampoo's step).
-  Also ``soap4_bjorck10`` (the stored basis used without the per-step Björck iteration,
-  ``bjorck_steps=(1, 0)``), ``soap4_m8`` (8-bit Adam moments) and ``soap4_nohead``, see ``SOAP_ROWS``.
+  Also ``soap4_bjorck11`` (a Björck step on the 16- and 8-bit rows at every step, ``bjorck_steps=(1, 1)``: the
+  default before), ``soap4_m8`` (8-bit Adam moments) and ``soap4_nohead``, see ``SOAP_ROWS``.
 * **Other variants** (``SHAMPOO_ROWS``, the same three programs): ``adamw+shampoo4_noroot``
   (``store_root=False``: the root formed from the eigenpairs at every step), ``adamw+shampoo4_caspr``,
   ``adamw+shampoo3`` and ``adamw+naive4_jorge`` (Jorge's root update at every statistics refresh).
@@ -224,10 +224,10 @@ FORMATS = {"fp32": "adamw+shampoo32", "naive": "adamw+naive4", "eigen": "adamw+s
 SHAMPOO_ROWS = ("adamw+shampoo4_qr", "adamw+shampoo4_qr4", "adamw+shampoo4_eigh", "adamw+shampoo4_adaptive_tol0",
                 "adamw+shampoo4_adaptive_tol1", "adamw+shampoo4_noroot", "adamw+shampoo4_caspr", "adamw+shampoo3",
                 "adamw+naive4_jorge", "adamw+shampoo4_m8", "adamw+shampoo4_noroot_m8")
-# SOAP rows: float32 and 4-bit eigenbasis; the stored 4-bit basis used without the per-step Björck step
-# (bjorck_steps=(1, 0)); 8-bit Adam moments; every basis row in 4 bits (head_fraction=0); an 8-bit head and no
-# second tier (the layout before the 16-/8-bit tiers).
-SOAP_ROWS = ("soap32", "soap4", "soap4_bjorck10", "soap4_m8", "soap4_nohead", "soap4_head8")
+# SOAP rows: float32 and 4-bit eigenbasis; a Björck step on the 16- and 8-bit rows at every step
+# (bjorck_steps=(1, 1), the default before); 8-bit Adam moments; every basis row in 4 bits (head_fraction=0); an
+# 8-bit head and no second tier (the layout before the 16-/8-bit tiers).
+SOAP_ROWS = ("soap32", "soap4", "soap4_bjorck11", "soap4_m8", "soap4_nohead", "soap4_head8")
 PEERS = ("distributed_shampoo", "distributed_shampoo int8", "psgdax kron")
 WEIGHT_DECAY = 1e-4  # optax.adamw's and s4.adamw_shampoo4's default
 SOAP_WEIGHT_DECAY = 1e-2  # s4.soap4's default

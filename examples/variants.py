@@ -70,7 +70,8 @@ SOAP_VARIANTS: dict[str, dict[str, Any]] = {
     "soap4_head8": {"bits": 4, "head_bits": 8, "mid_fraction": 0.0},  # an 8-bit head of 1/8, no second tier
     "soap4_nohead": {"bits": 4, "head_fraction": 0.0},  # every basis row in 4 bits
     "soap4_bjorck22": {"bits": 4, "bjorck_steps": (2, 2)},  # two Björck steps before refreshes and each rotation
-    "soap4_bjorck10": {"bits": 4, "bjorck_steps": (1, 0)},  # no per-step Björck
+    "soap4_bjorck10": {"bits": 4, "bjorck_steps": (1, 0)},  # no per-step Björck (the tiered default)
+    "soap4_bjorck11": {"bits": 4, "bjorck_steps": (1, 1)},  # a Björck step on the 16-/8-bit rows each step
     "soap8_keepnu": {"bits": 8, "project_nu": False},  # v only permuted at a refresh, as the SOAP reference
     "soap4_bf16x3": {"bits": 4, "precision": "high"},  # rotations at bf16x3
     "soap4_bf16": {"bits": 4, "precision": "default"},  # rotations with bf16 operands, float32 accumulation
