@@ -206,7 +206,7 @@ def scale_by_soap4(
       :doc:`/results/design`). None: ``(1, 0)`` with a head (the 16- and
       8-bit rows come out of the refresh orthonormal to their precision; a
       Björck step on them each step changed no illcond problem by more than
-      its seed spread and cost about a tenth of the step), ``(1, 1)``
+      its seed spread either way and cost 7 % of the plain step), ``(1, 1)``
       without or with ``tail_rectify="qr_every_step"``.
     mesh: optional device mesh; the factor axis of each bucket is split over
       ``mesh_axis`` and refreshed under ``jax.shard_map`` (as
