@@ -176,24 +176,21 @@ def distributed_shampoo4(
   options.check_alias_options(learning_rate, weight_decay=weight_decay, moment_bits=moment_bits)
   validation.check_range("momentum", momentum, 0.0, 1.0)  # moments.trace checks it as `decay`, in [0, 1]
   keep_root, basis_bits, rectify_steps = ds_state_layout(state_format, root_method, store_root, bits, bjorck_steps)
+  start = root_every if start_preconditioning_step is None else start_preconditioning_step
   shampoo = scale_by_shampoo4(
       max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
       state_format=state_format, bits=basis_bits, mapping=mapping, quant_block=quant_block,
       min_quant_order=min_quant_order, bjorck_steps=rectify_steps, root_method=root_method,
       refresh_method=refresh_method, qr_iterations=qr_iterations, refresh_tol=refresh_tol, mesh=mesh,
       mesh_axis=mesh_axis, grafting=grafting, grafting_eps=eps, grafting_beta2=b2,
-      grafting_per_block=grafting_per_block,
-      start_preconditioning_step=root_every if start_preconditioning_step is None else start_preconditioning_step,
-      combine=combine, store_root=keep_root, epsilon_mode=epsilon_mode,
-      stats_bias_correction=use_bias_correction, precondition_1d=precondition_1d, precision=precision,
-      quant_damping=quant_damping, head_fraction=head_fraction, head_bits=head_bits, tail_rectify=tail_rectify,
-      filter_beta=b1, filter_bias_correction=use_bias_correction)
-  return optax.chain(
-      shampoo,
-      optax.add_decayed_weights(weight_decay, mask),
-      moments.trace(decay=momentum, nesterov=nesterov, bits=moment_bits),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      grafting_per_block=grafting_per_block, start_preconditioning_step=start, combine=combine,
+      store_root=keep_root, epsilon_mode=epsilon_mode, stats_bias_correction=use_bias_correction,
+      precondition_1d=precondition_1d, precision=precision, quant_damping=quant_damping,
+      head_fraction=head_fraction, head_bits=head_bits, tail_rectify=tail_rectify, filter_beta=b1,
+      filter_bias_correction=use_bias_correction)
+  return optax.chain(shampoo, optax.add_decayed_weights(weight_decay, mask),
+                     moments.trace(decay=momentum, nesterov=nesterov, bits=moment_bits),
+                     optax.scale_by_learning_rate(learning_rate))
 
 
 def ds_state_layout(state_format: Any, root_method: Any, store_root: options.StoreRoot | None, bits: int | None,

@@ -7,7 +7,8 @@ reference semantics the library has no option for; ``library_soap_twin`` does th
 :class:`reference_soap.SoapConfig` and
 ``soap4(state_format="fp32", statistic="dense")``. ``max_relative_deviation``
 runs both on the same minibatches and returns, per call, the largest parameter
-deviation relative to the reference's displacement from the initial point.
+deviation relative to the reference's displacement from the initial point;
+``regression_batches`` are the minibatches those comparisons train on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ import reference_meta_shampoo as meta
 import reference_soap as soap
 
 import optax_shampoo4 as s4
+
+
+def regression_batches(n_in: int, n_out: int, steps: int, batch: int = 32, seed: int = 0) -> dict:
+  """``steps`` minibatches of a linear regression whose inputs span a decade of scales (an ill-conditioned Gram)."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(steps, batch, n_in)) * np.logspace(0, -1, n_in)
+  y = rng.normal(size=(steps, batch, n_out))
+  return {"x": x, "y": y}
 
 
 def missing_meta_semantics(cfg: meta.MetaConfig, shapes: list[tuple[int, ...]]) -> list[str]:

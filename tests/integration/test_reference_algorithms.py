@@ -28,10 +28,7 @@ STEPS = 60
 
 
 def _regression_batches(n_in, n_out, steps=STEPS, batch=32, seed=0):
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(steps, batch, n_in)) * np.logspace(0, -1, n_in)
-  y = rng.normal(size=(steps, batch, n_out))
-  return {"x": x, "y": y}
+  return twins.regression_batches(n_in, n_out, steps, batch, seed)
 
 
 def _loss(params, batch):
