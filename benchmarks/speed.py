@@ -125,7 +125,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import optax_shampoo4 as s4  # noqa: E402
 from optax_shampoo4 import factors as fct  # noqa: E402
 from optax_shampoo4 import partition  # noqa: E402
-from optax_shampoo4 import shampoo as s4_shampoo  # noqa: E402
+from optax_shampoo4 import preconditioning as s4_preconditioning  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 import variants  # noqa: E402  (examples/variants.py: the optimizer names)
@@ -535,7 +535,7 @@ def profile_ours(params, grads_list, states: dict, steps: int, repeats: int, bud
       for leaf, lp in zip(jax.tree.leaves(grads), plan.leaves):
         if lp.preconditioned:
           m = leaf.astype(jnp.float32).reshape(lp.matrix_shape)
-          out.append(s4_shampoo.precondition(m, m, lp, roots, False).reshape(leaf.shape).astype(leaf.dtype))
+          out.append(s4_preconditioning.precondition(m, m, lp, roots, False).reshape(leaf.shape).astype(leaf.dtype))
         else:
           out.append(leaf)
       return out

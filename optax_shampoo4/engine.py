@@ -44,7 +44,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from optax_shampoo4 import block_moves, block_products, optax_compat, options, partition, sharding
+from optax_shampoo4 import block_moves, block_products, optax_compat, partition, sharding, validation
 from optax_shampoo4 import factors as fct
 from optax_shampoo4.owned_grams import owned_blocks, owned_gram_tables, owned_grams
 
@@ -154,7 +154,7 @@ class FactorEngine:
     """
     if optax_compat.is_params_placeholder(params):
       return optax_compat.NON_PARAMS
-    options.check_param_dtypes(params, owner)
+    validation.check_param_dtypes(params, owner)
     return self.init_buckets(self.plan(params), epsilon, with_root=with_root)
 
   def start_step(self, updates: Any, count: jax.Array, buckets: Any) -> Step:

@@ -42,7 +42,6 @@ import sys
 from typing import Any, Literal, Union, get_args
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
@@ -96,33 +95,11 @@ SHAMPOO_TAIL_RECTIFY = get_args(ShampooTailRectify)
 DEFAULT_PRECISION: Precision = "highest"
 
 
-def _static(name: str, value: Any, default: int, minimum: int) -> int:
-  return validation.static_int(name, value, default, minimum)
-
-
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-  if not isinstance(value, str) or value not in choices:
-    raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}")
-
-
 def check_precision(precision: Any) -> Precision:
   """``precision`` checked against :data:`~optax_shampoo4.linalg.STEP_PRECISIONS` (None: the default)."""
   precision = DEFAULT_PRECISION if precision is None else precision
-  _check_choice("precision", precision, linalg.STEP_PRECISIONS)
+  validation.check_choice("precision", precision, linalg.STEP_PRECISIONS)
   return precision
-
-
-def _check_bool(name: str, value: Any) -> bool:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name} must be a bool, got {name}={value!r}")
-  return bool(value)
-
-
-def _bjorck_steps(value: Any) -> tuple[int, int]:
-  if (not isinstance(value, (tuple, list)) or len(value) != 2
-      or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in value)):
-    raise ValueError(f"bjorck_steps must be a pair of ints >= 0, got bjorck_steps={value!r}")
-  return (int(value[0]), int(value[1]))
 
 
 def _root_method(root_method: Any, state_format: str, epsilon_mode: str = "relative") -> RootMethod:
@@ -160,7 +137,7 @@ def _check_store_root(store_root: Any, state_format: str, root_method: str) -> S
     if store_root != STORE_ROOT_EIGVALS:
       raise TypeError(f"store_root must be a bool or {STORE_ROOT_EIGVALS!r}, got store_root={store_root!r}")
   else:
-    store_root = _check_bool("store_root", store_root)
+    store_root = validation.check_bool("store_root", store_root)
   if store_root is not True and (state_format != "eigen" or root_method != "eigen"):
     raise ValueError(
         f"store_root={store_root!r} forms the roots from stored eigenvectors: it needs state_format='eigen' and "
@@ -170,9 +147,9 @@ def _check_store_root(store_root: Any, state_format: str, root_method: str) -> S
 
 def _quantization(bits: Any, mapping: Any, quant_block: Any, min_quant_order: Any) -> tuple[int, Mapping, int, int]:
   """``(bits, mapping, quant_block, min_quant_order)`` resolved and checked."""
-  bits = _static("bits", bits, DEFAULT_BITS, 1)
-  quant_block = _static("quant_block", quant_block, DEFAULT_QUANT_BLOCK, 2)
-  min_quant_order = _static("min_quant_order", min_quant_order, DEFAULT_MIN_QUANT_ORDER, 1)
+  bits = validation.static_int("bits", bits, DEFAULT_BITS, 1)
+  quant_block = validation.static_int("quant_block", quant_block, DEFAULT_QUANT_BLOCK, 2)
+  min_quant_order = validation.static_int("min_quant_order", min_quant_order, DEFAULT_MIN_QUANT_ORDER, 1)
   qz.validate_mapping_bits(mapping, bits)
   qz.validate_block(quant_block, bits, "quant_block")
   return bits, mapping, quant_block, min_quant_order
@@ -234,35 +211,35 @@ class ShampooOptions:
                   quant_damping: ArrayLike = 0.0, head_fraction: float | None = None, head_bits: int | None = None,
                   tail_rectify: ShampooTailRectify = DEFAULT_TAIL_RECTIFY) -> ShampooOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
-    max_order = _static("max_order", max_order, DEFAULT_MAX_ORDER, 1)
+    max_order = validation.static_int("max_order", max_order, DEFAULT_MAX_ORDER, 1)
     bits, mapping, quant_block, min_quant_order = _quantization(bits, mapping, quant_block, min_quant_order)
     validation.check_traceable_int("stats_every", stats_every, 1)
     validation.check_traceable_int("root_every", root_every, 1)
-    _check_choice("state_format", state_format, fct.FORMATS)
+    validation.check_choice("state_format", state_format, fct.FORMATS)
     validation.check_range("beta", beta, 0.0, 1.0, high_inclusive=True)
     validation.check_range("epsilon", epsilon, 0.0, math.inf)
     validation.check_range("quant_damping", quant_damping, 0.0, 1.0)
-    _check_choice("epsilon_mode", epsilon_mode, EPSILON_MODES)
+    validation.check_choice("epsilon_mode", epsilon_mode, EPSILON_MODES)
     root_method = _root_method(root_method, state_format, epsilon_mode)
     _check_jorge_beta(beta, root_method)
-    _check_choice("refresh_method", refresh_method, fct.REFRESH_METHODS)
-    qr_iterations = _static("qr_iterations", qr_iterations, DEFAULT_QR_ITERATIONS, 1)
+    validation.check_choice("refresh_method", refresh_method, fct.REFRESH_METHODS)
+    qr_iterations = validation.static_int("qr_iterations", qr_iterations, DEFAULT_QR_ITERATIONS, 1)
     validation.check_range("refresh_tol", refresh_tol, 0.0, 1.0, high_inclusive=True)
-    _check_choice("combine", combine, COMBINES)
+    validation.check_choice("combine", combine, COMBINES)
     if start_preconditioning_step is not None:
       validation.check_traceable_int("start_preconditioning_step", start_preconditioning_step, 0)
     sharding.validate_mesh(mesh, mesh_axis)
     return cls(max_order=max_order, beta=beta, epsilon=epsilon, stats_every=stats_every, root_every=root_every,
                state_format=state_format, bits=bits, mapping=mapping, quant_block=quant_block,
-               min_quant_order=min_quant_order, bjorck_steps=_bjorck_steps(bjorck_steps),
+               min_quant_order=min_quant_order, bjorck_steps=validation.int_pair("bjorck_steps", bjorck_steps),
                root_method=root_method, refresh_method=refresh_method, qr_iterations=qr_iterations,
                refresh_tol=refresh_tol, mesh=mesh, mesh_axis=mesh_axis,
                grafting=grafting_lib.resolve(grafting, grafting_eps, grafting_beta2, grafting_per_block,
                                              filter_beta, filter_bias_correction),
                start_preconditioning_step=start_preconditioning_step, combine=combine,
                store_root=_check_store_root(store_root, state_format, root_method), epsilon_mode=epsilon_mode,
-               stats_bias_correction=_check_bool("stats_bias_correction", stats_bias_correction),
-               precondition_1d=_check_bool("precondition_1d", precondition_1d),
+               stats_bias_correction=validation.check_bool("stats_bias_correction", stats_bias_correction),
+               precondition_1d=validation.check_bool("precondition_1d", precondition_1d),
                precision=check_precision(precision), quant_damping=quant_damping,
                **_shampoo_head(head_fraction, head_bits, tail_rectify, bits, state_format))
 
@@ -278,8 +255,8 @@ class ShampooOptions:
 
 def _shampoo_head(head_fraction: Any, head_bits: Any, tail_rectify: Any, bits: int, state_format: str) -> dict:
   """Shampoo's row tiers checked: ``{head_fraction, head_bits, tail_rectify}`` (a head needs the eigen format)."""
-  head_fraction = _fraction("head_fraction", head_fraction, 0.0)
-  _check_choice("tail_rectify", tail_rectify, SHAMPOO_TAIL_RECTIFY)
+  head_fraction = validation.static_fraction("head_fraction", head_fraction, 0.0)
+  validation.check_choice("tail_rectify", tail_rectify, SHAMPOO_TAIL_RECTIFY)
   if head_fraction > 0 and state_format != "eigen":
     raise ValueError(f"head_fraction stores some eigenvectors in more bits: it needs state_format='eigen', got "
                      f"head_fraction={head_fraction!r} with state_format={state_format!r}")
@@ -341,26 +318,26 @@ class SoapOptions:
       validation.check_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
     precondition_every = DEFAULT_PRECONDITION_EVERY if precondition_every is None else precondition_every
     validation.check_traceable_int("precondition_every", precondition_every, 1)
-    max_order = _static("max_order", max_order, DEFAULT_MAX_ORDER, 1)
-    max_precond_dim = _static("max_precond_dim", max_precond_dim, DEFAULT_MAX_PRECOND_DIM, 1)
+    max_order = validation.static_int("max_order", max_order, DEFAULT_MAX_ORDER, 1)
+    max_precond_dim = validation.static_int("max_precond_dim", max_precond_dim, DEFAULT_MAX_PRECOND_DIM, 1)
     bits, mapping, quant_block, min_quant_order = _quantization(bits, mapping, quant_block, min_quant_order)
     moment_storage.check_moment_bits("moment_bits", moment_bits)
-    _check_choice("state_format", state_format, SOAP_FORMATS)
-    _check_choice("statistic", statistic, SOAP_STATISTICS)
-    _check_choice("tail_rectify", tail_rectify, TAIL_RECTIFY)
-    project_nu = statistic == "refresh" if project_nu is None else _check_bool("project_nu", project_nu)
+    validation.check_choice("state_format", state_format, SOAP_FORMATS)
+    validation.check_choice("statistic", statistic, SOAP_STATISTICS)
+    validation.check_choice("tail_rectify", tail_rectify, TAIL_RECTIFY)
+    project_nu = statistic == "refresh" if project_nu is None else validation.check_bool("project_nu", project_nu)
     sharding.validate_mesh(mesh, mesh_axis)
-    head_fraction = _fraction("head_fraction", head_fraction, DEFAULT_HEAD_FRACTION)
+    head_fraction = validation.static_fraction("head_fraction", head_fraction, DEFAULT_HEAD_FRACTION)
     if bjorck_steps is None:  # tiered bases: each step projects the tiers, no Björck step needed
       bjorck_steps = (1, 0) if head_fraction > 0 and tail_rectify != "qr_every_step" else (1, 1)
     return cls(b1=b1, b2=b2, eps=eps, shampoo_beta=shampoo_beta, precondition_every=precondition_every,
                max_order=max_order, max_precond_dim=max_precond_dim, state_format=state_format, bits=bits,
                mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
-               bjorck_steps=_bjorck_steps(bjorck_steps), mesh=mesh, mesh_axis=mesh_axis,
+               bjorck_steps=validation.int_pair("bjorck_steps", bjorck_steps), mesh=mesh, mesh_axis=mesh_axis,
                moment_bits=moment_bits, project_nu=project_nu, head_fraction=head_fraction,
                statistic=statistic, precision=check_precision(precision), tail_rectify=tail_rectify,
                head_bits=_head_bits(head_bits, bits),
-               mid_fraction=_fraction("mid_fraction", mid_fraction, DEFAULT_MID_FRACTION))
+               mid_fraction=validation.static_fraction("mid_fraction", mid_fraction, DEFAULT_MID_FRACTION))
 
   @property
   def quantized_from(self) -> int:
@@ -401,16 +378,6 @@ def _head_bits(value: Any, bits: int) -> int:
   return int(value)
 
 
-def _fraction(name: str, value: Any, default: float) -> float:
-  """A static fraction of a basis' rows in [0, 1) (None: ``default``)."""
-  if value is None:
-    return default
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-    raise TypeError(f"{name} must be a float in [0, 1), got {name}={value!r}")
-  validation.check_range(name, value, 0.0, 1.0)
-  return float(value)
-
-
 def check_alias_options(learning_rate: Any, *, weight_decay: Any = 0.0, moment_bits: Any = None) -> None:
   """Checks the options an alias adds to its transforms (the rest are checked where they are used).
 
@@ -420,32 +387,3 @@ def check_alias_options(learning_rate: Any, *, weight_decay: Any = 0.0, moment_b
   validation.check_learning_rate(learning_rate)
   validation.check_range("weight_decay", weight_decay, 0.0, math.inf)
   moment_storage.check_moment_bits("moment_bits", moment_bits)
-
-
-def check_param_dtypes(params: Any, owner: str) -> None:
-  """Raises TypeError unless every leaf of ``params`` is a real floating-point array (or its shape struct).
-
-  Args:
-    params: the parameter tree given to ``init``.
-    owner: the name of the transformation, for the message (e.g. ``"scale_by_shampoo4"``).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from optax_shampoo4 import options
-    >>> options.check_param_dtypes({"w": jnp.zeros(3)}, "scale_by_shampoo4")
-    >>> options.check_param_dtypes({"n": jnp.zeros(3, jnp.int32)}, "scale_by_shampoo4")
-    Traceback (most recent call last):
-    ...
-    TypeError: scale_by_shampoo4 supports real floating-point parameters only; the leaf at ['n'] has dtype int32. Route it to another optimizer with optax.partition or optax.masked.
-  """
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float, np.generic)):
-      raise TypeError(
-          f"{owner}.init needs parameter arrays (or jax.ShapeDtypeStruct); got "
-          f"{type(leaf).__name__} at {jax.tree_util.keystr(path) or 'the root'}")
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(
-          f"{owner} supports real floating-point parameters only; the leaf at "
-          f"{jax.tree_util.keystr(path)} has dtype {dtype}. Route it to another optimizer "
-          f"with optax.partition or optax.masked.")

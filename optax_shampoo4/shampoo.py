@@ -4,8 +4,9 @@ The factory resolves its options once (:class:`~optax_shampoo4.options.ShampooOp
 and returns :func:`init` / :func:`update` bound to them and to a
 :class:`~optax_shampoo4.engine.FactorEngine`; each step is a few module-level
 functions: :func:`refresh` (statistics every :math:`T_1` steps, roots every
-:math:`T_2`), :func:`precondition_blocks` (:math:`\hat L X \hat R` or CASPR's
-combination, split over the mesh by the engine) and :func:`graft_outputs`.
+:math:`T_2`), :func:`~optax_shampoo4.preconditioning.precondition_blocks` (:math:`\hat L X \hat R` or CASPR's
+combination, split over the mesh by the engine) and :func:`~optax_shampoo4.preconditioning.graft_outputs`, the last two in
+:mod:`optax_shampoo4.preconditioning`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optax_shampoo4 import engine, linalg, optax_compat, options, partition
+from optax_shampoo4 import engine, optax_compat, options, preconditioning
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import grafting as grafting_lib
 
@@ -337,9 +338,9 @@ def update(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, upd
   graft_state, filtered = opts.grafting.update(state.grafting, step.leaves, step.count, ~step.grads_finite,
                                                step.treedef)
   grafted = opts.grafting.directions(graft_state, filtered, step.count, step.treedef)
-  preconditioned = precondition_blocks(opts, factor_engine, buckets, step.plan,
-                                       engine.matrix_views(filtered, step.plan), root_epsilon(opts, step.count))
-  outputs = graft_outputs(opts, step, grafted, preconditioned)
+  preconditioned = preconditioning.precondition_blocks(
+      opts, factor_engine, buckets, step.plan, engine.matrix_views(filtered, step.plan), root_epsilon(opts, step.count))
+  outputs = preconditioning.graft_outputs(opts, step, grafted, preconditioned)
   new_state = ScaleByShampoo4State(count=step.count, factors=buckets, grafting=graft_state,
                                    **engine.failure_counts(state, step.grads_finite, stats_due, failures))
   return jax.tree.unflatten(step.treedef, outputs), new_state
@@ -387,94 +388,6 @@ def root_epsilon(opts: options.ShampooOptions, count: jax.Array) -> jax.Array:
   return epsilon * correction
 
 
-def precondition_blocks(opts: options.ShampooOptions, factor_engine: engine.FactorEngine,
-                        buckets: engine.Buckets, plan: partition.Plan, matrices: list,
-                        epsilon: jax.Array) -> list:
-  r"""Per leaf, :math:`\hat L X \hat R` (or CASPR's combination) of every block of its matrix view.
-
-  The roots are gathered still quantized (a quarter of the float32 bytes at 8
-  bits, an eighth at 4); with a mesh each device dequantizes and applies only
-  its share of them (:meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`).
-  CASPR and preconditioned vectors (:math:`\hat L^2 x`) need whole left
-  roots, so their blocks are split over the devices but not cut into row
-  chunks. ``epsilon``: the roots' damping (:func:`root_epsilon`), used when
-  no root is stored.
-  """
-  roots: dict[str, fct.StoredMatrix]
-  if opts.store_root is True:
-    roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
-  else:
-    roots = {**factor_engine.roots_from_eigenbases(buckets, epsilon, opts.precision)}
-  caspr = opts.combine == "caspr"
-  product = functools.partial(caspr_product if caspr else shampoo_product, precision=opts.precision)
-  return factor_engine.apply_blocks(plan, matrices, roots, product,
-                                    split_rows=not (caspr or opts.precondition_1d))
-
-
-def graft_outputs(opts: options.ShampooOptions, step: engine.Step, grafted: list, preconditioned: list) -> list:
-  """Per leaf, the output: the preconditioned direction grafted, or the grafted method's alone.
-
-  Leaves Shampoo does not precondition, steps before
-  ``start_preconditioning_step`` and non-finite steps (zeros) take no
-  preconditioned direction.
-  """
-  start = opts.start_preconditioning_step
-  outputs = []
-  for leaf, direction, shampoo, lp in zip(step.leaves, grafted, preconditioned, step.plan.leaves):
-    if lp.preconditioned:
-      shampoo = graft_blocks(shampoo, direction.reshape(lp.matrix_shape), lp, opts.grafting.per_block)
-      shampoo = shampoo.reshape(leaf.shape)
-      direction = shampoo if start is None else jnp.where(step.count < start, direction, shampoo)
-    outputs.append(jnp.where(step.grads_finite, direction.astype(leaf.dtype), jnp.zeros_like(leaf)))
-  return outputs
-
-
 def every(count: jax.Array, period: Any) -> jax.Array:
   """Whether ``count`` is a multiple of ``period`` (a Python int or an injected, traced one)."""
   return count % jnp.asarray(period, jnp.int32) == 0
-
-
-def shampoo_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array | None,
-                    precision: str = "highest") -> jax.Array:
-  """``L̂ G R̂`` of one block (rows of it, given rows of ``L̂``); ``L̂ L̂ x`` of a vector block (no right root);
-  the products at ``precision`` (:func:`linalg.step_matmul`)."""
-  product = functools.partial(linalg.step_matmul, precision=precision)
-  if right_root is None:  # a vector (precondition_1d): exponent -1/2 from the 4th root applied twice
-    return product(left_root, product(left_root, block))
-  return product(product(left_root, block), right_root)
-
-
-def caspr_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array | None,
-                  precision: str = "highest") -> jax.Array:
-  """CASPR's combination of one block: ``J = L̂G + GR̂``, ``L̂J + JR̂``; ``L̂ L̂ x`` of a vector block; at ``precision``."""
-  if right_root is None:  # a vector (precondition_1d): J = L̂x, L̂J
-    return shampoo_product(left_root, block, None, precision)
-  product = functools.partial(linalg.step_matmul, precision=precision)
-  j = product(left_root, block) + product(block, right_root)
-  return product(left_root, j) + product(j, right_root)
-
-
-def graft_blocks(preconditioned, grafted, leaf_plan: partition.LeafPlan, per_block: bool) -> jax.Array:
-  """``preconditioned`` (a matrix view) rescaled to the norm of the grafted direction.
-
-  The norms are over the whole matrix, or over each block when ``per_block``.
-  """
-  if per_block:
-    def grafted_block(block, b):
-      return grafting_lib.graft(block, grafted[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]])
-    return engine.map_blocks(preconditioned, leaf_plan, grafted_block)
-  return grafting_lib.graft(preconditioned, grafted)
-
-
-def precondition(matrix: jax.Array, grafted: jax.Array, leaf_plan: partition.LeafPlan, roots: dict,
-                 per_block: bool, precision: str = "highest") -> jax.Array:
-  """``L̂ X R̂`` per block of a matrix view from dequantized ``roots``, grafted (one device, no mesh).
-
-  The norms are over the whole matrix, or over each block when ``per_block``.
-  """
-
-  def left_right(block, b):
-    right = None if b.right is None else roots[b.right.bucket.name][b.right.index]
-    return shampoo_product(roots[b.left.bucket.name][b.left.index], block, right, precision)
-
-  return graft_blocks(engine.map_blocks(matrix, leaf_plan, left_right), grafted, leaf_plan, per_block)

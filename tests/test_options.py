@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import optax_shampoo4 as s4
-from optax_shampoo4 import options
+from optax_shampoo4 import options, validation
 
 SHAMPOO_ERRORS = [
     ("max_order", 0), ("max_order", 2.0), ("beta", 1.01), ("beta", -0.1), ("epsilon_mode", "abs"),
@@ -111,11 +111,11 @@ def test_injected_arrays_are_accepted_and_kept():
 
 
 def test_check_param_dtypes_names_the_leaf():
-  options.check_param_dtypes({"w": jnp.zeros(3), "s": np.float32(1.0)}, "scale_by_soap4")
+  validation.check_param_dtypes({"w": jnp.zeros(3), "s": np.float32(1.0)}, "scale_by_soap4")
   with pytest.raises(TypeError, match=r"scale_by_soap4.*\['n'\].*int32"):
-    options.check_param_dtypes({"n": jnp.zeros(3, jnp.int32)}, "scale_by_soap4")
+    validation.check_param_dtypes({"n": jnp.zeros(3, jnp.int32)}, "scale_by_soap4")
   with pytest.raises(TypeError, match="str"):
-    options.check_param_dtypes({"x": "text"}, "scale_by_shampoo4")
+    validation.check_param_dtypes({"x": "text"}, "scale_by_shampoo4")
 
 
 @pytest.mark.parametrize("kwargs, name", [
