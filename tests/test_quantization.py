@@ -883,6 +883,23 @@ class TestHeadRows:
     with pytest.raises(ValueError, match="mid_rows"):
       qz.quantize_split_rows(jnp.eye(8), 4, mid_rows=4)  # no tail row left
 
+  def test_tiers_projected_without_bjorck_steps_as_float64_block_projection(self):
+    # SOAP's per-step rectification (bjorck_steps[1] = 0 with always_project): each tier projected out of the
+    # tiers before it as they are, no normalization; steps=0 without always_project joins them unchanged.
+    n, sizes = 32, (4, 4, 24)
+    rng = np.random.default_rng(8)
+    v = haar(n, rng) + 0.01 * rng.standard_normal((n, n))
+    parts = np.split(v, np.cumsum(sizes)[:-1])
+    done = parts[0]
+    for part in parts[1:]:
+      done = np.concatenate([done, part - part @ done.T @ done])
+    tiers = [jnp.asarray(p, jnp.float32) for p in parts]
+    got = np.asarray(la.rectified_tiers(tiers, 0, 0, always_project=True), np.float64)
+    # float32 products of O(1) entries over n = 32 terms: errors ~ n * 6e-8 ~ 2e-6; 2e-5 is 10x that.
+    np.testing.assert_allclose(got, done, atol=2e-5)
+    assert np.abs(got - v).max() > 1e-3  # the projection did something
+    np.testing.assert_array_equal(la.rectified_tiers(tiers, 0, 0), jnp.concatenate(tiers))
+
   @sweep(3)
   def test_refresh_with_row_order_sorts_the_eigenpairs_before_the_qr_step(self, seed):
     # The statistic is exactly U diag(λ) Uᵀ with ascending λ; SOAP's refresh passes the descending order.
