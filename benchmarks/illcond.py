@@ -330,6 +330,15 @@ def sweep(trainer, problems: list[Problem], loss: Callable) -> list[dict]:
   return [{"lr": lr, "runs": results[lr]} for lr in sorted(results)]
 
 
+def sweep_rows(problem: str, seeds: list[int], steps: int, make: Callable[[str], optax.GradientTransformation],
+               rows: list[str]) -> tuple[str, dict[str, dict]]:
+  """``(metric name, {row: summary})``: each row's optimizer ``make(row)`` swept on ``problem`` over ``seeds``."""
+  build, loss = PROBLEMS[problem]
+  problems = [build(seed) for seed in seeds]
+  summaries = {row: summarize(sweep(make_trainer(make(row), loss, steps), problems, loss)) for row in rows}
+  return ("f - f*" if problems[0].fstar is not None else "final loss"), summaries
+
+
 def summarize(points: list[dict]) -> dict[str, Any]:
   means = [float(np.mean([r["metric"] for r in p["runs"]])) for p in points]
   best = int(np.argmin(means))

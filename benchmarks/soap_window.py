@@ -236,13 +236,7 @@ def main(argv=None) -> dict:
   illcond.BASE_LRS = tuple(sorted(args.lrs))
   results = {}
   for name in args.problems:
-    build, loss = illcond.PROBLEMS[name]
-    problems = [build(seed) for seed in args.seeds]
-    summaries = {}
-    for variant in args.variants:
-      trainer = illcond.make_trainer(make_opt(variant), loss, args.steps)
-      summaries[variant] = illcond.summarize(illcond.sweep(trainer, problems, loss))
-    metric = "f - f*" if problems[0].fstar is not None else "final loss"
+    metric, summaries = illcond.sweep_rows(name, args.seeds, args.steps, make_opt, args.variants)
     ref = summaries.get("dense", {}).get("best_mean")
     print(f"\n{name} ({metric}; ratio to dense at the best lr; mean per lr)", flush=True)
     for variant, s in summaries.items():
