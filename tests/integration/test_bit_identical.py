@@ -189,7 +189,8 @@ def _recorded() -> dict:
 def test_reproduces_recorded_trajectory(name):
   recorded = _recorded()
   if recorded["environment"] != _environment():
-    pytest.skip(f"recorded with {recorded['environment']}, running {_environment()}")
+    pytest.skip("bit equality holds only for the jax build and CPU the fixture was recorded on: recorded with "
+                f"{recorded['environment']}, running {_environment()} (re-record: python {__file__})")
   assert name in recorded["runs"], f"{name} is not recorded: re-record with python {__file__}"
   want, got = recorded["runs"][name], run(name)
   first = next((i + 1 for i, (a, b) in enumerate(zip(want["updates"], got["updates"])) if a != b), None)
