@@ -243,9 +243,9 @@ class FactorEngine:
       failures += jnp.sum(~accepted[:real.get(name)], dtype=jnp.int32)
     return new, failures
 
-  def roots_from_eigenbases(self, buckets: Buckets, epsilon: jax.Array,
-                            precision: str = "highest") -> dict[str, jax.Array]:
-    """Dense float32 inverse roots formed now from each ``"eigen"`` bucket's eigenpairs.
+  def roots_from_eigenbases(self, buckets: Buckets, epsilon: jax.Array, precision: str = "highest",
+                            factored: bool = False) -> dict[str, jax.Array]:
+    """Dense float32 inverse roots (or with ``factored`` their factors ``W``, root ``W Wᵀ``) formed now.
 
     For buckets that keep no root (``store_root=False``): each device forms
     the roots of its share of the factors (:func:`~optax_shampoo4.factors.root_from_eigenbasis`),
@@ -253,7 +253,7 @@ class FactorEngine:
     product forming each root (:func:`~optax_shampoo4.linalg.step_matmul`).
     """
     form = sharding.shard_over_factors(
-        lambda bucket, epsilon: fct.root_from_eigenbasis(self.config, bucket, epsilon, precision),
+        lambda bucket, epsilon: fct.root_from_eigenbasis(self.config, bucket, epsilon, precision, factored),
         self.mesh, self.mesh_axis, 1, 1)
     return {name: self.gathered(form(bucket, epsilon)) for name, bucket in buckets.items()}
 

@@ -405,7 +405,7 @@ def update_root(
 
 
 def root_from_eigenbasis(config: FactorConfig, bucket: EigenFactors, epsilon: jax.Array,
-                         precision: str = "highest") -> jax.Array:
+                         precision: str = "highest", factored: bool = False) -> jax.Array:
   """The inverse 4th roots of an ``"eigen"`` bucket from its stored eigenpairs, float32 ``[k, n, n]``.
 
   :math:`V = \\mathrm{Björck}^{t_2}(D(\\bar U))`,
@@ -416,12 +416,18 @@ def root_from_eigenbasis(config: FactorConfig, bucket: EigenFactors, epsilon: ja
   rectification stays at full float32 precision). A bucket with
   ``root_eigvals`` uses them in place of :math:`\\Lambda` (row ``i`` of
   :math:`V` with the ``i``-th eigenvalue as of the last root update).
+  With ``factored``, the factor :math:`W = V (\\Lambda + \\dots)^{-1/8}` of
+  :math:`\\hat A = W W^\\top` instead
+  (:func:`~optax_shampoo4.roots.inverse_root_factor_from_eig`; ``precision`` unused).
   """
   rows = _rectified_eigvecs(bucket, config.bjorck_steps[1])
   eigvals = bucket.eigvals if bucket.root_eigvals is None else bucket.root_eigvals
-  return roots.inverse_root_from_eig(linalg.transpose(rows), eigvals, jnp.asarray(epsilon, jnp.float32),
-                                     absolute=config.absolute_epsilon, precision=precision,
-                                     relative_floor=config.quant_damping)
+  epsilon = jnp.asarray(epsilon, jnp.float32)
+  if factored:
+    return roots.inverse_root_factor_from_eig(linalg.transpose(rows), eigvals, epsilon,
+                                              absolute=config.absolute_epsilon, relative_floor=config.quant_damping)
+  return roots.inverse_root_from_eig(linalg.transpose(rows), eigvals, epsilon, absolute=config.absolute_epsilon,
+                                     precision=precision, relative_floor=config.quant_damping)
 
 
 def root_matrices(bucket: Bucket) -> jax.Array:

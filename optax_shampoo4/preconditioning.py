@@ -22,20 +22,25 @@ def precondition_blocks(opts: options.ShampooOptions, factor_engine: engine.Fact
   The roots are gathered still quantized (a quarter of the float32 bytes at 8
   bits, an eighth at 4); with a mesh each device dequantizes and applies only
   its share of them (:meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`).
-  CASPR and preconditioned vectors (:math:`\hat L^2 x`) need whole left
-  roots, so their blocks are split over the devices but not cut into row
-  chunks. ``epsilon``: the roots' damping (:func:`~optax_shampoo4.shampoo.root_epsilon`), used when
+  Buckets that store no root (``store_root`` False or ``"eigvals"``) are
+  applied from the roots' factors (:func:`factored_shampoo_product`) unless
+  CASPR combines them. CASPR, preconditioned vectors (:math:`\hat L^2 x`)
+  and factored roots need whole left roots, so their blocks are split over
+  the devices but not cut into row chunks. ``epsilon``: the roots' damping (:func:`~optax_shampoo4.shampoo.root_epsilon`), used when
   no root is stored.
   """
+  # With no stored root, plain Shampoo applies each root as W (Wᵀ X) from its factor W (2n²m multiply-adds for
+  # an n×m block; forming W Wᵀ first costs n³ + n²m); CASPR's four products take the formed roots.
+  caspr = opts.combine == "caspr"
+  factored = opts.store_root is not True and not caspr
   roots: dict[str, fct.StoredMatrix]
   if opts.store_root is True:
     roots = {name: factor_engine.gathered(bucket.root) for name, bucket in buckets.items()}
   else:
-    roots = {**factor_engine.roots_from_eigenbases(buckets, epsilon, opts.precision)}
-  caspr = opts.combine == "caspr"
-  product = functools.partial(caspr_product if caspr else shampoo_product, precision=opts.precision)
-  return factor_engine.apply_blocks(plan, matrices, roots, product,
-                                    split_rows=not (caspr or opts.precondition_1d))
+    roots = {**factor_engine.roots_from_eigenbases(buckets, epsilon, opts.precision, factored)}
+  product = caspr_product if caspr else factored_shampoo_product if factored else shampoo_product
+  return factor_engine.apply_blocks(plan, matrices, roots, functools.partial(product, precision=opts.precision),
+                                    split_rows=not (caspr or factored or opts.precondition_1d))
 
 
 def graft_outputs(opts: options.ShampooOptions, step: engine.Step, grafted: list, preconditioned: list) -> list:
@@ -64,6 +69,24 @@ def shampoo_product(left_root: jax.Array, block: jax.Array, right_root: jax.Arra
   if right_root is None:  # a vector (precondition_1d): exponent -1/2 from the 4th root applied twice
     return product(left_root, product(left_root, block))
   return product(product(left_root, block), right_root)
+
+
+def factored_shampoo_product(left_factor: jax.Array, block: jax.Array, right_factor: jax.Array | None,
+                             precision: str = "highest") -> jax.Array:
+  r""":func:`shampoo_product` from the roots' factors: :math:`\hat L = W_L W_L^\top`, :math:`\hat R = W_R W_R^\top`.
+
+  :math:`\hat L G \hat R = W_L (W_L^\top G)\, W_R W_R^\top`, whole blocks (the
+  inner product needs every row of :math:`W_L`); a vector block (no right
+  factor) gets :math:`\hat L \hat L x`. Products at ``precision``.
+  """
+  product = functools.partial(linalg.step_matmul, precision=precision)
+
+  def left(x):
+    return product(left_factor, product(linalg.transpose(left_factor), x))
+
+  if right_factor is None:
+    return left(left(block))
+  return product(product(left(block), right_factor), linalg.transpose(right_factor))
 
 
 def caspr_product(left_root: jax.Array, block: jax.Array, right_root: jax.Array | None,

@@ -393,3 +393,26 @@ def test_inverse_root_from_eig_relative_floor_vs_float64(absolute, seed):
   damping = (epsilon if absolute else epsilon * w64.max()) + delta * w64.max()
   ref = (u64 * (w64 + damping) ** -0.25) @ u64.T
   assert rel(out, ref) < 1e-5  # as test_inverse_root_from_eig_vs_float64: the damped condition number is 1e6
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("cond", [1e2, 1e6])
+@sweep(10)
+def test_inverse_root_factor_from_eig_vs_float64(cond, absolute, seed):
+  # W = V d^(-1/8) with W Wᵀ the root of inverse_root_from_eig (same damping, floor included): W is an
+  # elementwise scaling of V (u per entry), so W Wᵀ carries only the rounding of one float32 product.
+  n, epsilon, delta = 48, 1e-6, 1e-7
+  rng = np.random.default_rng(seed)
+  u = haar(n, rng).astype(np.float32)
+  eigvals = rng.permutation(np.logspace(0, -np.log10(cond), n)).astype(np.float32)
+  w = root_fns.inverse_root_factor_from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(epsilon),
+                                            absolute=absolute, relative_floor=delta)
+  chex.assert_shape(w, (n, n))
+  u64, w64 = u.astype(np.float64), eigvals.astype(np.float64)
+  damping = (epsilon if absolute else epsilon * w64.max()) + delta * w64.max()
+  ref = (u64 * (w64 + damping) ** -0.25) @ u64.T
+  w_out = np.asarray(w, np.float64)
+  assert rel(w_out @ w_out.T, ref) < 1e-5  # as test_inverse_root_from_eig_vs_float64
+  formed = root_fns.inverse_root_from_eig(jnp.asarray(u), jnp.asarray(eigvals), jnp.float32(epsilon),
+                                          absolute=absolute, relative_floor=delta)
+  assert rel(formed, w_out @ w_out.T) < 1e-5
