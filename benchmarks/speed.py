@@ -59,7 +59,10 @@ Method
   Also ``soap4_bjorck11`` (a Björck step on the 16- and 8-bit rows at every step, ``bjorck_steps=(1, 1)``: the
   default before), ``soap4_m8`` (8-bit Adam moments) and ``soap4_nohead``, see ``SOAP_ROWS``.
 * **Other variants** (``SHAMPOO_ROWS``, the same three programs): ``adamw+shampoo4_noroot``
-  (``store_root=False``: the root formed from the eigenpairs at every step), ``adamw+shampoo4_caspr``,
+  (``store_root=False``: the root applied from the eigenpairs at every step, as :math:`W(W^\top G)`),
+  ``adamw+shampoo8_noroot`` (the same with an 8-bit basis and no Björck step: ``distributed_shampoo4``'s
+  quantized layout), ``adamw+shampoo8_eigvals_head`` (``store_root="eigvals"`` on an 8-bit basis with a
+  16-bit head: the paper layout's bytes), ``adamw+shampoo4_caspr``,
   ``adamw+shampoo3`` and ``adamw+naive4_jorge`` (Jorge's root update at every statistics refresh).
   Rows of earlier runs (``benchmarks/results/speed*.json``) carry the older labels (``ours eigen``,
   ``ours soap4 no head``, ...); ``variants.LEGACY_NAMES`` maps them, and ``--only`` accepts them.
@@ -222,7 +225,8 @@ FORMATS = {"fp32": "adamw+shampoo32", "naive": "adamw+naive4", "eigen": "adamw+s
 # statistics update, no decomposition, no Newton loop); and the memory headline's configurations, 8-bit Adam
 # moments with and without a stored root.
 SHAMPOO_ROWS = ("adamw+shampoo4_qr", "adamw+shampoo4_qr4", "adamw+shampoo4_eigh", "adamw+shampoo4_adaptive_tol0",
-                "adamw+shampoo4_adaptive_tol1", "adamw+shampoo4_noroot", "adamw+shampoo4_caspr", "adamw+shampoo3",
+                "adamw+shampoo4_adaptive_tol1", "adamw+shampoo4_noroot", "adamw+shampoo8_noroot",
+                "adamw+shampoo8_eigvals_head", "adamw+shampoo4_caspr", "adamw+shampoo3",
                 "adamw+naive4_jorge", "adamw+shampoo4_m8", "adamw+shampoo4_noroot_m8")
 # SOAP rows: float32 and 4-bit eigenbasis; a Björck step on the 16- and 8-bit rows at every step
 # (bjorck_steps=(1, 1), the default before); 8-bit Adam moments; every basis row in 4 bits (head_fraction=0); an

@@ -22,7 +22,7 @@ from optax_shampoo4.soap import scale_by_soap4
 # (benchmarks/illcond.py: ds_4bit against ds_fp32; docs/results/illcond.md).
 DS_QUANT_DAMPING = 1e-6
 # The default state layout of distributed_shampoo4 with a quantized basis: the bytes of the 4-bit basis and
-# the 4-bit root spent on an 8-bit basis, the roots formed from it at every step (see the docstring).
+# the 4-bit root spent on an 8-bit basis, the roots applied from it at every step (see the docstring).
 DS_BASIS_BITS = 8
 DS_BJORCK_STEPS = (1, 0)
 
@@ -122,10 +122,10 @@ def distributed_shampoo4(
   The quantized state's default layout (``store_root=None, bits=None`` with ``state_format="eigen"``
   and eigenpair roots) is ``bits=8, store_root=False, bjorck_steps=(1, 0)``: an 8-bit basis and no
   stored root, the same bytes as a 4-bit basis plus a 4-bit root (slightly fewer: no float32 root
-  diagonal). The roots are then formed from the stored eigenpairs at every step (a decode and a
-  product per factor, no decomposition and, as the 8-bit basis is orthonormal to its rounding, no
-  Björck step), so they follow every statistics update; each step costs that product, of order
-  :math:`n^3` per factor, where a stored root is only decoded. On ill-conditioned
+  diagonal). The roots are then applied from the stored eigenpairs at every step (a decode, then
+  :math:`\hat L G = W (W^\top G)` with :math:`W = V (\Lambda + \epsilon)^{-1/8}`; no decomposition and,
+  as the 8-bit basis is orthonormal to its rounding, no Björck step), so they follow every statistics
+  update; each step costs twice the products of a stored root, which is only decoded. On ill-conditioned
   statistics (spectra over several decades) the 4-bit basis and the 4-bit root each cost up to
   ~25–150× in suboptimality (``benchmarks/shampoo4_quant_sources.py``): every refresh re-encodes the
   statistic :math:`V\Lambda V^\top` through 4-bit eigenvectors, whose rounding moves mass of the

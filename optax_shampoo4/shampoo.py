@@ -212,13 +212,15 @@ def scale_by_shampoo4(
     store_root: keep the inverse roots in the state (the paper). False (the
       ``"eigen"`` format with ``root_method="eigen"`` only) stores no root:
       at every step :math:`\hat L = V (\Lambda + \epsilon\lambda_{\max} I)^{-1/4} V^\top`
-      is formed from the stored eigenpairs (after ``bjorck_steps[1]`` Björck
-      iterations), which halves the preconditioner's memory and costs those
-      products at every step; the roots then follow the latest statistics
+      is applied from the stored eigenpairs (after ``bjorck_steps[1]`` Björck
+      iterations) as :math:`W (W^\top G)`, :math:`W = V (\Lambda + \dots)^{-1/8}`
+      (:math:`2n^2 m` multiply-adds for an ``n×m`` block, not the :math:`n^3`
+      of forming :math:`\hat L`), which halves the preconditioner's memory and
+      costs those products at every step; the roots then follow the latest statistics
       (``root_every`` has no effect). ``"eigvals"`` also stores no root
       matrix but keeps, per factor, the eigenvalues :math:`\Lambda_r` as of
       the last root update (every ``root_every`` steps, one float32 vector):
-      the roots formed at every step are
+      the roots applied at every step are
       :math:`V (\Lambda_r + \epsilon\max\lambda_r I)^{-1/4} V^\top` with the
       current basis :math:`V`, so the spectrum they apply changes on the
       stored root's schedule (measured: ``benchmarks/shampoo4_root_eigvals.py``).
