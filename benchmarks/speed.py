@@ -62,7 +62,7 @@ Method
   (``store_root=False``: the root applied from the eigenpairs at every step, as :math:`W(W^\top G)`),
   ``adamw+shampoo8_noroot`` (the same with an 8-bit basis and no Björck step: ``distributed_shampoo4``'s
   quantized layout), ``adamw+shampoo8_eigvals_head`` (``store_root="eigvals"`` on an 8-bit basis with a
-  16-bit head: the paper layout's bytes), ``adamw+shampoo4_caspr``,
+  16-bit head and ``bjorck_steps=(1, 1)``: the paper layout's bytes), ``adamw+shampoo4_caspr``,
   ``adamw+shampoo3`` and ``adamw+naive4_jorge`` (Jorge's root update at every statistics refresh).
   Rows of earlier runs (``benchmarks/results/speed*.json``) carry the older labels (``ours eigen``,
   ``ours soap4 no head``, ...); ``variants.LEGACY_NAMES`` maps them, and ``--only`` accepts them.

@@ -53,9 +53,10 @@ SHAMPOO_VARIANTS: dict[str, dict[str, Any]] = {
     "shampoo4_noroot": {"store_root": False},  # the root formed from the eigenpairs at every step
     # distributed_shampoo4's quantized layout: an 8-bit basis, the root applied from the eigenpairs at every step
     "shampoo8_noroot": {"bits": 8, "store_root": False, "bjorck_steps": (1, 0)},
-    # the paper layout's bytes as an 8-bit basis with a 16-bit head and the roots' eigenvalues
+    # the paper layout's bytes as an 8-bit basis with a 16-bit head and the roots' eigenvalues, one Björck step
+    # per applied root (the same quality as the default four: docs/results/illcond.md)
     "shampoo8_eigvals_head": {"bits": 8, "store_root": "eigvals", "head_fraction": 1 / 16, "head_bits": 16,
-                              "tail_rectify": "qr"},
+                              "tail_rectify": "qr", "bjorck_steps": (1, 1)},
     "shampoo8": {"bits": 8},  # 8-bit eigenvectors, default refresh
     "shampoo8_eigh": {"bits": 8, "refresh_method": "eigh"},
     "shampoo8_tol2": {"bits": 8, "refresh_tol": 1e-2},  # the adaptive tolerance before it was set to 1e-3
