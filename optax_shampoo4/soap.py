@@ -89,6 +89,7 @@ def scale_by_soap4(
     tail_rectify: options.TailRectify = options.DEFAULT_TAIL_RECTIFY,
     head_bits: int | None = None,
     mid_fraction: float | None = None,
+    carry: options.SoapCarry = options.DEFAULT_SOAP_CARRY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam in the (4-bit) eigenbasis of Shampoo's Kronecker factors (SOAP).
 
@@ -258,6 +259,19 @@ def scale_by_soap4(
       suboptimality without it, 1.3× with it; 6 seeds). 0: none (static;
       None: 1/8). At GPT-2 124M shapes the defaults' whole state is 1.15×
       AdamW's (an 8-bit head alone: 1.11×; ``benchmarks/memory.py``).
+    carry: what carries Adam's moments into a refreshed basis, by
+      :math:`m \leftarrow C_L m C_R^\top` (and ``v`` with ``project_nu``):
+      ``"refreshed"``: :math:`C = P^\top R_{old}^\top` with :math:`P` the
+      refresh's float32 eigenvectors before they are quantized and
+      :math:`R_{old}` the basis as the steps used it, so :math:`C` is the
+      refresh's rotation only; ``"decoded"``: :math:`C = R_{new} R_{old}^\top`
+      of the two decoded bases, which with a quantized basis also holds both
+      bases' rounding (entries of about 0.02 rms at 4 bits) and moves the
+      large coordinates' moments into the small ones at every refresh
+      (``benchmarks/soap_carry.py``, :doc:`/results/illcond`: "refreshed"
+      is the geometric mean of six ill-conditioned problems 1.07× the
+      reference SOAP's excess where "decoded" is 1.17×). The same for an
+      unquantized basis (static; default ``"refreshed"``).
     statistic: ``"refresh"`` (the eigen-pair is the statistic, folded at
       refreshes; low memory) or ``"dense"`` (the authors' dense float32
       statistic folded every step, see above) (static).
@@ -306,7 +320,7 @@ def scale_by_soap4(
       mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order, bjorck_steps=bjorck_steps,
       mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits, project_nu=project_nu,
       head_fraction=head_fraction, statistic=statistic, precision=precision, tail_rectify=tail_rectify,
-      head_bits=head_bits, mid_fraction=mid_fraction)
+      head_bits=head_bits, mid_fraction=mid_fraction, carry=carry)
   factor_engine = make_engine(opts)
   return optax_compat.gradient_transformation(functools.partial(init, opts, factor_engine),
                                               functools.partial(update, opts, factor_engine))
