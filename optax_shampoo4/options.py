@@ -96,7 +96,7 @@ ShampooTailRectify = Literal["bjorck", "qr"]
 SHAMPOO_TAIL_RECTIFY = get_args(ShampooTailRectify)
 # The per-step products' precision (linalg.step_matmul); the refresh maths is always HIGHEST.
 DEFAULT_PRECISION: Precision = "highest"
-DEFAULT_SOAP_CARRY: SoapCarry = "refreshed"  # measured: benchmarks/soap_carry.py, docs/results/illcond.md
+DEFAULT_SOAP_CARRY: SoapCarry = "decoded"  # "refreshed" measured: benchmarks/soap_carry.py, docs/results/illcond.md
 
 
 def check_precision(precision: Any) -> Precision:
