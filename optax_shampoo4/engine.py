@@ -206,9 +206,9 @@ class FactorEngine:
     return new, failures, accepted, self.gathered(rows)
 
   def _fold_all(self, buckets: Buckets, plan: partition.Plan, matrices: list, beta: jax.Array,
-                row_orders: dict[str, jax.Array] | None, update: Callable) -> tuple:
-    """Every bucket folded by ``update`` (``update_stats``' signature; results after the first two collected)."""
-    fold = self._stats_folder(plan, matrices, update)
+                row_orders: dict[str, jax.Array] | None, bucket_update: Callable) -> tuple:
+    """Every bucket folded by ``bucket_update`` (``update_stats``' signature; a third result collected)."""
+    fold = self._stats_folder(plan, matrices, bucket_update)
     new, accepted, extra, failures = {}, {}, {}, jnp.zeros([], jnp.int32)
     real = _real_counts(plan)
     for key in plan.buckets:
@@ -219,8 +219,9 @@ class FactorEngine:
       failures += jnp.sum(~accepted[key.name][:real[key.name]], dtype=jnp.int32)  # padding factors do not count
     return new, failures, accepted, extra
 
-  def _stats_folder(self, plan: partition.Plan, matrices: list, update: Callable = fct.update_stats) -> Callable:
-    """``fold(key, bucket, row_order, beta) -> update's results``: one bucket's statistics update.
+  def _stats_folder(self, plan: partition.Plan, matrices: list,
+                    bucket_update: Callable = fct.update_stats) -> Callable:
+    """``fold(key, bucket, row_order, beta) -> bucket_update's results``: one bucket's statistics update.
 
     Without a mesh the Gram matrices of every block are formed once
     (:func:`gram_matrices`). With one, each device receives only the blocks
@@ -231,7 +232,8 @@ class FactorEngine:
     """
     if self.mesh is None:
       grams = block_products.gram_matrices(plan, matrices)
-      return lambda key, bucket, order, beta: update(self.config, bucket, grams[key], beta, row_order=order)
+      return lambda key, bucket, order, beta: bucket_update(self.config, bucket, grams[key], beta,
+                                                            row_order=order)
     tables = owned_gram_tables(plan, self.num_shards)
     axis = self.mesh_axis
     layout = block_moves.BlockLayout(self.mesh, axis, plan)
@@ -239,7 +241,7 @@ class FactorEngine:
     def fold(key, bucket, order, beta):
       def on_each_device(bucket, order, blocks, beta):
         own = owned_grams(tables[key.name], blocks, lax.axis_index(axis))
-        return update(self.config, bucket, own, beta, row_order=order)
+        return bucket_update(self.config, bucket, own, beta, row_order=order)
 
       update = sharding.shard_over_factors(on_each_device, self.mesh, axis, 3, 1)
       blocks = sharding.laid_out_by_xla(
