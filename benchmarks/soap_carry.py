@@ -7,8 +7,9 @@ are rounding only, and they move a share of the large coordinates' moments into 
 refresh. Modes (the first word on the command line):
 
 * ``decoded``: ``carry="decoded"`` (the carry above);
-* ``refreshed``: ``carry="refreshed"`` (the default): :math:`C = P^\\top R_{old}^\\top` with :math:`P` the
-  refresh's float32 eigenvectors before they are quantized: the refresh's rotation, no rounding;
+* ``refreshed``: ``carry="refreshed"`` (an option; the default is ``"decoded"``):
+  :math:`C = P^\\top R_{old}^\\top` with :math:`P` the refresh's float32 eigenvectors before they are
+  quantized: the refresh's rotation, no rounding;
 * ``refreshed_vperm``: the same with ``project_nu=False`` (``v`` only permuted by the sort, as the
   authors' SOAP);
 * ``refresh_rows``: :math:`C = P^\\top V^\\top`, with :math:`V` the old basis as the refresh decodes it
@@ -70,7 +71,7 @@ def carried_by(mode: str):
 
 
 def refresh_own_rotation(config, bucket, grams, beta, row_order=None):
-  """``update_eigen_stats`` returning, in place of the refreshed rows, :math:`P^\\top V^\\top` (the QR step's rotation)."""
+  """``update_eigen_stats`` returning, in place of the refreshed rows, :math:`P^\\top V^\\top`: the QR step's rotation."""
   new, ok, refreshed = _UPDATE_EIGEN_STATS(config, bucket, grams, beta, row_order)
   rows = fct.rectified(bucket.eigvecs, config.bjorck_steps[0], tail_qr=config.tail_rectify != "bjorck")
   if row_order is not None:

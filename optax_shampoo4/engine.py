@@ -213,10 +213,11 @@ class FactorEngine:
     real = _real_counts(plan)
     for key in plan.buckets:
       order = None if row_orders is None else row_orders[key.name]
-      new[key.name], accepted[key.name], *rest = fold(key, after_previous(buckets[key.name], new), order, beta)
+      name = key.name
+      new[name], accepted[name], *rest = fold(key, after_previous(buckets[name], new), order, beta)
       if rest:
-        extra[key.name] = rest[0]
-      failures += jnp.sum(~accepted[key.name][:real[key.name]], dtype=jnp.int32)  # padding factors do not count
+        extra[name] = rest[0]
+      failures += jnp.sum(~accepted[name][:real[name]], dtype=jnp.int32)  # padding factors do not count
     return new, failures, accepted, extra
 
   def _stats_folder(self, plan: partition.Plan, matrices: list,

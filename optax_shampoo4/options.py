@@ -96,7 +96,8 @@ ShampooTailRectify = Literal["bjorck", "qr"]
 SHAMPOO_TAIL_RECTIFY = get_args(ShampooTailRectify)
 # The per-step products' precision (linalg.step_matmul); the refresh maths is always HIGHEST.
 DEFAULT_PRECISION: Precision = "highest"
-DEFAULT_SOAP_CARRY: SoapCarry = "decoded"  # "refreshed" measured: benchmarks/soap_carry.py, docs/results/illcond.md
+# "refreshed" measured against it: benchmarks/soap_carry.py, docs/results/illcond.md.
+DEFAULT_SOAP_CARRY: SoapCarry = "decoded"
 
 
 def check_precision(precision: Any) -> Precision:

@@ -261,38 +261,17 @@ def scale_by_soap4(
       AdamW's (an 8-bit head alone: 1.11×; ``benchmarks/memory.py``).
     carry: what carries Adam's moments into a refreshed basis, by
       :math:`m \leftarrow C_L m C_R^\top` (and ``v`` with ``project_nu``):
+      ``"decoded"``: :math:`C = R_{new} R_{old}^\top` of the two bases as
+      the steps decode them, which with a quantized basis also holds both
+      bases' rounding (entries of about 0.02 rms at 4 bits);
       ``"refreshed"``: :math:`C = P^\top R_{old}^\top` with :math:`P` the
-      refresh's float32 eigenvectors before they are quantized and
-      :math:`R_{old}` the basis as the steps used it, so :math:`C` is the
-      refresh's rotation only; ``"decoded"``: :math:`C = R_{new} R_{old}^\top`
-      of the two decoded bases, which with a quantized basis also holds both
-      bases' rounding (entries of about 0.02 rms at 4 bits) and moves the
-      large coordinates' moments into the small ones at every refresh
-      (``benchmarks/soap_carry.py``, :doc:`/results/illcond`: "refreshed"
-      is the geometric mean of six ill-conditioned problems 1.07× the
-      reference SOAP's excess where "decoded" is 1.17×). The same for an
-      unquantized basis (static; default ``"refreshed"``).
-    statistic: ``"refresh"`` (the eigen-pair is the statistic, folded at
-      refreshes; low memory) or ``"dense"`` (the authors' dense float32
-      statistic folded every step, see above) (static).
-    precision: of the every-step products only (the rotations
-      :math:`Q_L^\top G Q_R`, the back-rotations and, at a refresh, the
-      moments' re-projection), see :func:`~optax_shampoo4.linalg.step_matmul`:
-      ``"highest"`` (float32 operands), ``"high"`` (bf16×3) or ``"default"``
-      (bfloat16 operands, float32 accumulation). The refresh maths (QR,
-      Björck, the change of basis) always runs at full float32 precision.
-    tail_rectify: with a head (``head_fraction``), how a refresh rectifies the decoded
-      4-bit rows before it rebuilds the statistic
-      :math:`Q \Lambda Q^\top` from them: ``"bjorck"`` (projected out of
-      the head, then ``bjorck_steps[0]`` Björck steps) or ``"qr"``
-      (projected out of the head, then Gram–Schmidt in descending-eigenvalue
-      order, one QR per factor: exactly orthonormal, and a row's error never
-      reaches the rows of larger eigenvalues, where Björck spreads it over
-      all rows, so :math:`\delta\lambda_{\max}` leaks into the smallest
-      directions at every refresh). Refresh steps only; the per-step use of
-      the basis is the same for both. ``"qr_every_step"`` also rectifies
-      the basis that way at every step (a QR per factor per step: for
-      measurements, it costs about as much as the step's rotations) (static).
+      refresh's float32 eigenvectors before they are quantized, the
+      refresh's rotation only. Measured on ``benchmarks/illcond.py``'s twelve
+      problems (``benchmarks/soap_carry.py``, :doc:`/results/illcond`), 4-bit,
+      against the reference SOAP: "refreshed" is better on four (e.g.
+      1.07× instead of 1.51× on ``ls_logunif_1e4``), worse on four (1.32×
+      instead of 0.89× on ``ls_power_1e2``), geometric mean 1.10× for both.
+      For float32 bases the two are the same (static; default ``"decoded"``).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` giving Adam's direction
