@@ -259,6 +259,27 @@ def scale_by_soap4(
       suboptimality without it, 1.3× with it; 6 seeds). 0: none (static;
       None: 1/8). At GPT-2 124M shapes the defaults' whole state is 1.15×
       AdamW's (an 8-bit head alone: 1.11×; ``benchmarks/memory.py``).
+    statistic: ``"refresh"`` (the eigen-pair is the statistic, folded at
+      refreshes; low memory) or ``"dense"`` (the authors' dense float32
+      statistic folded every step, see above) (static).
+    precision: of the every-step products only (the rotations
+      :math:`Q_L^\top G Q_R`, the back-rotations and, at a refresh, the
+      moments' re-projection), see :func:`~optax_shampoo4.linalg.step_matmul`:
+      ``"highest"`` (float32 operands), ``"high"`` (bf16×3) or ``"default"``
+      (bfloat16 operands, float32 accumulation). The refresh maths (QR,
+      Björck, the change of basis) always runs at full float32 precision.
+    tail_rectify: with a head (``head_fraction``), how a refresh rectifies the decoded
+      4-bit rows before it rebuilds the statistic
+      :math:`Q \Lambda Q^\top` from them: ``"bjorck"`` (projected out of
+      the head, then ``bjorck_steps[0]`` Björck steps) or ``"qr"``
+      (projected out of the head, then Gram–Schmidt in descending-eigenvalue
+      order, one QR per factor: exactly orthonormal, and a row's error never
+      reaches the rows of larger eigenvalues, where Björck spreads it over
+      all rows, so :math:`\delta\lambda_{\max}` leaks into the smallest
+      directions at every refresh). Refresh steps only; the per-step use of
+      the basis is the same for both. ``"qr_every_step"`` also rectifies
+      the basis that way at every step (a QR per factor per step: for
+      measurements, it costs about as much as the step's rotations) (static).
     carry: what carries Adam's moments into a refreshed basis, by
       :math:`m \leftarrow C_L m C_R^\top` (and ``v`` with ``project_nu``):
       ``"decoded"``: :math:`C = R_{new} R_{old}^\top` of the two bases as
