@@ -187,17 +187,42 @@ class FactorEngine:
       ``(new buckets, number of factor refreshes rejected as non-finite,
       {bucket name: bool[k]} accepted per factor)``.
     """
-    fold = self._stats_folder(plan, matrices)
-    new, accepted, failures = {}, {}, jnp.zeros([], jnp.int32)
+    new, failures, accepted, _ = self._fold_all(buckets, plan, matrices, beta, row_orders, fct.update_stats)
+    return new, failures, accepted
+
+  def refresh_eigen_stats(self, buckets: Buckets, plan: partition.Plan, matrices: list, beta: jax.Array,
+                          row_orders: dict[str, jax.Array] | None = None
+                          ) -> tuple[Buckets, jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+    """:meth:`refresh_stats` of ``"eigen"`` buckets, also returning each refreshed basis before it is stored.
+
+    Returns:
+      ``(new buckets, rejected count, accepted per factor, {bucket name:
+      f32[k, n, n]})``: the last the new eigenvectors as rows in float32,
+      before quantization (:func:`~optax_shampoo4.factors.update_eigen_stats`),
+      gathered from the mesh.
+    """
+    new, failures, accepted, rows = self._fold_all(buckets, plan, matrices, beta, row_orders,
+                                                   fct.update_eigen_stats)
+    return new, failures, accepted, self.gathered(rows)
+
+  def _fold_all(self, buckets: Buckets, plan: partition.Plan, matrices: list, beta: jax.Array,
+                row_orders: dict[str, jax.Array] | None, bucket_update: Callable) -> tuple:
+    """Every bucket folded by ``bucket_update`` (``update_stats``' signature; a third result collected)."""
+    fold = self._stats_folder(plan, matrices, bucket_update)
+    new, accepted, extra, failures = {}, {}, {}, jnp.zeros([], jnp.int32)
     real = _real_counts(plan)
     for key in plan.buckets:
       order = None if row_orders is None else row_orders[key.name]
-      new[key.name], accepted[key.name] = fold(key, after_previous(buckets[key.name], new), order, beta)
-      failures += jnp.sum(~accepted[key.name][:real[key.name]], dtype=jnp.int32)  # padding factors do not count
-    return new, failures, accepted
+      name = key.name
+      new[name], accepted[name], *rest = fold(key, after_previous(buckets[name], new), order, beta)
+      if rest:
+        extra[name] = rest[0]
+      failures += jnp.sum(~accepted[name][:real[name]], dtype=jnp.int32)  # padding factors do not count
+    return new, failures, accepted, extra
 
-  def _stats_folder(self, plan: partition.Plan, matrices: list) -> Callable:
-    """``fold(key, bucket, row_order, beta) -> (bucket, accepted)``: one bucket's statistics update.
+  def _stats_folder(self, plan: partition.Plan, matrices: list,
+                    bucket_update: Callable = fct.update_stats) -> Callable:
+    """``fold(key, bucket, row_order, beta) -> bucket_update's results``: one bucket's statistics update.
 
     Without a mesh the Gram matrices of every block are formed once
     (:func:`gram_matrices`). With one, each device receives only the blocks
@@ -208,8 +233,8 @@ class FactorEngine:
     """
     if self.mesh is None:
       grams = block_products.gram_matrices(plan, matrices)
-      return lambda key, bucket, order, beta: fct.update_stats(self.config, bucket, grams[key], beta,
-                                                                row_order=order)
+      return lambda key, bucket, order, beta: bucket_update(self.config, bucket, grams[key], beta,
+                                                            row_order=order)
     tables = owned_gram_tables(plan, self.num_shards)
     axis = self.mesh_axis
     layout = block_moves.BlockLayout(self.mesh, axis, plan)
@@ -217,7 +242,7 @@ class FactorEngine:
     def fold(key, bucket, order, beta):
       def on_each_device(bucket, order, blocks, beta):
         own = owned_grams(tables[key.name], blocks, lax.axis_index(axis))
-        return fct.update_stats(self.config, bucket, own, beta, row_order=order)
+        return bucket_update(self.config, bucket, own, beta, row_order=order)
 
       update = sharding.shard_over_factors(on_each_device, self.mesh, axis, 3, 1)
       blocks = sharding.laid_out_by_xla(

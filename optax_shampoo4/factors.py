@@ -338,26 +338,45 @@ def update_stats(
   """
   beta = jnp.asarray(beta, jnp.float32)
   if isinstance(bucket, EigenFactors):
-    rows = rectified(bucket.eigvecs, config.bjorck_steps[0], tail_qr=config.tail_rectify != "bjorck")
-    eigvals = bucket.eigvals
-    if row_order is not None:
-      rows = jnp.take_along_axis(rows, row_order[:, :, None], axis=1)
-      eigvals = jnp.take_along_axis(eigvals, row_order, axis=1)
-    cols = linalg.transpose(rows)
-    stat = beta * linalg.matmul(cols * eigvals[:, None, :], rows)
-    stat = stat + gram_weight(beta) * grams
-    eigvecs, eigvals = refresh_eigenbasis(config, stat, cols)
-    ok = _all_finite(eigvecs) & _all_finite(eigvals)
-    stored = config.store_eigvecs(linalg.transpose(eigvecs), is_quantized(bucket.eigvecs))
-    new = bucket._replace(eigvecs=stored, eigvals=eigvals)
-  elif config.root_method == "jorge":
+    return update_eigen_stats(config, bucket, grams, beta, row_order)[:2]
+  if config.root_method == "jorge":
     return _jorge_stats(config, bucket, grams, beta)
-  else:
-    old_stats = kept(bucket.stats, "stats")
-    stat = beta * load(old_stats) + gram_weight(beta) * grams
-    ok = _all_finite(stat)
-    new = MatrixFactors(config.store(stat, is_quantized(old_stats), True), bucket.root)
+  old_stats = kept(bucket.stats, "stats")
+  stat = beta * load(old_stats) + gram_weight(beta) * grams
+  ok = _all_finite(stat)
+  new = MatrixFactors(config.store(stat, is_quantized(old_stats), True), bucket.root)
   return _guarded(ok, new, bucket)
+
+
+def update_eigen_stats(
+    config: FactorConfig, bucket: EigenFactors, grams: jax.Array, beta: jax.Array,
+    row_order: jax.Array | None = None,
+) -> tuple[EigenFactors, jax.Array, jax.Array]:
+  """:func:`update_stats` of an ``"eigen"`` bucket that also returns the refreshed basis as computed.
+
+  Returns:
+    ``(bucket, accepted, rows)``: the new bucket and ``bool[k]`` as
+    :func:`update_stats`, and ``f32[k, n, n]`` the new eigenvectors as rows
+    in float32 *before* they are stored (quantized): the refresh's rotation
+    without the new basis' rounding (SOAP carries its moments by it). Where
+    a refresh was rejected, the previous basis as the refresh decoded it.
+  """
+  beta = jnp.asarray(beta, jnp.float32)
+  rows = rectified(bucket.eigvecs, config.bjorck_steps[0], tail_qr=config.tail_rectify != "bjorck")
+  previous = rows
+  eigvals = bucket.eigvals
+  if row_order is not None:
+    rows = jnp.take_along_axis(rows, row_order[:, :, None], axis=1)
+    eigvals = jnp.take_along_axis(eigvals, row_order, axis=1)
+  cols = linalg.transpose(rows)
+  stat = beta * linalg.matmul(cols * eigvals[:, None, :], rows)
+  stat = stat + gram_weight(beta) * grams
+  eigvecs, eigvals = refresh_eigenbasis(config, stat, cols)
+  ok = _all_finite(eigvecs) & _all_finite(eigvals)
+  refreshed = linalg.transpose(eigvecs)
+  stored = config.store_eigvecs(refreshed, is_quantized(bucket.eigvecs))
+  new, ok = _guarded(ok, bucket._replace(eigvecs=stored, eigvals=eigvals), bucket)
+  return new, ok, _select(ok, refreshed, previous)
 
 
 def update_root(

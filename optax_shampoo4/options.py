@@ -53,6 +53,8 @@ from optax_shampoo4 import quantization as qz
 StateFormat = Literal["eigen", "naive", "fp32"]
 SoapStateFormat = Literal["eigen", "fp32"]
 SoapStatistic = Literal["refresh", "dense"]
+# What SOAP's moments are carried into a refreshed basis by (scale_by_soap4's ``carry``).
+SoapCarry = Literal["refreshed", "decoded"]
 RootMethod = Literal["eigen", "newton", "jorge", "eigh"]
 RefreshMethod = Literal["qr", "eigh", "adaptive"]
 Combine = Literal["shampoo", "caspr"]
@@ -68,6 +70,7 @@ COMBINES = get_args(Combine)
 EPSILON_MODES = get_args(EpsilonMode)
 SOAP_FORMATS = get_args(SoapStateFormat)
 SOAP_STATISTICS = get_args(SoapStatistic)
+SOAP_CARRIES = get_args(SoapCarry)
 TailRectify = Literal["bjorck", "qr", "qr_every_step"]
 TAIL_RECTIFY = get_args(TailRectify)
 
@@ -93,6 +96,8 @@ ShampooTailRectify = Literal["bjorck", "qr"]
 SHAMPOO_TAIL_RECTIFY = get_args(ShampooTailRectify)
 # The per-step products' precision (linalg.step_matmul); the refresh maths is always HIGHEST.
 DEFAULT_PRECISION: Precision = "highest"
+# "refreshed" measured against it: benchmarks/soap_carry.py, docs/results/illcond.md.
+DEFAULT_SOAP_CARRY: SoapCarry = "decoded"
 
 
 def check_precision(precision: Any) -> Precision:
@@ -297,6 +302,7 @@ class SoapOptions:
   tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY
   head_bits: int = DEFAULT_HEAD_BITS
   mid_fraction: float = DEFAULT_MID_FRACTION
+  carry: SoapCarry = DEFAULT_SOAP_CARRY
 
   @classmethod
   def from_kwargs(cls, *, b1: ArrayLike = 0.95, b2: ArrayLike = 0.95, eps: ArrayLike = 1e-8,
@@ -309,7 +315,7 @@ class SoapOptions:
                   head_fraction: float | None = None, statistic: SoapStatistic = "refresh",
                   precision: Precision = DEFAULT_PRECISION,
                   tail_rectify: TailRectify = DEFAULT_TAIL_RECTIFY, head_bits: int | None = None,
-                  mid_fraction: float | None = None) -> SoapOptions:
+                  mid_fraction: float | None = None, carry: SoapCarry = DEFAULT_SOAP_CARRY) -> SoapOptions:
     """Resolves every None default and checks every argument (the factory's keywords)."""
     validation.check_range("b1", b1, 0.0, 1.0)
     validation.check_range("b2", b2, 0.0, 1.0)
@@ -325,6 +331,7 @@ class SoapOptions:
     validation.check_choice("state_format", state_format, SOAP_FORMATS)
     validation.check_choice("statistic", statistic, SOAP_STATISTICS)
     validation.check_choice("tail_rectify", tail_rectify, TAIL_RECTIFY)
+    validation.check_choice("carry", carry, SOAP_CARRIES)
     project_nu = statistic == "refresh" if project_nu is None else validation.check_bool("project_nu", project_nu)
     sharding.validate_mesh(mesh, mesh_axis)
     head_fraction = validation.static_fraction("head_fraction", head_fraction, DEFAULT_HEAD_FRACTION)
@@ -337,7 +344,8 @@ class SoapOptions:
                moment_bits=moment_bits, project_nu=project_nu, head_fraction=head_fraction,
                statistic=statistic, precision=check_precision(precision), tail_rectify=tail_rectify,
                head_bits=_head_bits(head_bits, bits),
-               mid_fraction=validation.static_fraction("mid_fraction", mid_fraction, DEFAULT_MID_FRACTION))
+               mid_fraction=validation.static_fraction("mid_fraction", mid_fraction, DEFAULT_MID_FRACTION),
+               carry=carry)
 
   @property
   def quantized_from(self) -> int:

@@ -243,6 +243,7 @@ def soap4(
     tail_rectify: options.TailRectify = options.DEFAULT_TAIL_RECTIFY,
     head_bits: int | None = None,
     mid_fraction: float | None = None,
+    carry: options.SoapCarry = options.DEFAULT_SOAP_CARRY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP with a 4-bit eigenbasis, decoupled weight decay and a learning rate.
 
@@ -256,7 +257,7 @@ def soap4(
   Keyword-only arguments ``shampoo_beta``, ``precondition_every``, ``max_order``, ``max_precond_dim``,
   ``state_format``, ``bits``, ``mapping``, ``quant_block``, ``min_quant_order``, ``bjorck_steps``, ``mesh``,
   ``mesh_axis``, ``project_nu``, ``head_fraction``, ``head_bits``, ``mid_fraction``, ``statistic``,
-  ``precision``, ``tail_rectify``: passed to :func:`~optax_shampoo4.scale_by_soap4` (same defaults).
+  ``precision``, ``tail_rectify``, ``carry``: passed to :func:`~optax_shampoo4.scale_by_soap4` (same defaults).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -279,7 +280,8 @@ def soap4(
                         bits=bits, mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order,
                         bjorck_steps=bjorck_steps, mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits,
                         project_nu=project_nu, head_fraction=head_fraction, statistic=statistic, precision=precision,
-                        tail_rectify=tail_rectify, head_bits=head_bits, mid_fraction=mid_fraction)
+                        tail_rectify=tail_rectify, head_bits=head_bits, mid_fraction=mid_fraction,
+                        carry=carry)
   options.check_alias_options(learning_rate, weight_decay=weight_decay)
   return optax.chain(
       soap,

@@ -89,6 +89,7 @@ def scale_by_soap4(
     tail_rectify: options.TailRectify = options.DEFAULT_TAIL_RECTIFY,
     head_bits: int | None = None,
     mid_fraction: float | None = None,
+    carry: options.SoapCarry = options.DEFAULT_SOAP_CARRY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam in the (4-bit) eigenbasis of Shampoo's Kronecker factors (SOAP).
 
@@ -279,6 +280,19 @@ def scale_by_soap4(
       the basis is the same for both. ``"qr_every_step"`` also rectifies
       the basis that way at every step (a QR per factor per step: for
       measurements, it costs about as much as the step's rotations) (static).
+    carry: what carries Adam's moments into a refreshed basis, by
+      :math:`m \leftarrow C_L m C_R^\top` (and ``v`` with ``project_nu``):
+      ``"decoded"``: :math:`C = R_{new} R_{old}^\top` of the two bases as
+      the steps decode them, which with a quantized basis also holds both
+      bases' rounding (entries of about 0.02 rms at 4 bits);
+      ``"refreshed"``: :math:`C = P^\top R_{old}^\top` with :math:`P` the
+      refresh's float32 eigenvectors before they are quantized, the
+      refresh's rotation only. Measured on ``benchmarks/illcond.py``'s twelve
+      problems (``benchmarks/soap_carry.py``, :doc:`/results/illcond`), 4-bit,
+      against the reference SOAP: "refreshed" is better on four (e.g.
+      1.07× instead of 1.51× on ``ls_logunif_1e4``), worse on four (1.32×
+      instead of 0.89× on ``ls_power_1e2``), geometric mean 1.10× for both.
+      For float32 bases the two are the same (static; default ``"decoded"``).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` giving Adam's direction
@@ -306,7 +320,7 @@ def scale_by_soap4(
       mapping=mapping, quant_block=quant_block, min_quant_order=min_quant_order, bjorck_steps=bjorck_steps,
       mesh=mesh, mesh_axis=mesh_axis, moment_bits=moment_bits, project_nu=project_nu,
       head_fraction=head_fraction, statistic=statistic, precision=precision, tail_rectify=tail_rectify,
-      head_bits=head_bits, mid_fraction=mid_fraction)
+      head_bits=head_bits, mid_fraction=mid_fraction, carry=carry)
   factor_engine = make_engine(opts)
   return optax_compat.gradient_transformation(functools.partial(init, opts, factor_engine),
                                               functools.partial(update, opts, factor_engine))

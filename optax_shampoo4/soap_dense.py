@@ -53,7 +53,7 @@ def fold(stats: dict[str, fct.MatrixFactors], plan: partition.Plan, matrices: li
 
 
 def refresh_factors(config: fct.FactorConfig, bucket: fct.EigenFactors, stat: jax.Array, rows: jax.Array,
-                    first: jax.Array) -> tuple[fct.EigenFactors, jax.Array, jax.Array]:
+                    first: jax.Array) -> tuple[fct.EigenFactors, jax.Array, jax.Array, jax.Array]:
   r"""One bucket's refresh from its dense statistics (see the module docstring).
 
   Args:
@@ -64,9 +64,11 @@ def refresh_factors(config: fct.FactorConfig, bucket: fct.EigenFactors, stat: ja
     first: scalar bool, the first refresh (an ``eigh``; no sort).
 
   Returns:
-    ``(bucket, order, accepted)``: the new bucket, ``int[k, n]`` the sort
-    applied to the old basis' columns (the identity where rejected or at the
-    first refresh) and ``bool[k]`` accepted (finite) per factor.
+    ``(bucket, order, accepted, refreshed)``: the new bucket, ``int[k, n]``
+    the sort applied to the old basis' columns (the identity where rejected
+    or at the first refresh), ``bool[k]`` accepted (finite) per factor and
+    ``f32[k, n, n]`` the new basis as rows before it is stored (quantized;
+    ``rows`` where rejected).
   """
   size, order_n = stat.shape[0], stat.shape[-1]
   estimates = jnp.sum(rows * linalg.matmul(rows, stat), axis=-1)  # diag(Qᵀ S Q), Q = rowsᵀ
@@ -78,10 +80,12 @@ def refresh_factors(config: fct.FactorConfig, bucket: fct.EigenFactors, stat: ja
   need = jnp.broadcast_to(first, (size,))
   eigvecs, eigvals = linalg.eigh_where(need, shifted, eigvecs, eigvals)
   accepted = _finite_per_factor(eigvecs) & _finite_per_factor(eigvals)
-  stored = config.store_eigvecs(linalg.transpose(eigvecs), fct.is_quantized(bucket.eigvecs))
+  refreshed = linalg.transpose(eigvecs)
+  stored = config.store_eigvecs(refreshed, fct.is_quantized(bucket.eigvecs))
   new = jax.tree.map(lambda a, b: jnp.where(accepted.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
                      fct.EigenFactors(stored, eigvals, bucket.root), bucket)
-  return new, jnp.where(accepted[:, None], order, identity), accepted
+  refreshed = jnp.where(accepted[:, None, None], refreshed, rows)
+  return new, jnp.where(accepted[:, None], order, identity), accepted, refreshed
 
 
 def _finite_per_factor(x: jax.Array) -> jax.Array:
@@ -91,11 +95,13 @@ def _finite_per_factor(x: jax.Array) -> jax.Array:
 
 def refresh(factor_engine: engine.FactorEngine, plan: partition.Plan, buckets: engine.Buckets,
             stats: dict[str, fct.MatrixFactors], rows: dict, first: jax.Array
-            ) -> tuple[engine.Buckets, dict[str, jax.Array], jax.Array]:
+            ) -> tuple[engine.Buckets, dict[str, jax.Array], jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
   """Every bucket refreshed from its dense statistics (split over the mesh, as the engine's refreshes).
 
   Returns ``(buckets, {bucket name: int[k, n]} column orders, number of
-  rejected (non-finite) real factors)``.
+  rejected (non-finite) real factors, {bucket name: bool[k]} accepted,
+  {bucket name: f32[k, n, n]} the new bases as rows before they were
+  stored, gathered)``.
   """
 
   def one(bucket, stat, bucket_rows, first):
@@ -103,9 +109,10 @@ def refresh(factor_engine: engine.FactorEngine, plan: partition.Plan, buckets: e
 
   update = sharding.shard_over_factors(one, factor_engine.mesh, factor_engine.mesh_axis, 3, 1)
   real = {key.name: len(slots) for key, slots in plan.factor_slots().items()}
-  new, orders, failures = {}, {}, jnp.zeros([], jnp.int32)
+  new, orders, accepted, refreshed, failures = {}, {}, {}, {}, jnp.zeros([], jnp.int32)
   for key in plan.buckets:
     name = key.name
-    new[name], orders[name], accepted = update(buckets[name], stats[name].stats, rows[name], first)
-    failures += jnp.sum(~accepted[:real[name]], dtype=jnp.int32)
-  return new, orders, failures
+    new[name], orders[name], accepted[name], refreshed[name] = update(buckets[name], stats[name].stats,
+                                                                      rows[name], first)
+    failures += jnp.sum(~accepted[name][:real[name]], dtype=jnp.int32)
+  return new, orders, failures, accepted, factor_engine.gathered(refreshed)

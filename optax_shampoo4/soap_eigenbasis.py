@@ -5,8 +5,8 @@ refresh, and the rotations.
   head first with a 16-bit head) and gathered from the mesh.
 * :func:`refresh_bases`: the refresh of every basis (one warm-started QR step from the eigen-pair statistic,
   or :mod:`optax_shampoo4.soap_dense`'s from the dense one), with Adam's moments carried into the new bases
-  by the change of basis :math:`C = Q_{new}^\top Q_{old}`: :math:`m \leftarrow C_L m C_R^\top`, and
-  :math:`v` permuted or projected with :math:`C \circ C`.
+  by the change of basis :math:`C = Q_{new}^\top Q_{old}` (:func:`basis_change`): :math:`m \leftarrow
+  C_L m C_R^\top`, and :math:`v` permuted or projected with :math:`C \circ C`.
 * :func:`rotate`: :math:`Q_L^\top X Q_R` block by block (and back), split over the mesh by
   :meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`.
 """
@@ -63,25 +63,47 @@ def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
   """
   buckets, mu, nu = operand
   if opts.statistic == "dense":
-    buckets, kept, failures = soap_dense.refresh(factor_engine, step.plan, buckets, stats, rows, first)
+    buckets, kept, failures, accepted, refreshed = soap_dense.refresh(factor_engine, step.plan, buckets, stats,
+                                                                      rows, first)
   else:
     # Sorted by eigenvalue (descending) inside the refresh: the refreshed columns come out sorted, so
     # the head holds the largest eigenvalues' rows.
     order = {name: jnp.argsort(-b.eigvals, axis=-1) for name, b in buckets.items()}
-    buckets, failures, accepted = factor_engine.refresh_stats(buckets, step.plan, step.matrices,
-                                                              statistic_beta(opts), order)
+    buckets, failures, accepted, refreshed = factor_engine.refresh_eigen_stats(
+        buckets, step.plan, step.matrices, statistic_beta(opts), order)
     # A rejected factor kept its previous eigenpairs, in their previous order.
     kept = {name: jnp.where(accepted[name][:, None], o, jnp.arange(o.shape[-1])) for name, o in order.items()}
   if not opts.project_nu:
     nu = [_permute(v, lp, kept) if lp.preconditioned else v for v, lp in zip(nu, step.plan.leaves)]
-  new_rows = bases(opts, factor_engine, buckets)
-  # C = Qₙₑ𝓌ᵀ Q_old per factor (rows are Qᵀ; the sort's permutation included): m is carried into the
-  # new basis, m ← C_L m C_Rᵀ; with project_nu, v ← (C_L∘C_L) v (C_R∘C_R)ᵀ.
-  change = {name: linalg.matmul(new_rows[name], linalg.transpose(rows[name])) for name in rows}
+  change = basis_change(opts, factor_engine, buckets, rows, refreshed, factor_engine.gathered(accepted))
   mu = rotate_moments(factor_engine, step.plan, mu, change, opts.precision)
   if opts.project_nu:
     nu = rotate_moments(factor_engine, step.plan, nu, {name: c * c for name, c in change.items()}, opts.precision)
   return buckets, mu, nu, failures
+
+
+def basis_change(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets: engine.Buckets,
+                 rows: dict, refreshed: dict, accepted: dict) -> dict:
+  r"""Per bucket the change of basis :math:`C = R_{new} R_{old}^\top` the moments are carried by.
+
+  :math:`R_{old}` = ``rows``, the basis the moments live in (as the steps
+  used it: decoded and rectified). ``carry="refreshed"``: :math:`R_{new}` =
+  ``refreshed``, the refresh's float32 eigenvectors before they are stored,
+  so :math:`C` holds the refresh's rotation (and re-sorting) only, and the
+  identity where a refresh was rejected (``accepted`` False: the basis is
+  kept). ``"decoded"``: :math:`R_{new}` is the new basis decoded and
+  rectified as the steps will use it; with a quantized basis :math:`C` then
+  also holds both bases' rounding (entries of about 0.02 at 4 bits), which
+  moves the large coordinates' moments into the small ones at every refresh.
+  """
+  if opts.carry == "decoded":
+    new_rows = bases(opts, factor_engine, buckets)
+    return {name: linalg.matmul(new_rows[name], linalg.transpose(rows[name])) for name in rows}
+  change = {}
+  for name, old in rows.items():
+    c = linalg.matmul(refreshed[name], linalg.transpose(old))
+    change[name] = jnp.where(accepted[name][:, None, None], c, jnp.eye(c.shape[-1], dtype=c.dtype))
+  return change
 
 
 def rotate(factor_engine: engine.FactorEngine, plan: partition.Plan, matrices: list, rows: dict,

@@ -62,20 +62,23 @@ def _assert_close(got, want, what):
     np.testing.assert_allclose(got[key], want[key], rtol=0, atol=RTOL * scale, err_msg=f"{what}, leaf {key}")
 
 
-def _transforms(state_format, kind="auto"):
+def _transforms(state_format, kind="auto", carry="decoded"):
   mesh = _mesh(kind)
-  sharded = s4.scale_by_soap4(state_format=state_format, mesh=mesh, **CONFIG)
-  single = s4.scale_by_soap4(state_format=state_format, **CONFIG)
+  sharded = s4.scale_by_soap4(state_format=state_format, mesh=mesh, carry=carry, **CONFIG)
+  single = s4.scale_by_soap4(state_format=state_format, carry=carry, **CONFIG)
   return mesh, sharded, single
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("state_format, kind", [
-    pytest.param("fp32", "auto", id="fp32"), pytest.param("eigen", "auto", id="eigen"),
-    pytest.param("fp32", "explicit", id="fp32-explicit", marks=pytest.mark.slow),
-    pytest.param("eigen", "explicit", id="eigen-explicit", marks=pytest.mark.slow)])
-def test_sharded_soap_matches_single_device(state_format, kind):
-  mesh, sharded, single = _transforms(state_format, kind)
+@pytest.mark.parametrize("state_format, kind, carry", [
+    pytest.param("fp32", "auto", "decoded", id="fp32"), pytest.param("eigen", "auto", "decoded", id="eigen"),
+    pytest.param("fp32", "explicit", "decoded", id="fp32-explicit", marks=pytest.mark.slow),
+    pytest.param("eigen", "explicit", "decoded", id="eigen-explicit", marks=pytest.mark.slow),
+    # The carry by the refresh's float32 eigenvectors: gathered from the devices that refreshed them.
+    pytest.param("eigen", "auto", "refreshed", id="eigen-refreshed"),
+    pytest.param("eigen", "explicit", "refreshed", id="eigen-explicit-refreshed")])
+def test_sharded_soap_matches_single_device(state_format, kind, carry):
+  mesh, sharded, single = _transforms(state_format, kind, carry)
   params = _params()
   grads = _grads(params)
   device = CPUS[0]
