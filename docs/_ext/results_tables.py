@@ -284,7 +284,8 @@ def write_quant_error(results_dir, out_dir):
 
 
 # The configurations of the optimizer-choice table and where each benchmark file keeps them (names, no numbers):
-# (label, memory entry of memory.json's GPT-2 model, speed.json row, (quality file, optimizer) or None).
+# (label, memory entry of memory.json's GPT-2 model, speed.json row or (speed file, row), (quality file, optimizer)
+# or None). SOAP's rows come from the run of its current layout (the 16-/8-bit head tiers), speed_factored_roots.json.
 CHOICES = (
     ("`optax.adamw`", ("moment_bits", "adamw", "None"), "adamw", ("quality", "adamw")),
     ("AdamW, 8-bit moments (`s4.moments`)", ("moment_bits", "adamw", "8"), "adamw m8", None),
@@ -299,9 +300,9 @@ CHOICES = (
     ("`s4.adamw_shampoo4(moment_bits=8, store_root=False)`", ("moment_bits", "adamw+shampoo4_noroot", "8"),
      "ours eigen no root m8", None),
     ("`s4.adamw_shampoo4(bits=3)`", None, "ours eigen 3-bit", ("quality_variants", "adamw+shampoo3")),
-    ("SOAP, fp32 eigenvectors (`state_format=\"fp32\"`)", None, "ours soap32", ("quality_soap", "soap32")),
-    ("**`s4.soap4`** (defaults)", ("moment_bits", "soap4", "None"), "ours soap4", ("quality_soap", "soap4")),
-    ("`s4.soap4(moment_bits=8)`", ("moment_bits", "soap4", "8"), "ours soap4 m8", None),
+    ("SOAP, fp32 eigenvectors (`state_format=\"fp32\"`)", None, ("speed_factored_roots", "soap32"), ("quality_soap", "soap32")),
+    ("**`s4.soap4`** (defaults)", ("moment_bits", "soap4", "None"), ("speed_factored_roots", "soap4"), ("quality_soap", "soap4")),
+    ("`s4.soap4(moment_bits=8)`", ("moment_bits", "soap4", "8"), ("speed_factored_roots", "soap4_m8"), None),
 )
 QUALITY_EXAMPLES = ("transformer_lm", "autoencoder_mnist")
 
@@ -327,12 +328,15 @@ def write_choosing(results_dir, out_dir):
   """The optimizer-choice table: memory (GPT-2 124M shapes), amortized step cost and final training loss
   against AdamW on the two AdamW examples, each cell read from the benchmark files."""
   model = load_json(results_dir, "memory.json")["models"]["gpt2_124m"]
-  speed = load_json(results_dir, "speed.json")["rows"]
+  speed_files = {"speed": load_json(results_dir, "speed.json")["rows"]}
   quality = {name: load_json(results_dir, f"{name}.json") for name in ("quality", "quality_variants", "quality_soap")}
   rows = []
   for label, memory_entry, speed_key, quality_entry in CHOICES:
     ratio = _memory_ratio(model, memory_entry)
-    step = speed.get(speed_key, {}) if speed_key else {}
+    speed_file, speed_row = ("speed", speed_key) if isinstance(speed_key, str) or speed_key is None else speed_key
+    if speed_file not in speed_files:
+      speed_files[speed_file] = load_json(results_dir, f"{speed_file}.json")["rows"]
+    step = speed_files[speed_file].get(speed_row, {}) if speed_row else {}
     step_ratio = step.get("amortized_vs_adamw", step.get("plain_vs_adamw"))
     gaps = [_quality_gap(quality, quality_entry, example) for example in QUALITY_EXAMPLES]
     rows.append([label, "—" if ratio is None else f"{ratio:.2f}×",
