@@ -75,6 +75,8 @@ SOAP_VARIANTS: dict[str, dict[str, Any]] = {
     "soap4": {"bits": 4},  # the default: 1/8 of each basis (largest eigenvalues) in 16 bits, the next 1/8 in 8
     "soap4_head8": {"bits": 4, "head_bits": 8, "mid_fraction": 0.0},  # an 8-bit head of 1/8, no second tier
     "soap4_nohead": {"bits": 4, "head_fraction": 0.0},  # every basis row in 4 bits
+    # the default's bytes with more 8-bit rows: a 16-bit head of 1/16, then 5/16 in 8 bits
+    "soap4_h16m516": {"bits": 4, "head_fraction": 1 / 16, "mid_fraction": 5 / 16},
     "soap4_bjorck22": {"bits": 4, "bjorck_steps": (2, 2)},  # two Björck steps before refreshes and each rotation
     "soap4_bjorck10": {"bits": 4, "bjorck_steps": (1, 0)},  # no per-step Björck (the tiered default)
     "soap4_bjorck11": {"bits": 4, "bjorck_steps": (1, 1)},  # a Björck step on the 16-/8-bit rows each step
