@@ -258,9 +258,16 @@ ROWS: dict[str, Callable[..., optax.GradientTransformation]] = {
     # The same with the 1/16 rows of the largest eigenvalues in 16 bits (Gram-Schmidt tail): exactly the paper
     # layout's bytes.
     "shampoo4_eigvals_head": lambda **kw: s4.adamw_shampoo4(1.0, **_EIGVALS_HEAD, **_SHAMPOO, **_QUANT, **kw),
+    # 4-bit SOAP's bytes with more 8-bit rows (a 16-bit head of 1/16, then 5/16 in 8 bits), and with more bytes (a
+    # 16-bit head of 1/8, then 1/4 in 8 bits).
+    "soap4_h16m516": lambda **kw: s4.soap4(1.0, weight_decay=0.0, head_fraction=1 / 16, mid_fraction=5 / 16,
+                                           **_QUANT, **kw),
+    "soap4_h8m4": lambda **kw: s4.soap4(1.0, weight_decay=0.0, head_fraction=1 / 8, mid_fraction=1 / 4, **_QUANT,
+                                        **kw),
 }
-# Rows run by default (the 8-bit ones and the 4-bit DS without its damping floor on request).
-DEFAULT_ROWS = [name for name in ROWS if name not in ("shampoo8", "ds_8bit", "ds_4bit_nofloor")]
+# Rows run by default (the 8-bit ones, the 4-bit DS without its damping floor and SOAP's other tier layouts on request).
+DEFAULT_ROWS = [name for name in ROWS
+                if name not in ("shampoo8", "ds_8bit", "ds_4bit_nofloor", "soap4_h16m516", "soap4_h8m4")]
 NO_PRECISION = ("adamw", "soap_ref")  # rows without the library's precision= option
 
 
