@@ -22,7 +22,7 @@ that an optimizer is only its own step:
   all-gather of the results; FSDP gradients: all-to-alls both ways, never a
   whole gradient on every device);
 * :meth:`FactorEngine.init_factors`, :meth:`FactorEngine.start_step` and
-  :func:`failure_counts`: the parts every optimizer's ``init`` / ``update``
+  :func:`~optax_shampoo4.step_parts.failure_counts`: the parts every optimizer's ``init`` / ``update``
   shares (the ``optax.tree.map_params`` placeholder, the step prologue, the
   failure counters of the state);
 * :func:`map_blocks`: apply a per-block function to a parameter's matrix view
@@ -36,7 +36,7 @@ moves of blocks between devices in :mod:`optax_shampoo4.block_moves`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,47 +47,9 @@ from jax.sharding import PartitionSpec
 from optax_shampoo4 import block_moves, block_products, optax_compat, partition, sharding, validation
 from optax_shampoo4 import factors as fct
 from optax_shampoo4.owned_grams import owned_blocks, owned_gram_tables, owned_grams
+from optax_shampoo4.step_parts import Step, all_finite, failure_counts, matrix_views, no_refresh  # noqa: F401
 
 Buckets = dict[str, fct.Bucket]
-
-
-class Step(NamedTuple):
-  """What every optimizer step starts from (:meth:`FactorEngine.start_step`).
-
-  Attributes:
-    leaves: the gradient leaves, in tree order.
-    treedef: the gradient tree's structure.
-    plan: the static plan of the gradient tree.
-    count: ``int32[]``, this step's number (the state's count plus one, saturating).
-    matrices: per leaf, its float32 matrix view (None for passthrough leaves).
-    grads_finite: ``bool[]``, whether every gradient element is finite.
-  """
-
-  leaves: list
-  treedef: Any
-  plan: partition.Plan
-  count: jax.Array
-  matrices: list
-  grads_finite: jax.Array
-
-
-def failure_counts(state: Any, grads_finite: jax.Array, refresh_due: jax.Array,
-                   failures: jax.Array) -> dict[str, jax.Array]:
-  """The state's failure counters after a step, as keyword arguments of the new state.
-
-  Args:
-    state: the previous state (with ``nonfinite_steps``, ``skipped_stats``, ``failed_refreshes``).
-    grads_finite: whether this step's gradient was finite.
-    refresh_due: whether this step was due to refresh the statistics.
-    failures: factor refreshes rejected as non-finite in this step.
-
-  Returns:
-    ``{"nonfinite_steps", "skipped_stats", "failed_refreshes"}``.
-  """
-  nonfinite = ~grads_finite
-  return dict(nonfinite_steps=state.nonfinite_steps + nonfinite.astype(jnp.int32),
-              skipped_stats=state.skipped_stats + (refresh_due & nonfinite).astype(jnp.int32),
-              failed_refreshes=state.failed_refreshes + failures)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +57,7 @@ class FactorEngine:
   """Plans, stores and refreshes the Kronecker factors of a parameter tree.
 
   Attributes:
-    config: the factor format and its numerics (:class:`~optax_shampoo4.factors.FactorConfig`).
+    config: the factor format and its numerics (:class:`~optax_shampoo4.factor_state.FactorConfig`).
     max_order: largest factor order; larger dimensions are split into blocks.
     min_quant_order: factors of smaller order are stored in float32.
     mesh: optional device mesh; each bucket's factor axis is padded to a
@@ -388,22 +350,6 @@ def check_buckets_match(plan: partition.Plan, buckets: Any) -> None:
 def _real_counts(plan: partition.Plan) -> dict[str, int]:
   """``{bucket name: number of real (non-padding) factors}``."""
   return {key.name: len(slots) for key, slots in plan.factor_slots().items()}
-
-
-def no_refresh(buckets: Buckets) -> tuple[Buckets, jax.Array]:
-  """The untaken branch of a gated refresh: same buckets, no failures."""
-  return buckets, jnp.zeros([], jnp.int32)
-
-
-def matrix_views(leaves: list, plan: partition.Plan) -> list:
-  """Per leaf, its float32 matrix view (None for passthrough leaves)."""
-  return [leaf.astype(jnp.float32).reshape(lp.matrix_shape) if lp.preconditioned else None
-          for leaf, lp in zip(leaves, plan.leaves)]
-
-
-def all_finite(leaves: list) -> jax.Array:
-  """Whether every element of every leaf is finite (a scalar bool)."""
-  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [True]))
 
 
 def _factor(factors: dict[str, jax.Array], side: partition.FactorSlot | None) -> jax.Array | None:

@@ -17,9 +17,9 @@ and are checked only when concrete.
 **Names that mean different things in different places.**
 
 * ``state_format="fp32"``: in Shampoo, dense float32 statistics and roots
-  (:class:`~optax_shampoo4.factors.MatrixFactors`, the paper's 32-bit
+  (:class:`~optax_shampoo4.factor_state.MatrixFactors`, the paper's 32-bit
   baseline); in SOAP, the same eigen-pairs as its ``"eigen"`` format
-  (:class:`~optax_shampoo4.factors.EigenFactors`) with float32
+  (:class:`~optax_shampoo4.factor_state.EigenFactors`) with float32
   eigenvectors. In both, "fp32" means *nothing quantized*.
 * ``"eigen"`` names a ``state_format`` (store eigenvalues plus quantized
   eigenvectors) and a ``root_method`` (form :math:`\hat L = V(\Lambda +
@@ -249,7 +249,7 @@ class ShampooOptions:
                **_shampoo_head(head_fraction, head_bits, tail_rectify, bits, state_format))
 
   def factor_config(self) -> fct.FactorConfig:
-    """The factor maths' settings (:class:`~optax_shampoo4.factors.FactorConfig`)."""
+    """The factor maths' settings (:class:`~optax_shampoo4.factor_state.FactorConfig`)."""
     return fct.FactorConfig(self.state_format, self.bits, self.mapping, self.quant_block, self.bjorck_steps,
                             self.root_method, refresh_method=self.refresh_method,
                             qr_iterations=self.qr_iterations, refresh_tol=self.refresh_tol,

@@ -175,7 +175,7 @@ def scale_by_shampoo4(
       eigendecomposition where :math:`\|B - \mathrm{Diag}\,B\|_F >`
       ``refresh_tol`` :math:`\cdot \|B\|_F`, else keep :math:`V` and
       take :math:`\lambda = \mathrm{diag}\,B`). Eigenpairs are stored
-      in descending order. See :class:`~optax_shampoo4.factors.FactorConfig`.
+      in descending order. See :class:`~optax_shampoo4.factor_state.FactorConfig`.
     qr_iterations: QR steps per statistics update for ``"qr"`` (static; None
       means 1, the paper).
     refresh_tol: relative off-diagonal tolerance τ of ``"adaptive"``, in

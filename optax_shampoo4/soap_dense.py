@@ -1,7 +1,7 @@
 r"""SOAP's dense statistic (``statistic="dense"`` of :func:`~optax_shampoo4.scale_by_soap4`): the authors' semantics.
 
 Per factor a dense float32 statistic :math:`S` (``[k, n, n]`` per bucket,
-stored as :class:`~optax_shampoo4.factors.MatrixFactors` with ``root=None`` so
+stored as :class:`~optax_shampoo4.factor_state.MatrixFactors` with ``root=None`` so
 that it is split over a mesh like the factors), folded from zeros at *every*
 step whose gradient is finite,
 

@@ -7,8 +7,8 @@ r"""Utilities on optimizer states: placement on a mesh, conversion between layou
 * :func:`state_nbytes`: the bytes of a state by part, without allocating it.
 
 They work on any state of the library (chained ones included) by its
-structure: factor buckets are :class:`~optax_shampoo4.factors.EigenFactors` /
-:class:`~optax_shampoo4.factors.MatrixFactors` nodes, and quantized moments
+structure: factor buckets are :class:`~optax_shampoo4.factor_state.EigenFactors` /
+:class:`~optax_shampoo4.factor_state.MatrixFactors` nodes, and quantized moments
 are the field pairs ``(name, name + "_scales")`` of a state NamedTuple
 (:func:`quantized_fields`), so no optimizer module is imported here.
 """
