@@ -320,6 +320,26 @@ class FactorEngine:
 
     return sharding.shard_over_factors(on_each_device, self.mesh, axis, 1, 1)(items, stored)
 
+  def ordered_after(self, tree: Any, done: Any) -> Any:
+    """``tree`` unchanged, but on a mesh its consumers run only after ``done`` is computed.
+
+    For the collectives of a step and its refreshes. A refresh is a
+    ``lax.cond`` whose taken branch holds collectives (the gradient blocks
+    moved to the devices that own their factors, the failure counts summed).
+    XLA:CPU may run that conditional concurrently with the step's collectives
+    that neither feed it nor depend on it, so devices can reach them in
+    different orders; its thread pool has one thread per CPU device where
+    there are more devices than cores, and then every thread waits in a
+    different collective: a deadlock, which XLA aborts after 40 s (measured:
+    8 CPU devices on 2 cores, about one step in four of ``distributed_shampoo4``
+    on three leaves). So on a mesh each collective of a step is an input of a
+    refresh or comes after it: the refresh's operands are taken after the
+    work before it, the work after it takes its inputs after its results
+    (checked on the compiled program by ``tests/integration/test_collective_order.py``).
+    Identity without a mesh (:func:`after_all`).
+    """
+    return tree if self.mesh is None else after_all(tree, done)
+
   def keep_split(self, buckets: Buckets) -> Buckets:
     """Keeps the returned buckets split over the mesh (identity without one)."""
     return sharding.split_factors(buckets, self.mesh, self.mesh_axis)
@@ -397,5 +417,23 @@ def after_previous(inputs: Any, done: Buckets) -> Any:
 
   def gate(x):
     return x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, kind) else x
+
+  return jax.tree.map(gate, inputs)
+
+
+def after_all(inputs: Any, done: Any) -> Any:
+  """``inputs`` unchanged (their float leaves), but data-dependent on every float leaf of ``done``.
+
+  The same ``+ (-0.0)·|…|`` dependence as :func:`after_previous`, on the
+  minimum of each of ``done``'s leaves (a reduction, which any layout
+  allows), so that XLA computes ``inputs``' consumers only after all of ``done``.
+  """
+  floats = [x for x in jax.tree.leaves(done) if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
+  if not floats:
+    return inputs
+  zero = -0.0 * jnp.abs(sum(jnp.min(jnp.where(jnp.isfinite(x), x, 0.0)).astype(jnp.float32) for x in floats))
+
+  def gate(x):
+    return x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
   return jax.tree.map(gate, inputs)

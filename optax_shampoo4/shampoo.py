@@ -337,8 +337,8 @@ def update(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, upd
   step = factor_engine.start_step(updates, state.count, state.factors)
   stats_due = every(step.count, opts.stats_every)
   buckets, failures = refresh(opts, factor_engine, state.factors, step, stats_due)
-  graft_state, filtered = opts.grafting.update(state.grafting, step.leaves, step.count, ~step.grads_finite,
-                                               step.treedef)
+  leaves = factor_engine.ordered_after(step.leaves, buckets)
+  graft_state, filtered = opts.grafting.update(state.grafting, leaves, step.count, ~step.grads_finite, step.treedef)
   grafted = opts.grafting.directions(graft_state, filtered, step.count, step.treedef)
   preconditioned = preconditioning.precondition_blocks(
       opts, factor_engine, buckets, step.plan, engine.matrix_views(filtered, step.plan), root_epsilon(opts, step.count))

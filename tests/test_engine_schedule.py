@@ -40,7 +40,7 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "soap4" else n for n in CONFIGS])
 def test_sequenced_refresh_is_exact_and_needs_less_scratch(monkeypatch, name):
   config = CONFIGS[name]
   with_root = name != "soap4"

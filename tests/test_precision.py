@@ -158,7 +158,8 @@ def _updates(tx, steps=6):
 @pytest.mark.parametrize("make", [
     lambda p: s4.scale_by_shampoo4(stats_every=2, root_every=2, precision=p, **SMALL),
     lambda p: s4.scale_by_shampoo4(stats_every=2, store_root=False, precision=p, **SMALL),
-    lambda p: s4.scale_by_soap4(precondition_every=2, precision=p, **SMALL),
+    pytest.param(lambda p: s4.scale_by_soap4(precondition_every=2, precision=p, **SMALL), id="soap",
+                 marks=pytest.mark.slow),  # ~18 s on 2 cores
 ], ids=["shampoo", "store_root_false", "soap"])
 def test_updates_at_each_precision_stay_close(make):
   """The step products' rounding changes the update by about its operands' relative precision."""

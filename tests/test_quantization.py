@@ -832,6 +832,7 @@ class TestHeadRows:
     assert leaks["head_first"] < 0.1 * leaks["uniform"], leaks
     assert leaks["symmetric"] > 0.3 * leaks["uniform"], leaks
 
+  @pytest.mark.slow  # ~12 s on 2 cores
   def test_soap_head_fraction_options(self):
     params = {"w": jnp.zeros((64, 32))}
     state = s4.scale_by_soap4(min_quant_order=8, quant_block=8).init(params)

@@ -689,6 +689,7 @@ class TestHeadRows:
     paper = s4.state_nbytes(jax.eval_shape(s4.scale_by_shampoo4().init, shapes))["preconditioner"]
     assert s4.state_nbytes(state)["preconditioner"] <= paper
 
+  @pytest.mark.slow  # ~10 s on 2 cores
   def test_trains_under_jit_with_a_stored_root_too(self):
     for store_root in (True, "eigvals"):
       _, updates, states = _trajectory(4, bits=8, head_fraction=1 / 16, store_root=store_root)

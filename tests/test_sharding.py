@@ -480,7 +480,7 @@ def test_distributed_example_trains(capsys):
 
 
 @pytest.mark.parametrize("bits, kind", [
-    (8, "auto"), (8, "explicit"), pytest.param(4, "auto", marks=pytest.mark.slow),
+    pytest.param(8, "auto", marks=pytest.mark.slow), (8, "explicit"), pytest.param(4, "auto", marks=pytest.mark.slow),
     pytest.param(4, "explicit", marks=pytest.mark.slow)])
 def test_quantized_moments_are_sharded_like_their_parameters(bits, kind):
   """``moment_bits=8|4``: codes and block scales split like the parameter (FSDP), on both kinds of mesh.

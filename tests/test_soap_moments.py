@@ -46,6 +46,7 @@ def runs():
   return {bits: _train(bits) for bits in (None, 8, 4)}
 
 
+@pytest.mark.slow  # three 300-step trainings (the module fixture): ~25 s on 2 cores
 def test_state_holds_codes_for_large_moments_and_float32_for_small(runs):
   _, state = runs[8]
   soap_state = state[0]
@@ -57,6 +58,7 @@ def test_state_holds_codes_for_large_moments_and_float32_for_small(runs):
   assert parts["moment_codes"] > 0 and parts["moment_scales"] > 0
 
 
+@pytest.mark.slow  # three 300-step trainings (the module fixture): ~25 s on 2 cores
 def test_8bit_moments_track_float32_moments(runs):
   reference, _ = runs[None]
   quantized, _ = runs[8]
@@ -65,6 +67,7 @@ def test_8bit_moments_track_float32_moments(runs):
   assert np.isfinite(four) and four < 0.5 * _problem()[0](_problem()[1])  # 4-bit still trains
 
 
+@pytest.mark.slow  # three 300-step trainings (the module fixture): ~25 s on 2 cores
 def test_stored_moments_decode_to_the_float32_moment_within_the_code_error(runs):
   """The decoded second moment is non-negative and each first-moment block within its scale's step."""
   _, state = runs[8]
@@ -78,8 +81,9 @@ def test_stored_moments_decode_to_the_float32_moment_within_the_code_error(runs)
   assert bool(jnp.all(jnp.isfinite(mu))) and float(jnp.abs(mu).max()) > 0
 
 
-def test_nonfinite_gradient_keeps_quantized_moments(runs):
-  _, state = runs[8]
+@pytest.mark.slow  # two compilations, ~16 s on 2 cores
+def test_nonfinite_gradient_keeps_quantized_moments():
+  _, state = _train(8, steps=12)  # past the first basis refresh: moments stored as codes
   loss, params = _problem()
   opt = s4.soap4(3e-3, moment_bits=8, min_quant_order=32, weight_decay=0.0)  # no decay: a zero update
   grads = jax.tree.map(lambda p: jnp.full(p.shape, jnp.nan), params)

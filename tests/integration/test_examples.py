@@ -23,6 +23,7 @@ def _load_quickstart():
   return module
 
 
+@pytest.mark.slow  # ~20 s on 2 cores; the README's quickstart snippet is tested in the default run (test_readme)
 def test_quickstart_trains_and_4bit_state_is_smaller(tmp_path, capsys):
   quickstart = _load_quickstart()
   out = tmp_path / "losses.json"

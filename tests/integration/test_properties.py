@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hlo_collectives import unordered_collectives
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -239,6 +240,10 @@ def test_fuzz_every_optimizer_on_random_trees_and_configs():
         assert any(k in str(tx) for k in kwargs), f"{where}: the error names no argument: {tx!r}"
         refused += 1
         continue
+      if "mesh" in kwargs:  # every collective ordered with the refreshes (tests/integration/test_collective_order.py)
+        params = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in structure.items()}
+        hlo = update.lower(params, state, params).compile().as_text()
+        assert unordered_collectives(hlo) == [], f"{where}: collectives unordered with a refresh"
       for i in range(FUZZ_CASES_PER_CONFIG // 2):
         try:
           _run_case(np.random.default_rng([seed, c, s, i]), tx, state, update, structure)
