@@ -422,16 +422,19 @@ def after_previous(inputs: Any, done: Buckets) -> Any:
 
 
 def after_all(inputs: Any, done: Any) -> Any:
-  """``inputs`` unchanged (their float leaves), but data-dependent on every float leaf of ``done``.
+  """``inputs`` unchanged (their float leaves), but data-dependent on every leaf of ``done``.
 
   The same ``+ (-0.0)·|…|`` dependence as :func:`after_previous`, on the
   minimum of each of ``done``'s leaves (a reduction, which any layout
-  allows), so that XLA computes ``inputs``' consumers only after all of ``done``.
+  allows), so that XLA computes ``inputs``' consumers only after all of
+  ``done``. A refresh's results all come from one conditional, so one of them
+  (e.g. its failure count) stands for all.
   """
-  floats = [x for x in jax.tree.leaves(done) if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
-  if not floats:
+  mins = [jnp.min(jnp.where(jnp.isfinite(x), x, 0) if jnp.issubdtype(x.dtype, jnp.floating) else x)
+          for x in jax.tree.leaves(done) if jnp.size(x)]
+  if not mins:
     return inputs
-  zero = -0.0 * jnp.abs(sum(jnp.min(jnp.where(jnp.isfinite(x), x, 0.0)).astype(jnp.float32) for x in floats))
+  zero = -0.0 * jnp.abs(sum(m.astype(jnp.float32) for m in mins))
 
   def gate(x):
     return x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x

@@ -337,7 +337,7 @@ def update(opts: options.ShampooOptions, factor_engine: engine.FactorEngine, upd
   step = factor_engine.start_step(updates, state.count, state.factors)
   stats_due = every(step.count, opts.stats_every)
   buckets, failures = refresh(opts, factor_engine, state.factors, step, stats_due)
-  leaves = factor_engine.ordered_after(step.leaves, buckets)
+  leaves = factor_engine.ordered_after(step.leaves, failures)  # after the refreshes (failures: their count)
   graft_state, filtered = opts.grafting.update(state.grafting, leaves, step.count, ~step.grads_finite, step.treedef)
   grafted = opts.grafting.directions(graft_state, filtered, step.count, step.treedef)
   preconditioned = preconditioning.precondition_blocks(

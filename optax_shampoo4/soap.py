@@ -382,7 +382,7 @@ def update(opts: options.SoapOptions, factor_engine: engine.FactorEngine, update
       functools.partial(basis.refresh_bases, opts, factor_engine, step, rows, stats, adam_step == 0),
       _no_refresh, factor_engine.ordered_after((state.factors, mu, nu), outputs))
   buckets = factor_engine.keep_split(buckets)
-  outputs = factor_engine.ordered_after(outputs, buckets)
+  outputs = factor_engine.ordered_after(outputs, failures)  # after the refresh (failures: its count)
   mu_stored, mu_scales = store_moments(opts, step, stepped, mu, state.mu, state.mu_scales, "first")
   nu_stored, nu_scales = store_moments(opts, step, stepped, nu, state.nu, state.nu_scales, "second")
   new_state = ScaleBySoap4State(
