@@ -74,6 +74,7 @@ def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
     # A rejected factor kept its previous eigenpairs, in their previous order.
     kept = {name: jnp.where(accepted[name][:, None], o, jnp.arange(o.shape[-1])) for name, o in order.items()}
   if not opts.project_nu:
+    kept = factor_engine.gathered(kept)  # indexed per block below: whole on every device
     nu = [_permute(v, lp, kept) if lp.preconditioned else v for v, lp in zip(nu, step.plan.leaves)]
   change = basis_change(opts, factor_engine, buckets, rows, refreshed, factor_engine.gathered(accepted))
   mu = rotate_moments(factor_engine, step.plan, mu, change, opts.precision)

@@ -62,23 +62,25 @@ def _assert_close(got, want, what):
     np.testing.assert_allclose(got[key], want[key], rtol=0, atol=RTOL * scale, err_msg=f"{what}, leaf {key}")
 
 
-def _transforms(state_format, kind="auto", carry="decoded"):
+def _transforms(state_format, kind="auto", carry="decoded", **extra):
   mesh = _mesh(kind)
-  sharded = s4.scale_by_soap4(state_format=state_format, mesh=mesh, carry=carry, **CONFIG)
-  single = s4.scale_by_soap4(state_format=state_format, carry=carry, **CONFIG)
+  sharded = s4.scale_by_soap4(state_format=state_format, mesh=mesh, carry=carry, **CONFIG, **extra)
+  single = s4.scale_by_soap4(state_format=state_format, carry=carry, **CONFIG, **extra)
   return mesh, sharded, single
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("state_format, kind, carry", [
-    pytest.param("fp32", "auto", "decoded", id="fp32"), pytest.param("eigen", "auto", "decoded", id="eigen"),
-    pytest.param("fp32", "explicit", "decoded", id="fp32-explicit", marks=pytest.mark.slow),
-    pytest.param("eigen", "explicit", "decoded", id="eigen-explicit", marks=pytest.mark.slow),
+@pytest.mark.parametrize("state_format, kind, carry, extra", [
+    pytest.param("fp32", "auto", "decoded", {}, id="fp32"), pytest.param("eigen", "auto", "decoded", {}, id="eigen"),
+    pytest.param("fp32", "explicit", "decoded", {}, id="fp32-explicit", marks=pytest.mark.slow),
+    pytest.param("eigen", "explicit", "decoded", {}, id="eigen-explicit", marks=pytest.mark.slow),
     # The carry by the refresh's float32 eigenvectors: gathered from the devices that refreshed them.
-    pytest.param("eigen", "auto", "refreshed", id="eigen-refreshed"),
-    pytest.param("eigen", "explicit", "refreshed", id="eigen-explicit-refreshed")])
-def test_sharded_soap_matches_single_device(state_format, kind, carry):
-  mesh, sharded, single = _transforms(state_format, kind, carry)
+    pytest.param("eigen", "auto", "refreshed", {}, id="eigen-refreshed"),
+    pytest.param("eigen", "explicit", "refreshed", {}, id="eigen-explicit-refreshed"),
+    # nu permuted with the refreshed eigenpairs' order instead of rotated: the order gathered before indexing.
+    pytest.param("eigen", "explicit", "decoded", {"project_nu": False}, id="eigen-explicit-permuted-nu")])
+def test_sharded_soap_matches_single_device(state_format, kind, carry, extra):
+  mesh, sharded, single = _transforms(state_format, kind, carry, **extra)
   params = _params()
   grads = _grads(params)
   device = CPUS[0]

@@ -10,6 +10,8 @@ Bounded for the default run: few examples (each valid configuration compiles a
 step), no deadline, derandomized so CI sees the same examples every time.
 """
 
+import contextlib
+import functools
 import inspect
 import math
 import os
@@ -21,8 +23,10 @@ import pytest
 from hlo_collectives import unordered_collectives
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import optax_shampoo4 as s4
+from optax_shampoo4 import sharding as sharding_lib
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 DIMS = st.sampled_from([1, 2, 3, 5, 7, 11, 17])  # size 1, primes, above max_order
@@ -140,13 +144,13 @@ SHAMPOO_CHOICES = dict(
     refresh_method=["qr", "eigh", "adaptive"], qr_iterations=[None, 1, 2], refresh_tol=[0.0, 0.1, 1.0],
     grafting=["frobenius", "sgd", "adagrad", "rmsprop", "adam"], grafting_per_block=[None, True, False],
     start_preconditioning_step=[None, 2], filter_beta=[None, 0.9], combine=["shampoo", "caspr"],
-    store_root=[True, False], moment_bits=[None, 8, 4], mesh=[None, "mesh"],
+    store_root=[True, False], moment_bits=[None, 8, 4], mesh=[None, "mesh", "explicit"],
 )
 SOAP_CHOICES = dict(
     shampoo_beta=[None, 0.0, 0.9], precondition_every=[None, 1, 2], max_order=[4, 8, 16],
     max_precond_dim=[None, 5, 16], state_format=["eigen", "fp32"], bits=[None, 3, 4, 8],
     mapping=["linear2", "dynamic_tree", "linear"], quant_block=[None, 2, 5, 8], min_quant_order=[2, 5, 64],
-    bjorck_steps=[(1, 1), (0, 0), (2, 1)], moment_bits=[None, 8, 4], mesh=[None, "mesh"],
+    bjorck_steps=[(1, 1), (0, 0), (2, 1)], moment_bits=[None, 8, 4], mesh=[None, "mesh", "explicit"],
     project_nu=[True, False], head_fraction=[None, 0.0, 0.25],
 )
 OPTIMIZERS = {  # name: (factory, choices, keyword arguments of the alias itself)
@@ -175,13 +179,20 @@ def _accepted(factory, kwargs):
   return {k: v for k, v in kwargs.items() if k in parameters}
 
 
-def _draw_config(rng, mesh):
+def _draw_config(rng, meshes):
+  """An optimizer's name and keyword arguments; ``meshes``: ``{"mesh": an auto mesh, "explicit": an explicit one}``."""
   name = list(OPTIMIZERS)[rng.integers(len(OPTIMIZERS))]
   factory, choices, own = OPTIMIZERS[name]
   kwargs = {k: values[rng.integers(len(values))] for k, values in {**choices, **own}.items()
             if rng.random() < 0.5}  # about half the options keep their defaults
   kwargs = _accepted(factory, kwargs)
-  return name, {k: (mesh if v == "mesh" else v) for k, v in kwargs.items()}
+  return name, {k: (meshes[v] if k == "mesh" and v is not None else v) for k, v in kwargs.items()}
+
+
+def _explicit_mesh(kwargs):
+  """The transform's mesh if it has explicit axes (arrays then carry their layout as a type), else None."""
+  mesh = kwargs.get("mesh")
+  return mesh if mesh is not None and sharding_lib.is_explicit(mesh) else None
 
 
 def _draw_structure(rng):
@@ -203,18 +214,25 @@ def _draw_tree(rng, structure, zero_prob=0.0):
 
 
 def _build(name, kwargs, params):
-  """The transform and its initial state, or the ValueError/TypeError it raised at construction or init."""
+  """The transform and its initial state, or the ValueError/TypeError it raised at construction or init.
+
+  On an explicit mesh the state is laid out by :func:`s4.state_sharding`, as a user of such meshes does.
+  """
   try:
     tx = OPTIMIZERS[name][0](**kwargs)
-    return tx, jax.jit(tx.init)(params), jax.jit(tx.update)
+    if _explicit_mesh(kwargs) is None:
+      return tx, jax.jit(tx.init)(params), jax.jit(tx.update)
+    shardings = s4.state_sharding(jax.eval_shape(tx.init, params), kwargs["mesh"])
+    return tx, jax.jit(tx.init, out_shardings=shardings)(params), jax.jit(tx.update, out_shardings=(None, shardings))
   except (ValueError, TypeError) as e:
     return e, None, None
 
 
-def _run_case(case_rng, tx, state, update, structure):
-  params = _draw_tree(case_rng, structure)
+def _run_case(case_rng, tx, state, update, structure, place=lambda tree: tree):
+  """Three steps from fresh values; ``place``: puts the drawn trees where the transform's mesh wants them."""
+  params = place(_draw_tree(case_rng, structure))
   for _ in range(3):  # steps 2 and 3 refresh statistics and roots in every configuration
-    grads = _draw_tree(case_rng, structure, zero_prob=0.1)
+    grads = place(_draw_tree(case_rng, structure, zero_prob=0.1))
     updates, state = update(grads, state, params)
     for key, (shape, dtype) in structure.items():
       assert updates[key].shape == shape and updates[key].dtype == dtype, (key, updates[key])
@@ -228,27 +246,37 @@ def test_fuzz_every_optimizer_on_random_trees_and_configs():
   seed = _fuzz_seed()
   print(f"fuzz: S4_FUZZ_SEED={seed} S4_FUZZ_CASES={FUZZ_CASES}")
   rng = np.random.default_rng(seed)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  meshes = {"mesh": jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
+            "explicit": jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(AxisType.Explicit,))}
   ran = refused = 0
   for c in range(max(1, FUZZ_CASES // FUZZ_CASES_PER_CONFIG)):
-    name, kwargs = _draw_config(rng, mesh)
+    name, kwargs = _draw_config(rng, meshes)
+    explicit = _explicit_mesh(kwargs)
+    place = (lambda tree: tree) if explicit is None else functools.partial(
+        jax.device_put, device=NamedSharding(explicit, PartitionSpec()))
     for s in range(2):
       structure = _draw_structure(rng)
       where = f"S4_FUZZ_SEED={seed}, config {c}, structure {s}: {name}({kwargs}) on {structure}"
-      tx, state, update = _build(name, kwargs, _draw_tree(rng, structure))
-      if isinstance(tx, Exception):
-        assert any(k in str(tx) for k in kwargs), f"{where}: the error names no argument: {tx!r}"
-        refused += 1
-        continue
-      if "mesh" in kwargs:  # every collective ordered with the refreshes (tests/integration/test_collective_order.py)
-        params = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in structure.items()}
-        hlo = update.lower(params, state, params).compile().as_text()
-        assert unordered_collectives(hlo) == [], f"{where}: collectives unordered with a refresh"
-      for i in range(FUZZ_CASES_PER_CONFIG // 2):
-        try:
-          _run_case(np.random.default_rng([seed, c, s, i]), tx, state, update, structure)
-        except Exception as e:
-          raise AssertionError(f"{where}, case {i}: {e!r}") from e
-        ran += 1
+      with jax.set_mesh(explicit) if explicit is not None else contextlib.nullcontext():
+        ran_here, refused_here = _fuzz_pair(name, kwargs, structure, place, where, (seed, c, s), rng)
+      ran, refused = ran + ran_here, refused + refused_here
   print(f"fuzz: {ran} cases ran, {refused} (configuration, structure) pairs refused at construction or init")
   assert ran >= FUZZ_CASES // 2, (ran, refused)  # most drawn configurations are valid
+
+
+def _fuzz_pair(name, kwargs, structure, place, where, ids, rng):
+  """One (configuration, structure) pair of the fuzz: ``(cases run, pairs refused)``."""
+  tx, state, update = _build(name, kwargs, place(_draw_tree(rng, structure)))
+  if isinstance(tx, Exception):
+    assert any(k in str(tx) for k in kwargs), f"{where}: the error names no argument: {tx!r}"
+    return 0, 1
+  if kwargs.get("mesh") is not None:  # every collective ordered with the refreshes (test_collective_order.py)
+    params = place(_draw_tree(np.random.default_rng(0), structure))
+    hlo = update.lower(params, state, params).compile().as_text()
+    assert unordered_collectives(hlo) == [], f"{where}: collectives unordered with a refresh"
+  for i in range(FUZZ_CASES_PER_CONFIG // 2):
+    try:
+      _run_case(np.random.default_rng([*ids, i]), tx, state, update, structure, place)
+    except Exception as e:
+      raise AssertionError(f"{where}, case {i}: {e!r}") from e
+  return FUZZ_CASES_PER_CONFIG // 2, 0
