@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hlo_collectives import unordered_collectives
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -133,6 +134,7 @@ def test_update_gathers_no_whole_gradient(optimizer, layout, kind):
   hlo = _compiled_update(optimizer, layout, kind).as_text()
   found = _whole_gradient_gathers(hlo)
   assert not found, f"all-gathers of whole gradients (>= {SMALLEST_GRADIENT} elements per device): {found}"
+  assert unordered_collectives(hlo) == []  # every collective ordered with the refreshes (test_collective_order.py)
   assert "all-to-all" in hlo  # the blocks do move between devices
 
 
