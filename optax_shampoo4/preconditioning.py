@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from optax_shampoo4 import engine, linalg, options, partition
+from optax_shampoo4 import engine, linalg, options, partition, sharding
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import grafting as grafting_lib
 
@@ -54,8 +54,8 @@ def graft_outputs(opts: options.ShampooOptions, step: engine.Step, grafted: list
   outputs = []
   for leaf, direction, shampoo, lp in zip(step.leaves, grafted, preconditioned, step.plan.leaves):
     if lp.preconditioned:
-      shampoo = graft_blocks(shampoo, direction.reshape(lp.matrix_shape), lp, opts.grafting.per_block)
-      shampoo = shampoo.reshape(leaf.shape)
+      shampoo = graft_blocks(shampoo, sharding.reshape(direction, lp.matrix_shape), lp, opts.grafting.per_block)
+      shampoo = sharding.reshape(shampoo, leaf.shape, like=leaf)
       direction = shampoo if start is None else jnp.where(step.count < start, direction, shampoo)
     outputs.append(jnp.where(step.grads_finite, direction.astype(leaf.dtype), jnp.zeros_like(leaf)))
   return outputs

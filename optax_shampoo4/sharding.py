@@ -30,6 +30,7 @@ A state saved on one mesh resumes on another with
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -262,6 +263,27 @@ def explicit_layout(x: Any) -> NamedSharding | None:
     return None
   spec = getattr(layout, "spec", ())
   return layout if any(entry is not None for entry in spec) else None
+
+
+def reshape(x: jax.Array, shape: tuple[int, ...], like: jax.Array | None = None) -> jax.Array:
+  """``x.reshape(shape)`` under any layout (a parameter's matrix view, and back), laid out like ``like`` if given.
+
+  Under explicit sharding JAX asks for the result's layout where a split
+  dimension is merged with others or split itself: a split dimension that the
+  result keeps (the same size at the same offset) stays split, the others are
+  gathered (XLA moves them); ``like`` (e.g. the parameter) then gives the
+  result its layout. Elsewhere this is ``x.reshape(shape)``.
+  """
+  layout = explicit_layout(x)
+  shape = tuple(shape)
+  if layout is None or tuple(x.shape) == shape:
+    out = x.reshape(shape)
+  else:
+    entries = tuple(layout.spec) + (None,) * (x.ndim - len(layout.spec))
+    kept = {(math.prod(x.shape[:d]), size): entry for d, (size, entry) in enumerate(zip(x.shape, entries))}
+    spec = PartitionSpec(*(kept.get((math.prod(shape[:d]), size)) for d, size in enumerate(shape)))
+    out = jax.lax.reshape(x, shape, out_sharding=NamedSharding(layout.mesh, spec))
+  return out if like is None else laid_out_like(out, like)
 
 
 def unsplit(x: jax.Array) -> jax.Array:

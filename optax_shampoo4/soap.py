@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optax_shampoo4 import engine, moment_storage, optax_compat, options, partition, soap_dense
+from optax_shampoo4 import engine, moment_storage, optax_compat, options, partition, sharding, soap_dense
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import soap_eigenbasis as basis
 
@@ -405,7 +405,8 @@ def load_moments(opts: options.SoapOptions, step: engine.Step, stored: Any, scal
 def store_moments(opts: options.SoapOptions, step: engine.Step, stepped: jax.Array, moments: list,
                   codes: Any, scales: Any, kind: str) -> tuple[Any, Any]:
   """(stored moments, their scales): float32, or re-quantized where this step changed them."""
-  values = jax.tree.unflatten(step.treedef, [x.reshape(lp.shape) for x, lp in zip(moments, step.plan.leaves)])
+  values = jax.tree.unflatten(step.treedef, [sharding.reshape(x, lp.shape, like=leaf)
+                                            for x, lp, leaf in zip(moments, step.plan.leaves, step.leaves)])
   if opts.moment_bits is None:
     return values, None
   changed = jax.tree.map(lambda x: stepped & jnp.all(jnp.isfinite(x)), values)
@@ -434,7 +435,7 @@ def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
     new_mu.append(jnp.where(stepped, m_next, m))
     new_nu.append(jnp.where(stepped, v_next, v))
   back = basis.rotate(factor_engine, step.plan, directions, rows, forward=False, precision=opts.precision)
-  outputs = [jnp.where(stepped, (b if lp.preconditioned else d).reshape(leaf.shape), 0.0).astype(leaf.dtype)
+  outputs = [jnp.where(stepped, sharding.reshape(b if lp.preconditioned else d, leaf.shape, like=leaf), 0.0).astype(leaf.dtype)
              for leaf, d, b, lp in zip(step.leaves, directions, back, step.plan.leaves)]
   return outputs, new_mu, new_nu
 
@@ -446,4 +447,4 @@ def _no_refresh(operand: tuple) -> tuple:
 
 def _in_view(moment: jax.Array, leaf_plan: partition.LeafPlan) -> jax.Array:
   """A stored moment in the layout the step works in (the matrix view for preconditioned leaves)."""
-  return moment.reshape(leaf_plan.matrix_shape) if leaf_plan.preconditioned else moment
+  return sharding.reshape(moment, leaf_plan.matrix_shape) if leaf_plan.preconditioned else moment

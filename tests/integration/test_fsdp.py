@@ -178,6 +178,33 @@ def test_fsdp_update_matches_single_device(optimizer, layout, kind):
       np.testing.assert_allclose(got[k], want[k], rtol=0, atol=UPDATE_RTOL * scale, err_msg=f"step {step}, {k}")
 
 
+# Leaves of rank 3 and 4 split over an explicit mesh axis: their 16 x 16 matrix views merge the split dimension
+# with others ("k", "t") or keep it ("conv": the split output channels stay the columns). Square views: one
+# gradient gives full-rank statistics, so SOAP's first basis is determined (as in the tree above).
+HIGH_RANK = {"k": ((4, 4, 2, 8), 0), "conv": ((2, 2, 4, 16), 3), "t": ((4, 4, 16), 1)}
+
+
+@pytest.mark.parametrize("optimizer", ["shampoo", pytest.param("soap", marks=pytest.mark.slow)])
+def test_high_rank_leaves_split_over_an_explicit_axis_match_single_device(optimizer):
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2,
+                       devices=CPUS[:NUM_DEVICES])
+  param_shardings = {k: NamedSharding(mesh, P(*([None] * dim + ["model"]))) for k, (_, dim) in HIGH_RANK.items()}
+  params = jax.device_put({k: jnp.zeros(s, jnp.float32) for k, (s, _) in HIGH_RANK.items()}, param_shardings)
+  rng = np.random.default_rng(0)
+  grads = [{k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in HIGH_RANK.items()} for _ in range(STEPS)]
+  tx = _make(optimizer, state_format="fp32", mesh=mesh, mesh_axis="data")
+  shardings = s4.state_sharding(jax.eval_shape(tx.init, params), mesh, axis="data", params_sharding=param_shardings)
+  with jax.set_mesh(mesh):
+    sharded = _trajectory(tx, params, grads, (shardings, param_shardings))
+  with jax.default_device(CPUS[0]):
+    single = _trajectory(_make(optimizer, state_format="fp32"), jax.device_put(jax.tree.map(np.asarray, params),
+                                                                               CPUS[0]), grads)
+  for step, (got, want) in enumerate(zip(sharded, single), start=1):
+    scale = max(float(np.abs(w).max()) for w in want.values())
+    for k in HIGH_RANK:
+      np.testing.assert_allclose(got[k], want[k], rtol=0, atol=UPDATE_RTOL * scale, err_msg=f"step {step}, {k}")
+
+
 def test_fsdp_train_state_per_device_is_near_an_even_split():
   row = fsdp_memory_table("gpt2_124m", [NUM_DEVICES])["rows"][NUM_DEVICES]
   assert row["params_per_device"] * NUM_DEVICES == row["params_total"]  # every GPT-2 leaf divides over 8
