@@ -144,13 +144,13 @@ SHAMPOO_CHOICES = dict(
     refresh_method=["qr", "eigh", "adaptive"], qr_iterations=[None, 1, 2], refresh_tol=[0.0, 0.1, 1.0],
     grafting=["frobenius", "sgd", "adagrad", "rmsprop", "adam"], grafting_per_block=[None, True, False],
     start_preconditioning_step=[None, 2], filter_beta=[None, 0.9], combine=["shampoo", "caspr"],
-    store_root=[True, False], moment_bits=[None, 8, 4], mesh=[None, "mesh", "explicit"],
+    store_root=[True, False], moment_bits=[None, 8, 4], mesh=[None, "mesh", "explicit", "fsdp"],
 )
 SOAP_CHOICES = dict(
     shampoo_beta=[None, 0.0, 0.9], precondition_every=[None, 1, 2], max_order=[4, 8, 16],
     max_precond_dim=[None, 5, 16], state_format=["eigen", "fp32"], bits=[None, 3, 4, 8],
     mapping=["linear2", "dynamic_tree", "linear"], quant_block=[None, 2, 5, 8], min_quant_order=[2, 5, 64],
-    bjorck_steps=[(1, 1), (0, 0), (2, 1)], moment_bits=[None, 8, 4], mesh=[None, "mesh", "explicit"],
+    bjorck_steps=[(1, 1), (0, 0), (2, 1)], moment_bits=[None, 8, 4], mesh=[None, "mesh", "explicit", "fsdp"],
     project_nu=[True, False], head_fraction=[None, 0.0, 0.25],
 )
 OPTIMIZERS = {  # name: (factory, choices, keyword arguments of the alias itself)
@@ -195,6 +195,17 @@ def _explicit_mesh(kwargs):
   return mesh if mesh is not None and sharding_lib.is_explicit(mesh) else None
 
 
+def _param_shardings(mesh, structure):
+  """Each leaf's layout on an explicit mesh: on one with a "model" axis split over it FSDP-style along the first
+  dimension it divides (else replicated), as users lay out parameters; replicated on the others."""
+  def spec(shape):
+    size = dict(mesh.shape).get("model")
+    dims = [d for d, n in enumerate(shape) if size and n % size == 0]
+    return PartitionSpec(*([None] * dims[0] + ["model"])) if dims else PartitionSpec()
+
+  return {k: NamedSharding(mesh, spec(shape)) for k, (shape, _) in structure.items()}
+
+
 def _draw_structure(rng):
   """1 to 3 leaves of rank 0 to 4 (size-1 dimensions, primes, above max_order), each its own float dtype."""
   dims = [1, 2, 3, 5, 7, 11, 17]
@@ -213,7 +224,7 @@ def _draw_tree(rng, structure, zero_prob=0.0):
           for k, (shape, dtype) in structure.items()}
 
 
-def _build(name, kwargs, params):
+def _build(name, kwargs, params, param_shardings=None):
   """The transform and its initial state, or the ValueError/TypeError it raised at construction or init.
 
   On an explicit mesh the state is laid out by :func:`s4.state_sharding`, as a user of such meshes does.
@@ -222,7 +233,7 @@ def _build(name, kwargs, params):
     tx = OPTIMIZERS[name][0](**kwargs)
     if _explicit_mesh(kwargs) is None:
       return tx, jax.jit(tx.init)(params), jax.jit(tx.update)
-    shardings = s4.state_sharding(jax.eval_shape(tx.init, params), kwargs["mesh"])
+    shardings = s4.state_sharding(jax.eval_shape(tx.init, params), kwargs["mesh"], params_sharding=param_shardings)
     return tx, jax.jit(tx.init, out_shardings=shardings)(params), jax.jit(tx.update, out_shardings=(None, shardings))
   except (ValueError, TypeError) as e:
     return e, None, None
@@ -247,26 +258,28 @@ def test_fuzz_every_optimizer_on_random_trees_and_configs():
   print(f"fuzz: S4_FUZZ_SEED={seed} S4_FUZZ_CASES={FUZZ_CASES}")
   rng = np.random.default_rng(seed)
   meshes = {"mesh": jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
-            "explicit": jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(AxisType.Explicit,))}
+            "explicit": jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,)),
+            "fsdp": jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)}
   ran = refused = 0
   for c in range(max(1, FUZZ_CASES // FUZZ_CASES_PER_CONFIG)):
     name, kwargs = _draw_config(rng, meshes)
     explicit = _explicit_mesh(kwargs)
-    place = (lambda tree: tree) if explicit is None else functools.partial(
-        jax.device_put, device=NamedSharding(explicit, PartitionSpec()))
     for s in range(2):
       structure = _draw_structure(rng)
       where = f"S4_FUZZ_SEED={seed}, config {c}, structure {s}: {name}({kwargs}) on {structure}"
+      shardings = None if explicit is None else _param_shardings(explicit, structure)
       with jax.set_mesh(explicit) if explicit is not None else contextlib.nullcontext():
-        ran_here, refused_here = _fuzz_pair(name, kwargs, structure, place, where, (seed, c, s), rng)
+        ran_here, refused_here = _fuzz_pair(name, kwargs, structure, shardings, where, (seed, c, s), rng)
       ran, refused = ran + ran_here, refused + refused_here
   print(f"fuzz: {ran} cases ran, {refused} (configuration, structure) pairs refused at construction or init")
   assert ran >= FUZZ_CASES // 2, (ran, refused)  # most drawn configurations are valid
 
 
-def _fuzz_pair(name, kwargs, structure, place, where, ids, rng):
-  """One (configuration, structure) pair of the fuzz: ``(cases run, pairs refused)``."""
-  tx, state, update = _build(name, kwargs, place(_draw_tree(rng, structure)))
+def _fuzz_pair(name, kwargs, structure, shardings, where, ids, rng):
+  """One (configuration, structure) pair of the fuzz, its trees placed as ``shardings`` says (if not None):
+  ``(cases run, pairs refused)``."""
+  place = (lambda tree: tree) if shardings is None else functools.partial(jax.device_put, device=shardings)
+  tx, state, update = _build(name, kwargs, place(_draw_tree(rng, structure)), shardings)
   if isinstance(tx, Exception):
     assert any(k in str(tx) for k in kwargs), f"{where}: the error names no argument: {tx!r}"
     return 0, 1
