@@ -77,6 +77,13 @@ class LeafPlan:
   def preconditioned(self) -> bool:
     return self.matrix_shape is not None
 
+  @property
+  def view_shape(self) -> tuple[int, int]:
+    """The matrix view's shape of a preconditioned leaf (a passthrough leaf has none: ValueError)."""
+    if self.matrix_shape is None:
+      raise ValueError(f"a passthrough leaf of shape {self.shape} has no matrix view")
+    return self.matrix_shape
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:

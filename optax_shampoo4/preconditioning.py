@@ -54,7 +54,7 @@ def graft_outputs(opts: options.ShampooOptions, step: engine.Step, grafted: list
   outputs = []
   for leaf, direction, shampoo, lp in zip(step.leaves, grafted, preconditioned, step.plan.leaves):
     if lp.preconditioned:
-      shampoo = graft_blocks(shampoo, sharding.reshape(direction, lp.matrix_shape), lp, opts.grafting.per_block)
+      shampoo = graft_blocks(shampoo, sharding.reshape(direction, lp.view_shape), lp, opts.grafting.per_block)
       shampoo = sharding.reshape(shampoo, leaf.shape, like=leaf)
       direction = shampoo if start is None else jnp.where(step.count < start, direction, shampoo)
     outputs.append(jnp.where(step.grads_finite, direction.astype(leaf.dtype), jnp.zeros_like(leaf)))

@@ -447,4 +447,4 @@ def _no_refresh(operand: tuple) -> tuple:
 
 def _in_view(moment: jax.Array, leaf_plan: partition.LeafPlan) -> jax.Array:
   """A stored moment in the layout the step works in (the matrix view for preconditioned leaves)."""
-  return sharding.reshape(moment, leaf_plan.matrix_shape) if leaf_plan.preconditioned else moment
+  return sharding.reshape(moment, leaf_plan.view_shape) if leaf_plan.preconditioned else moment

@@ -59,7 +59,7 @@ def no_refresh(buckets: dict) -> tuple[dict, jax.Array]:
 
 def matrix_views(leaves: list, plan: partition.Plan) -> list:
   """Per leaf, its float32 matrix view (None for passthrough leaves)."""
-  return [sharding.reshape(leaf.astype(jnp.float32), lp.matrix_shape) if lp.preconditioned else None
+  return [sharding.reshape(leaf.astype(jnp.float32), lp.view_shape) if lp.preconditioned else None
           for leaf, lp in zip(leaves, plan.leaves)]
 
 
