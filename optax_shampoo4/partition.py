@@ -79,7 +79,7 @@ class LeafPlan:
 
   @property
   def view_shape(self) -> tuple[int, int]:
-    """The matrix view's shape of a preconditioned leaf (a passthrough leaf has none: ValueError)."""
+    """The shape of a preconditioned leaf's matrix view (a passthrough leaf has none, and raises ValueError)."""
     if self.matrix_shape is None:
       raise ValueError(f"a passthrough leaf of shape {self.shape} has no matrix view")
     return self.matrix_shape
