@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_shampoo4 import engine, linalg, options, partition, soap_dense
+from optax_shampoo4 import engine, linalg, options, partition, sharding, soap_dense
 from optax_shampoo4 import factors as fct
 
 
@@ -156,10 +156,12 @@ def _permute(matrix: jax.Array, leaf_plan: partition.LeafPlan, order: dict) -> j
   """Per block: rows and columns reordered as the block's left / right eigenvectors."""
 
   def permute_block(block, b):
+    split = block
+    block = sharding.unsplit(block)  # explicit sharding: the gathers need whole rows and columns
     if b.left is not None:
       block = jnp.take(block, order[b.left.bucket.name][b.left.index], axis=0)
     if b.right is not None:
       block = jnp.take(block, order[b.right.bucket.name][b.right.index], axis=1)
-    return block
+    return sharding.laid_out_like(block, split)
 
   return engine.map_blocks(matrix, leaf_plan, permute_block)

@@ -184,21 +184,24 @@ def test_fsdp_update_matches_single_device(optimizer, layout, kind):
 HIGH_RANK = {"k": ((4, 4, 2, 8), 0), "conv": ((2, 2, 4, 16), 3), "t": ((4, 4, 16), 1)}
 
 
-@pytest.mark.parametrize("optimizer", ["shampoo", pytest.param("soap", marks=pytest.mark.slow)])
-def test_high_rank_leaves_split_over_an_explicit_axis_match_single_device(optimizer):
+@pytest.mark.parametrize("optimizer, extra", [
+    ("shampoo", {}), pytest.param("soap", {}, marks=pytest.mark.slow),
+    # nu permuted (not rotated) at basis changes: the split blocks are gathered for the permutation
+    pytest.param("soap", {"project_nu": False}, id="soap-permuted-nu", marks=pytest.mark.slow)])
+def test_high_rank_leaves_split_over_an_explicit_axis_match_single_device(optimizer, extra):
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2,
                        devices=CPUS[:NUM_DEVICES])
   param_shardings = {k: NamedSharding(mesh, P(*([None] * dim + ["model"]))) for k, (_, dim) in HIGH_RANK.items()}
   params = jax.device_put({k: jnp.zeros(s, jnp.float32) for k, (s, _) in HIGH_RANK.items()}, param_shardings)
   rng = np.random.default_rng(0)
   grads = [{k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in HIGH_RANK.items()} for _ in range(STEPS)]
-  tx = _make(optimizer, state_format="fp32", mesh=mesh, mesh_axis="data")
+  tx = _make(optimizer, state_format="fp32", mesh=mesh, mesh_axis="data", **extra)
   shardings = s4.state_sharding(jax.eval_shape(tx.init, params), mesh, axis="data", params_sharding=param_shardings)
   with jax.set_mesh(mesh):
     sharded = _trajectory(tx, params, grads, (shardings, param_shardings))
   with jax.default_device(CPUS[0]):
-    single = _trajectory(_make(optimizer, state_format="fp32"), jax.device_put(jax.tree.map(np.asarray, params),
-                                                                               CPUS[0]), grads)
+    single = _trajectory(_make(optimizer, state_format="fp32", **extra),
+                         jax.device_put(jax.tree.map(np.asarray, params), CPUS[0]), grads)
   for step, (got, want) in enumerate(zip(sharded, single), start=1):
     scale = max(float(np.abs(w).max()) for w in want.values())
     for k in HIGH_RANK:
