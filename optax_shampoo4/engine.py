@@ -413,12 +413,12 @@ def after_previous(inputs: Any, done: Buckets) -> Any:
   # Integer leaves (codes) where there are any: their consumers are table lookups, so XLA's fusion of the
   # float arithmetic, hence its rounding, stays as without the dependence.
   integer = any(jnp.issubdtype(x.dtype, jnp.integer) for x in leaves)
-  kind = jnp.integer if integer else jnp.floating
+  return plus_zero(inputs, zero, jnp.integer if integer else jnp.floating)
 
-  def gate(x):
-    return x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, kind) else x
 
-  return jax.tree.map(gate, inputs)
+def plus_zero(inputs: Any, zero: jax.Array, kind: Any = jnp.floating) -> Any:
+  """``inputs`` with ``zero`` (a ``-0.0`` XLA cannot fold) added to their leaves of dtype ``kind``."""
+  return jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, kind) else x, inputs)
 
 
 def after_all(inputs: Any, done: Any) -> Any:
@@ -434,9 +434,4 @@ def after_all(inputs: Any, done: Any) -> Any:
           for x in jax.tree.leaves(done) if jnp.size(x)]
   if not mins:
     return inputs
-  zero = -0.0 * jnp.abs(sum(m.astype(jnp.float32) for m in mins))
-
-  def gate(x):
-    return x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-  return jax.tree.map(gate, inputs)
+  return plus_zero(inputs, -0.0 * jnp.abs(sum(m.astype(jnp.float32) for m in mins)))
