@@ -56,6 +56,12 @@ The tables:
    largest ``--devices`` and its float all-gathers listed (``benchmarks/hlo_flops.py``): none as large as a
    gradient (the gradient blocks move to their owners by all-to-all); added to the JSON (``fsdp_gathers``).
 
+7. **SOAP's update per device** (``--soap-flops-only``, exact, minutes; ``--flops-model``):
+   ``scale_by_soap4``'s whole compiled update (defaults) for N = 1 and each N, its dot flops outside
+   the refresh's conditional (a plain step: rotations into and out of the bases, and each device's
+   decoding projections of the bases of its own blocks) and inside it; added to the JSON
+   (``soap_flops``).
+
 Writes ``benchmarks/results/distributed.json`` and ``.png``.
 """
 
@@ -283,6 +289,33 @@ def flops_table(model: str, device_counts: list[int], program: str) -> dict:
   return {"model": model, "program": program, "rows": {n: rows[n] for n in device_counts}}
 
 
+def soap_flops_table(model: str, device_counts: list[int]) -> dict:
+  """Per-device dot flops of ``scale_by_soap4``'s compiled update (defaults, ``mesh=``): a plain step (outside the
+  refresh's conditional) and the refresh branch."""
+  params = MODELS[model]()
+  rows = {}
+  for n in sorted(set([1] + device_counts)):
+    print(f"  compiling soap4's update for N = {n}", file=sys.stderr, flush=True)
+    mesh = _mesh(n) if n > 1 else None
+    tx = s4.scale_by_soap4(mesh=mesh)
+    state = jax.eval_shape(tx.init, params)
+    if mesh is not None:
+      state = _abstract_with(state, s4.state_sharding(state, mesh))
+    counted = dot_flops(jax.jit(tx.update).lower(params, state, params).compile().as_text())
+    rows[n] = {"every_step_flops_per_device": counted["every_call"], "refresh_flops_per_device": counted["in_branches"]}
+  for r in rows.values():
+    r["every_step_vs_1_device"] = r["every_step_flops_per_device"] / rows[1]["every_step_flops_per_device"]
+  return {"model": model, "optimizer": "scale_by_soap4 (defaults)", "rows": {n: rows[n] for n in device_counts}}
+
+
+def print_soap_flops(table: dict) -> None:
+  print(f"\nsoap4's update per device, {table['model']}: plain-step and refresh-branch matrix-product flops")
+  print(f"{'N':>3} {'step GFLOP':>11} {'vs 1 dev':>9} {'1/N':>7} {'refresh GFLOP':>14}")
+  for n, r in table["rows"].items():
+    print(f"{int(n):3d} {r['every_step_flops_per_device'] / 1e9:11.2f} {r['every_step_vs_1_device']:9.3f} "
+          f"{1 / int(n):7.3f} {r['refresh_flops_per_device'] / 1e9:14.2f}")
+
+
 def _compiled_statistics_step(params, mesh):
   """The compiled ``refresh_stats`` of ``params``' factors (abstract buckets split over ``mesh``)."""
   factor_engine = engine.FactorEngine(fct.FactorConfig(), 1024, 64, mesh)
@@ -477,6 +510,8 @@ def main(argv=None) -> dict | None:
                       help="compute only the every-step flops table (exact, minutes) and add it to --out")
   parser.add_argument("--stats-flops-only", action="store_true",
                       help="compute only the statistics-step flops table and add it to --out")
+  parser.add_argument("--soap-flops-only", action="store_true",
+                      help="compute only soap4's per-device flops table (exact, minutes) and add it to --out")
   parser.add_argument("--fsdp-memory-only", action="store_true",
                       help="compute only the FSDP train-state table (exact, seconds) and add it to --out")
   parser.add_argument("--fsdp-gathers-only", action="store_true",
@@ -490,7 +525,8 @@ def main(argv=None) -> dict | None:
   if max(args.devices) > jax.device_count():
     parser.error(f"--devices {args.devices}: only {jax.device_count()} devices visible")
 
-  if args.flops_only or args.stats_flops_only or args.fsdp_memory_only or args.fsdp_gathers_only:
+  if (args.flops_only or args.stats_flops_only or args.soap_flops_only or args.fsdp_memory_only
+      or args.fsdp_gathers_only):
     out = pathlib.Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
     if args.flops_only:
@@ -499,6 +535,9 @@ def main(argv=None) -> dict | None:
     if args.stats_flops_only:
       result["stats_flops"] = stats_flops_table(args.flops_model, args.devices)
       print_stats_flops(result["stats_flops"])
+    if args.soap_flops_only:
+      result["soap_flops"] = soap_flops_table(args.flops_model, args.devices)
+      print_soap_flops(result["soap_flops"])
     if args.fsdp_memory_only:
       result["fsdp_memory"] = fsdp_memory_table(args.bytes_model, args.devices)
       print_fsdp_memory(result["fsdp_memory"])

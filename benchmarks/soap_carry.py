@@ -66,7 +66,9 @@ def carried_by(mode: str):
     return jnp.where(jnp.abs(change) > float(mode[3:]), change, 0.0)
 
   def rotate_moments(factor_engine, plan, moments, change, precision="highest"):
-    return _ROTATE_MOMENTS(factor_engine, plan, moments, {k: denoise(c) for k, c in change.items()}, precision)
+    dense = soap_eigenbasis.rows_of(change)  # one device: formed already
+    denoised = soap_eigenbasis.Rows({k: denoise(c) for k, c in dense.items()}, None)
+    return _ROTATE_MOMENTS(factor_engine, plan, moments, denoised, precision)
   return rotate_moments
 
 
@@ -79,10 +81,10 @@ def refresh_own_rotation(config, bucket, grams, beta, row_order=None):
   return new, ok, linalg.matmul(refreshed, linalg.transpose(rows))
 
 
-def change_as_refreshed(opts, factor_engine, buckets, rows, refreshed, accepted):
+def change_as_refreshed(opts, factor_engine, buckets, current, refreshed, accepted):
   """``basis_change`` for :func:`refresh_own_rotation`: its rotation where accepted, the identity elsewhere."""
-  return {name: jnp.where(accepted[name][:, None, None], c, jnp.eye(c.shape[-1], dtype=c.dtype))
-          for name, c in refreshed.items()}
+  return soap_eigenbasis.Rows({name: jnp.where(accepted[name][:, None, None], c, jnp.eye(c.shape[-1], dtype=c.dtype))
+                               for name, c in refreshed.items()}, None)
 
 
 def patch(mode: str) -> dict:

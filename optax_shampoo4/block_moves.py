@@ -103,15 +103,27 @@ def item_blocks(group: partition.BlockGroup, matrices: list, num_shards: int,
 
   Split over ``num_shards`` devices along the leading axis this gives each
   device the blocks of its own items (zeros for padding items); a block cut
-  into row chunks goes to every device that computes one of its chunks.
-  Plain slices and a stack of the matrix views: in a sharded program they
-  keep the gradients' layout until the split moves them to their owners;
-  ``layout`` (e.g. :meth:`BlockLayout.for_blocks`) lays out each block first.
+  into row chunks goes to every device that computes one of its chunks, or,
+  where the blocks have no left factor, only the chunk's rows of it
+  (``f32[num_shards · per_shard, rows, n]``: those rows of the result need
+  no others). Plain slices and a stack of the matrix views: in a sharded
+  program they keep the gradients' layout until the split moves them to
+  their owners; ``layout`` (e.g. :meth:`BlockLayout.for_blocks`) lays out
+  each block first.
   """
   blocks = [matrices[leaf][b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] for leaf, b in group.blocks]
   blocks = blocks if layout is None else [layout(block) for block in blocks]
   blocks.append(jnp.zeros(group.shape, jnp.float32))
-  return jnp.stack([blocks[item[0]] for share in group.items(num_shards) for item in share])
+  items = [item for share in group.items(num_shards) for item in share]
+  if group.left is None and group.chunks > 1:
+    return jnp.stack([_chunk(blocks[position], first, group.rows) for position, _, _, first in items])
+  return jnp.stack([blocks[item[0]] for item in items])
+
+
+def _chunk(block: jax.Array, first: int, rows: int) -> jax.Array:
+  """Rows ``[first, first + rows)`` of a block, zero past its end."""
+  part = block[first:first + rows]
+  return jnp.pad(part, ((0, rows - part.shape[0]), (0, 0)))
 
 
 def join_blocks(leaf_plan: partition.LeafPlan, block_of: Callable[[partition.BlockPlan], jax.Array]) -> jax.Array:

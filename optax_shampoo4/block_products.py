@@ -39,24 +39,30 @@ def gram_matrices(plan: partition.Plan, matrices: list) -> dict[partition.Bucket
 
 
 def group_products(group: partition.BlockGroup, items: jax.Array, stored: dict, local_blocks: jax.Array,
-                   fn: Callable) -> jax.Array:
+                   fn: Callable, load: Callable | None = None) -> jax.Array:
   """``fn`` on one device's items of ``group`` -> ``[per_shard, rows, n]``.
 
   ``items``: ``int32[per_shard, 4]`` (:meth:`~optax_shampoo4.partition.BlockGroup.items`);
-  ``local_blocks``: ``f32[per_shard, m, n]``, each item's block.
+  ``local_blocks``: ``f32[per_shard, m, n]``, each item's block; ``load``: see :func:`load_rows`.
   """
-  left = None if group.left is None else load_rows(stored[group.left.name], items[:, 1], items[:, 3], group.rows)
-  right = None if group.right is None else fct.load(
+  left = None if group.left is None else load_rows(stored[group.left.name], items[:, 1], items[:, 3], group.rows,
+                                                   load)
+  right = None if group.right is None else (load or fct.load)(
       jax.tree.map(lambda x: jnp.take(x, items[:, 2], axis=0), stored[group.right.name]))
   return jax.vmap(fn)(left, local_blocks, right)
 
 
-def load_rows(stored: fct.StoredMatrix, slots: jax.Array, first_rows: jax.Array, num_rows: int) -> jax.Array:
+def load_rows(stored: fct.StoredMatrix, slots: jax.Array, first_rows: jax.Array, num_rows: int,
+              load: Callable | None = None) -> jax.Array:
   """Rows ``first_rows[i] + [0, num_rows)`` of matrix ``slots[i]`` of a stacked ``[k, n, n]``, in float32.
 
-  Only those rows are dequantized (quantization blocks lie along rows). Rows
-  past ``n`` are zero. Returns ``f32[len(slots), num_rows, n]``.
+  With ``load`` None only those rows are dequantized (quantization blocks
+  lie along rows); a ``load`` that needs whole matrices (SOAP's bases,
+  rectified tier by tier) decodes each slot's matrix whole, then the rows
+  are taken. Rows past ``n`` are zero. Returns ``f32[len(slots), num_rows, n]``.
   """
+  if load is not None:
+    return _rows_of(load(jax.tree.map(lambda x: jnp.take(x, slots, axis=0), stored)), first_rows, num_rows)
   leaves = jax.tree.leaves(stored)
   k, order = leaves[0].shape[:2]
   rows = first_rows[:, None] + jnp.arange(num_rows)  # [items, num_rows], row within its matrix
@@ -73,3 +79,13 @@ def load_rows(stored: fct.StoredMatrix, slots: jax.Array, first_rows: jax.Array,
   else:
     values = fct.load(picked)
   return jnp.where(valid[..., None], values, 0.0)
+
+
+def _rows_of(matrices: jax.Array, first_rows: jax.Array, num_rows: int) -> jax.Array:
+  """Rows ``first_rows[i] + [0, num_rows)`` of each ``matrices[i]`` (``[items, n, n]``); rows past ``n`` zero."""
+  order = matrices.shape[-2]
+  if num_rows == order:  # whole blocks (one chunk each): every item starts at row 0
+    return matrices
+  rows = first_rows[:, None] + jnp.arange(num_rows)
+  picked = jnp.take_along_axis(matrices, jnp.minimum(rows, order - 1)[..., None], axis=1)
+  return jnp.where((rows < order)[..., None], picked, 0.0)

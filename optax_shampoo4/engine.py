@@ -249,7 +249,8 @@ class FactorEngine:
     return partition.make_schedule(plan, self.num_shards, split_rows=split_rows)
 
   def apply_blocks(self, plan: partition.Plan, matrices: list, stored: dict[str, fct.StoredMatrix],
-                   fn: Callable[[Any, jax.Array, Any], jax.Array], split_rows: bool = True) -> list:
+                   fn: Callable[[Any, jax.Array, Any], jax.Array], split_rows: bool = True,
+                   load: Callable[[Any], jax.Array] | None = None) -> list:
     r"""``fn(left rows, block, right)`` for every block, each device on its share.
 
     For a block ``G`` (m×n) with left factor ``A`` (m×m) and right factor
@@ -279,12 +280,16 @@ class FactorEngine:
       stored: ``{bucket name: stacked [k, order, order] matrices}``, quantized or not.
       fn: the per-block function on float32 arrays.
       split_rows: whether ``fn`` may get rows of the left factor (else whole ones).
+      load: decodes a stack of ``stored`` matrices whole into the float32
+        factors ``fn`` gets (e.g. SOAP's bases, dequantized and rectified);
+        on a mesh each device decodes only its items' factors. None:
+        :func:`~optax_shampoo4.factors.load`, row by row on a mesh.
 
     Returns:
       Per leaf, the float32 result in the matrix view's shape (None for passthrough leaves).
     """
     if self.mesh is None:
-      factors = {name: fct.load(matrix) for name, matrix in stored.items()}
+      factors = {name: (load or fct.load)(matrix) for name, matrix in stored.items()}
 
       def whole(block, b):
         return fn(_factor(factors, b.left), block, _factor(factors, b.right))
@@ -300,12 +305,12 @@ class FactorEngine:
               for group in schedule.groups]
 
     items = sharding.laid_out_by_xla(to_items, self.mesh, PartitionSpec(self.mesh_axis), matrices)
-    results = self._apply_on_mesh(schedule, stored, items, fn)
+    results = self._apply_on_mesh(schedule, stored, items, fn, load)
     return sharding.laid_out_by_xla(lambda results: block_moves.reassemble(schedule, plan, results, layout), self.mesh,
                                     [sharding.spec_of(m) for m in matrices], results)
 
   def _apply_on_mesh(self, schedule: partition.Schedule, stored: dict, items: list[jax.Array],
-                     fn: Callable) -> list[jax.Array]:
+                     fn: Callable, load: Callable | None = None) -> list[jax.Array]:
     """Per group of ``schedule``, ``fn`` of its items, ``[num_shards · per_shard, rows, n]``, split over the mesh.
 
     ``items``: per group, the block of every item (:func:`~optax_shampoo4.block_moves.item_blocks`); each
@@ -315,7 +320,8 @@ class FactorEngine:
 
     def on_each_device(items, stored):
       shard = lax.axis_index(axis)
-      return [block_products.group_products(group, jnp.asarray(group.items(num_shards), jnp.int32)[shard], stored, local, fn)
+      return [block_products.group_products(group, jnp.asarray(group.items(num_shards), jnp.int32)[shard], stored,
+                                            local, fn, load)
               for group, local in zip(schedule.groups, items)]
 
     return sharding.shard_over_factors(on_each_device, self.mesh, axis, 1, 1)(items, stored)

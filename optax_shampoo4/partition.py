@@ -231,7 +231,7 @@ class BlockGroup:
   last one padded past ``m``); item ``j`` is chunk ``j % chunks`` of block
   ``j // chunks``. Rows ``[r0, r0 + rows)`` of :math:`\hat L G \hat R` are
   :math:`\hat L_{r_0:r_0+rows,:} G \hat R`, so an item needs only those rows
-  of the left root, and costs ``rows·n·(m + n)`` multiply-adds. Every device
+  of the left root (of :math:`G` itself where the blocks have no left factor), and costs ``rows·n·(m + n)`` multiply-adds. Every device
   takes ``per_shard`` consecutive items; items past the real ones are padding.
 
   Attributes:
@@ -344,8 +344,9 @@ def make_schedule(plan: Plan, num_shards: int, tolerance: float = 1.05, split_ro
     plan: the plan of the gradient tree.
     num_shards: number of devices sharing the work (1: one device does all).
     tolerance: allowed per-group overshoot over an even split.
-    split_rows: False keeps every block whole (one chunk), for products that
-      need whole left factors (CASPR's :math:`\hat L^2 G`).
+    split_rows: False keeps every block with a left factor whole (one
+      chunk), for products that need whole left factors (CASPR's
+      :math:`\hat L^2 G`, SOAP's :math:`Q_L X`).
 
   Returns:
     A :class:`Schedule`.
@@ -367,8 +368,8 @@ def make_schedule(plan: Plan, num_shards: int, tolerance: float = 1.05, split_ro
   groups = []
   for shape in sorted(by_shape):
     blocks = tuple(by_shape[shape])
-    # Row chunks are rows of the left factor: blocks without one stay whole.
-    splittable = split_rows and blocks[0][1].left is not None
+    # Row chunks are rows of the left factor, or of the block itself where it has none (any product).
+    splittable = split_rows or blocks[0][1].left is None
     chunks = _choose_chunks(len(blocks), shape[0], num_shards, tolerance) if splittable else 1
     per_shard = -(-len(blocks) * chunks // num_shards)
     groups.append(BlockGroup(shape, blocks, chunks, per_shard))

@@ -368,18 +368,18 @@ def update(opts: options.SoapOptions, factor_engine: engine.FactorEngine, update
   step = factor_engine.start_step(updates, state.count, state.factors)
   mu = load_moments(opts, step, state.mu, state.mu_scales, "first")
   nu = load_moments(opts, step, state.nu, state.nu_scales, "second")
-  rows = basis.bases(opts, factor_engine, state.factors)
+  bases = basis.step_bases(opts, factor_engine, state.factors)
   # Adam in the current basis (bases built from earlier gradients only).
   adam_step = step.count - 1
   stepped = step.grads_finite & (adam_step > 0)
-  outputs, mu, nu = adam_in_basis(opts, factor_engine, step, rows, mu, nu, stepped, adam_step)
+  outputs, mu, nu = adam_in_basis(opts, factor_engine, step, bases, mu, nu, stepped, adam_step)
   refresh_due = (adam_step == 0) | (adam_step % jnp.asarray(opts.precondition_every, jnp.int32) == 0)
   stats = state.stats
   if opts.statistic == "dense":
     stats = soap_dense.fold(stats, step.plan, step.matrices, basis.statistic_beta(opts), step.grads_finite)
   buckets, mu, nu, failures = lax.cond(
       refresh_due & step.grads_finite,
-      functools.partial(basis.refresh_bases, opts, factor_engine, step, rows, stats, adam_step == 0),
+      functools.partial(basis.refresh_bases, opts, factor_engine, step, bases, stats, adam_step == 0),
       _no_refresh, factor_engine.ordered_after((state.factors, mu, nu), outputs))
   buckets = factor_engine.keep_split(buckets)
   outputs = factor_engine.ordered_after(outputs, failures)  # after the refresh (failures: its count)
@@ -414,8 +414,9 @@ def store_moments(opts: options.SoapOptions, step: engine.Step, stepped: jax.Arr
                                            moment_storage.rounding_key(step.count, opts.moment_bits, kind))
 
 
-def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine, step: engine.Step, rows: dict,
-                  mu: list, nu: list, stepped: jax.Array, adam_step: jax.Array) -> tuple[list, list, list]:
+def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine, step: engine.Step,
+                  bases: basis.Rows, mu: list, nu: list, stepped: jax.Array,
+                  adam_step: jax.Array) -> tuple[list, list, list]:
   r"""``(outputs, mu, nu)``: Adam's step on the rotated gradient :math:`Q_L^\top G Q_R`, rotated back.
 
   Where the step does not count (``stepped`` False: the first call, or a
@@ -424,8 +425,8 @@ def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
   b1, b2, eps = (jnp.asarray(x, jnp.float32) for x in (opts.b1, opts.b2, opts.eps))
   s = jnp.maximum(adam_step, 1).astype(jnp.float32)
   step_scale = jnp.sqrt(1.0 - b2**s) / (1.0 - b1**s)
-  rotated = basis.rotate(factor_engine, step.plan, step.matrices, rows, forward=True,
-                         precision=opts.precision)
+  rotated = basis.rotate(factor_engine, step.plan, step.matrices, bases.stored, forward=True,
+                         precision=opts.precision, load=bases.load)
   directions, new_mu, new_nu = [], [], []
   for leaf, g, lp, m, v in zip(step.leaves, rotated, step.plan.leaves, mu, nu):
     g = g if lp.preconditioned else leaf.astype(jnp.float32)
@@ -434,7 +435,8 @@ def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
     directions.append(step_scale * m_next / (jnp.sqrt(v_next) + eps))
     new_mu.append(jnp.where(stepped, m_next, m))
     new_nu.append(jnp.where(stepped, v_next, v))
-  back = basis.rotate(factor_engine, step.plan, directions, rows, forward=False, precision=opts.precision)
+  back = basis.rotate(factor_engine, step.plan, directions, bases.stored, forward=False, precision=opts.precision,
+                      load=bases.load)
   outputs = [jnp.where(stepped, sharding.reshape(b if lp.preconditioned else d, leaf.shape, like=leaf), 0.0).astype(leaf.dtype)
              for leaf, d, b, lp in zip(step.leaves, directions, back, step.plan.leaves)]
   return outputs, new_mu, new_nu

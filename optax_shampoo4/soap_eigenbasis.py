@@ -14,13 +14,25 @@ refresh, and the rotations.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from optax_shampoo4 import engine, linalg, options, partition, sharding, soap_dense
 from optax_shampoo4 import factors as fct
+
+
+class Rows(NamedTuple):
+  r"""Per bucket, matrices the products use as rows (a basis :math:`Q^\top`, a change of basis) as ``stored``,
+  and the ``load`` that makes a stack of them float32 (None: ``stored`` holds those float32 matrices).
+
+  On a mesh the products call ``load`` on each device for the factors of its own blocks only
+  (:meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`).
+  """
+
+  stored: dict
+  load: Callable[[Any], jax.Array] | None
 
 
 def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets: engine.Buckets) -> dict:
@@ -31,14 +43,39 @@ def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets
   default); the 4-bit rows' own Björck (:math:`2n^3` per factor, most of the step) is not run
   (see ``head_fraction``).
   """
-  every_step_qr = opts.tail_rectify == "qr_every_step"
-  rows = {}
+  return rows_of(Rows(_gathered_eigvecs(factor_engine, buckets), functools.partial(rectified_rows, opts)))
+
+
+def step_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets: engine.Buckets) -> Rows:
+  """The bases a step rotates with (:func:`rotate`'s ``rows`` and ``load``).
+
+  Without a mesh, every basis decoded and rectified once (:func:`bases`). On
+  a mesh, the stored eigenvectors gathered (still quantized): each device
+  decodes and rectifies only the bases of its own blocks, inside the
+  products, instead of every basis on every device (the projections of the
+  tiers cost about as much as the rotations themselves).
+  """
+  if factor_engine.mesh is None:
+    return Rows(bases(opts, factor_engine, buckets), None)
+  return Rows(_gathered_eigvecs(factor_engine, buckets), functools.partial(rectified_rows, opts))
+
+
+def rows_of(step: Rows) -> dict:
+  """Per bucket the float32 rows of a step's bases (on a mesh, every basis decoded on every device)."""
+  return step.stored if step.load is None else {name: step.load(stored) for name, stored in step.stored.items()}
+
+
+def rectified_rows(opts: options.SoapOptions, stored: fct.StoredMatrix) -> jax.Array:
+  """Stored eigenvectors (a stack) as the steps use them: dequantized, then rectified as :func:`bases` says."""
+  return fct.rectified(stored, opts.bjorck_steps[1], tail_steps=0, tail_qr=opts.tail_rectify == "qr_every_step",
+                       always_project=True)
+
+
+def _gathered_eigvecs(factor_engine: engine.FactorEngine, buckets: engine.Buckets) -> dict:
   for name, bucket in buckets.items():
     if not isinstance(bucket, fct.EigenFactors):
       raise TypeError(f"SOAP's buckets are EigenFactors, got {type(bucket).__name__} for bucket {name!r}")
-    rows[name] = fct.rectified(factor_engine.gathered(bucket.eigvecs), opts.bjorck_steps[1], tail_steps=0,
-                               tail_qr=every_step_qr, always_project=True)
-  return rows
+  return {name: factor_engine.gathered(bucket.eigvecs) for name, bucket in buckets.items()}
 
 
 def statistic_beta(opts: options.SoapOptions) -> jax.Array:
@@ -53,10 +90,11 @@ def statistic_beta(opts: options.SoapOptions) -> jax.Array:
   return b2 ** jnp.asarray(opts.precondition_every, jnp.float32)
 
 
-def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, step: engine.Step, rows: dict,
-                  stats: Any, first: jax.Array, operand: tuple) -> tuple:
+def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, step: engine.Step,
+                  current: Rows, stats: Any, first: jax.Array, operand: tuple) -> tuple:
   """Refreshes the bases (folding the gradient in first for the refresh statistic) and carries the moments.
 
+  ``current``: the bases the step used (:func:`step_bases`);
   ``operand`` is ``(buckets, mu, nu)``; returns ``(buckets, mu, nu, failures)``.
   ``stats`` (the dense statistics) and ``first`` (the first refresh) are
   used by ``statistic="dense"`` only.
@@ -64,7 +102,7 @@ def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
   buckets, mu, nu = operand
   if opts.statistic == "dense":
     buckets, kept, failures, accepted, refreshed = soap_dense.refresh(factor_engine, step.plan, buckets, stats,
-                                                                      rows, first)
+                                                                      rows_of(current), first)
   else:
     # Sorted by eigenvalue (descending) inside the refresh: the refreshed columns come out sorted, so
     # the head holds the largest eigenvalues' rows.
@@ -76,18 +114,18 @@ def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
   if not opts.project_nu:
     kept = factor_engine.gathered(kept)  # indexed per block below: whole on every device
     nu = [_permute(v, lp, kept) if lp.preconditioned else v for v, lp in zip(nu, step.plan.leaves)]
-  change = basis_change(opts, factor_engine, buckets, rows, refreshed, factor_engine.gathered(accepted))
+  change = basis_change(opts, factor_engine, buckets, current, refreshed, factor_engine.gathered(accepted))
   mu = rotate_moments(factor_engine, step.plan, mu, change, opts.precision)
   if opts.project_nu:
-    nu = rotate_moments(factor_engine, step.plan, nu, {name: c * c for name, c in change.items()}, opts.precision)
+    nu = rotate_moments(factor_engine, step.plan, nu, squared(change), opts.precision)
   return buckets, mu, nu, failures
 
 
 def basis_change(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets: engine.Buckets,
-                 rows: dict, refreshed: dict, accepted: dict) -> dict:
+                 current: Rows, refreshed: dict, accepted: dict) -> Rows:
   r"""Per bucket the change of basis :math:`C = R_{new} R_{old}^\top` the moments are carried by.
 
-  :math:`R_{old}` = ``rows``, the basis the moments live in (as the steps
+  :math:`R_{old}` = ``current``, the basis the moments live in (as the steps
   used it: decoded and rectified). ``carry="refreshed"``: :math:`R_{new}` =
   ``refreshed``, the refresh's float32 eigenvectors before they are stored,
   so :math:`C` holds the refresh's rotation (and re-sorting) only, and the
@@ -96,39 +134,60 @@ def basis_change(opts: options.SoapOptions, factor_engine: engine.FactorEngine, 
   rectified as the steps will use it; with a quantized basis :math:`C` then
   also holds both bases' rounding (entries of about 0.02 at 4 bits), which
   moves the large coordinates' moments into the small ones at every refresh.
+  Without a mesh every :math:`C` is formed here; on a mesh each device forms
+  those of its own blocks' factors in the products (:class:`Rows`).
   """
+  new = _gathered_eigvecs(factor_engine, buckets) if opts.carry == "decoded" else refreshed
+  stored = {name: (new[name], old, accepted[name]) for name, old in current.stored.items()}
+  load = functools.partial(_change_of_basis, opts, current.load)
+  if factor_engine.mesh is None:
+    return Rows({name: load(parts) for name, parts in stored.items()}, None)
+  return Rows(stored, load)
+
+
+def squared(change: Rows) -> Rows:
+  r"""The change of basis :math:`C \circ C` (elementwise) that carries Adam's second moment."""
+  if change.load is None:
+    return Rows({name: c * c for name, c in change.stored.items()}, None)
+  return Rows(change.stored, lambda parts: jnp.square(change.load(parts)))
+
+
+def _change_of_basis(opts: options.SoapOptions, load_old: Callable | None, parts: tuple) -> jax.Array:
+  """:math:`C` of a stack of factors from ``(new basis, old basis as stored, accepted)``; see :func:`basis_change`."""
+  new, old, accepted = parts
+  old = old if load_old is None else load_old(old)
   if opts.carry == "decoded":
-    new_rows = bases(opts, factor_engine, buckets)
-    return {name: linalg.matmul(new_rows[name], linalg.transpose(rows[name])) for name in rows}
-  change = {}
-  for name, old in rows.items():
-    c = linalg.matmul(refreshed[name], linalg.transpose(old))
-    change[name] = jnp.where(accepted[name][:, None, None], c, jnp.eye(c.shape[-1], dtype=c.dtype))
-  return change
+    return linalg.matmul(rectified_rows(opts, new), linalg.transpose(old))
+  c = linalg.matmul(new, linalg.transpose(old))
+  return jnp.where(accepted[:, None, None], c, jnp.eye(c.shape[-1], dtype=c.dtype))
 
 
 def rotate(factor_engine: engine.FactorEngine, plan: partition.Plan, matrices: list, rows: dict,
-           forward: bool, precision: str = "highest") -> list:
+           forward: bool, precision: str = "highest", load: Callable[[Any], jax.Array] | None = None) -> list:
   r"""Per preconditioned leaf, every block rotated: :math:`R_L X R_R^\top` (``forward``) or :math:`R_L^\top X R_R`.
 
   ``rows`` holds per factor the matrix :math:`R` (the basis as rows,
-  :math:`Q^\top`, or a change of basis). The products are split over the
-  mesh (:meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`; the
-  backward one in whole blocks, as it needs whole columns of :math:`R_L`)
-  at ``precision`` (:func:`~optax_shampoo4.linalg.step_matmul`). Other
-  leaves give None.
+  :math:`Q^\top`, or a change of basis), or per bucket what ``load`` makes
+  those rows of (:attr:`Rows.load`). The products are split over the
+  mesh (:meth:`~optax_shampoo4.engine.FactorEngine.apply_blocks`) at
+  ``precision`` (:func:`~optax_shampoo4.linalg.step_matmul`), in whole
+  blocks where they need whole columns of :math:`R_L` (backward) or decode
+  the bases (``load``): then the forward and backward products of a step
+  give each device the same items, and XLA computes its bases' identical
+  decodings once. Other leaves give None.
   """
   views = [m if lp.preconditioned else None for m, lp in zip(matrices, plan.leaves)]
   if forward:
-    return factor_engine.apply_blocks(plan, views, rows, functools.partial(forward_product, precision=precision))
+    return factor_engine.apply_blocks(plan, views, rows, functools.partial(forward_product, precision=precision),
+                                      split_rows=load is None, load=load)
   return factor_engine.apply_blocks(plan, views, rows, functools.partial(backward_product, precision=precision),
-                                    split_rows=False)
+                                    split_rows=False, load=load)
 
 
-def rotate_moments(factor_engine: engine.FactorEngine, plan: partition.Plan, moments: list, change: dict,
+def rotate_moments(factor_engine: engine.FactorEngine, plan: partition.Plan, moments: list, change: Rows,
                    precision: str = "highest") -> list:
   """Moments carried into new bases: preconditioned leaves rotated forward by ``change``, others kept."""
-  rotated = rotate(factor_engine, plan, moments, change, forward=True, precision=precision)
+  rotated = rotate(factor_engine, plan, moments, change.stored, forward=True, precision=precision, load=change.load)
   return [r if lp.preconditioned else m for r, m, lp in zip(rotated, moments, plan.leaves)]
 
 

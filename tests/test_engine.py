@@ -120,9 +120,15 @@ def _whole_left(left, block, right, xp):
   return left @ (left @ block) if left is not None else block
 
 
-@pytest.mark.parametrize("fn, split_rows", [(_sides, True), (_whole_left, False)])
+def _doubled(stored):
+  """A ``load`` that needs whole matrices (each device decodes its items' factors whole)."""
+  return 2.0 * stored
+
+
+@pytest.mark.parametrize("fn, split_rows, load", [(_sides, True, None), (_whole_left, False, None),
+                                                  (_sides, True, _doubled), (_whole_left, False, _doubled)])
 @pytest.mark.parametrize("devices", [None, 8])
-def test_apply_blocks_matches_float64_with_missing_sides(fn, split_rows, devices):
+def test_apply_blocks_matches_float64_with_missing_sides(fn, split_rows, load, devices):
   mesh = None if devices is None else jax.make_mesh((devices,), ("data",),
                                                     axis_types=(jax.sharding.AxisType.Explicit,))
   eng = _engine(mesh, max_precond_dim=30)  # the 40-dimensions get no factor
@@ -134,8 +140,9 @@ def test_apply_blocks_matches_float64_with_missing_sides(fn, split_rows, devices
             for key, size in plan.bucket_sizes}
   matrices = engine.matrix_views(jax.tree.leaves(tree), plan)
   got = jax.jit(lambda s, m: eng.apply_blocks(plan, m, s, lambda a, g, c: fn(a, g, c, jnp),
-                                              split_rows=split_rows))(stored, matrices)
-  want = _reference(plan, matrices, stored, lambda a, g, c: fn(a, g, c, np))
+                                              split_rows=split_rows, load=load))(stored, matrices)
+  loaded = stored if load is None else {name: load(matrix) for name, matrix in stored.items()}
+  want = _reference(plan, matrices, loaded, lambda a, g, c: fn(a, g, c, np))
   for g, w in zip(got, want):
     if w is None:
       assert g is None
@@ -148,3 +155,10 @@ def test_schedule_without_row_splits_keeps_blocks_whole():
   plan = partition.make_plan([(256, 64)], 1024, 64, True)
   assert partition.make_schedule(plan, 4).groups[0].chunks == 4
   assert partition.make_schedule(plan, 4, split_rows=False).groups[0].chunks == 1
+
+
+def test_blocks_without_a_left_factor_are_cut_into_row_chunks_for_any_product():
+  """Their rows of the result need only their rows of the gradient, whatever the product needs of a left factor."""
+  plan = partition.make_plan([(256, 64)], 1024, 64, True, max_precond_dim=128)  # 256 rows: no left factor
+  assert plan.leaves[0].blocks[0].left is None
+  assert partition.make_schedule(plan, 4, split_rows=False).groups[0].chunks == 4

@@ -228,6 +228,18 @@ def _stats_flops_text(stats_flops):
           + markdown_table(["devices", "GFLOP per device", "of 1 device", "ideal 1/N"], rows))
 
 
+def _soap_flops_text(soap_flops):
+  """SOAP's per-device update flops (plain step, refresh branch), if measured."""
+  if not soap_flops:
+    return ""
+  rows = [[n, f"{r['every_step_flops_per_device'] / 1e9:.1f}", f"{r['every_step_vs_1_device']:.3f}",
+           f"{1 / int(n):.3f}", f"{r['refresh_flops_per_device'] / 1e9:.1f}"] for n, r in soap_flops["rows"].items()]
+  return (f"\nMatrix-product flops per device of {soap_flops['optimizer']}'s compiled update, "
+          f"{_model_label(soap_flops['model'])} (a plain step: outside the refresh's conditional):\n\n"
+          + markdown_table(["devices", "plain step GFLOP per device", "of 1 device", "ideal 1/N",
+                            "refresh branch GFLOP"], rows))
+
+
 def _fsdp_memory_text(fsdp_memory):
   """The FSDP train-state table (parameters and optimizer state split over N devices), if measured."""
   if not fsdp_memory:
@@ -256,6 +268,7 @@ def write_distributed(results_dir, out_dir):
            + markdown_table(["devices", "refresh step", "of 1 device", "plain step", "of 1 device"], rows))
   text += _step_flops_text(data.get("flops"))
   text += _stats_flops_text(data.get("stats_flops"))
+  text += _soap_flops_text(data.get("soap_flops"))
   text += _fsdp_memory_text(data.get("fsdp_memory"))
   (out_dir / "distributed.md").write_text(text)
   fig, ax = plt.subplots(figsize=(5, 3.5))

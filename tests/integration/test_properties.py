@@ -136,10 +136,8 @@ def test_non_float_parameters_are_refused_at_init_naming_the_leaf(dtype, shape):
 # one compiled step per (configuration, structure) serves all of that pair's cases.
 FUZZ_CASES = int(os.environ.get("S4_FUZZ_CASES", "400"))
 FUZZ_CASES_PER_CONFIG = 8  # 4 cases on each of 2 tree structures
-# Parameters split FSDP-style over an explicit mesh axis (S4_FUZZ_FSDP=1) are drawn on request only for now: that
-# layout found two bugs in its first three seeds (both fixed, tests/integration/test_fsdp.py); it joins the default
-# draw once more seeds pass.
-FUZZ_MESHES = [None, "mesh", "explicit"] + (["fsdp"] if os.environ.get("S4_FUZZ_FSDP") else [])
+# No mesh, an Auto mesh, an explicit one, and parameters split FSDP-style over an explicit (4, 2) mesh.
+FUZZ_MESHES = [None, "mesh", "explicit", "fsdp"]
 SHAMPOO_CHOICES = dict(
     max_order=[4, 8, 16], beta=[0.0, 0.9, 0.95], epsilon=[0.0, 1e-6, 1e-3], stats_every=[1, 2],
     root_every=[1, 2, 3], state_format=["eigen", "naive", "fp32"], bits=[None, 3, 4, 8],
