@@ -59,8 +59,8 @@ The tables:
 7. **SOAP's update per device** (``--soap-flops-only``, exact, minutes; ``--flops-model``):
    ``scale_by_soap4``'s whole compiled update (defaults) for N = 1 and each N, its dot flops outside
    the refresh's conditional (a plain step: rotations into and out of the bases, and each device's
-   decoding projections of the bases of its own blocks) and inside it; added to the JSON
-   (``soap_flops``).
+   decoding projections of the bases of its own blocks) and inside it, and XLA's scratch bytes per device
+   (``memory_analysis().temp_size_in_bytes``); added to the JSON (``soap_flops``).
 
 Writes ``benchmarks/results/distributed.json`` and ``.png``.
 """
@@ -291,7 +291,7 @@ def flops_table(model: str, device_counts: list[int], program: str) -> dict:
 
 def soap_flops_table(model: str, device_counts: list[int]) -> dict:
   """Per-device dot flops of ``scale_by_soap4``'s compiled update (defaults, ``mesh=``): a plain step (outside the
-  refresh's conditional) and the refresh branch."""
+  refresh's conditional) and the refresh branch; and XLA's scratch (temporary) bytes per device."""
   params = MODELS[model]()
   rows = {}
   for n in sorted(set([1] + device_counts)):
@@ -301,8 +301,10 @@ def soap_flops_table(model: str, device_counts: list[int]) -> dict:
     state = jax.eval_shape(tx.init, params)
     if mesh is not None:
       state = _abstract_with(state, s4.state_sharding(state, mesh))
-    counted = dot_flops(jax.jit(tx.update).lower(params, state, params).compile().as_text())
-    rows[n] = {"every_step_flops_per_device": counted["every_call"], "refresh_flops_per_device": counted["in_branches"]}
+    compiled = jax.jit(tx.update).lower(params, state, params).compile()
+    counted = dot_flops(compiled.as_text())
+    rows[n] = {"every_step_flops_per_device": counted["every_call"], "refresh_flops_per_device": counted["in_branches"],
+               "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes}
   for r in rows.values():
     r["every_step_vs_1_device"] = r["every_step_flops_per_device"] / rows[1]["every_step_flops_per_device"]
   return {"model": model, "optimizer": "scale_by_soap4 (defaults)", "rows": {n: rows[n] for n in device_counts}}
@@ -310,10 +312,10 @@ def soap_flops_table(model: str, device_counts: list[int]) -> dict:
 
 def print_soap_flops(table: dict) -> None:
   print(f"\nsoap4's update per device, {table['model']}: plain-step and refresh-branch matrix-product flops")
-  print(f"{'N':>3} {'step GFLOP':>11} {'vs 1 dev':>9} {'1/N':>7} {'refresh GFLOP':>14}")
+  print(f"{'N':>3} {'step GFLOP':>11} {'vs 1 dev':>9} {'1/N':>7} {'refresh GFLOP':>14} {'scratch MiB':>12}")
   for n, r in table["rows"].items():
     print(f"{int(n):3d} {r['every_step_flops_per_device'] / 1e9:11.2f} {r['every_step_vs_1_device']:9.3f} "
-          f"{1 / int(n):7.3f} {r['refresh_flops_per_device'] / 1e9:14.2f}")
+          f"{1 / int(n):7.3f} {r['refresh_flops_per_device'] / 1e9:14.2f} {r['temp_bytes_per_device'] / 2**20:12.1f}")
 
 
 def _compiled_statistics_step(params, mesh):

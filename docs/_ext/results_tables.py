@@ -233,11 +233,12 @@ def _soap_flops_text(soap_flops):
   if not soap_flops:
     return ""
   rows = [[n, f"{r['every_step_flops_per_device'] / 1e9:.1f}", f"{r['every_step_vs_1_device']:.3f}",
-           f"{1 / int(n):.3f}", f"{r['refresh_flops_per_device'] / 1e9:.1f}"] for n, r in soap_flops["rows"].items()]
+           f"{1 / int(n):.3f}", f"{r['refresh_flops_per_device'] / 1e9:.1f}",
+           f"{r['temp_bytes_per_device'] / MIB:.0f}"] for n, r in soap_flops["rows"].items()]
   return (f"\nMatrix-product flops per device of {soap_flops['optimizer']}'s compiled update, "
           f"{_model_label(soap_flops['model'])} (a plain step: outside the refresh's conditional):\n\n"
           + markdown_table(["devices", "plain step GFLOP per device", "of 1 device", "ideal 1/N",
-                            "refresh branch GFLOP"], rows))
+                            "refresh branch GFLOP", "XLA scratch MiB per device"], rows))
 
 
 def _fsdp_memory_text(fsdp_memory):
