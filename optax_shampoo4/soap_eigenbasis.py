@@ -72,10 +72,12 @@ def rectified_rows(opts: options.SoapOptions, stored: fct.StoredMatrix) -> jax.A
 
 
 def _gathered_eigvecs(factor_engine: engine.FactorEngine, buckets: engine.Buckets) -> dict:
+  eigvecs = {}
   for name, bucket in buckets.items():
     if not isinstance(bucket, fct.EigenFactors):
       raise TypeError(f"SOAP's buckets are EigenFactors, got {type(bucket).__name__} for bucket {name!r}")
-  return {name: factor_engine.gathered(bucket.eigvecs) for name, bucket in buckets.items()}
+    eigvecs[name] = factor_engine.gathered(bucket.eigvecs)
+  return eigvecs
 
 
 def statistic_beta(opts: options.SoapOptions) -> jax.Array:
@@ -147,9 +149,10 @@ def basis_change(opts: options.SoapOptions, factor_engine: engine.FactorEngine, 
 
 def squared(change: Rows) -> Rows:
   r"""The change of basis :math:`C \circ C` (elementwise) that carries Adam's second moment."""
-  if change.load is None:
+  load = change.load
+  if load is None:
     return Rows({name: c * c for name, c in change.stored.items()}, None)
-  return Rows(change.stored, lambda parts: jnp.square(change.load(parts)))
+  return Rows(change.stored, lambda parts: jnp.square(load(parts)))
 
 
 def _change_of_basis(opts: options.SoapOptions, load_old: Callable | None, parts: tuple) -> jax.Array:

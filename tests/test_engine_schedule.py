@@ -40,7 +40,8 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "soap4" else n for n in CONFIGS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n != "shampoo naive" else n
+                                  for n in CONFIGS])  # soap4 ~25 s, shampoo eigen ~9 s on 2 cores
 def test_sequenced_refresh_is_exact_and_needs_less_scratch(monkeypatch, name):
   config = CONFIGS[name]
   with_root = name != "soap4"

@@ -952,6 +952,7 @@ class TestHeadRows:
     np.testing.assert_array_equal(np.asarray(new.eigvals[0]), lam)
     np.testing.assert_allclose(np.asarray(new.eigvecs[0]), u, atol=1e-6)
 
+  @pytest.mark.slow  # ~13 s on 2 cores
   def test_soap_with_head_rows_runs_under_jit_and_stays_finite(self):
     params = {"w": jnp.zeros((64, 48))}
     tx = s4.soap4(1e-2, precondition_every=2, min_quant_order=8, quant_block=8)

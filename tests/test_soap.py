@@ -368,6 +368,7 @@ def test_tail_rectify_qr_makes_the_basis_exactly_orthonormal(tail_rectify):
   assert np.abs(bjorck_rows @ bjorck_rows.T - np.eye(64)).max() > 1e-3  # the check above has teeth
 
 
+@pytest.mark.slow  # ~6 s on 2 cores
 def test_tail_rectify_qr_every_step_uses_the_orthonormal_basis_at_each_step():
   from optax_shampoo4 import options, soap, soap_eigenbasis
 

@@ -17,6 +17,8 @@ error relative to the moment's largest entry was measured at 2.7e-7 (m) / 1.9e-7
 carry holds).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,12 +88,13 @@ def _expected(state, after, carry):
 
 @pytest.fixture(scope="module")
 def runs():
-  return {carry: _run(carry) for carry in ("refreshed", "decoded")}
+  """``runs(carry)``: the run of that carry, made once (the refreshed one only in the slow run, ~13 s)."""
+  return functools.cache(_run)
 
 
-@pytest.mark.parametrize("carry", ["refreshed", "decoded"])
+@pytest.mark.parametrize("carry", [pytest.param("refreshed", marks=pytest.mark.slow), "decoded"])
 def test_moments_carried_as_float64_numpy_carries_them(runs, carry):
-  state, after = runs[carry]
+  state, after = runs(carry)
   assert isinstance(state.factors["order16_q"].eigvecs, s4.SplitRowsQuantized)
   assert int(after.failed_refreshes) == 0
   m, v = _expected(state, after, carry)
@@ -99,9 +102,10 @@ def test_moments_carried_as_float64_numpy_carries_them(runs, carry):
   np.testing.assert_allclose(np.asarray(after.nu["w"]), v, rtol=0, atol=TOL * np.abs(v).max())
 
 
+@pytest.mark.slow
 def test_the_two_carries_differ_by_the_basis_rounding(runs):
   """From one state, the decoded carry moves m by far more than the tolerance (the 4-bit rounding)."""
-  state, after = runs["refreshed"]
+  state, after = runs("refreshed")
   m_refreshed, _ = _expected(state, after, "refreshed")
   m_decoded, _ = _expected(state, after, "decoded")
   gap = np.abs(m_refreshed - m_decoded).max() / np.abs(m_refreshed).max()

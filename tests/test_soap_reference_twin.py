@@ -116,6 +116,7 @@ def _final_loss(tx, steps=30):
   return float(loss(params, xs[0])), float(loss({"w": jnp.zeros((64, 48))}, xs[0])), state
 
 
+@pytest.mark.slow  # ~10 s on 2 cores
 def test_dense_statistic_with_a_quantized_basis_tracks_fp32():
   kw = dict(weight_decay=0.0, precondition_every=3, statistic="dense")
   fp32, initial, _ = _final_loss(s4.soap4(3e-2, state_format="fp32", **kw))
