@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optax_shampoo4 import engine, moment_storage, optax_compat, options, partition, sharding, soap_dense
+from optax_shampoo4 import engine, optax_compat, options, sharding, soap_dense, soap_moments
 from optax_shampoo4 import factors as fct
 from optax_shampoo4 import soap_eigenbasis as basis
 
@@ -336,7 +336,7 @@ def init(opts: options.SoapOptions, factor_engine: engine.FactorEngine, params: 
   """The initial state: identity bases (eigenvalues 0), zero moments and counters."""
   zero = jnp.zeros([], jnp.int32)
   buckets = factor_engine.init_factors(params, 0.0, "scale_by_soap4", with_root=False)
-  mu, mu_scales, nu, nu_scales = init_moments(opts, params)
+  mu, mu_scales, nu, nu_scales = soap_moments.init_moments(opts, params)
   stats = None
   if opts.statistic == "dense":
     stats = (optax_compat.NON_PARAMS if optax_compat.is_params_placeholder(params)
@@ -344,30 +344,13 @@ def init(opts: options.SoapOptions, factor_engine: engine.FactorEngine, params: 
   return ScaleBySoap4State(zero, buckets, mu, nu, zero, zero, zero, mu_scales, nu_scales, stats)
 
 
-def init_moments(opts: options.SoapOptions, params: Any) -> tuple[Any, Any, Any, Any]:
-  """``(mu, mu_scales, nu, nu_scales)`` of a fresh state (scales None for float32 moments).
-
-  Under ``optax.tree.map_params`` the moments are parameter-shaped (the
-  placeholder itself), their scales are not.
-  """
-  if optax_compat.is_params_placeholder(params):
-    scales = None if opts.moment_bits is None else optax_compat.NON_PARAMS
-    return params, scales, params, scales
-  if opts.moment_bits is None:
-    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-    return zeros, None, zeros, None
-  mu, mu_scales = moment_storage.init_moment_trees(params, opts.moment_bits, "first")
-  nu, nu_scales = moment_storage.init_moment_trees(params, opts.moment_bits, "second")
-  return mu, mu_scales, nu, nu_scales
-
-
 def update(opts: options.SoapOptions, factor_engine: engine.FactorEngine, updates: Any,
            state: ScaleBySoap4State, params: Any = None, **extra_args: Any) -> tuple[Any, ScaleBySoap4State]:
   """One step: Adam in the current bases, then (when due) a basis refresh; see :func:`scale_by_soap4`."""
   del params, extra_args
   step = factor_engine.start_step(updates, state.count, state.factors)
-  mu = load_moments(opts, step, state.mu, state.mu_scales, "first")
-  nu = load_moments(opts, step, state.nu, state.nu_scales, "second")
+  mu = soap_moments.load_moments(opts, step, state.mu, state.mu_scales, "first")
+  nu = soap_moments.load_moments(opts, step, state.nu, state.nu_scales, "second")
   bases = basis.step_bases(opts, factor_engine, state.factors)
   # Adam in the current basis (bases built from earlier gradients only).
   adam_step = step.count - 1
@@ -383,35 +366,12 @@ def update(opts: options.SoapOptions, factor_engine: engine.FactorEngine, update
       _no_refresh, factor_engine.ordered_after((state.factors, mu, nu), outputs))
   buckets = factor_engine.keep_split(buckets)
   outputs = factor_engine.ordered_after(outputs, failures)  # after the refresh (failures: its count)
-  mu_stored, mu_scales = store_moments(opts, step, stepped, mu, state.mu, state.mu_scales, "first")
-  nu_stored, nu_scales = store_moments(opts, step, stepped, nu, state.nu, state.nu_scales, "second")
+  mu_stored, mu_scales = soap_moments.store_moments(opts, step, stepped, mu, state.mu, state.mu_scales, "first")
+  nu_stored, nu_scales = soap_moments.store_moments(opts, step, stepped, nu, state.nu, state.nu_scales, "second")
   new_state = ScaleBySoap4State(
       count=step.count, factors=buckets, mu=mu_stored, nu=nu_stored, mu_scales=mu_scales, nu_scales=nu_scales,
       stats=stats, **engine.failure_counts(state, step.grads_finite, refresh_due, failures))
   return jax.tree.unflatten(step.treedef, outputs), new_state
-
-
-def load_moments(opts: options.SoapOptions, step: engine.Step, stored: Any, scales: Any, kind: str) -> list:
-  """Per leaf, the float32 moment in the layout the step works in (matrix views where preconditioned)."""
-  scales = [None] * len(step.leaves) if scales is None else step.treedef.flatten_up_to(scales)
-  moments = []
-  for x, sc, lp in zip(step.treedef.flatten_up_to(stored), scales, step.plan.leaves):
-    if opts.moment_bits is not None:
-      x = moment_storage.load_moment(moment_storage.join_stored(x, sc, lp.shape, opts.moment_bits, kind))
-    moments.append(_in_view(x, lp))
-  return moments
-
-
-def store_moments(opts: options.SoapOptions, step: engine.Step, stepped: jax.Array, moments: list,
-                  codes: Any, scales: Any, kind: str) -> tuple[Any, Any]:
-  """(stored moments, their scales): float32, or re-quantized where this step changed them."""
-  values = jax.tree.unflatten(step.treedef, [sharding.reshape(x, lp.shape, like=leaf)
-                                            for x, lp, leaf in zip(moments, step.plan.leaves, step.leaves)])
-  if opts.moment_bits is None:
-    return values, None
-  changed = jax.tree.map(lambda x: stepped & jnp.all(jnp.isfinite(x)), values)
-  return moment_storage.store_moment_trees(values, codes, scales, changed, opts.moment_bits, kind,
-                                           moment_storage.rounding_key(step.count, opts.moment_bits, kind))
 
 
 def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine, step: engine.Step,
@@ -445,8 +405,3 @@ def adam_in_basis(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
 def _no_refresh(operand: tuple) -> tuple:
   buckets, mu, nu = operand
   return buckets, mu, nu, jnp.zeros([], jnp.int32)
-
-
-def _in_view(moment: jax.Array, leaf_plan: partition.LeafPlan) -> jax.Array:
-  """A stored moment in the layout the step works in (the matrix view for preconditioned leaves)."""
-  return sharding.reshape(moment, leaf_plan.view_shape) if leaf_plan.preconditioned else moment
