@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_shampoo4 import factors as fct
-from optax_shampoo4 import linalg, partition
+from optax_shampoo4 import linalg, partition, tiered_rows
 from optax_shampoo4 import quantization as qz
 
 
@@ -81,11 +81,16 @@ def load_rows(stored: fct.StoredMatrix, slots: jax.Array, first_rows: jax.Array,
   return jnp.where(valid[..., None], values, 0.0)
 
 
-def _rows_of(matrices: jax.Array, first_rows: jax.Array, num_rows: int) -> jax.Array:
-  """Rows ``first_rows[i] + [0, num_rows)`` of each ``matrices[i]`` (``[items, n, n]``); rows past ``n`` zero."""
-  order = matrices.shape[-2]
+def _rows_of(matrices, first_rows: jax.Array, num_rows: int):
+  """Rows ``first_rows[i] + [0, num_rows)`` of each ``matrices[i]`` (``[items, n, n]``); rows past ``n`` zero.
+
+  Whole matrices (one chunk each) are returned as ``load`` gave them (e.g.
+  :class:`~optax_shampoo4.tiered_rows.TieredRows`); chunks are cut from them formed.
+  """
+  order = jax.tree.leaves(matrices)[0].shape[-1]
   if num_rows == order:  # whole blocks (one chunk each): every item starts at row 0
     return matrices
+  matrices = tiered_rows.as_matrix(matrices)
   rows = first_rows[:, None] + jnp.arange(num_rows)
   picked = jnp.take_along_axis(matrices, jnp.minimum(rows, order - 1)[..., None], axis=1)
   return jnp.where((rows < order)[..., None], picked, 0.0)

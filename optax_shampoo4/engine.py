@@ -378,9 +378,9 @@ def _real_counts(plan: partition.Plan) -> dict[str, int]:
   return {key.name: len(slots) for key, slots in plan.factor_slots().items()}
 
 
-def _factor(factors: dict[str, jax.Array], side: partition.FactorSlot | None) -> jax.Array | None:
-  """The factor of one side of a block (None for a side without one)."""
-  return None if side is None else factors[side.bucket.name][side.index]
+def _factor(factors: dict[str, Any], side: partition.FactorSlot | None) -> Any:
+  """The factor of one side of a block (None for a side without one); a bucket's factors may be a pytree of stacks."""
+  return None if side is None else jax.tree.map(lambda stack: stack[side.index], factors[side.bucket.name])
 
 
 def map_blocks(matrix: jax.Array, leaf_plan: partition.LeafPlan,

@@ -202,7 +202,9 @@ def scale_by_soap4(
       a head (``head_fraction``) a refresh rectifies tier by tier with
       ``t1`` steps on each, and each step projects every tier out of the
       more precise ones before it, after ``t2`` steps on all but the 4-bit
-      rows: their own Björck step would cost :math:`2n^3` per factor, most
+      rows (the 4-bit rows inside the products where a block's other side
+      is narrower than them: the block is projected instead of the basis,
+      :mod:`optax_shampoo4.tiered_rows`): their own Björck step would cost :math:`2n^3` per factor, most
       of the step (its effect on quality: ``benchmarks/soap_basis.py``,
       :doc:`/results/design`). None: ``(1, 0)`` with a head (the 16- and
       8-bit rows come out of the refresh orthonormal to their precision;
@@ -351,7 +353,7 @@ def update(opts: options.SoapOptions, factor_engine: engine.FactorEngine, update
   step = factor_engine.start_step(updates, state.count, state.factors)
   mu = soap_moments.load_moments(opts, step, state.mu, state.mu_scales, "first")
   nu = soap_moments.load_moments(opts, step, state.nu, state.nu_scales, "second")
-  bases = basis.step_bases(opts, factor_engine, state.factors)
+  bases = basis.step_bases(opts, factor_engine, step.plan, state.factors)
   # Adam in the current basis (bases built from earlier gradients only).
   adam_step = step.count - 1
   stepped = step.grads_finite & (adam_step > 0)

@@ -19,8 +19,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_shampoo4 import engine, linalg, options, partition, sharding, soap_dense
+from optax_shampoo4 import engine, linalg, options, partition, sharding, soap_dense, tiered_rows
 from optax_shampoo4 import factors as fct
+from optax_shampoo4 import quantization as qz
 
 
 class Rows(NamedTuple):
@@ -46,27 +47,56 @@ def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets
   return rows_of(Rows(_gathered_eigvecs(factor_engine, buckets), functools.partial(rectified_rows, opts)))
 
 
-def step_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets: engine.Buckets) -> Rows:
+def step_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, plan: partition.Plan,
+               buckets: engine.Buckets) -> Rows:
   """The bases a step rotates with (:func:`rotate`'s ``rows`` and ``load``).
 
-  Without a mesh, every basis decoded and rectified once (:func:`bases`). On
-  a mesh, the stored eigenvectors gathered (still quantized): each device
-  decodes and rectifies only the bases of its own blocks, inside the
-  products, instead of every basis on every device (the projections of the
-  tiers cost about as much as the rotations themselves).
+  Without a mesh, every basis decoded and rectified once (:func:`rectified_rows`;
+  a bucket whose blocks are all narrower on their other side than its 4-bit
+  rows stays :class:`~optax_shampoo4.tiered_rows.TieredRows`, projected inside
+  the products: :func:`~optax_shampoo4.tiered_rows.for_products`). On a mesh, the stored eigenvectors
+  gathered (still quantized): each device decodes and rectifies only the bases
+  of its own blocks, inside the products, instead of every basis on every
+  device (the projections of the tiers cost about as much as the rotations
+  themselves).
   """
+  eigvecs = _gathered_eigvecs(factor_engine, buckets)
   if factor_engine.mesh is None:
-    return Rows(bases(opts, factor_engine, buckets), None)
-  return Rows(_gathered_eigvecs(factor_engine, buckets), functools.partial(rectified_rows, opts))
+    others = _other_dims(plan)
+    return Rows({name: tiered_rows.for_products(rectified_rows(opts, stored), others.get(name, []))
+                 for name, stored in eigvecs.items()}, None)
+  return Rows(eigvecs, functools.partial(rectified_rows, opts))
+
+
+def _other_dims(plan: partition.Plan) -> dict[str, list[int]]:
+  """Per bucket, each factor's block's size along its other side (the products' other dimension)."""
+  others: dict[str, list[int]] = {}
+  for key, slots in plan.factor_slots().items():
+    for leaf_index, block_index, side in slots:
+      block = plan.leaves[leaf_index].blocks[block_index]
+      rows, cols = block.rows[1] - block.rows[0], block.cols[1] - block.cols[0]
+      others.setdefault(key.name, []).append(cols if side == "left" else rows)
+  return others
 
 
 def rows_of(step: Rows) -> dict:
-  """Per bucket the float32 rows of a step's bases (on a mesh, every basis decoded on every device)."""
-  return step.stored if step.load is None else {name: step.load(stored) for name, stored in step.stored.items()}
+  """Per bucket the float32 rows of a step's bases, formed (on a mesh, every basis decoded on every device)."""
+  loaded = step.stored if step.load is None else {name: step.load(stored) for name, stored in step.stored.items()}
+  return {name: tiered_rows.as_matrix(rows) for name, rows in loaded.items()}
 
 
-def rectified_rows(opts: options.SoapOptions, stored: fct.StoredMatrix) -> jax.Array:
-  """Stored eigenvectors (a stack) as the steps use them: dequantized, then rectified as :func:`bases` says."""
+def rectified_rows(opts: options.SoapOptions, stored: fct.StoredMatrix) -> tiered_rows.Rows:
+  """Stored eigenvectors (a stack) as the steps use them: dequantized, then rectified as :func:`bases` says.
+
+  A tiered basis whose 4-bit rows are only projected (``tail_rectify`` not
+  ``"qr_every_step"``) comes as :class:`~optax_shampoo4.tiered_rows.TieredRows`:
+  the more precise tiers rectified, the 4-bit rows as decoded; the products
+  project them (:mod:`optax_shampoo4.tiered_rows`).
+  """
+  if isinstance(stored, qz.SplitRowsQuantized) and opts.tail_rectify != "qr_every_step":
+    tiers = [qz.dequantize(part) for part in qz.row_tiers(stored)]
+    head = linalg.rectified_tiers(tiers[:-1], opts.bjorck_steps[1], always_project=True)
+    return tiered_rows.TieredRows(head, tiers[-1])
   return fct.rectified(stored, opts.bjorck_steps[1], tail_steps=0, tail_qr=opts.tail_rectify == "qr_every_step",
                        always_project=True)
 
@@ -102,6 +132,10 @@ def refresh_bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine,
   used by ``statistic="dense"`` only.
   """
   buckets, mu, nu = operand
+  if current.load is None:
+    # Decoded again from the stored codes, as the step did (cheap; the step's float32 bases then need not
+    # stay alive through the refresh, which kept XLA:CPU's scratch per step below glibc's mmap threshold).
+    current = Rows(_gathered_eigvecs(factor_engine, buckets), functools.partial(rectified_rows, opts))
   if opts.statistic == "dense":
     buckets, kept, failures, accepted, refreshed = soap_dense.refresh(factor_engine, step.plan, buckets, stats,
                                                                       rows_of(current), first)
@@ -143,7 +177,10 @@ def basis_change(opts: options.SoapOptions, factor_engine: engine.FactorEngine, 
   stored = {name: (new[name], old, accepted[name]) for name, old in current.stored.items()}
   load = functools.partial(_change_of_basis, opts, current.load)
   if factor_engine.mesh is None:
-    return Rows({name: load(parts) for name, parts in stored.items()}, None)
+    changes: dict = {}
+    for name, (new, old, accepted_here) in stored.items():  # one bucket after another: the step's scratch
+      changes[name] = load((engine.after_previous(new, changes), engine.after_previous(old, changes), accepted_here))
+    return Rows(changes, None)
   return Rows(stored, load)
 
 
@@ -158,9 +195,9 @@ def squared(change: Rows) -> Rows:
 def _change_of_basis(opts: options.SoapOptions, load_old: Callable | None, parts: tuple) -> jax.Array:
   """:math:`C` of a stack of factors from ``(new basis, old basis as stored, accepted)``; see :func:`basis_change`."""
   new, old, accepted = parts
-  old = old if load_old is None else load_old(old)
+  old = tiered_rows.as_matrix(old if load_old is None else load_old(old))
   if opts.carry == "decoded":
-    return linalg.matmul(rectified_rows(opts, new), linalg.transpose(old))
+    return linalg.matmul(tiered_rows.as_matrix(rectified_rows(opts, new)), linalg.transpose(old))
   c = linalg.matmul(new, linalg.transpose(old))
   return jnp.where(accepted[:, None, None], c, jnp.eye(c.shape[-1], dtype=c.dtype))
 
@@ -194,23 +231,23 @@ def rotate_moments(factor_engine: engine.FactorEngine, plan: partition.Plan, mom
   return [r if lp.preconditioned else m for r, m, lp in zip(rotated, moments, plan.leaves)]
 
 
-def forward_product(left_rows: jax.Array | None, block: jax.Array, right: jax.Array | None,
+def forward_product(left_rows: tiered_rows.Rows | None, block: jax.Array, right: tiered_rows.Rows | None,
                     precision: str = "highest") -> jax.Array:
   r""":math:`R_L X R_R^\top` of one block (rows of it, given rows of :math:`R_L`); a None side is the identity."""
   if left_rows is not None:
-    block = linalg.step_matmul(left_rows, block, precision)
+    block = tiered_rows.rows_times(left_rows, block, precision)
   if right is not None:
-    block = linalg.step_matmul(block, linalg.transpose(right), precision)
+    block = tiered_rows.times_rows_transposed(block, right, precision)
   return block
 
 
-def backward_product(left: jax.Array | None, block: jax.Array, right: jax.Array | None,
+def backward_product(left: tiered_rows.Rows | None, block: jax.Array, right: tiered_rows.Rows | None,
                      precision: str = "highest") -> jax.Array:
   r""":math:`R_L^\top X R_R` of one block; a None side is the identity."""
   if left is not None:
-    block = linalg.step_matmul(linalg.transpose(left), block, precision)
+    block = tiered_rows.rows_transposed_times(left, block, precision)
   if right is not None:
-    block = linalg.step_matmul(block, right, precision)
+    block = tiered_rows.times_rows(block, right, precision)
   return block
 
 

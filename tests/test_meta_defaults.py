@@ -226,7 +226,14 @@ def test_quant_damping_floors_the_eigen_roots_only(state_format):
   floors = [epsilon + delta * np.linalg.eigvalsh(s).max() for s in stats] if state_format == "eigen" else [epsilon] * 2
   want = _inverse_root64(stats[0], floors[0], 4) @ g64 @ _inverse_root64(stats[1], floors[1], 4)
   got = direction(delta)
-  np.testing.assert_allclose(got, _unit(want) * np.linalg.norm(g64), rtol=RTOL, atol=RTOL * np.abs(want).max())
+  want = _unit(want) * np.linalg.norm(g64)
+  atol = RTOL * np.abs(want).max()
+  if state_format == "fp32":
+    # The 6x6 left statistic has rank 4: float32 rounding leaves components of relative size ~ n u along its null
+    # space, which the root floored only at epsilon amplifies by up to (lambda_max / epsilon)^(1/4) = 1.8e3 over the
+    # range (measured 9e-4 of the largest entry on an AMD EPYC, under 1e-4 on an Intel Xeon); 10x that bound.
+    atol = 10 * 6 * np.finfo(np.float32).eps * (np.linalg.eigvalsh(stats[0]).max() / epsilon) ** 0.25 * np.abs(want).max()
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=atol)
   if state_format == "fp32":
     np.testing.assert_array_equal(got, direction(0.0))
   else:

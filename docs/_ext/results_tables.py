@@ -299,7 +299,8 @@ def write_quant_error(results_dir, out_dir):
 
 # The configurations of the optimizer-choice table and where each benchmark file keeps them (names, no numbers):
 # (label, memory entry of memory.json's GPT-2 model, speed.json row or (speed file, row), (quality file, optimizer)
-# or None). SOAP's rows come from the run of its current layout (the 16-/8-bit head tiers), speed_factored_roots.json.
+# or None). SOAP's rows come from the run of its current code (the 16-/8-bit head tiers, the 4-bit rows projected
+# inside the products), speed_soap_projected.json.
 CHOICES = (
     ("`optax.adamw`", ("moment_bits", "adamw", "None"), "adamw", ("quality", "adamw")),
     ("AdamW, 8-bit moments (`s4.moments`)", ("moment_bits", "adamw", "8"), "adamw m8", None),
@@ -314,9 +315,9 @@ CHOICES = (
     ("`s4.adamw_shampoo4(moment_bits=8, store_root=False)`", ("moment_bits", "adamw+shampoo4_noroot", "8"),
      "ours eigen no root m8", None),
     ("`s4.adamw_shampoo4(bits=3)`", None, "ours eigen 3-bit", ("quality_variants", "adamw+shampoo3")),
-    ("SOAP, fp32 eigenvectors (`state_format=\"fp32\"`)", None, ("speed_factored_roots", "soap32"), ("quality_soap", "soap32")),
-    ("**`s4.soap4`** (defaults)", ("moment_bits", "soap4", "None"), ("speed_factored_roots", "soap4"), ("quality_soap", "soap4")),
-    ("`s4.soap4(moment_bits=8)`", ("moment_bits", "soap4", "8"), ("speed_factored_roots", "soap4_m8"), None),
+    ("SOAP, fp32 eigenvectors (`state_format=\"fp32\"`)", None, ("speed_soap_projected", "soap32"), ("quality_soap", "soap32")),
+    ("**`s4.soap4`** (defaults)", ("moment_bits", "soap4", "None"), ("speed_soap_projected", "soap4"), ("quality_soap", "soap4")),
+    ("`s4.soap4(moment_bits=8)`", ("moment_bits", "soap4", "8"), ("speed_soap_projected", "soap4_m8"), None),
 )
 QUALITY_EXAMPLES = ("transformer_lm", "autoencoder_mnist")
 

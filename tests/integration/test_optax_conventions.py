@@ -104,8 +104,23 @@ def _assert_same_run(got, want):
     for got_leaf, want_leaf in zip(jax.tree.leaves(got_updates), jax.tree.leaves(want_updates), strict=True):
       scale = float(np.max(np.abs(want_leaf))) if np.size(want_leaf) else 0.0
       np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-4, atol=max(3e-5, 1e-3 * scale))
-    # The state's eigenpairs and roots amplify those ulps (measured 1.3e-5 relative, 2.7e-7 absolute).
-    chex.assert_trees_all_close(got_state, want_state, rtol=1e-4, atol=1e-5)
+    _assert_state_close(got_state, want_state)
+
+
+def _assert_state_close(got_state, want_state):
+  """The state's eigenpairs and roots amplify those ulps, by how much depends on the CPU's kernels: largest
+  relative difference measured 1.3e-5 on an Intel Xeon and 1.8e-4 on an AMD EPYC (the 4-bit roots' scales), so
+  float leaves are held to 2e-3 (10x the largest). Where such an ulp moves a value across a rounding boundary
+  of its codebook, a code changes by one step: codes may differ by one on at most 1 % of the elements."""
+  for got, want in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True):
+    got, want = np.asarray(got), np.asarray(want)
+    if np.issubdtype(want.dtype, np.integer):
+      steps = np.abs(got.astype(np.int64) - want.astype(np.int64))
+      if want.dtype == np.uint8:  # packed 4-bit codes: each half
+        steps = np.maximum(np.abs((got & 15).astype(int) - (want & 15)), np.abs((got >> 4).astype(int) - (want >> 4)))
+      assert steps.max(initial=0) <= 1 and np.mean(steps > 0) <= 0.01, (steps.max(initial=0), np.mean(steps > 0))
+    else:
+      np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-5)
 
 
 def _stats(bucket):
