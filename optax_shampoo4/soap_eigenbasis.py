@@ -177,10 +177,7 @@ def basis_change(opts: options.SoapOptions, factor_engine: engine.FactorEngine, 
   stored = {name: (new[name], old, accepted[name]) for name, old in current.stored.items()}
   load = functools.partial(_change_of_basis, opts, current.load)
   if factor_engine.mesh is None:
-    changes: dict = {}
-    for name, (new, old, accepted_here) in stored.items():  # one bucket after another: the step's scratch
-      changes[name] = load((engine.after_previous(new, changes), engine.after_previous(old, changes), accepted_here))
-    return Rows(changes, None)
+    return Rows({name: load(parts) for name, parts in stored.items()}, None)
   return Rows(stored, load)
 
 
