@@ -250,7 +250,7 @@ class FactorEngine:
 
   def apply_blocks(self, plan: partition.Plan, matrices: list, stored: dict[str, fct.StoredMatrix],
                    fn: Callable[[Any, jax.Array, Any], jax.Array], split_rows: bool = True,
-                   load: Callable[[Any], jax.Array] | None = None) -> list:
+                   load: Callable[[Any], Any] | None = None) -> list:
     r"""``fn(left rows, block, right)`` for every block, each device on its share.
 
     For a block ``G`` (m×n) with left factor ``A`` (m×m) and right factor

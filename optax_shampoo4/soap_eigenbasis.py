@@ -33,7 +33,7 @@ class Rows(NamedTuple):
   """
 
   stored: dict
-  load: Callable[[Any], jax.Array] | None
+  load: Callable[[Any], tiered_rows.Rows] | None
 
 
 def bases(opts: options.SoapOptions, factor_engine: engine.FactorEngine, buckets: engine.Buckets) -> dict:
@@ -186,7 +186,7 @@ def squared(change: Rows) -> Rows:
   load = change.load
   if load is None:
     return Rows({name: c * c for name, c in change.stored.items()}, None)
-  return Rows(change.stored, lambda parts: jnp.square(load(parts)))
+  return Rows(change.stored, lambda parts: jnp.square(tiered_rows.as_matrix(load(parts))))
 
 
 def _change_of_basis(opts: options.SoapOptions, load_old: Callable | None, parts: tuple) -> jax.Array:
@@ -200,7 +200,7 @@ def _change_of_basis(opts: options.SoapOptions, load_old: Callable | None, parts
 
 
 def rotate(factor_engine: engine.FactorEngine, plan: partition.Plan, matrices: list, rows: dict,
-           forward: bool, precision: str = "highest", load: Callable[[Any], jax.Array] | None = None) -> list:
+           forward: bool, precision: str = "highest", load: Callable[[Any], tiered_rows.Rows] | None = None) -> list:
   r"""Per preconditioned leaf, every block rotated: :math:`R_L X R_R^\top` (``forward``) or :math:`R_L^\top X R_R`.
 
   ``rows`` holds per factor the matrix :math:`R` (the basis as rows,
